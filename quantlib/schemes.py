@@ -145,6 +145,16 @@ class Quantizer:
         """Why a weight of this shape cannot be quantized by this scheme, or None if it can."""
         return None
 
+    @classmethod
+    def storage_bytes(cls, config: QuantConfig, out_features: int, in_features: int) -> dict[str, float]:
+        """Analytic bytes of one quantized linear weight, by component, from its shape alone.
+
+        Components: `codes`, `scales`, `dq_constants` (second-level quantization state) and
+        `code_tables` (per-layer lookup tables). The planner sums these; tests check them against
+        what the real packed tensors occupy.
+        """
+        raise NotImplementedError
+
     # ----- modules ----------------------------------------------------------------------
     def modules_to_not_convert(self) -> list[str] | None:
         """Names of modules left in full precision (None: transformers' default, the output head)."""
@@ -161,6 +171,22 @@ class BnbQuantizer(Quantizer):
 
     def modules_to_not_convert(self) -> list[str] | None:
         return self.config.llm_int8_skip_modules
+
+    @classmethod
+    def storage_bytes(cls, config: QuantConfig, out_features: int, in_features: int) -> dict[str, float]:
+        n = out_features * in_features
+        if config.load_in_8bit:
+            if config.llm_int8_has_fp16_weight:
+                return {"codes": 2.0 * n, "scales": 0.0, "dq_constants": 0.0, "code_tables": 0.0}
+            # int8 codes plus one fp32 scale (SCB) per output row.
+            return {"codes": float(n), "scales": 4.0 * out_features, "dq_constants": 0.0, "code_tables": 0.0}
+        blocks = -(-n // Bnb4BitQuantizer.blocksize)
+        codes = float(-(-n // 2))  # two 4-bit codes per byte
+        if config.bnb_4bit_use_double_quant:
+            # absmax in uint8; per 256 absmax blocks one fp32 absmax; one fp32 offset; both code tables.
+            return {"codes": codes, "scales": float(blocks), "dq_constants": 4.0 * -(-blocks // 256) + 4.0,
+                    "code_tables": 4.0 * (16 + 256)}
+        return {"codes": codes, "scales": 4.0 * blocks, "dq_constants": 0.0, "code_tables": 4.0 * 16}
 
 
 class Bnb4BitQuantizer(BnbQuantizer):
@@ -201,6 +227,15 @@ class RTNQuantizer(Quantizer):
         return qmath.quantize_rtn(weight, bits=c.bits, granularity=c.granularity, group_size=c.group_size,
                                   symmetric=c.symmetric)
 
+    @classmethod
+    def storage_bytes(cls, config: QuantConfig, out_features: int, in_features: int) -> dict[str, float]:
+        n = out_features * in_features
+        groups = {"tensor": 1, "channel": out_features,
+                  "group": out_features * max(1, in_features // config.group_size)}[config.granularity]
+        # fp16 scale per group, as GPTQ/AWQ checkpoints store them; asymmetric adds a `bits`-bit zero point.
+        scales = 2.0 * groups + (0.0 if config.symmetric else groups * config.bits / 8)
+        return {"codes": n * config.bits / 8, "scales": scales, "dq_constants": 0.0, "code_tables": 0.0}
+
     def check_shape(self, name: str, shape: tuple[int, ...]) -> str | None:
         c = self.config
         if c.granularity == "group" and shape[-1] % c.group_size:
@@ -219,11 +254,31 @@ class GGUFQuantizer(Quantizer):
     def quantize_tensor(self, weight: torch.Tensor) -> Any:
         return qmath.quantize_gguf(weight, qtype=self.config.quant_type)
 
+    @classmethod
+    def storage_bytes(cls, config: QuantConfig, out_features: int, in_features: int) -> dict[str, float]:
+        block, type_bytes = gguf_block_geometry(config.quant_type)
+        total = out_features * in_features / block * type_bytes
+        # A GGUF block interleaves scale(s) and codes; split it by the codes' share for the chart.
+        code_bits = GGUF_CODE_BITS[config.quant_type]
+        codes = out_features * in_features * code_bits / 8
+        return {"codes": codes, "scales": total - codes, "dq_constants": 0.0, "code_tables": 0.0}
+
     def check_shape(self, name: str, shape: tuple[int, ...]) -> str | None:
-        block = qmath.gguf_block_size(self.config.quant_type)
+        block, _ = gguf_block_geometry(self.config.quant_type)
         if shape[-1] % block:
             return f"{name}: input width {shape[-1]} is not a multiple of the {self.config.quant_type} block ({block})"
         return None
+
+
+#: Bits of the integer code per weight in each GGUF type (the rest of a block is scales/mins).
+GGUF_CODE_BITS = {"Q8_0": 8, "Q5_0": 5, "Q5_1": 5, "Q4_0": 4, "Q4_1": 4, "BF16": 16, "F16": 16}
+
+
+def gguf_block_geometry(quant_type: str) -> tuple[int, int]:
+    """(weights per block, bytes per block) of a GGUF type, from the gguf package's own table."""
+    import gguf
+
+    return tuple(gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[quant_type]])  # type: ignore[return-value]
 
 
 def fitting_group_sizes(width: int, candidates: tuple[int, ...] = (32, 64, 96, 128, 192, 256)) -> list[int]:

@@ -1,0 +1,97 @@
+"""Plotly figures, built by pure functions from quantlib results so tests can inspect them.
+
+The app and the HTML report draw the same figures; nothing here imports Streamlit.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from quantlib.distributions import BlockHistogram
+from quantlib.memory import COMPONENT_LABELS, COMPONENTS, MemoryBreakdown
+
+LEVEL_COLORS = {"NF4": "#d62728", "FP4": "#2ca02c"}
+COMPONENT_COLORS = {"codes": "#1f77b4", "scales": "#ff7f0e", "dq_constants": "#9467bd",
+                    "code_tables": "#8c564b", "unquantized": "#7f7f7f"}
+
+
+def histogram_figure(hist: BlockHistogram, title: str = "", show_levels: Sequence[str] = ("NF4", "FP4")) -> go.Figure:
+    """Density of w/absmax(block) with the 16 NF4 and FP4 levels as rug lines above the axis."""
+    fig = go.Figure()
+    fig.add_trace(go.Bar(x=hist.centers, y=hist.density, name=f"w / absmax (block {hist.blocksize})",
+                         marker_color="#9ecae1", marker_line_width=0, width=hist.edges[1] - hist.edges[0]))
+    top = max(hist.density) if hist.density else 1.0
+    for i, name in enumerate(show_levels):
+        levels = hist.levels[name]
+        y0, y1 = top * (1.02 + 0.08 * i), top * (1.08 + 0.08 * i)
+        xs, ys = [], []
+        for v in levels:
+            xs += [v, v, None]
+            ys += [y0, y1, None]
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=f"{name} levels ({len(levels)})",
+                                 line={"color": LEVEL_COLORS.get(name, "black"), "width": 2}))
+    fig.update_layout(title=title or "Block-normalized weights and 4-bit code levels", xaxis_title="w / block absmax",
+                      yaxis_title="density", bargap=0, legend={"orientation": "h", "y": -0.2})
+    return fig
+
+
+def code_usage_figure(counts: Sequence[int], levels: Sequence[float], entropy_bits: float, scheme: str) -> go.Figure:
+    """How often each of the 16 codes is used; the entropy is the bits the codes really carry."""
+    total = sum(counts) or 1
+    labels = [f"{i}: {v:+.3f}" for i, v in enumerate(levels)]
+    fig = go.Figure(go.Bar(x=labels, y=[c / total for c in counts], marker_color="#1f77b4"))
+    fig.update_layout(title=f"{scheme} code usage — entropy {entropy_bits:.3f} of {len(levels).bit_length() - 1} bits",
+                      xaxis_title="code (index: level)", yaxis_title="share of weights")
+    return fig
+
+
+def layer_error_figure(errors: pd.DataFrame, metric: str = "rel_fro_error", scheme_col: str = "scheme") -> go.Figure:
+    """One line per scheme over the linear layers in model order."""
+    fig = go.Figure()
+    groups = errors.groupby(scheme_col, sort=False) if scheme_col in errors else [("", errors)]
+    for scheme, frame in groups:
+        fig.add_trace(go.Scatter(x=list(frame["layer"]), y=list(frame[metric]), mode="lines+markers",
+                                 name=str(scheme), marker={"size": 4}))
+    fig.update_layout(title=f"Per-layer weight error ({metric})", xaxis_title="layer", yaxis_title=metric,
+                      xaxis={"showticklabels": False}, hovermode="x unified")
+    return fig
+
+
+def tradeoff_figure(table: pd.DataFrame, x: str = "memory_mib", y: str = "perplexity") -> go.Figure:
+    """Memory against perplexity, one marker per scheme: the trade-off at a glance."""
+    fig = go.Figure()
+    for _, row in table.iterrows():
+        fig.add_trace(go.Scatter(x=[row[x]], y=[row[y]], mode="markers+text", text=[row["scheme"]],
+                                 textposition="top center", name=str(row["scheme"]), marker={"size": 12}))
+    fig.update_layout(title="Memory vs perplexity (lower-left is better)", xaxis_title="memory (MiB)",
+                      yaxis_title="perplexity", showlegend=False)
+    return fig
+
+
+def memory_figure(breakdowns: dict[str, MemoryBreakdown]) -> go.Figure:
+    """Stacked bars of bytes by component, one bar per scheme."""
+    names = list(breakdowns)
+    fig = go.Figure()
+    for comp in COMPONENTS:
+        fig.add_trace(go.Bar(x=names, y=[breakdowns[n].bytes_by_component.get(comp, 0) / 2**20 for n in names],
+                             name=COMPONENT_LABELS[comp], marker_color=COMPONENT_COLORS[comp]))
+    fig.update_layout(barmode="stack", title="Memory by component", yaxis_title="MiB")
+    return fig
+
+
+def kl_figure(table: pd.DataFrame) -> go.Figure:
+    """KL divergence to the baseline per scheme (nats per token)."""
+    fig = go.Figure(go.Bar(x=list(table["scheme"]), y=list(table["kl"]), marker_color="#d62728"))
+    fig.update_layout(title="KL(baseline ‖ quantized), nats/token", yaxis_title="KL")
+    return fig
+
+
+def outlier_figure(table: pd.DataFrame, threshold: float) -> go.Figure:
+    """Per layer, the share of input dimensions LLM.int8() would run in 16 bits at `threshold`."""
+    fig = go.Figure(go.Bar(x=list(table["layer"]), y=list(table["fp16_fraction"]), marker_color="#ff7f0e"))
+    fig.update_layout(title=f"Outlier dimensions at threshold {threshold:g} (share run in fp16)",
+                      xaxis={"showticklabels": False}, yaxis_title="share of input dims", xaxis_title="layer")
+    return fig
