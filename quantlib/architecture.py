@@ -41,6 +41,7 @@ class Architecture:
     other: dict[str, int] = field(default_factory=dict)  # unquantized tensors: name -> numel
     lm_head: LinearShape | None = None  # None when tied to the input embedding
     tied_embeddings: bool = True
+    fp32_buffers: int = 0  # elements of non-parameter buffers kept in fp32 (rotary inv_freq)
 
     @property
     def n_params(self) -> int:
@@ -93,7 +94,8 @@ def _llama_like(cfg: dict[str, Any], model_type: str) -> Architecture:
     other = {"model.embed_tokens.weight": vocab * hidden, "norms": layers * norms_per_layer + hidden}
     tied = bool(cfg.get("tie_word_embeddings", False))
     head = None if tied else LinearShape("lm_head", vocab, hidden)
-    return Architecture(model_type, linears, other, head, tied)
+    # Rotary embeddings keep inv_freq and original_inv_freq (head_dim/2 each) as fp32 buffers.
+    return Architecture(model_type, linears, other, head, tied, fp32_buffers=head_dim)
 
 
 def _gpt2(cfg: dict[str, Any]) -> Architecture:

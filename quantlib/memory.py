@@ -162,7 +162,7 @@ def plan_memory(model_config: dict[str, Any], config: QuantConfig | None, dtype:
     arch: Architecture = describe_architecture(model_config)
     unit = DTYPE_BYTES[dtype]
     parts = {c: 0.0 for c in COMPONENTS}
-    parts["unquantized"] += unit * sum(arch.other.values())
+    parts["unquantized"] += unit * sum(arch.other.values()) + 4 * arch.fp32_buffers
     if arch.lm_head is not None:
         parts["unquantized"] += unit * arch.lm_head.numel
     skip = _skip_list(config)

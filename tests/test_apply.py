@@ -1,0 +1,111 @@
+"""Quantizing real (tiny) models: the bitsandbytes path, simulated schemes, layer errors, comparison."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from quantlib import parse_config
+from quantlib.apply import ShapeError, layer_detail, layer_errors, quantize_model
+from quantlib.compare import CompareSettings, run_comparison
+from quantlib.errors import Cancelled
+from quantlib.models import load_model
+from quantlib.quantize import quantize_4bit
+from quantlib.runs import list_runs, load_run
+from quantlib.schemes import get_quantizer
+
+NF4_DQ = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+          "bnb_4bit_use_double_quant": True}
+RTN4 = {"quant_method": "rtn", "bits": 4, "granularity": "group", "group_size": 64}
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tiny_llama_dir):
+    return load_model(str(tiny_llama_dir))
+
+
+def test_bitsandbytes_model_holds_exactly_the_reference_codes(tiny_llama_dir, tiny_base) -> None:
+    """from_pretrained's NF4 weights equal our pure-torch reference on the same fp32 weights."""
+    qm = quantize_model(NF4_DQ, source=str(tiny_llama_dir), device="cpu")
+    assert not qm.simulated and qm.backend.device == "cpu" and "bitsandbytes" in qm.backend.library
+    base_modules = dict(tiny_base.model.named_modules())
+    checked = 0
+    for name, module in qm.model.named_modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is None:
+            continue
+        ref = quantize_4bit(base_modules[name].weight.data, "nf4", 64, True, backend="torch")
+        assert torch.equal(module.weight.data.flatten(), ref.packed.flatten()), name
+        assert torch.equal(state.absmax, ref.dq.codes), name
+        checked += 1
+    assert checked == 14  # 7 linear layers x 2 blocks; the tied head stays unquantized
+
+
+def test_simulated_scheme_replaces_weights_and_reports_packed_memory(tiny_base) -> None:
+    qm = quantize_model(RTN4, base=tiny_base, device="cpu")
+    assert qm.simulated and qm.memory.source == "packed (simulated)"
+    before = tiny_base.model.model.layers[0].mlp.down_proj.weight
+    after = qm.model.model.layers[0].mlp.down_proj.weight
+    assert not torch.equal(before, after)  # the copy changed ...
+    assert before.data_ptr() != after.data_ptr()  # ... and the baseline did not
+    # int4 codes + fp16 scale per 64 weights = 4.25 bits.
+    assert qm.memory.quantized_bits_per_param == pytest.approx(4.25)
+    # The output head was left alone, as transformers does.
+    assert torch.equal(qm.model.lm_head.weight, tiny_base.model.lm_head.weight)
+
+
+def test_group_size_that_does_not_divide_is_refused_naming_layers(tiny_base) -> None:
+    quantizer = get_quantizer({**RTN4, "group_size": 48}, device="cpu")
+    with pytest.raises(ShapeError) as info:
+        layer_errors(tiny_base.model, quantizer)
+    assert "model.layers.0.self_attn.q_proj" in str(info.value) and "64" in str(info.value)
+
+
+def test_layer_errors_rank_schemes_by_bits(tiny_base) -> None:
+    frames = {bits: layer_errors(tiny_base.model, get_quantizer({**RTN4, "bits": bits}, device="cpu"))
+              for bits in (2, 4, 8)}
+    means = {bits: frame["rel_fro_error"].mean() for bits, frame in frames.items()}
+    assert means[8] < means[4] < means[2]
+    assert len(frames[4]) == 14
+    assert set(frames[4].columns) >= {"layer", "mse", "rel_fro_error", "sqnr_db", "max_abs_error", "cosine",
+                                      "bits_per_param", "code_entropy_bits"}
+
+
+def test_layer_detail_has_histogram_and_code_usage(tiny_base) -> None:
+    detail = layer_detail(tiny_base.model, get_quantizer(NF4_DQ, device="cpu"), "model.layers.1.mlp.up_proj")
+    assert sum(detail["code_counts"]) == 128 * 64
+    assert 0 < detail["code_entropy_bits"] <= 4
+    assert sum(detail["histogram"].counts) == 128 * 64
+    with pytest.raises(Exception, match="no linear layer"):
+        layer_detail(tiny_base.model, get_quantizer(NF4_DQ, device="cpu"), "model.nope")
+
+
+def test_comparison_table_and_saved_run(tiny_llama_dir, tiny_base, tmp_path) -> None:
+    settings = CompareSettings(source=str(tiny_llama_dir), max_tokens=300, window=64, device="cpu")
+    messages: list[str] = []
+    result = run_comparison([NF4_DQ, RTN4], settings, base=tiny_base, runs_folder=tmp_path,
+                            progress=lambda f, m: messages.append(m))
+    table = result.table
+    assert list(table["scheme"]) == ["baseline float32", "NF4+DQ", "RTN int4 g64"]
+    assert table.loc[0, "kl"] == 0.0 and (table.loc[1:, "kl"] > 0).all()
+    assert table["perplexity"].notna().all()
+    assert table.loc[2, "backend"].endswith("(simulated)")
+    assert messages
+    saved = load_run(result.path)
+    assert saved.tables["summary"]["scheme"].tolist() == table["scheme"].tolist()
+    assert list_runs(tmp_path)["run_id"].tolist() == [result.run.run_id]
+
+
+def test_cancelled_comparison_writes_nothing(tiny_llama_dir, tiny_base, tmp_path) -> None:
+    calls = {"n": 0}
+
+    def cancel() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    with pytest.raises(Cancelled):
+        run_comparison([NF4_DQ], CompareSettings(source=str(tiny_llama_dir), max_tokens=300, window=64, device="cpu"),
+                       base=tiny_base, runs_folder=tmp_path, cancel=cancel)
+    assert list(tmp_path.iterdir()) == []

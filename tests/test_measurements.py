@@ -1,0 +1,131 @@
+"""Outliers, block histograms, figures and the run store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pandas as pd
+import pytest
+import torch
+
+from quantlib import figures
+from quantlib.codebooks import FP4_LEVELS, NF4_LEVELS
+from quantlib.distributions import block_normalize, block_normalized_histogram
+from quantlib.memory import MemoryBreakdown
+from quantlib.models import load_model
+from quantlib.outliers import activation_outliers, weight_outlier_stats, weight_outlier_table
+from quantlib.runs import Run, RunStoreError, list_runs, load_run, new_run_id, now_iso, save_run
+
+
+def test_weight_outlier_stats_on_known_distributions() -> None:
+    torch.manual_seed(0)
+    normal = weight_outlier_stats(torch.randn(1_000_000))
+    assert normal["kurtosis"] == pytest.approx(3.0, abs=0.05)
+    assert normal["frac_beyond_6sigma"] < 1e-5
+    spiky = torch.randn(100_000)
+    spiky[:10] = 100.0
+    stats = weight_outlier_stats(spiky)
+    assert stats["kurtosis"] > 50 and stats["frac_beyond_6sigma"] == pytest.approx(1e-4)
+    assert stats["max_over_sigma"] > 20
+
+
+def test_activation_outliers_follow_the_threshold(tiny_llama_dir) -> None:
+    loaded = load_model(str(tiny_llama_dir))
+    model = loaded.model
+    # Plant an outlier feature: scale one hidden dimension of the input norm so that q/k/v see it.
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[5] = 500.0
+    ids = torch.randint(3, 60, (400,))
+    scan = activation_outliers(model, ids, batch_tokens=128, max_batches=3, bos_token_id=1)
+    assert scan.n_tokens == 3 * 128
+    table = scan.table(threshold=6.0)
+    q = table.set_index("layer").loc["model.layers.0.self_attn.q_proj"]
+    assert q["outlier_dims"] >= 1 and q["max_abs_activation"] > 6.0
+    # A higher threshold can only flag fewer dimensions; an enormous one flags none.
+    assert (scan.table(20.0)["outlier_dims"] <= table["outlier_dims"]).all()
+    assert scan.summary(1e9)["fp16_fraction"] == 0.0
+    assert len(weight_outlier_table(model)) == len(table)
+
+
+def test_block_histogram_is_normalized_and_carries_levels() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(100, 70)  # 7000 elements: the last block is partial
+    normalized = block_normalize(w, 64)
+    assert normalized.abs().max() == pytest.approx(1.0)
+    assert (normalized.abs() == 1.0).sum() >= 7000 // 64
+    hist = block_normalized_histogram(w, 64, bins=64)
+    assert sum(hist.counts) == 7000 and len(hist.edges) == 65
+    assert hist.levels["NF4"] == [float(v) for v in NF4_LEVELS] and len(hist.levels["FP4"]) == 16
+    fig = figures.histogram_figure(hist)
+    names = [t.name for t in fig.data]
+    assert any("NF4" in n for n in names) and any("FP4" in n for n in names)
+    nf4_trace = next(t for t in fig.data if "NF4" in t.name)
+    assert sorted({x for x in nf4_trace.x if x is not None}) == sorted(set(hist.levels["NF4"]))
+
+
+def test_figures_are_built_from_tables() -> None:
+    table = pd.DataFrame({"scheme": ["a", "b"], "memory_mib": [1.0, 2.0], "perplexity": [10.0, 9.0], "kl": [0.1, 0.0]})
+    assert len(figures.tradeoff_figure(table).data) == 2
+    assert list(figures.kl_figure(table).data[0].y) == [0.1, 0.0]
+    mem = {"x": MemoryBreakdown({"codes": 2**20, "scales": 0, "dq_constants": 0, "code_tables": 0,
+                                 "unquantized": 2**21}, 10, 20, "planned")}
+    fig = figures.memory_figure(mem)
+    assert sum(t.y[0] for t in fig.data) == pytest.approx(3.0)
+    errors = pd.DataFrame({"scheme": ["a", "a", "b", "b"], "layer": ["l1", "l2", "l1", "l2"],
+                           "rel_fro_error": [0.1, 0.2, 0.3, 0.4]})
+    assert [t.name for t in figures.layer_error_figure(errors).data] == ["a", "b"]
+    fig = figures.code_usage_figure([1] * 16, [float(v) for v in FP4_LEVELS], 4.0, "FP4")
+    assert "4.000" in fig.layout.title.text
+
+
+def _run(tmp_path) -> Run:
+    return Run(run_id=new_run_id(), created=now_iso(), model={"source": "default"}, configs=[{"label": "NF4"}],
+               settings={"backend": "cpu"}, environment={}, tables={"summary": pd.DataFrame({"a": [1.5, 2.5]})})
+
+
+def test_runs_round_trip_and_list(tmp_path) -> None:
+    run = _run(tmp_path)
+    path = save_run(run, tmp_path)
+    loaded = load_run(run.run_id, tmp_path)
+    assert loaded.tables["summary"]["a"].tolist() == [1.5, 2.5]
+    assert load_run(path).run_id == run.run_id
+    (tmp_path / "broken.run.json").write_text("{not json")
+    listing = list_runs(tmp_path)
+    assert run.run_id in listing["run_id"].tolist()
+    assert listing["status"].str.startswith("unreadable").any()
+    with pytest.raises(RunStoreError, match="broken.run.json"):
+        load_run(tmp_path / "broken.run.json")
+    with pytest.raises(RunStoreError, match="no saved run"):
+        load_run("nope", tmp_path)
+
+
+def test_a_killed_write_leaves_no_half_written_run(tmp_path) -> None:
+    """Kill a writer mid-way (SIGKILL): the store holds the old complete file or nothing, never half."""
+    script = textwrap.dedent(f"""
+        import os, sys, time
+        sys.path.insert(0, {os.getcwd()!r})
+        import quantlib.runs as runs
+        real_fdopen = os.fdopen
+        class Slow:
+            def __init__(self, h): self.h = h
+            def __enter__(self): return self
+            def __exit__(self, *a): return self.h.__exit__(*a)
+            def write(self, text):
+                self.h.write(text[: len(text) // 2]); self.h.flush()
+                print("HALF", flush=True); time.sleep(60)
+            def __getattr__(self, name): return getattr(self.h, name)
+        os.fdopen = lambda *a, **k: Slow(real_fdopen(*a, **k))
+        runs.atomic_write_text(runs.Path({str(tmp_path)!r}) / "x.run.json", '{{"run_id": "new"}}' * 1000)
+    """)
+    (tmp_path / "x.run.json").write_text('{"run_id": "old"}')
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "HALF"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads((tmp_path / "x.run.json").read_text()) == {"run_id": "old"}
+    assert [p.name for p in tmp_path.glob("*.run.json")] == ["x.run.json"]

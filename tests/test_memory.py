@@ -1,0 +1,113 @@
+"""Memory: every tensor counted, planner equal to measurement, shapes from config.json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+from quantlib import parse_config
+from quantlib.architecture import ArchitectureError, describe_architecture
+from quantlib.memory import measure_footprint, plan_memory, plan_table
+from quantlib.quantize import quantize_4bit, quantize_int8_weight
+from quantlib.schemes import QUANTIZER_MAPPING
+from tests.tiny_models import save_tiny_llama, tiny_llama_config
+
+NF4_DQ = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+          "bnb_4bit_use_double_quant": True}
+NF4 = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+INT8 = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny"))
+
+
+def _load(folder, config=None):
+    kwargs = {"dtype": torch.float32}
+    if config is not None:
+        kwargs.update(quantization_config=parse_config(config).to_transformers(), device_map="cpu")
+    return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 4, "head_dim": 64, "num_attention_heads": 2}])
+def test_architecture_matches_real_llama_parameter_count(tied: bool, overrides: dict) -> None:
+    config = tiny_llama_config(tie_word_embeddings=tied, **overrides)
+    model = AutoModelForCausalLM.from_config(config)
+    arch = describe_architecture(config.to_dict())
+    assert arch.n_params == sum(p.numel() for p in model.parameters())
+    real = {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    for layer in arch.linears:
+        assert real[layer.name] == (layer.out_features, layer.in_features)
+
+
+def test_architecture_of_qwen2_and_gpt2() -> None:
+    qwen = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False)
+    assert describe_architecture(qwen.to_dict()).n_params == sum(p.numel() for p in Qwen2ForCausalLM(qwen).parameters())
+    gpt2 = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=300, n_positions=128)
+    assert describe_architecture(gpt2.to_dict()).n_params == sum(p.numel() for p in GPT2LMHeadModel(gpt2).parameters())
+
+
+def test_architecture_error_names_missing_keys() -> None:
+    with pytest.raises(ArchitectureError, match="intermediate_size"):
+        describe_architecture({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
+                               "num_attention_heads": 4, "vocab_size": 10})
+
+
+@pytest.mark.parametrize("config", [NF4_DQ, NF4, INT8, {**NF4_DQ, "llm_int8_skip_modules": ["down_proj"]}])
+def test_planner_equals_measured_footprint_for_bitsandbytes(tiny_folder, config: dict) -> None:
+    model = _load(tiny_folder, config)
+    measured = measure_footprint(model)
+    planned = plan_memory(json.loads((tiny_folder / "config.json").read_text()), parse_config(config), "float32")
+    for component, nbytes in measured.bytes_by_component.items():
+        assert planned.bytes_by_component[component] == pytest.approx(nbytes, rel=1e-9, abs=0.5), component
+    assert planned.total_params == measured.total_params
+
+
+def test_double_quant_is_smaller_and_transformers_misses_it(tiny_folder) -> None:
+    dq, plain, int8 = (measure_footprint(_load(tiny_folder, c)) for c in (NF4_DQ, NF4, INT8))
+    fp32 = measure_footprint(_load(tiny_folder))
+    assert dq.total_bytes < plain.total_bytes < int8.total_bytes < fp32.total_bytes
+    assert fp32.total_bytes == _load(tiny_folder).get_memory_footprint()
+    assert dq.quantized_bits_per_param < plain.quantized_bits_per_param
+
+
+def test_analytic_storage_matches_packed_tensors() -> None:
+    """The planner's per-layer formula equals what the real packed tensors hold (codes/scales/DQ)."""
+    for out_f, in_f in [(576, 576), (1536, 576), (192, 576), (100, 33)]:
+        w = torch.randn(out_f, in_f)
+        for dq in (False, True):
+            config = parse_config({**NF4, "bnb_4bit_use_double_quant": dq})
+            analytic = QUANTIZER_MAPPING[config.quantizer_key].storage_bytes(config, out_f, in_f)
+            packed = quantize_4bit(w, "nf4", 64, dq, backend="bitsandbytes").storage_bits
+            assert analytic["codes"] == packed["codes"] / 8
+            assert analytic["scales"] == packed["absmax"] / 8
+            assert analytic["dq_constants"] == (packed.get("dq_absmax", 0) + packed.get("dq_offset", 0)) / 8
+        config = parse_config(INT8)
+        analytic = QUANTIZER_MAPPING[config.quantizer_key].storage_bytes(config, out_f, in_f)
+        packed = quantize_int8_weight(w).storage_bits
+        assert analytic["codes"] + analytic["scales"] == sum(packed.values()) / 8
+
+
+def test_nf4_dq_bits_per_param_at_blocksize_64() -> None:
+    config = parse_config(NF4_DQ)
+    n_out, n_in = 4096, 4096
+    parts = QUANTIZER_MAPPING[config.quantizer_key].storage_bytes(config, n_out, n_in)
+    bits = 8 * (parts["codes"] + parts["scales"] + parts["dq_constants"]) / (n_out * n_in)
+    # + one fp32 offset per tensor: 32 bits over 16.8M parameters.
+    assert bits == pytest.approx(4 + 8 / 64 + 32 / (64 * 256) + 32 / (n_out * n_in), abs=1e-9)
+    assert round(bits, 3) == 4.127
+
+
+def test_plan_table_orders_schemes() -> None:
+    cfg = tiny_llama_config(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                            num_attention_heads=9, num_key_value_heads=3, vocab_size=49152).to_dict()
+    table = plan_table(cfg, [parse_config(NF4_DQ), parse_config(INT8), None], "float32", available_bytes=1e12)
+    totals = list(table["total MiB"])
+    assert totals[0] < totals[1] < totals[2]
+    assert table["fits"].all()
