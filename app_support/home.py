@@ -1,0 +1,54 @@
+"""Facts the home page shows: backend, library versions, the pages that exist."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class PageInfo:
+    path: str  # relative to the repo root, as st.page_link wants it
+    label: str
+    icon: str
+    summary: str
+
+    @property
+    def exists(self) -> bool:
+        return (ROOT / self.path).is_file()
+
+
+PAGES = (
+    PageInfo("pages/1_Config_Builder.py", "Config Builder", "🧱",
+             "Build and validate a quantization config (bitsandbytes, RTN, GGUF); export JSON for transformers, "
+             "copy a Python snippet, share it as a link."),
+    PageInfo("pages/2_Quantize_and_Inspect.py", "Quantize & Inspect", "🔬",
+             "Quantize the model with one config and look inside: per-layer errors, histograms, code usage."),
+    PageInfo("pages/3_Compare_Schemes.py", "Compare Schemes", "⚖️",
+             "Run several configs side by side: memory, perplexity, KL divergence, speed."),
+    PageInfo("pages/4_Memory_Planner.py", "Memory Planner", "📐",
+             "Predict a model's footprint under each config from config.json alone, against your RAM / GPU."),
+)
+
+VERSIONED = ("torch", "transformers", "bitsandbytes", "streamlit", "gguf")
+
+
+def versions(packages: tuple[str, ...] = VERSIONED) -> dict[str, str]:
+    out = {}
+    for name in packages:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def backend() -> tuple[str, str]:
+    """(device kind, human name): ("cuda", "NVIDIA H100 …") or ("cpu", "CPU (2 cores)")."""
+    from quantlib.schemes import cuda_available, device_name
+
+    kind = "cuda" if cuda_available() else "cpu"
+    return kind, device_name(kind)
