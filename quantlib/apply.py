@@ -9,7 +9,6 @@ checkpoint in that format would hold), labelled as such.
 from __future__ import annotations
 
 import copy
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -23,7 +22,7 @@ from quantlib.memory import COMPONENTS, MemoryBreakdown, measure_footprint
 from quantlib.metrics import code_histogram, error_metrics
 from quantlib.models import LoadedModel, load_model
 from quantlib.outliers import linear_modules
-from quantlib.schemes import BackendReport, Quantizer, get_quantizer
+from quantlib.schemes import BackendReport, Quantizer, get_quantizer, is_skipped
 
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
@@ -58,25 +57,15 @@ class QuantizedModel:
         return self.backend.simulated
 
 
-def skip_patterns(quantizer: Quantizer) -> list[str]:
-    """Module names left unquantized (besides the output head, which is always left alone)."""
-    return list(quantizer.modules_to_not_convert() or [])
-
-
-def is_skipped(name: str, patterns: list[str]) -> bool:
-    """transformers' rule: a pattern skips a module whose dotted name contains it as a whole part."""
-    return any(re.search(rf"(^|\.){re.escape(p)}($|\.)", name) for p in patterns)
-
-
 def quantizable_layers(model: torch.nn.Module, quantizer: Quantizer) -> list[tuple[str, torch.nn.Module]]:
-    skip = skip_patterns(quantizer)
+    skip = quantizer.modules_to_not_convert()
     return [(n, m) for n, m in linear_modules(model) if not is_skipped(n, skip)]
 
 
 def check_model_shapes(model: torch.nn.Module, quantizer: Quantizer) -> None:
     """Refuse before any work when a layer's width does not fit the scheme's groups or blocks."""
     problems = [p for n, m in quantizable_layers(model, quantizer)
-                if (p := quantizer.check_shape(n, tuple(m.weight.shape))) is not None]
+                if (p := quantizer.check_shape(quantizer.config, n, tuple(m.weight.shape))) is not None]
     if problems:
         raise ShapeError(problems)
 
@@ -203,3 +192,26 @@ def layer_detail(base_model: torch.nn.Module, quantizer: Quantizer, layer: str) 
         "weight_stats": weight_outlier_stats(w),
         "histogram": block_normalized_histogram(w),
     }
+
+
+def preflight(config: QuantConfig | dict | str, model_config: dict[str, Any]) -> list[str]:
+    """Problems a config will hit on a model, from `config.json` alone, before any weights are read.
+
+    Names every layer whose input width the scheme's group or block size does not divide, with
+    the sizes that would fit. An empty list means the config fits the model.
+    """
+    from quantlib.architecture import describe_architecture
+    from quantlib.schemes import QUANTIZER_MAPPING
+
+    config = parse_config(config)
+    quantizer_cls = QUANTIZER_MAPPING[config.quantizer_key]
+    skip = quantizer_cls.skip_modules(config)
+    arch = describe_architecture(model_config)
+    problems = []
+    for layer in arch.linears:
+        if is_skipped(layer.name, skip):
+            continue
+        problem = quantizer_cls.check_shape(config, layer.name, (layer.out_features, layer.in_features))
+        if problem is not None:
+            problems.append(problem)
+    return problems

@@ -9,7 +9,7 @@ every tensor it holds (codes, absmax, nested absmax, offsets, code tables, SCB),
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import pandas as pd
 import torch
@@ -145,10 +145,6 @@ def _count_params(model: torch.nn.Module) -> int:
 # planned (config.json only)
 # ----------------------------------------------------------------------------------------
 
-def _skipped(name: str, skip: Iterable[str] | None) -> bool:
-    return any(s == name or name.endswith("." + s) or ("." + s + ".") in name or name.startswith(s + ".")
-               or s in name.split(".") for s in (skip or []))
-
 
 def plan_memory(model_config: dict[str, Any], config: QuantConfig | None, dtype: str = "float32") -> MemoryBreakdown:
     """Predict the footprint of a model under a config from `config.json` alone.
@@ -157,7 +153,7 @@ def plan_memory(model_config: dict[str, Any], config: QuantConfig | None, dtype:
     biases, skipped modules, an untied output head) are counted in `dtype`; transformers' default
     of leaving the output head unquantized is followed, as is the config's skip list.
     """
-    from quantlib.schemes import QUANTIZER_MAPPING
+    from quantlib.schemes import QUANTIZER_MAPPING, is_skipped
 
     arch: Architecture = describe_architecture(model_config)
     unit = DTYPE_BYTES[dtype]
@@ -165,12 +161,12 @@ def plan_memory(model_config: dict[str, Any], config: QuantConfig | None, dtype:
     parts["unquantized"] += unit * sum(arch.other.values()) + 4 * arch.fp32_buffers
     if arch.lm_head is not None:
         parts["unquantized"] += unit * arch.lm_head.numel
-    skip = _skip_list(config)
+    skip = QUANTIZER_MAPPING[config.quantizer_key].skip_modules(config) if config is not None else []
     quantized = 0
     for layer in arch.linears:
         if layer.bias:
             parts["unquantized"] += unit * layer.out_features
-        if config is None or _skipped(layer.name, skip):
+        if config is None or is_skipped(layer.name, skip):
             parts["unquantized"] += unit * layer.numel
             continue
         for comp, nbytes in QUANTIZER_MAPPING[config.quantizer_key].storage_bytes(
@@ -180,14 +176,6 @@ def plan_memory(model_config: dict[str, Any], config: QuantConfig | None, dtype:
     notes = [f"unquantized tensors counted in {dtype}"]
     return MemoryBreakdown(parts, quantized, arch.n_params, "planned", notes)
 
-
-def _skip_list(config: QuantConfig | None) -> list[str]:
-    if config is None:
-        return []
-    for key in ("llm_int8_skip_modules", "modules_to_not_convert"):
-        if key in config.field_names():
-            return list(getattr(config, key) or [])
-    return []
 
 
 def plan_table(model_config: dict[str, Any], configs: list[QuantConfig | None], dtype: str = "float32",

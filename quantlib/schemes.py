@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -141,8 +142,13 @@ class Quantizer:
         """quantize→dequantize, in the weight's dtype: what the model computes with."""
         return self.quantize_tensor(weight).dequantize()
 
-    def check_shape(self, name: str, shape: tuple[int, ...]) -> str | None:
-        """Why a weight of this shape cannot be quantized by this scheme, or None if it can."""
+    @classmethod
+    def check_shape(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
+        """Why a weight of this shape cannot be quantized by this scheme, or None if it can.
+
+        A classmethod, like `storage_bytes`: shape rules need the config, not the hardware, so
+        they can run on a `config.json` before anything is loaded.
+        """
         return None
 
     @classmethod
@@ -156,9 +162,13 @@ class Quantizer:
         raise NotImplementedError
 
     # ----- modules ----------------------------------------------------------------------
-    def modules_to_not_convert(self) -> list[str] | None:
-        """Names of modules left in full precision (None: transformers' default, the output head)."""
-        return getattr(self.config, "modules_to_not_convert", None)
+    @classmethod
+    def skip_modules(cls, config: QuantConfig) -> list[str]:
+        """Names of modules left in full precision besides the output head (always left alone)."""
+        return list(getattr(config, "modules_to_not_convert", None) or [])
+
+    def modules_to_not_convert(self) -> list[str]:
+        return self.skip_modules(self.config)
 
 
 class BnbQuantizer(Quantizer):
@@ -169,8 +179,9 @@ class BnbQuantizer(Quantizer):
     simulated = False
     library = "bitsandbytes"
 
-    def modules_to_not_convert(self) -> list[str] | None:
-        return self.config.llm_int8_skip_modules
+    @classmethod
+    def skip_modules(cls, config: QuantConfig) -> list[str]:
+        return list(config.llm_int8_skip_modules or [])
 
     @classmethod
     def storage_bytes(cls, config: QuantConfig, out_features: int, in_features: int) -> dict[str, float]:
@@ -236,8 +247,9 @@ class RTNQuantizer(Quantizer):
         scales = 2.0 * groups + (0.0 if config.symmetric else groups * config.bits / 8)
         return {"codes": n * config.bits / 8, "scales": scales, "dq_constants": 0.0, "code_tables": 0.0}
 
-    def check_shape(self, name: str, shape: tuple[int, ...]) -> str | None:
-        c = self.config
+    @classmethod
+    def check_shape(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
+        c = config
         if c.granularity == "group" and shape[-1] % c.group_size:
             return (f"{name}: input width {shape[-1]} is not divisible by group_size {c.group_size}; "
                     f"sizes that fit: {', '.join(map(str, fitting_group_sizes(shape[-1])))}")
@@ -263,10 +275,11 @@ class GGUFQuantizer(Quantizer):
         codes = out_features * in_features * code_bits / 8
         return {"codes": codes, "scales": total - codes, "dq_constants": 0.0, "code_tables": 0.0}
 
-    def check_shape(self, name: str, shape: tuple[int, ...]) -> str | None:
-        block, _ = gguf_block_geometry(self.config.quant_type)
+    @classmethod
+    def check_shape(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
+        block, _ = gguf_block_geometry(config.quant_type)
         if shape[-1] % block:
-            return f"{name}: input width {shape[-1]} is not a multiple of the {self.config.quant_type} block ({block})"
+            return f"{name}: input width {shape[-1]} is not a multiple of the {config.quant_type} block ({block})"
         return None
 
 
@@ -279,6 +292,11 @@ def gguf_block_geometry(quant_type: str) -> tuple[int, int]:
     import gguf
 
     return tuple(gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[quant_type]])  # type: ignore[return-value]
+
+
+def is_skipped(name: str, patterns: list[str]) -> bool:
+    """transformers' rule: a pattern skips a module whose dotted name contains it as a whole part."""
+    return any(re.search(rf"(^|\.){re.escape(p)}($|\.)", name) for p in patterns)
 
 
 def fitting_group_sizes(width: int, candidates: tuple[int, ...] = (32, 64, 96, 128, 192, 256)) -> list[int]:

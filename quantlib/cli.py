@@ -1,0 +1,266 @@
+"""Command line over the same engine as the app: validate, plan, compare, inspect, runs.
+
+Unix conventions: data on stdout, progress and errors on stderr, `--json` for machine-readable
+output, exit 0 on success, 1 when the input is invalid or the work failed, 2 for a usage error,
+130 when interrupted. Runs started here are saved in the same store the app lists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _err(message: str) -> None:
+    print(f"quantlib: {message}", file=sys.stderr)
+
+
+def _read_config_file(path: str):
+    """A config from a JSON file (or a model's config.json); errors name the file."""
+    from quantlib.configs import parse_config
+    from quantlib.errors import ConfigError
+
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise CliError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise CliError(f"{path}: is a directory, expected a JSON file") from None
+    except OSError as exc:
+        raise CliError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        return parse_config(data)
+    except ConfigError as exc:
+        raise CliError(f"{path}: {exc}") from None
+
+
+class CliError(Exception):
+    """A message for stderr and exit status 1."""
+
+
+def _configs(args: argparse.Namespace) -> list:
+    from quantlib.presets import PRESETS, preset
+
+    configs = [_read_config_file(p) for p in (getattr(args, "config", None) or [])]
+    for name in getattr(args, "preset", None) or []:
+        if name not in PRESETS:
+            raise CliError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+        configs.append(preset(name))
+    return configs
+
+
+def _progress(enabled: bool):
+    """Progress lines on stderr (one per message, throttled), silent with --quiet."""
+    last = [0.0, ""]
+
+    def report(fraction: float, message: str) -> None:
+        now = time.monotonic()
+        if not enabled or (message == last[1]) or (now - last[0] < 0.5 and fraction < 1.0):
+            return
+        last[0], last[1] = now, message
+        print(f"[{fraction * 100:5.1f}%] {message}", file=sys.stderr, flush=True)
+
+    return report
+
+
+def _print_table(frame, as_json: bool) -> None:
+    if as_json:
+        print(frame.to_json(orient="records", indent=1))
+    else:
+        import pandas as pd
+
+        with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 60):
+            print(frame.to_string(index=False))
+
+
+# ----------------------------------------------------------------------------------------
+# subcommands
+# ----------------------------------------------------------------------------------------
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from quantlib.apply import preflight
+    from quantlib.models import read_model_config
+
+    config = _read_config_file(args.file)
+    problems: list[str] = []
+    if args.model:
+        problems = preflight(config, read_model_config(args.model))
+    if args.json:
+        print(json.dumps({"valid": not problems, "config": config.to_dict(), "warnings": config.warnings(),
+                          "model_problems": problems}, indent=1))
+    else:
+        print(config.to_json(diff=args.diff))
+        for warning in config.warnings():
+            print(f"warning: {warning}", file=sys.stderr)
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        if problems:
+            _err(f"{len(problems)} layer(s) of {args.model} do not fit this config")
+    return EXIT_INVALID if problems else EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import psutil
+
+    from quantlib.memory import plan_table
+    from quantlib.models import read_model_config
+
+    configs = _configs(args)
+    if not configs:
+        raise CliError("plan needs at least one --config FILE or --preset NAME")
+    available = args.memory_gib * 2**30 if args.memory_gib else psutil.virtual_memory().available
+    table = plan_table(read_model_config(args.model), [None, *configs], args.dtype, available_bytes=available)
+    _print_table(table, args.json)
+    return EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from quantlib.compare import CompareSettings, run_comparison
+    from quantlib.reports import format_summary, write_outputs
+
+    configs = _configs(args)
+    if not configs:
+        raise CliError("compare needs at least one --config FILE or --preset NAME")
+    if args.text and not Path(args.text).is_file():
+        raise CliError(f"{args.text}: no such text file")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CliError(f"{args.out}: exists and is not a directory")
+    settings = CompareSettings(source=args.model, text_path=args.text, max_tokens=args.tokens, window=args.window,
+                               stride=args.stride, device=args.device)
+    result = run_comparison(configs, settings, progress=_progress(not args.quiet))
+    if args.out:
+        paths = write_outputs(result.run, args.out)
+        print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    print(f"saved run {result.run.run_id} ({result.path})", file=sys.stderr)
+    _print_table(result.table if args.json else format_summary(result.table), args.json)
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from quantlib.apply import layer_detail
+    from quantlib.models import load_model
+    from quantlib.schemes import get_quantizer
+
+    config = _read_config_file(args.config)
+    quantizer = get_quantizer(config, device=args.device)
+    loaded = load_model(args.model, progress=_progress(not args.quiet))
+    detail = layer_detail(loaded.model, quantizer, args.layer)
+    hist = detail.pop("histogram")
+    detail["histogram"] = {"edges": hist.edges, "counts": hist.counts, "blocksize": hist.blocksize,
+                           "levels": hist.levels}
+    detail["backend"] = quantizer.backend.to_dict()
+    if args.json:
+        print(json.dumps(detail, indent=1))
+        return EXIT_OK
+    print(f"layer {detail['layer']}  shape {detail['shape']}  scheme {config.label}  backend {quantizer.backend.short}")
+    print(f"bits/param {detail['bits_per_param']:.4f}  code entropy {detail['code_entropy_bits']:.3f} bits")
+    for key, value in {**detail["metrics"], **detail["weight_stats"]}.items():
+        print(f"  {key:>22}: {value:.6g}")
+    return EXIT_OK
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from quantlib.runs import list_runs
+
+    _print_table(list_runs(), args.json)
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------
+# parser
+# ----------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from quantlib.presets import PRESETS
+
+    parser = argparse.ArgumentParser(prog="quantlib", description="Quantization Explorer on the command line.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+
+    model_help = "model: 'default' (embedded SmolLM2-135M), a local folder, a .gguf file or a hub id"
+
+    p = sub.add_parser("validate", help="check a config JSON (or a model's config.json)")
+    p.add_argument("file")
+    p.add_argument("--model", help=model_help + "; also check group/block sizes against its layers")
+    p.add_argument("--diff", action="store_true", help="print only the non-default keys")
+    common(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("plan", help="predict memory of a model under configs, no weights loaded")
+    p.add_argument("--model", default="default", help=model_help)
+    p.add_argument("--config", action="append", metavar="FILE")
+    p.add_argument("--preset", action="append", metavar="NAME", help=f"one of: {', '.join(PRESETS)}")
+    p.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the unquantized parts (default float16)")
+    p.add_argument("--memory-gib", type=float, help="memory to fit into (default: available RAM)")
+    common(p)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("compare", help="quantize with several configs and measure them against the baseline")
+    p.add_argument("--model", default="default", help=model_help)
+    p.add_argument("--config", action="append", metavar="FILE")
+    p.add_argument("--preset", action="append", metavar="NAME", help=f"one of: {', '.join(PRESETS)}")
+    p.add_argument("--text", metavar="FILE", help="evaluation text (default: built-in news corpus)")
+    p.add_argument("--tokens", type=_positive_int, default=4096, help="tokens to evaluate (default 4096)")
+    p.add_argument("--window", type=_positive_int, default=1024, help="window length (default 1024)")
+    p.add_argument("--stride", type=_positive_int, default=None, help="stride (default: the window)")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--out", metavar="DIR", help="write run.json, summary.csv, layers.csv, report.html here")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    common(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("inspect", help="statistics and histogram data of one layer under a config")
+    p.add_argument("--model", default="default", help=model_help)
+    p.add_argument("--config", required=True, metavar="FILE")
+    p.add_argument("--layer", required=True, help="e.g. model.layers.0.mlp.down_proj")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--quiet", action="store_true")
+    common(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("runs", help="list saved comparison runs (the app lists the same)")
+    common(p)
+    p.set_defaults(func=cmd_runs)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `python -m quantlib` and the `quantlib` console script."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    from quantlib.errors import QuantlibError
+
+    try:
+        return args.func(args)
+    except CliError as exc:
+        _err(str(exc))
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return EXIT_INTERRUPTED
+    except (QuantlibError, ValueError, OSError) as exc:
+        _err(str(exc))
+    return EXIT_INVALID
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Shareable results: CSV, JSON and a self-contained HTML report of a comparison run.
+
+The HTML report embeds plotly.js once and the same figures the app draws, so it opens offline in
+any browser and can be mailed as one file. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from quantlib import figures
+from quantlib.memory import MemoryBreakdown
+from quantlib.runs import Run, atomic_write_text
+
+SUMMARY_FORMATS = {"perplexity": "{:.3f}", "kl": "{:.5f}", "top1_agreement": "{:.4f}", "memory_mib": "{:.1f}",
+                   "bits_per_param": "{:.3f}", "mean_layer_rel_error": "{:.4f}", "worst_layer_rel_error": "{:.4f}",
+                   "seconds": "{:.1f}"}
+
+
+def run_figures(run: Run) -> dict[str, go.Figure]:
+    """The comparison figures of a run, from its stored tables alone (no recomputation)."""
+    summary = run.tables.get("summary", pd.DataFrame())
+    out: dict[str, go.Figure] = {}
+    if not summary.empty:
+        out["Memory vs perplexity"] = figures.tradeoff_figure(summary)
+        quantized = summary.iloc[1:] if len(summary) > 1 else summary
+        out["KL divergence to the baseline"] = figures.kl_figure(quantized)
+    layers = run.tables.get("layers", pd.DataFrame())
+    if not layers.empty:
+        out["Per-layer weight error"] = figures.layer_error_figure(layers)
+    memory = run.extra.get("memory", {})
+    if memory:
+        out["Memory by component"] = figures.memory_figure({k: _breakdown(v) for k, v in memory.items()})
+    return out
+
+
+def _breakdown(data: dict) -> MemoryBreakdown:
+    return MemoryBreakdown(dict(data["bytes_by_component"]), int(data["quantized_params"]),
+                           int(data["total_params"]), str(data.get("source", "")))
+
+
+def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary table with numbers rounded for reading (the CSV keeps full precision)."""
+    shown = summary.copy()
+    for column, fmt in SUMMARY_FORMATS.items():
+        if column in shown:
+            shown[column] = shown[column].map(lambda v, f=fmt: f.format(v) if pd.notna(v) else "")
+    return shown
+
+
+def render_html(run: Run) -> str:
+    """A self-contained HTML page: settings, summary table, and interactive figures."""
+    parts = []
+    for i, (title, fig) in enumerate(run_figures(run).items()):
+        body = fig.to_html(full_html=False, include_plotlyjs=(i == 0), default_width="100%", default_height="460px")
+        parts.append(f"<h2>{html.escape(title)}</h2>\n{body}")
+    summary = run.tables.get("summary", pd.DataFrame())
+    table = format_summary(summary).to_html(index=False, border=0, classes="summary") if not summary.empty else ""
+    model = run.model
+    settings = run.settings
+    env = run.environment
+    meta = {
+        "Run": run.run_id, "Created": run.created, "Model": model.get("source", ""),
+        "Architecture": model.get("architecture", ""), "Parameters": f"{model.get('n_params', 0):,}",
+        "Backend": settings.get("backend", ""), "Tokens evaluated": settings.get("n_tokens", ""),
+        "Window / stride": f"{settings.get('window')} / {settings.get('stride') or settings.get('window')}",
+        "Versions": ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items()),
+    }
+    notes = "".join(f"<li>{html.escape(str(n))}</li>" for n in model.get("notes", []))
+    meta_rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in meta.items())
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>Quantization comparison {html.escape(run.run_id)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; margin: 1rem 0; }} th, td {{ padding: .3rem .7rem; text-align: left; }}
+table.summary tr:nth-child(even) {{ background: #f4f6f8; }} table.summary th {{ background: #e3e8ee; }}
+.meta th {{ color: #555; font-weight: 600; }}
+</style></head><body>
+<h1>Quantization comparison</h1>
+<table class="meta">{meta_rows}</table>
+<ul>{notes}</ul>
+<h2>Summary</h2>
+{table}
+<p>Perplexity and KL are measured on the same tokens; KL is KL(baseline ‖ quantized) in nats per token.
+Rows marked "(simulated)" replaced weights by their quantize→dequantize result; memory for those is the packed size.</p>
+{''.join(parts)}
+</body></html>
+"""
+
+
+def write_outputs(run: Run, out_dir: str | Path) -> dict[str, Path]:
+    """Write run.json, summary.csv, layers.csv and report.html into `out_dir`, each atomically."""
+    out = Path(out_dir)
+    paths = {"json": out / "run.json", "csv": out / "summary.csv", "layers": out / "layers.csv",
+             "html": out / "report.html"}
+    atomic_write_text(paths["json"], json.dumps(run.to_dict(), indent=1, default=str))
+    atomic_write_text(paths["csv"], run.tables.get("summary", pd.DataFrame()).to_csv(index=False))
+    atomic_write_text(paths["layers"], run.tables.get("layers", pd.DataFrame()).to_csv(index=False))
+    atomic_write_text(paths["html"], render_html(run))
+    return paths
