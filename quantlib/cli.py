@@ -167,9 +167,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from quantlib.runs import list_runs
+    from quantlib.runs import list_runs, runs_dir
 
-    _print_table(list_runs(), args.json)
+    table = list_runs()
+    if table.empty and not args.json:
+        print(f"no saved runs in {runs_dir()}", file=sys.stderr)
+        return EXIT_OK
+    _print_table(table, args.json)
     return EXIT_OK
 
 
