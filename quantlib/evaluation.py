@@ -1,0 +1,574 @@
+"""How good is a (quantized) language model: perplexity and divergence from its baseline.
+
+Windows
+    Text longer than the model's context is cut into windows in the sense of Hugging Face's
+    "Perplexity of fixed-length models", with one change: every window starts with BOS. The
+    model sees ``[BOS] + text[start : end-1]`` (exactly ``window`` positions) and predicts
+    ``text[start : end]``, so every text token - the first of a window included - is predicted
+    from a context that starts at a proper document start, and BOS itself is never scored.
+    With ``stride < window`` consecutive windows overlap and only the tokens a window adds
+    (those after the previous window's end) are scored: each token is counted exactly once,
+    and ``n_tokens`` always equals the number of input tokens.
+
+Baseline reuse and memory
+    KL(base || quant) needs the baseline's full next-token distribution at every scored
+    position. Keeping it costs ``n_tokens x vocab x 4`` bytes (fp32): 0.8 GB for 4,096 tokens
+    of SmolLM2's 49,152-token vocabulary, 1.6 GB for 8k. float16 would halve that but its
+    rounding (~5e-4 relative on log-probs near -30) biases KL by ~1e-3 nats - the size of an
+    8-bit model's whole KL - so we never store fp16. Two ways avoid recomputing the baseline:
+
+    * :func:`perplexity_and_kl` runs the baseline and N models window by window together:
+      one baseline forward per window whatever N is; peak extra memory is about three
+      ``batch x window x vocab`` fp32 tensors, independent of N and of the text length
+      (the models themselves must all be resident).
+    * :func:`reference_logprobs` runs the baseline once and keeps its log-probs when they fit
+      in ``max_bytes`` (default 1 GiB, enough for 4k tokens); otherwise it keeps the model and
+      recomputes per window (still correct, one extra forward per comparison). Use this when
+      quantized models are produced one after another and cannot coexist in memory.
+
+Every result names the backend ("cpu" or "cuda:0 <GPU name>") that produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+
+import torch
+
+from quantlib.errors import Cancelled, QuantlibError
+
+ProgressFn = Callable[[float, str], None]
+CancelFn = Callable[[], bool]
+
+DEFAULT_WINDOW = 1024
+DEFAULT_REFERENCE_BYTES = 2**30
+# Auto batch size: keep one batch of fp32 logits around this size (several copies coexist).
+AUTO_BATCH_LOGIT_BYTES = 512 * 2**20
+KL_PERCENTILES = (50, 90, 99)
+
+__all__ = [
+    "Cancelled",
+    "DistributionComparison",
+    "EvaluationError",
+    "EvaluationReport",
+    "PerplexityResult",
+    "ReferenceLogprobs",
+    "Window",
+    "backend_name",
+    "compare_logits",
+    "perplexity",
+    "perplexity_and_kl",
+    "plan_windows",
+    "reference_logprobs",
+    "tokenize_for_eval",
+]
+
+
+class EvaluationError(QuantlibError, ValueError):
+    """Bad evaluation input (no tokens, window too small, no BOS token known...)."""
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class PerplexityResult:
+    """Perplexity over the scored tokens; nll is the mean negative log-likelihood in nats."""
+
+    ppl: float
+    nll: float
+    n_tokens: int
+    n_windows: int
+    window: int
+    stride: int
+    seconds: float
+    tokens_per_s: float
+    backend: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class DistributionComparison:
+    """How far a model's next-token distributions are from the baseline's (KL in nats).
+
+    ``kl_mean`` averages per-token KL(base || quant) over all scored tokens; ``kl_percentiles``
+    maps "p50"/"p90"/"p99" to per-token quantiles; ``top1_agreement`` is the fraction of
+    positions where both models' most likely next token is the same. ``base_ppl`` and
+    ``quant_ppl`` come from the same forward passes at no extra cost.
+    """
+
+    kl_mean: float
+    kl_max: float
+    kl_percentiles: dict[str, float]
+    top1_agreement: float
+    base_ppl: float
+    quant_ppl: float
+    n_tokens: int
+    n_windows: int
+    window: int
+    stride: int
+    seconds: float
+    backend: str
+    baseline_recomputed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class EvaluationReport:
+    """Result of :func:`perplexity_and_kl`: baseline perplexity plus, per model, ppl and KL."""
+
+    base: PerplexityResult
+    perplexity: dict[str, PerplexityResult]
+    comparison: dict[str, DistributionComparison]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "base": self.base.to_dict(),
+            "perplexity": {k: v.to_dict() for k, v in self.perplexity.items()},
+            "comparison": {k: v.to_dict() for k, v in self.comparison.items()},
+        }
+
+
+# --------------------------------------------------------------------------- windows
+
+
+@dataclass(frozen=True)
+class Window:
+    """Text tokens ``[start, end)`` are in the window; ``[score_from, end)`` are scored."""
+
+    start: int
+    end: int
+    score_from: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    @property
+    def n_scored(self) -> int:
+        return self.end - self.score_from
+
+
+def plan_windows(n_tokens: int, window: int, stride: Optional[int] = None) -> list[Window]:
+    """Windows over n_tokens text tokens; the scored parts tile [0, n_tokens) exactly once."""
+    stride = window if stride is None else stride
+    if window < 1 or not 1 <= stride <= window:
+        raise EvaluationError(f"Need window >= 1 and 1 <= stride <= window (got window={window}, stride={stride}).")
+    windows, prev_end = [], 0
+    for start in range(0, n_tokens, stride):
+        end = min(start + window, n_tokens)
+        windows.append(Window(start, end, prev_end))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return windows
+
+
+def _batches(windows: Sequence[Window], batch_size: int) -> Iterator[list[Window]]:
+    """Consecutive windows of equal shape (length, scored count) grouped up to batch_size."""
+    batch: list[Window] = []
+    for w in windows:
+        if batch and (len(batch) >= batch_size or (w.length, w.n_scored) != (batch[0].length, batch[0].n_scored)):
+            yield batch
+            batch = []
+        batch.append(w)
+    if batch:
+        yield batch
+
+
+# --------------------------------------------------------------------------- model helpers
+
+
+def _model_device(model: Any) -> torch.device:
+    """Where inputs must go: the model's own notion (device_map aware), else its first weight."""
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def backend_name(model_or_device: Any) -> str:
+    """'cpu' or 'cuda:0 NVIDIA H100 ...': which hardware produced a number."""
+    device = model_or_device if isinstance(model_or_device, torch.device) else _model_device(model_or_device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} {torch.cuda.get_device_name(index)}"
+    return device.type
+
+
+def _resolve_bos(model: Any, bos_token_id: Optional[int]) -> int:
+    """BOS from the argument, else from the model config; perplexity needs one, so fail clearly."""
+    if bos_token_id is None:
+        bos_token_id = getattr(getattr(model, "config", None), "bos_token_id", None)
+    if isinstance(bos_token_id, (list, tuple)):
+        bos_token_id = bos_token_id[0] if bos_token_id else None
+    if bos_token_id is None:
+        raise EvaluationError("No BOS token id: pass bos_token_id (e.g. tokenizer.bos_token_id).")
+    return int(bos_token_id)
+
+
+def _as_1d(input_ids: Any) -> torch.Tensor:
+    """Accept a 1-D tensor/list or a (1, N) batch; evaluation text is one token stream."""
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.dim() != 1 or ids.numel() == 0:
+        raise EvaluationError(f"input_ids must be a non-empty 1-D token sequence (got shape {tuple(ids.shape)}).")
+    return ids.cpu()
+
+
+def _auto_batch_size(model: Any, window: int, batch_size: Optional[int]) -> int:
+    """1 on CPU (batching gains nothing there); on GPU as many windows as ~512 MB of logits."""
+    if batch_size is not None:
+        if batch_size < 1:
+            raise EvaluationError(f"batch_size must be >= 1 (got {batch_size}).")
+        return int(batch_size)
+    if _model_device(model).type != "cuda":
+        return 1
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 50_000) or 50_000)
+    return max(1, min(16, AUTO_BATCH_LOGIT_BYTES // (window * vocab * 4)))
+
+
+def _accepts_logits_to_keep(model: Any) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _window_inputs(ids: torch.Tensor, batch: list[Window], bos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model inputs ``[BOS] + text[start:end-1]`` and the targets of the scored positions."""
+    rows, targets = [], []
+    for w in batch:
+        rows.append(torch.cat([torch.tensor([bos], dtype=torch.long), ids[w.start : w.end - 1]]))
+        targets.append(ids[w.score_from : w.end])
+    return torch.stack(rows), torch.stack(targets)
+
+
+def _logprobs(model: Any, inputs: torch.Tensor, n_scored: int) -> torch.Tensor:
+    """fp32 log-probs (B, n_scored, V) of the last n_scored positions (the scored suffix)."""
+    device = _model_device(model)
+    inputs = inputs.to(device)
+    kwargs: dict[str, Any] = {"input_ids": inputs, "attention_mask": torch.ones_like(inputs)}
+    if _accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = n_scored  # skip the lm_head on unscored positions
+    logits = model(**kwargs).logits[:, -n_scored:, :]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _target_nll(logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood of the targets (float64 for exact summing)."""
+    picked = logprobs.gather(-1, targets.to(logprobs.device).unsqueeze(-1)).squeeze(-1)
+    return (-picked).double()
+
+
+# --------------------------------------------------------------------------- accumulators
+
+
+@dataclass
+class _NllSum:
+    """Running NLL total: float64 so 10^5 tokens sum without drift."""
+
+    total: float = 0.0
+    count: int = 0
+
+    def add(self, nll: torch.Tensor) -> None:
+        self.total += float(nll.sum().item())
+        self.count += int(nll.numel())
+
+    @property
+    def mean(self) -> float:
+        return self.total / max(self.count, 1)
+
+
+@dataclass
+class _KlStats:
+    """Per-token KL values (kept: n_tokens floats is small) and top-1 agreement count."""
+
+    kl: list[torch.Tensor] = field(default_factory=list)
+    agree: int = 0
+    nll: _NllSum = field(default_factory=_NllSum)
+
+    def add(self, base_lp: torch.Tensor, quant_lp: torch.Tensor, targets: torch.Tensor) -> None:
+        base_lp = base_lp.to(quant_lp.device)
+        kl = (base_lp.exp() * (base_lp - quant_lp)).sum(-1).clamp_min(0.0)
+        self.kl.append(kl.flatten().cpu())
+        self.agree += int((base_lp.argmax(-1) == quant_lp.argmax(-1)).sum().item())
+        self.nll.add(_target_nll(quant_lp, targets))
+
+
+def _percentiles(values: torch.Tensor) -> dict[str, float]:
+    q = torch.tensor([p / 100 for p in KL_PERCENTILES], dtype=torch.float64)
+    quantiles = torch.quantile(values.double(), q)
+    return {f"p{p}": float(v) for p, v in zip(KL_PERCENTILES, quantiles)}
+
+
+def _ppl_result(nll: _NllSum, n_windows: int, window: int, stride: int, seconds: float, backend: str) -> PerplexityResult:
+    return PerplexityResult(
+        ppl=math.exp(nll.mean), nll=nll.mean, n_tokens=nll.count, n_windows=n_windows, window=window,
+        stride=stride, seconds=seconds, tokens_per_s=nll.count / seconds if seconds > 0 else float("inf"),
+        backend=backend,
+    )
+
+
+def _comparison(stats: _KlStats, base_nll: _NllSum, plan: "_Plan", seconds: float, backend: str,
+                recomputed: bool) -> DistributionComparison:
+    kl = torch.cat(stats.kl)
+    return DistributionComparison(
+        kl_mean=float(kl.double().mean()), kl_max=float(kl.max()), kl_percentiles=_percentiles(kl),
+        top1_agreement=stats.agree / kl.numel(), base_ppl=math.exp(base_nll.mean),
+        quant_ppl=math.exp(stats.nll.mean), n_tokens=int(kl.numel()), n_windows=len(plan.windows),
+        window=plan.window, stride=plan.stride, seconds=seconds, backend=backend,
+        baseline_recomputed=recomputed,
+    )
+
+
+# --------------------------------------------------------------------------- the window loop
+
+
+@dataclass
+class _Plan:
+    """Everything that fixes which positions are scored, shared by baseline and comparisons."""
+
+    ids: torch.Tensor
+    window: int
+    stride: int
+    bos: int
+    batch_size: int
+    windows: list[Window]
+
+
+def _make_plan(model: Any, input_ids: Any, window: int, stride: Optional[int], bos_token_id: Optional[int],
+               batch_size: Optional[int]) -> _Plan:
+    ids = _as_1d(input_ids)
+    stride = window if stride is None else int(stride)
+    windows = plan_windows(len(ids), int(window), stride)
+    return _Plan(ids, int(window), stride, _resolve_bos(model, bos_token_id),
+                 _auto_batch_size(model, int(window), batch_size), windows)
+
+
+def _run(plan: _Plan, progress: Optional[ProgressFn], cancel: Optional[CancelFn],
+         label: str) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Yield (batch index, model inputs, targets) batch by batch, honouring cancel/progress."""
+    done = 0
+    for index, batch in enumerate(_batches(plan.windows, plan.batch_size)):
+        if cancel is not None and cancel():
+            raise Cancelled(f"{label} cancelled after {done} of {len(plan.windows)} windows")
+        inputs, targets = _window_inputs(plan.ids, batch, plan.bos)
+        yield index, inputs, targets
+        done += len(batch)
+        if progress is not None:
+            progress(done / len(plan.windows), f"{label}: window {done}/{len(plan.windows)}")
+
+
+def perplexity(
+    model: Any,
+    input_ids: Any,
+    *,
+    window: int = DEFAULT_WINDOW,
+    stride: Optional[int] = None,
+    bos_token_id: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    progress: Optional[ProgressFn] = None,
+    cancel: Optional[CancelFn] = None,
+) -> PerplexityResult:
+    """Perplexity of model on input_ids with BOS-started windows (see the module docstring).
+
+    ``bos_token_id`` defaults to ``model.config.bos_token_id``; ``batch_size`` defaults to 1
+    on CPU and to ~512 MB of logits per batch on GPU. ``cancel()`` returning True stops
+    between batches with :class:`Cancelled`.
+    """
+    plan = _make_plan(model, input_ids, window, stride, bos_token_id, batch_size)
+    nll, t0 = _NllSum(), time.perf_counter()
+    with torch.inference_mode():
+        for _, inputs, targets in _run(plan, progress, cancel, "perplexity"):
+            nll.add(_target_nll(_logprobs(model, inputs, targets.shape[1]), targets))
+    return _ppl_result(nll, len(plan.windows), plan.window, plan.stride, time.perf_counter() - t0, backend_name(model))
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+@dataclass
+class ReferenceLogprobs:
+    """A baseline computed once: its perplexity and, if they fit, its log-probs per batch.
+
+    ``stored`` tells whether the log-probs were kept (CPU, fp32, ``nbytes`` bytes); when not,
+    ``model`` is kept instead and comparisons recompute the baseline window by window.
+    """
+
+    plan: _Plan
+    perplexity: PerplexityResult
+    stored: bool
+    nbytes: int
+    logprobs: Optional[list[torch.Tensor]] = None
+    model: Any = None
+
+    def batches(self) -> Iterator[torch.Tensor]:
+        """Baseline log-probs batch by batch, from memory or recomputed."""
+        if self.stored:
+            yield from self.logprobs or []
+            return
+        with torch.inference_mode():
+            for _, inputs, targets in _run(self.plan, None, None, "baseline"):
+                yield _logprobs(self.model, inputs, targets.shape[1])
+
+
+def _vocab_size(model: Any) -> int:
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if size:
+        return int(size)
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def reference_logprobs(
+    base_model: Any,
+    input_ids: Any,
+    *,
+    window: int = DEFAULT_WINDOW,
+    stride: Optional[int] = None,
+    bos_token_id: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    max_bytes: int = DEFAULT_REFERENCE_BYTES,
+    progress: Optional[ProgressFn] = None,
+    cancel: Optional[CancelFn] = None,
+) -> ReferenceLogprobs:
+    """Run the baseline once; keep fp32 log-probs if n_tokens x vocab x 4 <= max_bytes.
+
+    Pass the result as ``base`` to :func:`compare_logits` for each quantized model.
+    """
+    plan = _make_plan(base_model, input_ids, window, stride, bos_token_id, batch_size)
+    nbytes = len(plan.ids) * _vocab_size(base_model) * 4
+    store = nbytes <= max_bytes
+    kept: list[torch.Tensor] = []
+    nll, t0 = _NllSum(), time.perf_counter()
+    with torch.inference_mode():
+        for _, inputs, targets in _run(plan, progress, cancel, "baseline"):
+            lp = _logprobs(base_model, inputs, targets.shape[1])
+            nll.add(_target_nll(lp, targets))
+            if store:
+                kept.append(lp.cpu())
+    result = _ppl_result(nll, len(plan.windows), plan.window, plan.stride, time.perf_counter() - t0,
+                         backend_name(base_model))
+    return ReferenceLogprobs(plan=plan, perplexity=result, stored=store, nbytes=nbytes if store else 0,
+                             logprobs=kept if store else None, model=None if store else base_model)
+
+
+def compare_logits(
+    base: Any,
+    quant_model: Any,
+    input_ids: Any = None,
+    *,
+    window: int = DEFAULT_WINDOW,
+    stride: Optional[int] = None,
+    bos_token_id: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    progress: Optional[ProgressFn] = None,
+    cancel: Optional[CancelFn] = None,
+) -> DistributionComparison:
+    """KL(base || quant), per-token KL quantiles and top-1 agreement, window by window.
+
+    ``base`` is either the baseline model (run alongside, window by window) or a
+    :class:`ReferenceLogprobs` from :func:`reference_logprobs`, whose windows, BOS and
+    tokens are then used and ``input_ids``/``window``/``stride``/... are ignored.
+    """
+    if isinstance(base, ReferenceLogprobs):
+        return _compare_with_reference(base, quant_model, progress, cancel)
+    if input_ids is None:
+        raise EvaluationError("compare_logits needs input_ids when base is a model.")
+    report = perplexity_and_kl(base, {"model": quant_model}, input_ids, window=window, stride=stride,
+                               bos_token_id=bos_token_id, batch_size=batch_size, progress=progress,
+                               cancel=cancel)
+    return report.comparison["model"]
+
+
+def _compare_with_reference(ref: ReferenceLogprobs, quant_model: Any, progress: Optional[ProgressFn],
+                            cancel: Optional[CancelFn]) -> DistributionComparison:
+    stats, base_nll, t0 = _KlStats(), _NllSum(), time.perf_counter()
+    base_batches = ref.batches()
+    with torch.inference_mode():
+        for _, inputs, targets in _run(ref.plan, progress, cancel, "comparison"):
+            base_lp = next(base_batches)
+            base_nll.add(_target_nll(base_lp, targets))
+            stats.add(base_lp, _logprobs(quant_model, inputs, targets.shape[1]), targets)
+    return _comparison(stats, base_nll, ref.plan, time.perf_counter() - t0,
+                       backend_name(quant_model), recomputed=not ref.stored)
+
+
+def perplexity_and_kl(
+    base_model: Any,
+    models: Mapping[str, Any],
+    input_ids: Any,
+    *,
+    window: int = DEFAULT_WINDOW,
+    stride: Optional[int] = None,
+    bos_token_id: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    progress: Optional[ProgressFn] = None,
+    cancel: Optional[CancelFn] = None,
+) -> EvaluationReport:
+    """Baseline ppl plus ppl and KL of every model in ``models``, one baseline pass in total.
+
+    All models must be resident; each window's baseline log-probs are computed once and
+    compared with every model before moving on, so memory does not grow with len(models).
+    Times are per model (its forward plus the comparison), the baseline's its own.
+    """
+    plan = _make_plan(base_model, input_ids, window, stride, bos_token_id, batch_size)
+    base_nll, base_time = _NllSum(), 0.0
+    stats = {name: _KlStats() for name in models}
+    times = {name: 0.0 for name in models}
+    with torch.inference_mode():
+        for _, inputs, targets in _run(plan, progress, cancel, "evaluation"):
+            t0 = time.perf_counter()
+            base_lp = _logprobs(base_model, inputs, targets.shape[1])
+            base_nll.add(_target_nll(base_lp, targets))
+            base_time += time.perf_counter() - t0
+            for name, model in models.items():
+                t0 = time.perf_counter()
+                stats[name].add(base_lp, _logprobs(model, inputs, targets.shape[1]), targets)
+                times[name] += time.perf_counter() - t0
+    n = len(plan.windows)
+    base = _ppl_result(base_nll, n, plan.window, plan.stride, base_time, backend_name(base_model))
+    ppls = {name: _ppl_result(stats[name].nll, n, plan.window, plan.stride, times[name], backend_name(m))
+            for name, m in models.items()}
+    comps = {name: _comparison(stats[name], base_nll, plan, times[name], backend_name(m), recomputed=False)
+             for name, m in models.items()}
+    return EvaluationReport(base=base, perplexity=ppls, comparison=comps)
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+def tokenize_for_eval(tokenizer: Any, text: str, max_tokens: Optional[int] = None) -> torch.Tensor:
+    """First max_tokens tokens of text (no special tokens: windows add BOS themselves).
+
+    Tokenizes a growing prefix instead of the whole text, so asking for 4k tokens of a
+    large file stays fast; the last token of a cut prefix is dropped as it may be split.
+    """
+    if max_tokens is not None and max_tokens < 1:
+        raise EvaluationError(f"max_tokens must be >= 1 (got {max_tokens}).")
+    chars = len(text) if max_tokens is None else max_tokens * 8
+    while True:
+        whole = chars >= len(text)
+        ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
+        if not whole:
+            ids = ids[:-1]
+        if whole or (max_tokens is not None and len(ids) >= max_tokens):
+            break
+        chars *= 2
+    ids = ids if max_tokens is None else ids[:max_tokens]
+    if not ids:
+        raise EvaluationError("The text produced no tokens to evaluate on.")
+    return torch.tensor(ids, dtype=torch.long)

@@ -1,0 +1,69 @@
+"""Shared test setup.
+
+QUANTLIB_CACHE points at the repo's gitignored .cache/ so the default model's one-time GGUF
+conversion (~25 s) happens once per machine, not once per test run. Fixtures here build a
+tiny Llama (char-level tokenizer, 2 layers) in a temp folder so most model tests take
+milliseconds; `default_model` loads the real SmolLM2 once per session (slow tests only).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("QUANTLIB_CACHE", str(REPO / ".cache" / "quantlib"))
+
+TINY_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?'\"-()\n"
+
+
+def build_tiny_tokenizer():
+    """Char-level fast tokenizer with <s>/</s>/<unk>: no network, builds in milliseconds."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in TINY_CHARS:
+        vocab.setdefault(ch, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_llama_config(vocab_size: int, **overrides):
+    """A 2-layer Llama small enough to build and run instantly (GQA included)."""
+    from transformers import LlamaConfig
+
+    kwargs = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=512,
+                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """Folder with config.json + model.safetensors + tokenizer files of a random tiny Llama."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    model = LlamaForCausalLM(tiny_llama_config(len(tiny_tokenizer)))
+    model.save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The real default model, loaded once per session (converts on first use per machine)."""
+    from quantlib.models import load_model
+
+    return load_model("default")
