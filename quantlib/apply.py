@@ -125,6 +125,10 @@ def simulate_quantization(model: torch.nn.Module, quantizer: Quantizer, progress
         total += p.numel()
         if id(p) not in quantized_ids:
             parts["unquantized"] += p.numel() * p.element_size()
+    for b in model.buffers():  # rotary inv_freq and the like stay as they are
+        if id(b) not in seen:
+            seen.add(id(b))
+            parts["unquantized"] += b.numel() * b.element_size()
     notes = ["simulated: quantized layers counted at their packed size; in memory they are dequantized"]
     return MemoryBreakdown(parts, quantized_params, total, "packed (simulated)", notes)
 
@@ -141,6 +145,17 @@ def packed_storage_bytes(packed: Any, quantizer: Quantizer) -> dict[str, float]:
         comp = STORAGE_COMPONENT.get(key, "scales")
         out[comp] = out.get(comp, 0.0) + nbits / 8
     return out
+
+
+def code_usage(packed: Any) -> tuple[torch.Tensor | None, float]:
+    """Code histogram and its entropy; (None, nan) for formats whose codes are not unpacked
+    (e.g. GGUF Q5 types interleave the fifth bit) or that have no codes (F16/BF16)."""
+    if not packed.n_codes:
+        return None, float("nan")
+    try:
+        return code_histogram(packed.codes_unpacked(), packed.n_codes)
+    except NotImplementedError:
+        return None, float("nan")
 
 
 @torch.no_grad()
@@ -161,7 +176,7 @@ def layer_errors(base_model: torch.nn.Module, quantizer: Quantizer, progress: Pr
         w = module.weight.data
         packed = quantizer.quantize_tensor(w)
         metrics = error_metrics(w, packed.dequantize())
-        counts, entropy = code_histogram(packed.codes_unpacked(), packed.n_codes)
+        _, entropy = code_usage(packed)
         rows.append({"layer": name, "out_features": w.shape[0], "in_features": w.shape[1], **metrics,
                      "bits_per_param": packed.bits_per_param, "code_entropy_bits": entropy})
         if progress and (i % 8 == 0 or i == len(layers) - 1):
@@ -180,13 +195,13 @@ def layer_detail(base_model: torch.nn.Module, quantizer: Quantizer, layer: str) 
         raise QuantlibError(f"no linear layer named {layer!r}; e.g. {', '.join(names[:3])} ({len(names)} in all)")
     w = modules[layer].weight.data
     packed = quantizer.quantize_tensor(w)
-    counts, entropy = code_histogram(packed.codes_unpacked(), packed.n_codes)
+    counts, entropy = code_usage(packed)
     return {
         "layer": layer,
         "shape": list(w.shape),
         "metrics": error_metrics(w, packed.dequantize()),
         "bits_per_param": packed.bits_per_param,
-        "code_counts": [int(c) for c in counts],
+        "code_counts": [int(c) for c in counts] if counts is not None else None,
         "code_entropy_bits": entropy,
         "n_codes": packed.n_codes,
         "weight_stats": weight_outlier_stats(w),

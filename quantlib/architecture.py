@@ -58,12 +58,19 @@ def _need(cfg: dict[str, Any], *keys: str) -> list[int]:
     return [int(cfg[k]) for k in keys]
 
 
+def text_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The language-model part of a config: multimodal configs nest it under `text_config`."""
+    nested = cfg.get("text_config")
+    if isinstance(nested, dict) and "hidden_size" not in cfg:
+        return {**nested, "tie_word_embeddings": cfg.get("tie_word_embeddings", nested.get("tie_word_embeddings", True))}
+    return cfg
+
+
 def describe_architecture(cfg: dict[str, Any]) -> Architecture:
     """Shapes of all weights for a `config.json` dict (a nested `text_config` is used if present)."""
     if not isinstance(cfg, dict):
         raise ArchitectureError("config.json must be a JSON object")
-    if isinstance(cfg.get("text_config"), dict) and "hidden_size" not in cfg:
-        cfg = {**cfg["text_config"], "tie_word_embeddings": cfg.get("tie_word_embeddings", True)}
+    cfg = text_config(cfg)
     model_type = str(cfg.get("model_type", ""))
     if model_type == "gpt2" or ("n_embd" in cfg and "n_layer" in cfg):
         return _gpt2(cfg)

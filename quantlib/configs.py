@@ -485,7 +485,7 @@ class RTNQuantConfig(QuantConfig):
 # ======================================================================================
 
 #: Block types the `gguf` package can quantize in numpy (others it can only read).
-GGUF_TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "BF16", "F16")
+GGUF_TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "MXFP4", "BF16", "F16")
 
 
 class GGUFQuantConfig(QuantConfig):

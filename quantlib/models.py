@@ -40,6 +40,7 @@ from typing import Any, Callable, Optional
 import psutil
 import torch
 
+from quantlib.architecture import ArchitectureError, describe_architecture, text_config
 from quantlib.errors import QuantlibError
 
 try:  # prefer a shared definition should quantlib.errors grow one
@@ -137,62 +138,16 @@ def cache_dir() -> Path:
 # --------------------------------------------------------------------------- parameter estimate
 
 
-def _text_config(config: dict[str, Any]) -> dict[str, Any]:
-    """Multimodal configs nest the language model under text_config; count that part."""
-    nested = config.get("text_config")
-    if isinstance(nested, dict) and "hidden_size" in nested:
-        merged = dict(nested)
-        merged.setdefault("tie_word_embeddings", config.get("tie_word_embeddings", True))
-        return merged
-    return config
-
-
-def _gpt2_params(cfg: dict[str, Any]) -> int:
-    """GPT-2 layout: learned positions, biased Conv1D projections, two LayerNorms per block."""
-    e, n_layer = int(cfg["n_embd"]), int(cfg["n_layer"])
-    vocab, positions = int(cfg["vocab_size"]), int(cfg.get("n_positions", 1024))
-    inner = int(cfg.get("n_inner") or 4 * e)
-    block = 2 * e + (e * 3 * e + 3 * e) + (e * e + e) + 2 * e + (e * inner + inner) + (inner * e + e)
-    total = vocab * e + positions * e + n_layer * block + 2 * e
-    if not cfg.get("tie_word_embeddings", True):
-        total += vocab * e
-    return total
-
-
-def _llama_like_params(cfg: dict[str, Any]) -> int:
-    """Llama/Mistral/Qwen2 layout: GQA attention, gated MLP, RMSNorm, optional biases."""
-    h, n_layer, vocab = int(cfg["hidden_size"]), int(cfg["num_hidden_layers"]), int(cfg["vocab_size"])
-    n_heads = int(cfg.get("num_attention_heads") or max(h // 64, 1))
-    n_kv = int(cfg.get("num_key_value_heads") or n_heads)
-    head_dim = int(cfg.get("head_dim") or h // n_heads)
-    inter = int(cfg.get("intermediate_size") or 4 * h)
-    q, kv = n_heads * head_dim, n_kv * head_dim
-    attn = h * q + 2 * h * kv + q * h
-    model_type = str(cfg.get("model_type", ""))
-    if model_type.startswith("qwen2"):
-        attn += q + 2 * kv  # Qwen2 has q/k/v biases, no o_proj bias
-    elif cfg.get("attention_bias"):
-        attn += q + 2 * kv + h  # Llama's attention_bias covers o_proj too
-    mlp = 3 * h * inter + (2 * inter + h if cfg.get("mlp_bias") else 0)
-    total = vocab * h + n_layer * (attn + mlp + 2 * h) + h
-    if not cfg.get("tie_word_embeddings", False):
-        total += vocab * h
-    return total
-
-
 def count_params_from_config(config_dict: dict[str, Any]) -> int:
     """Parameter count from config.json alone, so memory can be checked before loading.
 
-    Exact for Llama, Mistral, Qwen2 and GPT-2 style configs; other decoder-only configs use
-    the same Llama-like formula, which is a close estimate for most modern architectures.
+    The shapes come from `quantlib.architecture` (the same ones the memory planner uses): exact
+    for Llama, Mistral, Qwen2/3 and GPT-2 style configs, including nested `text_config`s.
     """
-    cfg = _text_config(config_dict)
-    if "n_embd" in cfg and "n_layer" in cfg:
-        return _gpt2_params(cfg)
-    missing = [k for k in ("hidden_size", "num_hidden_layers", "vocab_size") if k not in cfg]
-    if missing:
-        raise ModelSourceError(f"config.json lacks {', '.join(missing)}: cannot size the model")
-    return _llama_like_params(cfg)
+    try:
+        return describe_architecture(config_dict).n_params
+    except ArchitectureError as exc:
+        raise ModelSourceError(f"cannot size the model: {exc}") from None
 
 
 def _bytes_per_element(dtype: Any, config_dict: dict[str, Any]) -> int:
@@ -508,7 +463,7 @@ def _count_params(model: Any, cfg: dict[str, Any]) -> int:
 
 def _describe(model: Any, kind: str, source: str, dtype: Any, device: str, notes: list[str]) -> ModelDescription:
     """Summarise the loaded model (from its config; parameter count from the real tensors)."""
-    cfg = _text_config(model.config.to_dict())
+    cfg = text_config(model.config.to_dict())
     archs = cfg.get("architectures") or [type(model).__name__]
     return ModelDescription(
         source_kind=kind,

@@ -284,7 +284,7 @@ class GGUFQuantizer(Quantizer):
 
 
 #: Bits of the integer code per weight in each GGUF type (the rest of a block is scales/mins).
-GGUF_CODE_BITS = {"Q8_0": 8, "Q5_0": 5, "Q5_1": 5, "Q4_0": 4, "Q4_1": 4, "BF16": 16, "F16": 16}
+GGUF_CODE_BITS = {"Q8_0": 8, "Q5_0": 5, "Q5_1": 5, "Q4_0": 4, "Q4_1": 4, "MXFP4": 4, "BF16": 16, "F16": 16}
 
 
 def gguf_block_geometry(quant_type: str) -> tuple[int, int]:

@@ -109,3 +109,16 @@ def test_cancelled_comparison_writes_nothing(tiny_llama_dir, tiny_base, tmp_path
         run_comparison([NF4_DQ], CompareSettings(source=str(tiny_llama_dir), max_tokens=300, window=64, device="cpu"),
                        base=tiny_base, runs_folder=tmp_path, cancel=cancel)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("quant_type", ["Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "MXFP4", "BF16", "F16"])
+def test_every_gguf_type_measures_and_plans(tiny_base, quant_type) -> None:
+    """Each offered GGUF type quantizes a model, and its packed size equals the planner's formula."""
+    from quantlib.memory import plan_memory
+
+    config = {"quant_method": "gguf", "quant_type": quant_type}
+    errors = layer_errors(tiny_base.model, get_quantizer(config, device="cpu"))
+    assert (errors["rel_fro_error"] < 0.2).all()
+    qm = quantize_model(config, base=tiny_base, device="cpu")
+    planned = plan_memory(tiny_base.model.config.to_dict(), parse_config(config), "float32")
+    assert qm.memory.total_bytes == pytest.approx(planned.total_bytes)
