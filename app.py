@@ -1,13 +1,18 @@
-"""Quantization Explorer: home page (what the tool does, where it runs, links to the pages)."""
+"""Quantization Explorer: the home page (what the tool does, where it runs, links to the pages).
+
+`streamlit run app.py` starts here; Streamlit's multipage navigation lists the scripts in pages/.
+(st.navigation is deliberately not used: mixed with a pages/ folder, a deep link such as
+/Config_Builder opened first on a fresh server would bypass it and show different navigation.)
+"""
 
 from __future__ import annotations
 
 import streamlit as st
 
 from app_support.errors import guard, run_page
-from app_support.home import PAGES, backend, versions
+from app_support.home import backend, discover_pages, versions
 
-st.set_page_config(page_title="Quantization Explorer", page_icon="🧮", layout="wide")
+st.set_page_config(page_title="Quantization Explorer", page_icon=":material/tune:", layout="wide")
 
 
 @st.cache_resource(show_spinner=False)
@@ -15,8 +20,8 @@ def cached_backend() -> tuple[str, str]:
     return backend()
 
 
-def main() -> None:
-    st.title("🧮 Quantization Explorer")
+def home() -> None:
+    st.title("Quantization Explorer")
     st.markdown(
         "Decide **how to quantize a language model** before you spend GPU hours on it. "
         "Build and validate quantization configs (bitsandbytes NF4/FP4/INT8, round-to-nearest integers, "
@@ -44,14 +49,14 @@ def main() -> None:
         "file. Its weights already went through Q4_1 quantization (and were de-quantized to float) before "
         "we quantize them again, so the errors measured here come on top of that first loss. "
         "A local folder, a `.gguf` file or a Hugging Face hub id can be used instead.",
-        icon="📦",
+        icon=":material/inventory_2:",
     )
 
     st.subheader("Pages")
-    for page in PAGES:
-        if page.exists:
-            st.page_link(page.path, label=page.label, icon=page.icon)
+    for page in discover_pages():
+        st.page_link(page.path, label=page.label, icon=page.icon)
+        if page.summary:
             st.caption(page.summary)
 
 
-run_page(main)
+run_page(home)

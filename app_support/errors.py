@@ -57,7 +57,7 @@ def show_exception(exc: BaseException, action: str = "") -> None:
         import logging
 
         logging.getLogger("quantexplorer").error("unexpected error", exc_info=exc)
-    st.error(message, icon="🚫" if expected else "🐞")
+    st.error(message, icon=":material/error:" if expected else ":material/bug_report:")
 
 
 @contextlib.contextmanager

@@ -22,16 +22,32 @@ class PageInfo:
 
 
 PAGES = (
-    PageInfo("pages/1_Config_Builder.py", "Config Builder", "🧱",
+    PageInfo("pages/1_Config_Builder.py", "Config Builder", ":material/construction:",
              "Build and validate a quantization config (bitsandbytes, RTN, GGUF); export JSON for transformers, "
              "copy a Python snippet, share it as a link."),
-    PageInfo("pages/2_Quantize_and_Inspect.py", "Quantize & Inspect", "🔬",
+    PageInfo("pages/2_Quantize_and_Inspect.py", "Quantize & Inspect", ":material/biotech:",
              "Quantize the model with one config and look inside: per-layer errors, histograms, code usage."),
-    PageInfo("pages/3_Compare_Schemes.py", "Compare Schemes", "⚖️",
+    PageInfo("pages/3_Compare_Schemes.py", "Compare Schemes", ":material/compare_arrows:",
              "Run several configs side by side: memory, perplexity, KL divergence, speed."),
-    PageInfo("pages/4_Memory_Planner.py", "Memory Planner", "📐",
+    PageInfo("pages/4_Memory_Planner.py", "Memory Planner", ":material/straighten:",
              "Predict a model's footprint under each config from config.json alone, against your RAM / GPU."),
 )
+
+def discover_pages() -> list[PageInfo]:
+    """Every script in pages/ (known ones with their titles, new ones named after the file), in order.
+
+    The home page links to what exists, so pages added later get a link without touching app.py."""
+    known = {page.path: page for page in PAGES}
+    found = []
+    for path in sorted((ROOT / "pages").glob("*.py")):
+        rel = f"pages/{path.name}"
+        if rel in known:
+            found.append(known[rel])
+            continue
+        stem = path.stem.split("_", 1)[1] if path.stem.split("_", 1)[0].isdigit() and "_" in path.stem else path.stem
+        found.append(PageInfo(rel, stem.replace("_and_", " & ").replace("_", " "), ":material/article:", ""))
+    return found
+
 
 VERSIONED = ("torch", "transformers", "bitsandbytes", "streamlit", "gguf")
 

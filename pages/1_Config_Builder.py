@@ -21,7 +21,8 @@ from app_support.state import BUILDER_CONFIG, BUILDER_LABEL, Namespace
 from quantlib.configs import CONFIG_MAPPING, QuantConfig, config_schemas, parse_config
 from quantlib.errors import ConfigError
 
-st.set_page_config(page_title="Config Builder · Quantization Explorer", page_icon="🧱", layout="wide")
+st.set_page_config(page_title="Config Builder · Quantization Explorer", page_icon=":material/construction:",
+                   layout="wide")
 
 NS = Namespace("builder")
 METHOD_KEY = NS.key("method")
@@ -123,12 +124,12 @@ def initialise() -> None:
 # ------------------------------------------------------------------------------ page
 
 def main() -> None:
-    st.title("🧱 Config Builder")
+    st.title("Config Builder")
     st.caption("Build a quantization config from the engine's own schema, validated as you type. "
                "Export it as JSON for `transformers`, share it as a link, or use it on the other pages.")
     initialise()
     if NS.get("qs_error"):
-        st.error(NS.pop("qs_error"), icon="🔗")
+        st.error(NS.pop("qs_error"), icon=":material/link_off:")
 
     all_schemas = schemas()
     form_col, out_col = st.columns([5, 6], gap="large")
@@ -150,7 +151,7 @@ def main() -> None:
                          placeholder='{"quant_method": "bitsandbytes", "load_in_4bit": true}')
             st.button("Load pasted JSON", key=NS.key("paste_button"), on_click=on_paste)
         if NS.get("load_error"):
-            st.error(NS.get("load_error"), icon="📄")
+            st.error(NS.get("load_error"), icon=":material/description:")
         if NS.get("load_ok"):
             st.success(NS.pop("load_ok"))
         st.subheader("Fields")
@@ -185,28 +186,29 @@ def main() -> None:
 
 def render_output(config: QuantConfig, params: dict[str, str]) -> None:
     st.subheader(f"Config: {config.label}")
-    st.success("Valid config. It is also what the Memory Planner offers as “Builder”.", icon="✅")
+    st.success("Valid config. It is also what the Memory Planner offers as “Builder”.",
+               icon=":material/check_circle:")
     for note in config.warnings():
         st.warning(note)
     diff = st.toggle("only non-default keys (diff)", key=NS.key("diff"),
                      help="Show only what differs from the defaults; the download always holds every key.")
     st.code(config.to_json(diff=diff), language="json")
-    st.download_button("⬇️ Download quantization_config.json", data=config.to_json(),
+    st.download_button("Download quantization_config.json", icon=":material/download:", data=config.to_json(),
                        file_name="quantization_config.json", mime="application/json", key=NS.key("download"),
                        on_click="ignore")
     query = "&".join(f"{k}={v}" for k, v in params.items())
     st.caption("Share: the address bar now holds this config; this query string reproduces it.")
-    st.code("?" + query, language=None)
+    st.code("?" + query, language=None, wrap_lines=True)
 
     st.subheader("Python")
     snippet = transformers_snippet(config)
     if snippet is not None:
         st.caption("The same config with transformers (only non-default arguments):")
-        st.code(snippet, language="python")
+        st.code(snippet, language="python", wrap_lines=True)
     else:
         st.info(f"transformers has no quantization config class for `{config.quant_method}`: "
                 "this method exists in quantlib only (simulated quantization). Use it like this:")
-        st.code(quantlib_snippet(config), language="python")
+        st.code(quantlib_snippet(config), language="python", wrap_lines=True)
 
 
 run_page(main)

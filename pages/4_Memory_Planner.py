@@ -17,15 +17,24 @@ from app_support.planner import (ARCH_FIELDS, SMOLLM2_ARCH, UNQUANTIZED, arch_co
                                  memory_sources)
 from app_support.state import BUILDER_CONFIG, BUILDER_LABEL, Namespace
 from quantlib.architecture import ArchitectureError, describe_architecture
-from quantlib.memory import DTYPE_BYTES, plan_memory, plan_table
+from quantlib.memory import COMPONENT_LABELS, DTYPE_BYTES, plan_memory, plan_table
 
-st.set_page_config(page_title="Memory Planner · Quantization Explorer", page_icon="📐", layout="wide")
+st.set_page_config(page_title="Memory Planner · Quantization Explorer", page_icon=":material/straighten:",
+                   layout="wide")
 
 NS = Namespace("planner")
 SOURCE_DEFAULT = "Default model (SmolLM2-135M-Instruct)"
 SOURCE_PATH = "Folder, .gguf file or hub id"
 SOURCE_NUMBERS = "Architecture numbers"
 CUSTOM_MEMORY = "A number I enter"
+#: Short column names for the table (quantlib's labels become the tooltips).
+SHORT = {"codes": "codes", "scales": "scales", "dq_constants": "DQ constants", "code_tables": "code tables",
+         "unquantized": "unquantized"}
+#: column -> (short label, tooltip)
+OTHER_COLUMNS = {"total MiB": ("total MiB", "Predicted weight memory."),
+                 "bits/param (quantized layers)": ("bits/param (q)", "Bits per parameter of the quantized linear "
+                                                                      "weights, their scales and tables included."),
+                 "bits/param (whole model)": ("bits/param (all)", "Bits per parameter over the whole model.")}
 DEFAULT_SELECTION = ["NF4+DQ", "NF4", "INT8 (threshold 6.0)", "RTN int4 g64", "GGUF Q4_0"]
 
 
@@ -90,7 +99,7 @@ def choose_budget() -> tuple[float | None, str]:
 
 
 def main() -> None:
-    st.title("📐 Memory Planner")
+    st.title("Memory Planner")
     st.caption("Predicts what a model occupies under each config — quantized codes, scales, double-quant "
                "constants, code tables and the parts left unquantized — from config.json alone.")
     model_config = choose_model()
@@ -101,7 +110,7 @@ def main() -> None:
     except ArchitectureError as exc:
         st.error(f"{exc}.\n\nThis config.json does not describe a model whose shapes can be derived "
                  "(Llama-style decoders and GPT-2 are understood). Choose “Architecture numbers” and "
-                 "type the shapes in instead.", icon="🚫")
+                 "type the shapes in instead.", icon=":material/error:")
         return
     st.caption(f"**{arch.model_type}** · {arch.n_params / 1e6:,.1f} M parameters · "
                f"{len(arch.linears)} linear layers · "
@@ -138,10 +147,15 @@ def main() -> None:
         table = table.set_index("scheme")
         fits = table.get("fits")
         st.subheader("Predicted footprint (MiB)")
-        st.dataframe(table, width="stretch", column_config={
-            **{c: st.column_config.NumberColumn(c, format="%.2f") for c in table.columns if c != "fits"},
-            "fits": st.column_config.CheckboxColumn("fits", help=f"Total ≤ {budget_text}"),
-        })
+        names_short = {COMPONENT_LABELS[k]: v for k, v in SHORT.items()}
+        display = table.rename(columns=names_short)
+        order = ["total MiB", *names_short.values(), *list(OTHER_COLUMNS)[1:]] + (["fits"] if fits is not None else [])
+        column_config = {short: st.column_config.NumberColumn(short, format="%.2f", help=f"MiB of {long}")
+                         for long, short in names_short.items()}
+        column_config.update({c: st.column_config.NumberColumn(label, format="%.2f", help=h)
+                              for c, (label, h) in OTHER_COLUMNS.items()})
+        column_config["fits"] = st.column_config.CheckboxColumn("fits", help=f"Total ≤ {budget_text}")
+        st.dataframe(display[order], width="stretch", column_config=column_config)
         if fits is not None:
             too_big = [n for n, ok in fits.items() if not ok]
             if too_big:
