@@ -1,0 +1,72 @@
+"""Long engine calls from a Streamlit page: a progress bar, and a cancel button that really stops.
+
+How cancel works (and why it is honest): Streamlit runs the page script in a thread. Clicking
+*Cancel* while a run is in progress makes Streamlit stop the running script at its next UI
+update — here, the next progress report the engine makes (every few layers or every evaluation
+window) — by raising its own control-flow exception (a BaseException, so no `except Exception` in
+quantlib or in our pages swallows it). The script then reruns; the button's `on_click` callback
+sets a per-session flag `<ns>.cancel` first, which the page reads to say "cancelled" and which
+`Progress.cancelled` returns to the engine's `cancel` callable, so nothing restarts by accident.
+A new click on *Run* clears the flag. Models are never modified in place (quantization works on a
+copy), so an interrupted run leaves nothing half-done behind; partial results are not kept.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import streamlit as st
+
+from app_support.state import Namespace
+
+
+def request_cancel(ns: Namespace) -> None:
+    ns.set(True, "cancel")
+
+
+def start_run(ns: Namespace) -> None:
+    ns.set(False, "cancel")
+
+
+def run_buttons(ns: Namespace, *, disabled: bool, label: str = "Run", help: str | None = None) -> bool:
+    """Run and Cancel side by side; returns True when Run was clicked (Cancel is live only then)."""
+    left, right, _ = st.columns([1, 1, 4])
+    with left:
+        clicked = st.button(label, key=ns.key("run"), type="primary", disabled=disabled, help=help,
+                            on_click=start_run, args=(ns,), icon=":material/play_arrow:")
+    with right:
+        st.button("Cancel", key=ns.key("cancel_button"), disabled=not clicked, on_click=request_cancel, args=(ns,),
+                  help="Stops the run at its next progress step; results of earlier runs are kept.",
+                  icon=":material/stop:")
+    return clicked
+
+
+def was_cancelled(ns: Namespace) -> bool:
+    return bool(ns.get("cancel", default=False))
+
+
+class Progress:
+    """A progress bar the engine reports into; stages map engine fractions into one overall bar."""
+
+    def __init__(self, ns: Namespace, text: str = "Starting…"):
+        self.ns = ns
+        self.bar = st.progress(0.0, text=text)
+        self.lo, self.hi = 0.0, 1.0
+
+    def stage(self, lo: float, hi: float) -> "Progress":
+        self.lo, self.hi = lo, hi
+        return self
+
+    def __call__(self, fraction: float, message: str) -> None:
+        overall = self.lo + (self.hi - self.lo) * min(max(float(fraction), 0.0), 1.0)
+        self.bar.progress(min(max(overall, 0.0), 1.0), text=f"{overall:.0%} · {message}")
+
+    def cancelled(self) -> bool:
+        return was_cancelled(self.ns)
+
+    @property
+    def cancel(self) -> Callable[[], bool]:
+        return self.cancelled
+
+    def done(self, text: str = "Done.") -> None:
+        self.bar.progress(1.0, text=text)

@@ -1,0 +1,344 @@
+"""Quantize & Inspect: quantize one model with one config and look at where the error goes.
+
+Per-layer weight error, one layer's block-normalized histogram against the NF4/FP4 levels and its
+code usage, memory by component, perplexity / KL / top-1 agreement against the unquantized
+baseline, and activation outliers (what LLM.int8() would run in 16 bits). Results live in this
+session's `inspect.*` state, so changing a widget redraws without recomputing.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import streamlit as st
+
+ROOT = str(Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from app_support.errors import guard, run_page, show_exception  # noqa: E402
+from app_support.models_ui import (ModelChoice, backend_label, config_json, config_options, format_seconds,  # noqa: E402
+                                   get_reference, load_base, model_picker, n_params, preflight_problems,
+                                   put_reference, resolve)
+from app_support.runner import Progress, run_buttons, was_cancelled  # noqa: E402
+from app_support.state import BUILDER_LABEL, Namespace, builder_config  # noqa: E402
+
+st.set_page_config(page_title="Quantize & Inspect · Quantization Explorer", page_icon=":material/biotech:",
+                   layout="wide")
+
+NS = Namespace("inspect")
+OUTLIER_TOKENS = 2048  # activation-outlier scan: at most 4 batches of 512 calibration tokens
+
+LAYER_COLUMNS = {
+    "layer": st.column_config.TextColumn("layer", width="large"),
+    "rel_fro_error": st.column_config.NumberColumn("rel. error", format="%.4f",
+                                                   help="‖W − Ŵ‖_F / ‖W‖_F (relative Frobenius error)"),
+    "bits_per_param": st.column_config.NumberColumn("bits/param", format="%.3f",
+                                                    help="Stored bits per weight, scales included"),
+    "code_entropy_bits": st.column_config.NumberColumn("code entropy (bits)", format="%.3f",
+                                                       help="Shannon entropy of the code usage: the bits the "
+                                                            "codes really carry"),
+}
+
+
+# ------------------------------------------------------------------------------------ caches
+
+@st.cache_data(show_spinner="Quantizing this layer…", max_entries=128)
+def cached_layer_detail(_base, model_key: str, cfg_json: str, layer: str, device: str) -> dict:
+    """`layer_detail` for one layer; keyed by the model, the config's JSON and the layer name."""
+    from quantlib.apply import layer_detail
+    from quantlib.schemes import get_quantizer
+
+    return layer_detail(_base.model, get_quantizer(json.loads(cfg_json), device=device), layer)
+
+
+def code_levels(cfg: dict, n_codes: int) -> tuple[list[float], str]:
+    """The value each code stands for (4-bit bitsandbytes), else the code index."""
+    from quantlib.codebooks import FP4_LEVELS, NF4_LEVELS
+
+    if cfg.get("quant_method") == "bitsandbytes" and cfg.get("load_in_4bit") and n_codes == 16:
+        levels = NF4_LEVELS if cfg.get("bnb_4bit_quant_type") == "nf4" else FP4_LEVELS
+        return [float(v) for v in levels], "code index: level (× block absmax)"
+    return [float(i) for i in range(n_codes)], "code index (integer codes; the value is set by scale/zero)"
+
+
+# ------------------------------------------------------------------------------------ run
+
+def run_inspection(choice: ModelChoice, cfg: dict, tokens: int, window: int, run_key: str) -> None:
+    """Everything the page shows, computed once; stored in session state under inspect.result."""
+    import torch
+
+    from quantlib.apply import layer_errors, quantize_model
+    from quantlib.corpus import builtin_text
+    from quantlib.evaluation import compare_logits, reference_logprobs, tokenize_for_eval
+    from quantlib.memory import measure_footprint
+    from quantlib.outliers import activation_outliers
+    from quantlib.schemes import get_quantizer
+
+    started = time.perf_counter()
+    progress = Progress(NS, "Loading the model…")
+    device = resolve(choice.device)
+    quantizer = get_quantizer(cfg, device=device)
+    base = load_base(choice)
+    progress.stage(0.0, 0.05)(1.0, "Model loaded.")
+
+    errors = layer_errors(base.model, quantizer, progress=progress.stage(0.05, 0.3), cancel=progress.cancel)
+    qm = quantize_model(cfg, base=base, source=choice.source, device=device, dtype=choice.torch_dtype,
+                        progress=progress.stage(0.3, 0.45), cancel=progress.cancel)
+    try:
+        ids = tokenize_for_eval(base.tokenizer, builtin_text("eval"), tokens)
+        ref_key = json.dumps([choice.key(), device, tokens, window])
+        ref = get_reference(ref_key)
+        if ref is None:
+            ref = reference_logprobs(base.model, ids, window=window, progress=progress.stage(0.45, 0.65),
+                                     cancel=progress.cancel)
+            put_reference(ref_key, ref)
+        comparison = compare_logits(ref, qm.model, progress=progress.stage(0.65, 0.88), cancel=progress.cancel)
+        memory = {"baseline (unquantized)": measure_footprint(base.model), qm.config.label: qm.memory}
+        backend = qm.backend.to_dict()
+        label = qm.config.label
+    finally:
+        del qm
+    bos = getattr(base.model.config, "bos_token_id", None)
+    calib = tokenize_for_eval(base.tokenizer, builtin_text("calib"), OUTLIER_TOKENS)
+    with torch.no_grad():
+        outliers = activation_outliers(base.model, calib, bos_token_id=bos, progress=progress.stage(0.88, 1.0),
+                                       cancel=progress.cancel)
+    progress.done(f"Done in {time.perf_counter() - started:.1f} s.")
+    NS.set({"key": run_key, "source": choice.source, "label": label, "config": cfg, "config_json": config_json(cfg),
+            "model_key": choice.key(), "device": device, "backend": backend, "backend_name": backend_label(),
+            "layers": errors, "memory": memory, "comparison": comparison.to_dict(),
+            "baseline": ref.perplexity.to_dict(), "outliers": outliers, "seconds": time.perf_counter() - started,
+            "model": base.description.to_dict()}, "result")
+
+
+# ------------------------------------------------------------------------------------ views
+
+def show_layers(result: dict) -> None:
+    from quantlib.figures import layer_error_figure
+
+    layers = result["layers"]
+    backend = result["backend_name"]
+    st.subheader("Per-layer weight error")
+    st.caption(f"{len(layers)} quantized linear layers, in model order · computed by "
+               f"{result['backend']['library']} on {backend}")
+    worst = layers.loc[layers["rel_fro_error"].idxmax()]
+    c1, c2, c3 = st.columns(3)
+    c1.metric("Mean relative error", f"{layers['rel_fro_error'].mean():.4f}", help=f"Backend: {backend}")
+    c2.metric("Worst layer", f"{worst['rel_fro_error']:.4f}", help=str(worst["layer"]))
+    c3.metric("Bits per weight", f"{layers['bits_per_param'].mean():.3f}", help="Codes plus scales, mean over layers")
+    st.caption(f"Worst layer: `{worst['layer']}`")
+    fig = layer_error_figure(layers.assign(scheme=result["label"]))
+    st.plotly_chart(fig, width="stretch", key=NS.key("fig", "layers"))
+    with st.expander("Layer table (all metrics)", expanded=False):
+        st.dataframe(layers, width="stretch", hide_index=True, column_config=LAYER_COLUMNS)
+
+
+def show_layer_detail(result: dict, choice: ModelChoice | None) -> None:
+    from quantlib.figures import code_usage_figure, histogram_figure
+
+    st.subheader("Inside one layer")
+    layers = list(result["layers"]["layer"])
+    worst = result["layers"].loc[result["layers"]["rel_fro_error"].idxmax(), "layer"]
+    if NS.get("layer") not in layers:
+        NS.set(worst, "layer")
+    layer = st.selectbox("Layer", layers, key=NS.key("layer"), help="Defaults to the layer with the largest error.")
+    if choice is None or choice.key() != result["model_key"]:
+        st.info("Choose the model these results were computed on to look inside a layer.")
+        return
+    with guard(f"inspect layer {layer}"):
+        base = load_base(choice)
+        detail = cached_layer_detail(base, result["model_key"], result["config_json"], layer, result["device"])
+        m = detail["metrics"]
+        st.caption(f"`{layer}` · shape {detail['shape'][0]}×{detail['shape'][1]} · relative error "
+                   f"{m['rel_fro_error']:.4f} · {detail['bits_per_param']:.3f} bits/param · kurtosis "
+                   f"{detail['weight_stats']['kurtosis']:.2f} · max|w|/σ {detail['weight_stats']['max_over_sigma']:.1f}"
+                   f" · backend {result['backend_name']}")
+        left, right = st.columns(2)
+        with left:
+            hist = histogram_figure(detail["histogram"], title=f"{layer}: w / block absmax, NF4 & FP4 levels")
+            st.plotly_chart(hist, width="stretch", key=NS.key("fig", "hist"))
+        with right:
+            levels, axis = code_levels(result["config"], detail["n_codes"])
+            usage = code_usage_figure(detail["code_counts"], levels, detail["code_entropy_bits"], result["label"])
+            usage.update_layout(xaxis_title=axis)
+            st.plotly_chart(usage, width="stretch", key=NS.key("fig", "codes"))
+        with st.expander("All metrics of this layer"):
+            st.json({"metrics": m, "weight_stats": detail["weight_stats"]})
+
+
+def show_memory(result: dict) -> None:
+    import pandas as pd
+
+    from quantlib.figures import memory_figure
+    from quantlib.memory import COMPONENT_LABELS, COMPONENTS
+
+    st.subheader("Memory")
+    memory = result["memory"]
+    rows = []
+    for name, mb in memory.items():
+        row = {"model": name, "how": mb.source}
+        row.update({COMPONENT_LABELS[c]: mb.bytes_by_component.get(c, 0.0) / 2**20 for c in COMPONENTS})
+        row["total (MiB)"] = mb.total_bytes / 2**20
+        row["bits/param (quantized layers)"] = mb.quantized_bits_per_param if name != next(iter(memory)) else None
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    left, right = st.columns([2, 3])
+    with left:
+        st.plotly_chart(memory_figure(memory), width="stretch", key=NS.key("fig", "memory"))
+    with right:
+        config = {c: st.column_config.NumberColumn(c, format="%.2f", help=f"MiB of {c}")
+                  for c in table.columns if c not in ("model", "how")}
+        st.dataframe(table, width="stretch", hide_index=True, column_config=config)
+        st.caption("“measured”: every tensor the loaded model holds was counted (bitsandbytes quant state "
+                   "included). “packed (simulated)”: the weights were replaced by their quantize→dequantize "
+                   "result, and the size is what the packed format would store. Sizes in MiB, weights only.")
+        for note in next(reversed(memory.values())).notes:
+            st.caption(note)
+
+
+def show_quality(result: dict) -> None:
+    comp = result["comparison"]
+    base = result["baseline"]
+    st.subheader("Perplexity and divergence from the baseline")
+    st.caption(f"{comp['n_tokens']:,} tokens of the built-in evaluation text, window {comp['window']}, "
+               f"stride {comp['stride']} · backend: {comp['backend']}"
+               + (" (baseline recomputed per window)" if comp.get("baseline_recomputed") else ""))
+    c1, c2, c3, c4 = st.columns(4)
+    delta = comp["quant_ppl"] - comp["base_ppl"]
+    c1.metric("Perplexity (baseline)", f"{comp['base_ppl']:.3f}", help=f"{base['backend']}")
+    c2.metric(f"Perplexity ({result['label']})", f"{comp['quant_ppl']:.3f}", f"{delta:+.3f}", delta_color="inverse",
+              help=f"Backend: {comp['backend']}")
+    c3.metric("KL(baseline ‖ quantized)", f"{comp['kl_mean']:.5f} nats/token",
+              help="p50 / p90 / p99 per token: " + " / ".join(f"{v:.4f}" for v in comp["kl_percentiles"].values()))
+    c4.metric("Top-1 agreement", f"{comp['top1_agreement']:.2%}",
+              help="Share of positions where both models' most likely next token is the same.")
+
+
+def show_outliers(result: dict) -> None:
+    from quantlib.figures import outlier_figure
+
+    outliers = result["outliers"]
+    st.subheader("Activation outliers (baseline)")
+    st.caption(f"Largest |activation| per input dimension of every linear layer over {outliers.n_tokens:,} "
+               f"calibration tokens, recorded once on {outliers.backend.upper()}. LLM.int8() runs the input "
+               "dimensions that reach the threshold in 16 bits; moving the slider recomputes the share without "
+               "another forward pass.")
+    threshold = st.slider("LLM.int8() outlier threshold", min_value=0.5, max_value=20.0, value=6.0, step=0.5,
+                          key=NS.key("threshold"))
+    table = outliers.table(threshold)
+    summary = outliers.summary(threshold)
+    c1, c2 = st.columns(2)
+    c1.metric("Layers with outlier dims", f"{summary['layers_with_outliers']} of {summary['layers']}")
+    c2.metric("Share of matmul in 16-bit", f"{summary['fp16_fraction']:.2%}",
+              help="Outlier input dimensions over all input dimensions, weighted by layer width.")
+    st.plotly_chart(outlier_figure(table, threshold), width="stretch", key=NS.key("fig", "outliers"))
+    with st.expander("Outlier table"):
+        st.dataframe(table, width="stretch", hide_index=True, column_config={
+            "fp16_fraction": st.column_config.NumberColumn("fp16 share", format="%.4f"),
+            "max_abs_activation": st.column_config.NumberColumn("max |activation|", format="%.2f")})
+
+
+# ------------------------------------------------------------------------------------ page
+
+def main() -> None:
+    st.title("Quantize & Inspect")
+    st.caption("Quantize one model with one config and look inside: per-layer error, the weights of one layer "
+               "against the code levels, memory, perplexity / KL against the unquantized model, activation "
+               f"outliers. Backend: **{backend_label()}**.")
+
+    st.subheader("1 · Model")
+    choice = model_picker(NS)
+
+    st.subheader("2 · Config")
+    options = config_options(builder_config(), st.session_state.get(BUILDER_LABEL))
+    left, right = st.columns([2, 1])
+    with left:
+        name = st.selectbox("Config", list(options), key=NS.key("config_name"),
+                            help="A preset, or the config you built on the Config Builder page (listed first).")
+        if not builder_config():
+            st.caption("Build your own on the Config Builder page: it then appears first in this list.")
+    with right:
+        tokens = st.number_input("Evaluation tokens", min_value=16, max_value=65536, value=1024, step=256,
+                                 key=NS.key("tokens"), help="Tokens of the built-in evaluation text for "
+                                 "perplexity and KL.")
+        window = st.number_input("Window", min_value=16, max_value=8192, value=512, step=128, key=NS.key("window"),
+                                 help="Tokens per forward pass (context length of each window).")
+    cfg = None
+    with guard("read this config"):
+        from quantlib.configs import parse_config
+
+        cfg = parse_config(options[name]).to_dict()
+        with st.expander("Config JSON"):
+            st.code(json.dumps(cfg, indent=2), language="json")
+    if choice is None or cfg is None:
+        show_results(choice)
+        return
+
+    problems: list[str] = []
+    try:
+        problems = preflight_problems(config_json(cfg), choice.source)
+    except Exception as exc:  # noqa: BLE001
+        show_exception(exc, "check this config against the model")
+        problems = ["preflight failed"]
+    if problems and problems != ["preflight failed"]:
+        st.error("**This config does not fit the model** — "
+                 f"{len(problems)} layer(s) cannot be quantized with it:\n\n"
+                 + "\n".join(f"- {p}" for p in problems[:12])
+                 + (f"\n- … and {len(problems) - 12} more" if len(problems) > 12 else "")
+                 + "\n\nWhat to do: pick a group/block size that divides these widths (the messages list "
+                   "sizes that fit), in the Config Builder, or another preset.", icon=":material/error:")
+    elif not problems:
+        st.success("Preflight: every quantizable layer's shape fits this config (checked from config.json).",
+                   icon=":material/check_circle:")
+
+    from quantlib.compare import estimate_seconds
+
+    device = resolve(choice.device)
+    estimate = estimate_seconds(n_params(choice), int(tokens) + OUTLIER_TOKENS // 2, 1, device)
+    st.caption(f"Estimated run time: about **{format_seconds(estimate)}** on {backend_label()} "
+               "(load, quantize, baseline + quantized forward passes, outlier scan).")
+    run_key = json.dumps([choice.key(), config_json(cfg), int(tokens), int(window)])
+    clicked = run_buttons(NS, disabled=bool(problems), label="Quantize and inspect")
+    if clicked:
+        try:
+            run_inspection(choice, cfg, int(tokens), int(window), run_key)
+        except Exception as exc:  # noqa: BLE001 - Cancelled and bad input alike become messages
+            from quantlib.errors import Cancelled
+
+            if isinstance(exc, Cancelled):
+                st.warning("Cancelled. Earlier results (if any) are kept below.", icon=":material/stop:")
+            else:
+                show_exception(exc, "quantize and inspect")
+                st.caption("What to do: check the model source and the config; a model too large for this "
+                           "machine needs a smaller model, a smaller dtype or a machine with more memory.")
+    elif was_cancelled(NS):
+        st.warning("Run cancelled. Earlier results (if any) are kept below.", icon=":material/stop:")
+    show_results(choice, run_key)
+
+
+def show_results(choice: ModelChoice | None, run_key: str | None = None) -> None:
+    result = NS.get("result")
+    if not result:
+        st.info("Press **Quantize and inspect** to compute the results for this model and config.")
+        return
+    st.divider()
+    st.header(f"{result['label']} on {result['model'].get('architecture', '')} "
+              f"({'default model' if result['source'] == 'default' else result['source']})")
+    if run_key is not None and run_key != result["key"]:
+        st.info("These results are for an earlier choice of model/config/tokens; press the button above to "
+                "compute the current one.")
+    b = result["backend"]
+    st.caption(f"Backend: **{b['device_name']}** · {b['library']} · {b['reason']}"
+               + "".join(f" · {n}" for n in b.get("notes", [])) + f" · run took {result['seconds']:.1f} s")
+    show_quality(result)
+    show_layers(result)
+    show_layer_detail(result, choice)
+    show_memory(result)
+    show_outliers(result)
+
+
+run_page(main)

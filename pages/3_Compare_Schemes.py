@@ -1,0 +1,284 @@
+"""Compare Schemes: 2-6 configs against one unquantized baseline, on the same tokens, in one table.
+
+`quantlib.compare.run_comparison` does the work and saves the run (under `quantlib.runs.runs_dir()`);
+this page picks its inputs, shows the estimated time, a progress bar and a cancel button, then the
+summary table and the figures of `quantlib.reports.run_figures` — the same ones an earlier run is
+reopened with, and the same ones the HTML report embeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import streamlit as st
+
+ROOT = str(Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from app_support.errors import guard, run_page, show_exception  # noqa: E402
+from app_support.models_ui import (ModelChoice, backend_label, config_json, config_options, format_seconds,  # noqa: E402
+                                   load_base, model_picker, n_params, preflight_problems, resolve)
+from app_support.runner import Progress, run_buttons, was_cancelled  # noqa: E402
+from app_support.state import BUILDER_LABEL, Namespace, builder_config  # noqa: E402
+
+st.set_page_config(page_title="Compare Schemes · Quantization Explorer", page_icon=":material/compare_arrows:",
+                   layout="wide")
+
+NS = Namespace("compare")
+MIN_CONFIGS, MAX_CONFIGS = 2, 6
+DEFAULT_SELECTION = ["NF4", "FP4"]
+TEXT_BUILTIN = "Built-in evaluation text (Lee corpus)"
+TEXT_UPLOAD = "Upload a text file"
+TEXT_PASTE = "Paste text"
+
+SUMMARY_COLUMNS = {
+    "scheme": st.column_config.TextColumn("scheme", pinned=True),
+    "backend": st.column_config.TextColumn("backend", help="Device that ran it; “simulated”: weights replaced by "
+                                                           "their quantize→dequantize result"),
+    "bits_per_param": st.column_config.TextColumn("bits/param", help="Stored bits per quantized weight, scales "
+                                                                     "included"),
+    "memory_mib": st.column_config.TextColumn("memory (MiB)", help="Whole model, weights only"),
+    "perplexity": st.column_config.TextColumn("perplexity", help="On the evaluated tokens (lower is better)"),
+    "kl": st.column_config.TextColumn("KL (nats/token)", help="KL(baseline ‖ quantized), mean per token"),
+    "top1_agreement": st.column_config.TextColumn("top-1 agree", help="Share of positions where both models' "
+                                                                      "most likely next token is the same"),
+    "mean_layer_rel_error": st.column_config.TextColumn("mean layer rel. error", help="‖W − Ŵ‖_F / ‖W‖_F, mean"),
+    "worst_layer_rel_error": st.column_config.TextColumn("worst layer rel. error"),
+    "worst_layer": st.column_config.TextColumn("worst layer"),
+    "seconds": st.column_config.TextColumn("time (s)", help="Wall time of this row: quantize + evaluate"),
+}
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+def choose_configs() -> tuple[list[dict], list[str]]:
+    """The selected configs (validated dicts) and the problems that keep the run button disabled."""
+    from quantlib.configs import parse_config
+
+    options = config_options(builder_config(), st.session_state.get(BUILDER_LABEL))
+    NS.setdefault([n for n in DEFAULT_SELECTION if n in options], "configs")
+    st.session_state[NS.key("configs")] = [n for n in st.session_state[NS.key("configs")] if n in options]
+    selected = st.multiselect(f"Configs to compare ({MIN_CONFIGS}–{MAX_CONFIGS})", list(options),
+                              key=NS.key("configs"),
+                              help="Presets, plus the Config Builder's current config when you have built one.")
+    if not builder_config():
+        st.caption("Your own config from the Config Builder page appears here once you have built one.")
+    problems: list[str] = []
+    if len(selected) < MIN_CONFIGS:
+        problems.append(f"Pick at least {MIN_CONFIGS} configs to compare (you have {len(selected)}).")
+    elif len(selected) > MAX_CONFIGS:
+        problems.append(f"Pick at most {MAX_CONFIGS} configs (you have {len(selected)}): each one adds a "
+                        "quantization and a full evaluation pass.")
+    configs = []
+    for name in selected:
+        try:
+            configs.append(parse_config(options[name]).to_dict())
+        except Exception as exc:  # noqa: BLE001
+            show_exception(exc, f"use the config {name!r}")
+            problems.append(f"{name} is not a valid config.")
+    labels = [parse_config(c).label for c in configs]
+    dupes = sorted({lab for lab in labels if labels.count(lab) > 1})
+    if dupes:
+        problems.append(f"Two selected configs are the same scheme ({', '.join(dupes)}): drop one.")
+    return configs, problems
+
+
+def choose_text() -> tuple[str | None, str | None]:
+    """(path of the text to evaluate on or None for the built-in one, its description); errors shown."""
+    from quantlib.corpus import load_text
+
+    kind = st.radio("Evaluation text", [TEXT_BUILTIN, TEXT_UPLOAD, TEXT_PASTE], key=NS.key("text_kind"),
+                    horizontal=True)
+    if kind == TEXT_BUILTIN:
+        st.caption("Held-out half of the Lee corpus shipped with quantlib (news articles, English).")
+        return None, "built-in"
+    if kind == TEXT_UPLOAD:
+        upload = st.file_uploader("UTF-8 text file", type=["txt", "md", "text"], key=NS.key("upload"))
+        if upload is None:
+            st.info("Upload a UTF-8 text file (a few thousand words is plenty).")
+            return None, None
+        data, name = upload.getvalue(), upload.name
+    else:
+        text = st.text_area("Text", key=NS.key("paste"), height=150, placeholder="Paste a few paragraphs…")
+        if not text.strip():
+            st.info("Paste some text to evaluate on (a few thousand words is plenty).")
+            return None, None
+        data, name = text.encode("utf-8"), "pasted text"
+    # The engine reads a file: write this session's text to a file named by its content hash.
+    folder = Path(tempfile.gettempdir()) / "quantexplorer-texts"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{hashlib.sha256(data).hexdigest()[:16]}.txt"
+    if not path.exists():
+        path.write_bytes(data)
+    try:
+        text = load_text(path)
+    except Exception as exc:  # noqa: BLE001 - binary, not UTF-8, empty...
+        st.error(f"Could not use {name} as evaluation text: " + str(exc).replace(str(path), name),
+                 icon=":material/error:")
+        st.caption("What to do: save the text as UTF-8 plain text (not .docx/.pdf), or use the built-in text.")
+        return None, None
+    st.caption(f"{name}: {len(text):,} characters.")
+    return str(path), name
+
+
+# ------------------------------------------------------------------------------------ results
+
+def _num(value) -> str:
+    return f"{value:,}" if isinstance(value, (int, float)) else "?"
+
+
+def show_run(run, where: str) -> None:
+    """The summary table, figures and downloads of a run (fresh or reopened)."""
+    import pandas as pd
+
+    from quantlib.reports import format_summary, render_html, run_figures
+
+    summary = run.tables.get("summary", pd.DataFrame())
+    settings, model = run.settings, run.model
+    st.caption(f"Run `{run.run_id}` · {run.created} · model **{model.get('architecture', '')}** "
+               f"({'default model' if model.get('source') == 'default' else model.get('source', '')}, "
+               f"{model.get('n_params', 0) / 1e6:,.1f} M params) · {_num(settings.get('n_tokens'))} tokens, window "
+               f"{settings.get('window')} · backend **{settings.get('backend', '?')}** · "
+               f"{settings.get('seconds', 0):.0f} s in all")
+    for note in model.get("notes", []):
+        if "Loaded from the converted cache" not in note:
+            st.caption(f":material/info: {note}")
+    st.dataframe(format_summary(summary), width="stretch", hide_index=True, column_config=SUMMARY_COLUMNS)
+    st.caption("Same tokens for every row. KL is KL(baseline ‖ quantized) in nats per token. Rows marked "
+               "“(simulated)” replaced weights by their quantize→dequantize result; their memory is the packed size.")
+    figs = run_figures(run)
+    order = ["Memory vs perplexity", "KL divergence to the baseline", "Per-layer weight error", "Memory by component"]
+    names = [n for n in order if n in figs] + [n for n in figs if n not in order]
+    for i in range(0, len(names), 2):
+        cols = st.columns(2)
+        for col, name in zip(cols, names[i:i + 2]):
+            with col:
+                st.plotly_chart(figs[name], width="stretch", key=NS.key(where, "fig", name))
+    d1, d2, d3, _ = st.columns([1, 1, 1, 3])
+    d1.download_button("Table (CSV)", summary.to_csv(index=False), file_name=f"{run.run_id}-summary.csv",
+                       mime="text/csv", key=NS.key(where, "csv"), icon=":material/download:")
+    d2.download_button("Run (JSON)", json.dumps(run.to_dict(), indent=1, default=str),
+                       file_name=f"{run.run_id}.run.json", mime="application/json", key=NS.key(where, "json"),
+                       icon=":material/download:")
+    d3.download_button("Report (HTML)", render_html(run), file_name=f"{run.run_id}-report.html", mime="text/html",
+                       key=NS.key(where, "html"), icon=":material/download:")
+
+
+def earlier_runs() -> None:
+    from quantlib.runs import list_runs, load_run, runs_dir
+
+    st.header("Earlier runs")
+    folder = runs_dir()
+    runs = list_runs()
+    st.caption(f"Saved under `{folder}` (set QUANTLIB_RUNS_DIR to change). Shared with the `quantlib` command line.")
+    if runs.empty:
+        st.info("No saved runs yet: a finished comparison is saved automatically.")
+        return
+    st.dataframe(runs.drop(columns=["path"]), width="stretch", hide_index=True)
+    labels = {row.path: f"{row.run_id} · {row.schemes} · {row.model}" for row in runs.itertuples()}
+    path = st.selectbox("Run to reopen", list(labels), format_func=labels.get, key=NS.key("earlier", "choice"))
+    if st.button("Open this run", key=NS.key("earlier", "open"), icon=":material/folder_open:"):
+        try:
+            NS.set(load_run(path), "earlier", "run")
+        except Exception as exc:  # noqa: BLE001 - a broken file is a message, not a traceback
+            NS.pop("earlier", "run")
+            show_exception(exc, "open this run")
+    opened = NS.get("earlier", "run")
+    if opened is not None:
+        st.subheader(f"Run {opened.run_id}")
+        with guard("show this run"):
+            show_run(opened, "earlier")
+
+
+# ------------------------------------------------------------------------------------ page
+
+def main() -> None:
+    st.title("Compare Schemes")
+    st.caption("Several configs against one unquantized baseline, on the same tokens: memory, perplexity, "
+               f"KL divergence, top-1 agreement and per-layer weight error. Backend: **{backend_label()}**.")
+
+    st.subheader("1 · Model")
+    choice = model_picker(NS)
+
+    st.subheader("2 · Configs")
+    configs, problems = choose_configs()
+    if choice is not None:
+        for cfg in configs:
+            try:
+                bad = preflight_problems(config_json(cfg), choice.source)
+            except Exception as exc:  # noqa: BLE001
+                show_exception(exc, "check the configs against the model")
+                bad = ["preflight failed"]
+            if bad:
+                from quantlib.configs import parse_config
+
+                label = parse_config(cfg).label
+                problems.append(f"{label} does not fit this model: " + "; ".join(bad[:4])
+                                + (f"; … {len(bad) - 4} more" if len(bad) > 4 else "")
+                                + ". Pick a group/block size that divides these widths.")
+
+    st.subheader("3 · Text and length")
+    text_path, text_name = choose_text()
+    c1, c2, _ = st.columns([1, 1, 2])
+    tokens = c1.number_input("Tokens", min_value=16, max_value=65536, value=1024, step=256, key=NS.key("tokens"),
+                             help="How many tokens of the text to evaluate on (the same for every config).")
+    window = c2.number_input("Window", min_value=16, max_value=8192, value=512, step=128, key=NS.key("window"),
+                             help="Tokens per forward pass (context length of each window).")
+    if text_name is None:
+        problems.append("Provide the evaluation text (or choose the built-in one).")
+
+    for p in problems:
+        st.warning(p, icon=":material/warning:")
+    if choice is not None and configs:
+        from quantlib.compare import estimate_seconds
+
+        estimate = estimate_seconds(n_params(choice), int(tokens), len(configs), resolve(choice.device))
+        st.caption(f"Estimated run time: about **{format_seconds(estimate)}** for {len(configs)} config(s) on "
+                   f"{backend_label()}.")
+    clicked = run_buttons(NS, disabled=bool(problems) or choice is None, label="Run comparison")
+    if clicked and choice is not None:
+        run_comparison_now(choice, configs, text_path, int(tokens), int(window))
+    elif was_cancelled(NS):
+        st.warning("Comparison cancelled; nothing was saved. Earlier results are kept.", icon=":material/stop:")
+
+    result = NS.get("result")
+    if result is not None:
+        st.divider()
+        st.header("Results")
+        with guard("show the results"):
+            show_run(result, "latest")
+    st.divider()
+    earlier_runs()
+
+
+def run_comparison_now(choice: ModelChoice, configs: list[dict], text_path: str | None, tokens: int,
+                       window: int) -> None:
+    from quantlib.compare import CompareSettings, run_comparison
+    from quantlib.errors import Cancelled
+
+    progress = Progress(NS, "Loading the model…")
+    try:
+        device = resolve(choice.device)
+        base = load_base(choice)
+        settings = CompareSettings(source=choice.source, text_path=text_path, max_tokens=tokens, window=window,
+                                   device=device, dtype=choice.dtype)
+        result = run_comparison(configs, settings, progress=progress, cancel=progress.cancel, base=base)
+    except Cancelled:
+        st.warning("Comparison cancelled; nothing was saved.", icon=":material/stop:")
+        return
+    except Exception as exc:  # noqa: BLE001
+        show_exception(exc, "run the comparison")
+        st.caption("What to do: check the model source, the text and the configs; a model too large for this "
+                   "machine needs a smaller model or dtype, or fewer tokens.")
+        return
+    progress.done(f"Done: saved as {result.path}")
+    NS.set(result.run, "result")
+    NS.pop("earlier", "run")
+
+
+run_page(main)
