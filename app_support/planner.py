@@ -57,6 +57,21 @@ def config_choices(builder: dict[str, Any] | None, builder_label: str | None = N
     return out
 
 
+def group_size_problem(group_size: int, model_config: dict[str, Any], model_name: str) -> str | None:
+    """Why an RTN group size cannot be used on a model (a layer width it does not divide), or None."""
+    from quantlib.architecture import describe_architecture
+    from quantlib.schemes import fitting_group_sizes
+
+    widths = sorted({layer.in_features for layer in describe_architecture(model_config).linears})
+    bad = [w for w in widths if w % group_size]
+    if not bad:
+        return None
+    common = [g for g in fitting_group_sizes(bad[0]) if all(w % g == 0 for w in widths)]
+    return (f"group_size {group_size} does not divide the input width {bad[0]} of {model_name}'s layers "
+            f"(widths: {', '.join(map(str, widths))}), so quantizing it would fail"
+            + (f"; sizes that fit: {', '.join(map(str, common))}" if common else "") + ".")
+
+
 def gib(n_bytes: float) -> str:
     return f"{n_bytes / 2**30:.2f} GiB"
 

@@ -50,14 +50,19 @@ def transformers_snippet(config: QuantConfig, model_id: str = DEFAULT_HUB_ID) ->
     lines = []
     if needs_torch:
         lines.append("import torch")
-    lines.append("from transformers import AutoModelForCausalLM, BitsAndBytesConfig")
+    lines.append("from transformers import (")
+    lines.append("    AutoModelForCausalLM,")
+    lines.append("    BitsAndBytesConfig,")
+    lines.append(")")
     lines.append("")
     lines.append("quantization_config = BitsAndBytesConfig(")
     lines += [f"    {name}={src}," for name, src in kwargs]
     lines.append(")")
     lines.append(f"model_id = {json.dumps(model_id)}")
     lines.append("model = AutoModelForCausalLM.from_pretrained(")
-    lines.append('    model_id, quantization_config=quantization_config, device_map="auto"')
+    lines.append("    model_id,")
+    lines.append("    quantization_config=quantization_config,")
+    lines.append('    device_map="auto",')
     lines.append(")")
     return "\n".join(lines)
 

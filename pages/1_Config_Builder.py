@@ -13,7 +13,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from app_support import forms
-from app_support.errors import config_error_markdown, describe_exception, run_page
+from app_support.errors import config_error_markdown, describe_exception, guard, run_page
 from app_support.presets import PRESETS, preset_config
 from app_support.querystring import decode_params, encode_config
 from app_support.snippets import quantlib_snippet, transformers_snippet
@@ -175,6 +175,7 @@ def main() -> None:
 
     if config is None:
         return
+    check_against_model(config, slots)
     st.session_state[BUILDER_CONFIG] = config.to_dict()
     st.session_state[BUILDER_LABEL] = config.label
     params = encode_config(config)
@@ -182,6 +183,22 @@ def main() -> None:
         st.query_params.from_dict(params)
     with out_col:
         render_output(config, params)
+
+
+def check_against_model(config: QuantConfig, slots: dict) -> None:
+    """RTN groups must divide every layer width: check the planner's model, else SmolLM2-135M."""
+    if config.quant_method != "rtn" or config.granularity != "group" or "group_size" not in slots:
+        return
+    from app_support.planner import SMOLLM2_ARCH, arch_config, group_size_problem
+
+    model_config = st.session_state.get("planner.model_config")
+    name = "the Memory Planner's model" if isinstance(model_config, dict) else "SmolLM2-135M (the default model)"
+    if not isinstance(model_config, dict):
+        model_config = arch_config(SMOLLM2_ARCH)
+    with guard("check the group size against the model"):
+        problem = group_size_problem(config.group_size, model_config, name)
+        if problem:
+            slots["group_size"].warning(problem)
 
 
 def render_output(config: QuantConfig, params: dict[str, str]) -> None:

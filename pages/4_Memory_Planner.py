@@ -112,6 +112,7 @@ def main() -> None:
                  "(Llama-style decoders and GPT-2 are understood). Choose “Architecture numbers” and "
                  "type the shapes in instead.", icon=":material/error:")
         return
+    NS.set(model_config, "model_config")  # the Config Builder checks group sizes against it
     st.caption(f"**{arch.model_type}** · {arch.n_params / 1e6:,.1f} M parameters · "
                f"{len(arch.linears)} linear layers · "
                f"{'tied' if arch.tied_embeddings else 'separate'} output head")

@@ -143,6 +143,18 @@ def test_builder_rtn_group_size_out_of_range_from_paste_is_reported():
     assert any("group_size" in m and "out of range" in m for m in msgs), msgs
 
 
+def test_builder_rtn_group_size_that_does_not_divide_the_model_warns_next_to_field():
+    at = run(BUILDER)
+    at.selectbox(key="builder.method").set_value("rtn").run()
+    at.selectbox(key="builder.f.rtn.granularity").set_value("group").run()
+    at.number_input(key="builder.f.rtn.group_size").set_value(100).run()
+    assert not at.exception and not errors(at)
+    warnings = [w.value for w in at.warning]
+    assert any("group_size 100 does not divide" in w and "576" in w and "sizes that fit" in w for w in warnings)
+    at.number_input(key="builder.f.rtn.group_size").set_value(64).run()
+    assert not [w for w in at.warning if "does not divide" in w.value]
+
+
 @pytest.mark.parametrize("text, expected", [
     ("{not json", "not valid JSON"),
     ("[1, 2]", "must be a JSON object"),
