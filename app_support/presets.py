@@ -1,7 +1,7 @@
-"""Named quantization configs shared by the Config Builder, Memory Planner and Compare pages.
+"""The presets of `quantlib.presets`, keyed by their display label for the app's selectboxes.
 
-Each preset is a plain config dict (only non-default keys plus `quant_method`), validated by
-`quantlib.configs.parse_config` when used, so a typo here fails loudly in the tests.
+One list serves the app and the command line (`--preset nf4-dq`); here each preset is shown by
+its config's label (e.g. "NF4+DQ", "GGUF Q8_0").
 """
 
 from __future__ import annotations
@@ -9,18 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from quantlib.configs import QuantConfig, parse_config
+from quantlib.presets import PRESETS as _BY_KEY
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "NF4+DQ": {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
-               "bnb_4bit_use_double_quant": True},
-    "NF4": {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
-    "FP4": {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
-    "INT8 (threshold 6.0)": {"quant_method": "bitsandbytes", "load_in_8bit": True, "llm_int8_threshold": 6.0},
-    "RTN int4 g64": {"quant_method": "rtn", "bits": 4, "granularity": "group", "group_size": 64},
-    "RTN int8 per-channel": {"quant_method": "rtn", "bits": 8, "granularity": "channel"},
-    "GGUF Q4_0": {"quant_method": "gguf", "quant_type": "Q4_0"},
-    "GGUF Q8_0": {"quant_method": "gguf", "quant_type": "Q8_0"},
-}
+#: display label -> config dict, in quantlib's preset order.
+PRESETS: dict[str, dict[str, Any]] = {parse_config(cfg).label: dict(cfg) for cfg in _BY_KEY.values()}
 
 
 def preset_names() -> list[str]:

@@ -35,7 +35,7 @@ OTHER_COLUMNS = {"total MiB": ("total MiB", "Predicted weight memory."),
                  "bits/param (quantized layers)": ("bits/param (q)", "Bits per parameter of the quantized linear "
                                                                       "weights, their scales and tables included."),
                  "bits/param (whole model)": ("bits/param (all)", "Bits per parameter over the whole model.")}
-DEFAULT_SELECTION = ["NF4+DQ", "NF4", "INT8 (threshold 6.0)", "RTN int4 g64", "GGUF Q4_0"]
+DEFAULT_SELECTION = ["NF4+DQ", "NF4", "INT8 (t=6)", "RTN int4 g64", "GGUF Q4_0"]
 
 
 @st.cache_data(show_spinner="Reading config.json (no weights are loaded)…", max_entries=32)

@@ -16,6 +16,7 @@ from streamlit.testing.v1 import AppTest
 from app_support import forms
 from app_support.planner import arch_config
 from app_support.presets import PRESETS, preset_config, preset_configs
+from quantlib.configs import parse_config as parse
 from app_support.querystring import QueryStringError, decode_params, encode_config
 from app_support.snippets import quantlib_snippet, transformers_snippet
 from quantlib.configs import config_schemas, parse_config
@@ -242,10 +243,14 @@ def test_builder_presets_load_and_are_valid(name):
 
 def test_presets_are_valid_and_distinct():
     configs = preset_configs()
-    assert list(configs) == ["NF4+DQ", "NF4", "FP4", "INT8 (threshold 6.0)", "RTN int4 g64",
-                             "RTN int8 per-channel", "GGUF Q4_0", "GGUF Q8_0"]
+    # The app shows the command line's presets (quantlib.presets), each under its config label.
+    from quantlib.presets import PRESETS as CLI_PRESETS
+
+    assert [c.to_dict() for c in configs.values()] == [parse(d).to_dict() for d in CLI_PRESETS.values()]
+    assert {"NF4+DQ", "NF4", "FP4", "INT8 (t=6)", "RTN int4 g64", "RTN int8 channel", "GGUF Q4_0",
+            "GGUF Q8_0"} <= set(configs)
     assert len({c.to_json() for c in configs.values()}) == len(configs)
-    assert configs["INT8 (threshold 6.0)"].llm_int8_threshold == 6.0
+    assert configs["INT8 (t=6)"].llm_int8_threshold == 6.0
 
 
 def test_builder_snippet_has_exact_transformers_kwargs():
@@ -324,7 +329,7 @@ def totals(at: AppTest) -> dict[str, float]:
 def assert_ordered(t: dict[str, float]) -> None:
     base = [v for k, v in t.items() if k.startswith("unquantized")]
     assert len(base) == 1
-    assert t["NF4+DQ"] < t["NF4"] < t["INT8 (threshold 6.0)"] < base[0]
+    assert t["NF4+DQ"] < t["NF4"] < t["INT8 (t=6)"] < base[0]
 
 
 def test_planner_default_model():
