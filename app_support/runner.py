@@ -30,11 +30,9 @@ def start_run(ns: Namespace) -> None:
 
 def run_buttons(ns: Namespace, *, disabled: bool, label: str = "Run", help: str | None = None) -> bool:
     """Run and Cancel side by side; returns True when Run was clicked (Cancel is live only then)."""
-    left, right, _ = st.columns([1, 1, 4])
-    with left:
+    with st.container(horizontal=True):
         clicked = st.button(label, key=ns.key("run"), type="primary", disabled=disabled, help=help,
                             on_click=start_run, args=(ns,), icon=":material/play_arrow:")
-    with right:
         st.button("Cancel", key=ns.key("cancel_button"), disabled=not clicked, on_click=request_cancel, args=(ns,),
                   help="Stops the run at its next progress step; results of earlier runs are kept.",
                   icon=":material/stop:")

@@ -20,8 +20,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from app_support.errors import guard, run_page, show_exception  # noqa: E402
-from app_support.models_ui import (ModelChoice, backend_label, config_json, config_options, format_seconds,  # noqa: E402
-                                   get_reference, load_base, model_picker, n_params, preflight_problems,
+from app_support.models_ui import (ModelChoice, backend_label, config_json, config_options, estimate_note,  # noqa: E402
+                                   format_seconds, get_reference, load_base, model_picker, n_params, preflight_problems,
                                    put_reference, resolve)
 from app_support.runner import Progress, run_buttons, was_cancelled  # noqa: E402
 from app_support.state import BUILDER_LABEL, Namespace, builder_config  # noqa: E402
@@ -159,7 +159,7 @@ def show_layer_detail(result: dict, choice: ModelChoice | None) -> None:
                    f" · backend {result['backend_name']}")
         left, right = st.columns(2)
         with left:
-            hist = histogram_figure(detail["histogram"], title=f"{layer}: w / block absmax, NF4 & FP4 levels")
+            hist = histogram_figure(detail["histogram"], title="Weights / block absmax vs NF4 & FP4 levels")
             st.plotly_chart(hist, width="stretch", key=NS.key("fig", "hist"))
         with right:
             levels, axis = code_levels(result["config"], detail["n_codes"])
@@ -176,27 +176,29 @@ def show_memory(result: dict) -> None:
     from quantlib.figures import memory_figure
     from quantlib.memory import COMPONENT_LABELS, COMPONENTS
 
-    st.subheader("Memory")
+    st.subheader("Memory (weights)")
     memory = result["memory"]
-    rows = []
-    for name, mb in memory.items():
-        row = {"model": name, "how": mb.source}
-        row.update({COMPONENT_LABELS[c]: mb.bytes_by_component.get(c, 0.0) / 2**20 for c in COMPONENTS})
-        row["total (MiB)"] = mb.total_bytes / 2**20
-        row["bits/param (quantized layers)"] = mb.quantized_bits_per_param if name != next(iter(memory)) else None
-        rows.append(row)
-    table = pd.DataFrame(rows)
+    names = list(memory)
+    rows = {COMPONENT_LABELS[c]: [f"{memory[n].bytes_by_component.get(c, 0.0) / 2**20:,.2f}" for n in names]
+            for c in COMPONENTS}
+    rows["total"] = [f"{memory[n].total_bytes / 2**20:,.2f}" for n in names]
+    rows["bits/param, quantized layers"] = ["—"] + [f"{memory[n].quantized_bits_per_param:.3f}" for n in names[1:]]
+    rows["bits/param, whole model"] = [f"{memory[n].model_bits_per_param:.3f}" for n in names]
+    rows["how it was counted"] = [memory[n].source for n in names]
+    table = pd.DataFrame(rows, index=names).T
+    table.index.name = "MiB"
     left, right = st.columns([2, 3])
     with left:
-        st.plotly_chart(memory_figure(memory), width="stretch", key=NS.key("fig", "memory"))
+        fig = memory_figure(memory)
+        fig.update_layout(legend={"orientation": "h", "y": -0.25, "x": 0}, height=520, xaxis={"tickangle": 0})
+        st.plotly_chart(fig, width="stretch", key=NS.key("fig", "memory"))
     with right:
-        config = {c: st.column_config.NumberColumn(c, format="%.2f", help=f"MiB of {c}")
-                  for c in table.columns if c not in ("model", "how")}
-        st.dataframe(table, width="stretch", hide_index=True, column_config=config)
-        st.caption("“measured”: every tensor the loaded model holds was counted (bitsandbytes quant state "
-                   "included). “packed (simulated)”: the weights were replaced by their quantize→dequantize "
-                   "result, and the size is what the packed format would store. Sizes in MiB, weights only.")
-        for note in next(reversed(memory.values())).notes:
+        st.table(table)
+        st.caption("Sizes in MiB. “measured”: every tensor the loaded model holds was counted (bitsandbytes quant "
+                   "state included). “packed (simulated)”: the weights were replaced by their quantize→dequantize "
+                   "result, and the size is what the packed format would store. Activations and the KV cache "
+                   f"come on top. Backend: {result['backend_name']}.")
+        for note in memory[names[-1]].notes:
             st.caption(note)
 
 
@@ -212,7 +214,7 @@ def show_quality(result: dict) -> None:
     c1.metric("Perplexity (baseline)", f"{comp['base_ppl']:.3f}", help=f"{base['backend']}")
     c2.metric(f"Perplexity ({result['label']})", f"{comp['quant_ppl']:.3f}", f"{delta:+.3f}", delta_color="inverse",
               help=f"Backend: {comp['backend']}")
-    c3.metric("KL(baseline ‖ quantized)", f"{comp['kl_mean']:.5f} nats/token",
+    c3.metric("KL(baseline ‖ quantized), nats/token", f"{comp['kl_mean']:.5f}",
               help="p50 / p90 / p99 per token: " + " / ".join(f"{v:.4f}" for v in comp["kl_percentiles"].values()))
     c4.metric("Top-1 agreement", f"{comp['top1_agreement']:.2%}",
               help="Share of positions where both models' most likely next token is the same.")
@@ -299,13 +301,18 @@ def main() -> None:
 
     device = resolve(choice.device)
     estimate = estimate_seconds(n_params(choice), int(tokens) + OUTLIER_TOKENS // 2, 1, device)
+    last = NS.get("timing")
     st.caption(f"Estimated run time: about **{format_seconds(estimate)}** on {backend_label()} "
-               "(load, quantize, baseline + quantized forward passes, outlier scan).")
+               "(load, quantize, baseline + quantized forward passes, outlier scan)."
+               + estimate_note([cfg], device)
+               + (f" Your last run here took {format_seconds(last[1])} (estimated {format_seconds(last[0])})."
+                  if last else ""))
     run_key = json.dumps([choice.key(), config_json(cfg), int(tokens), int(window)])
     clicked = run_buttons(NS, disabled=bool(problems), label="Quantize and inspect")
     if clicked:
         try:
             run_inspection(choice, cfg, int(tokens), int(window), run_key)
+            NS.set((estimate, NS.get("result")["seconds"]), "timing")
         except Exception as exc:  # noqa: BLE001 - Cancelled and bad input alike become messages
             from quantlib.errors import Cancelled
 

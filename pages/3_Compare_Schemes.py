@@ -21,8 +21,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from app_support.errors import guard, run_page, show_exception  # noqa: E402
-from app_support.models_ui import (ModelChoice, backend_label, config_json, config_options, format_seconds,  # noqa: E402
-                                   load_base, model_picker, n_params, preflight_problems, resolve)
+from app_support.models_ui import (ModelChoice, backend_label, config_json, config_options, estimate_note,  # noqa: E402
+                                   format_seconds, load_base, model_picker, n_params, preflight_problems, resolve)
 from app_support.runner import Progress, run_buttons, was_cancelled  # noqa: E402
 from app_support.state import BUILDER_LABEL, Namespace, builder_config  # noqa: E402
 
@@ -36,21 +36,12 @@ TEXT_BUILTIN = "Built-in evaluation text (Lee corpus)"
 TEXT_UPLOAD = "Upload a text file"
 TEXT_PASTE = "Paste text"
 
-SUMMARY_COLUMNS = {
-    "scheme": st.column_config.TextColumn("scheme", pinned=True),
-    "backend": st.column_config.TextColumn("backend", help="Device that ran it; “simulated”: weights replaced by "
-                                                           "their quantize→dequantize result"),
-    "bits_per_param": st.column_config.TextColumn("bits/param", help="Stored bits per quantized weight, scales "
-                                                                     "included"),
-    "memory_mib": st.column_config.TextColumn("memory (MiB)", help="Whole model, weights only"),
-    "perplexity": st.column_config.TextColumn("perplexity", help="On the evaluated tokens (lower is better)"),
-    "kl": st.column_config.TextColumn("KL (nats/token)", help="KL(baseline ‖ quantized), mean per token"),
-    "top1_agreement": st.column_config.TextColumn("top-1 agree", help="Share of positions where both models' "
-                                                                      "most likely next token is the same"),
-    "mean_layer_rel_error": st.column_config.TextColumn("mean layer rel. error", help="‖W − Ŵ‖_F / ‖W‖_F, mean"),
-    "worst_layer_rel_error": st.column_config.TextColumn("worst layer rel. error"),
-    "worst_layer": st.column_config.TextColumn("worst layer"),
-    "seconds": st.column_config.TextColumn("time (s)", help="Wall time of this row: quantize + evaluate"),
+#: Summary column -> header shown (units in the header: the table is static HTML, fully visible).
+SUMMARY_NAMES = {
+    "scheme": "scheme", "backend": "backend", "bits_per_param": "bits/param", "memory_mib": "memory (MiB)",
+    "perplexity": "perplexity", "kl": "KL (nats/token)", "top1_agreement": "top-1 agreement",
+    "mean_layer_rel_error": "mean layer rel. error", "worst_layer_rel_error": "worst layer rel. error",
+    "worst_layer": "worst layer", "seconds": "time (s)",
 }
 
 
@@ -148,10 +139,19 @@ def show_run(run, where: str) -> None:
     for note in model.get("notes", []):
         if "Loaded from the converted cache" not in note:
             st.caption(f":material/info: {note}")
-    st.dataframe(format_summary(summary), width="stretch", hide_index=True, column_config=SUMMARY_COLUMNS)
-    st.caption("Same tokens for every row. KL is KL(baseline ‖ quantized) in nats per token. Rows marked "
-               "“(simulated)” replaced weights by their quantize→dequantize result; their memory is the packed size.")
+    st.table(format_summary(summary).rename(columns=SUMMARY_NAMES), hide_index=True)
+    st.caption("Same tokens for every row; lower perplexity and KL are better. KL is KL(baseline ‖ quantized) in "
+               "nats per token; top-1 agreement is the share of positions where both models predict the same next "
+               "token; layer error is ‖W − Ŵ‖_F / ‖W‖_F of the linear weights; bits/param counts codes and scales "
+               "of the quantized layers. Rows marked “(simulated)” replaced weights by their quantize→dequantize "
+               "result; their memory is the packed size. The CSV download keeps full precision.")
     figs = run_figures(run)
+    if "Memory vs perplexity" in figs and not summary.empty:  # keep the end markers' labels inside the plot
+        lo, hi = float(summary["memory_mib"].min()), float(summary["memory_mib"].max())
+        pad = max(0.12 * (hi - lo), 0.05 * hi, 1.0)
+        figs["Memory vs perplexity"].update_xaxes(range=[max(0.0, lo - pad), hi + pad])
+    if "Memory by component" in figs:
+        figs["Memory by component"].update_layout(legend={"orientation": "h", "y": -0.2, "x": 0})
     order = ["Memory vs perplexity", "KL divergence to the baseline", "Per-layer weight error", "Memory by component"]
     names = [n for n in order if n in figs] + [n for n in figs if n not in order]
     for i in range(0, len(names), 2):
@@ -234,15 +234,19 @@ def main() -> None:
 
     for p in problems:
         st.warning(p, icon=":material/warning:")
-    if choice is not None and configs:
-        from quantlib.compare import estimate_seconds
+    from quantlib.compare import estimate_seconds
 
+    if choice is not None and configs:
         estimate = estimate_seconds(n_params(choice), int(tokens), len(configs), resolve(choice.device))
+        last = NS.get("timing")
         st.caption(f"Estimated run time: about **{format_seconds(estimate)}** for {len(configs)} config(s) on "
-                   f"{backend_label()}.")
+                   f"{backend_label()}." + estimate_note(configs, resolve(choice.device))
+                   + (f" Your last run here took {format_seconds(last[1])} (estimated {format_seconds(last[0])})."
+                      if last else ""))
     clicked = run_buttons(NS, disabled=bool(problems) or choice is None, label="Run comparison")
     if clicked and choice is not None:
-        run_comparison_now(choice, configs, text_path, int(tokens), int(window))
+        estimate = estimate_seconds(n_params(choice), int(tokens), len(configs), resolve(choice.device))
+        run_comparison_now(choice, configs, text_path, int(tokens), int(window), estimate)
     elif was_cancelled(NS):
         st.warning("Comparison cancelled; nothing was saved. Earlier results are kept.", icon=":material/stop:")
 
@@ -257,7 +261,7 @@ def main() -> None:
 
 
 def run_comparison_now(choice: ModelChoice, configs: list[dict], text_path: str | None, tokens: int,
-                       window: int) -> None:
+                       window: int, estimate: float) -> None:
     from quantlib.compare import CompareSettings, run_comparison
     from quantlib.errors import Cancelled
 
@@ -278,6 +282,7 @@ def run_comparison_now(choice: ModelChoice, configs: list[dict], text_path: str 
         return
     progress.done(f"Done: saved as {result.path}")
     NS.set(result.run, "result")
+    NS.set((estimate, float(result.run.settings.get("seconds", 0.0))), "timing")
     NS.pop("earlier", "run")
 
 

@@ -155,19 +155,19 @@ def test_compare_tiny_model_and_earlier_runs(tiny_llama_dir, runs_dir):
     at.button(key="compare.run").click().run(timeout=TIMEOUT)
     no_exception(at)
     assert not errors(at)
-    table = at.dataframe[0].value
+    table = at.table[0].value
     assert list(table["scheme"]) == ["baseline float32", "NF4", "RTN int8 channel"]
     assert all(float(p) > 1 for p in table["perplexity"])
     assert len(charts(at)) == 4  # trade-off, KL, per-layer error, memory
     assert len(at.get("download_button")) == 3
     saved = list(runs_dir.glob("*.run.json"))
     assert len(saved) == 1
-    earlier = at.dataframe[1].value
+    earlier = at.dataframe[0].value
     assert saved[0].name.startswith(earlier["run_id"].iloc[0])
     at.button(key="compare.earlier.open").click().run()
     no_exception(at)
     assert len(charts(at)) == 8  # the reopened run draws the same figures
-    assert list(at.dataframe[2].value["scheme"]) == list(table["scheme"])
+    assert list(at.table[1].value["scheme"]) == list(table["scheme"])
 
 
 def test_compare_bad_text_and_missing_folder(tmp_path):

@@ -1,0 +1,146 @@
+"""End to end: Compare Schemes and Quantize & Inspect on the DEFAULT model, in a real browser.
+
+Starts `streamlit run app.py` headless (runs saved to a temporary QUANTLIB_RUNS_DIR), compares NF4
+and FP4 on 512 tokens (window 256) to the finished table, checks both schemes have perplexities,
+reopens the run from "Earlier runs", runs Quantize & Inspect with NF4 on 256 tokens, and saves
+full-page screenshots of both pages under test-artifacts/screenshots/. About 2-3 minutes on a
+2-core CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+from tests.e2e_support import (SCREENSHOTS, chromium_missing_reason, full_page_screenshot, launch_chromium,
+                               page_url, streamlit_server, wait_until_idle)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow,
+              pytest.mark.skipif(chromium_missing_reason() is not None, reason=chromium_missing_reason() or "")]
+
+RUN_TIMEOUT_MS = 420_000
+
+
+@pytest.fixture(scope="module")
+def runs_folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def server(runs_folder):
+    old = os.environ.get("QUANTLIB_RUNS_DIR")
+    os.environ["QUANTLIB_RUNS_DIR"] = str(runs_folder)  # the server inherits it
+    try:
+        with streamlit_server() as url:
+            yield url
+    finally:
+        if old is None:
+            os.environ.pop("QUANTLIB_RUNS_DIR", None)
+        else:
+            os.environ["QUANTLIB_RUNS_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = launch_chromium(pw)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(90_000)
+    try:
+        yield page
+    finally:
+        context.close()
+
+
+def assert_no_traceback(page) -> None:
+    assert page.locator('[data-testid="stException"]').count() == 0, page.locator(
+        '[data-testid="stException"]').first.inner_text()
+
+
+def assert_no_error(page) -> None:
+    errors = page.get_by_test_id("stAlertContentError")
+    assert errors.count() == 0, errors.first.inner_text()
+
+
+def set_number(page, label: str, value: int) -> None:
+    box = page.get_by_label(label, exact=True)
+    box.fill(str(value))
+    box.press("Enter")
+    wait_until_idle(page)
+
+
+def wait_for_run(page, heading: str) -> None:
+    page.get_by_role("heading", name=heading).first.wait_for(timeout=RUN_TIMEOUT_MS)
+    wait_until_idle(page, timeout_ms=RUN_TIMEOUT_MS)
+
+
+def table_text(page, index: int = 0) -> str:
+    """Text of an st.table (static HTML; st.dataframe draws on a canvas)."""
+    table = page.get_by_test_id("stTable").nth(index)
+    table.wait_for()
+    return table.inner_text()
+
+
+def test_compare_nf4_fp4_on_default_model(server, page, runs_folder):
+    page.goto(page_url(server, "pages/3_Compare_Schemes.py"))
+    wait_until_idle(page)
+    assert_no_traceback(page)
+    selected = page.get_by_test_id("stMultiSelect").first.inner_text()
+    assert "NF4" in selected and "FP4" in selected
+    set_number(page, "Tokens", 512)
+    set_number(page, "Window", 256)
+    page.get_by_role("button", name="Run comparison").click()
+    wait_for_run(page, "Results")
+    full_page_screenshot(page, SCREENSHOTS / "compare_schemes_after_run.png")  # first: a failure leaves a picture
+    assert_no_traceback(page)
+    assert_no_error(page)
+
+    table = table_text(page, 0)
+    for scheme in ("baseline float32", "NF4", "FP4"):
+        assert scheme in table, table
+    perplexities = [float(x) for x in re.findall(r"\b\d{1,4}\.\d{3}\b", table)]
+    assert len(perplexities) >= 3, table
+    assert page.locator(".js-plotly-plot").count() >= 4
+    assert len(list(runs_folder.glob("*.run.json"))) == 1
+
+    # The earlier-runs section lists it; reopening draws the same table.
+    page.get_by_role("button", name="Open this run").click()
+    wait_until_idle(page)
+    page.get_by_role("heading", name=re.compile(r"^Run \d{8}-")).wait_for()
+    assert "FP4" in table_text(page, 1)
+    assert_no_traceback(page)
+    full_page_screenshot(page, SCREENSHOTS / "compare_schemes_after_run.png")
+
+
+def test_inspect_nf4_on_default_model(server, page):
+    page.goto(page_url(server, "pages/2_Quantize_and_Inspect.py"))
+    wait_until_idle(page)
+    assert_no_traceback(page)
+    page.get_by_test_id("stSelectbox").filter(has_text="Config").first.click()
+    page.get_by_role("option", name="NF4", exact=True).click()
+    wait_until_idle(page)
+    set_number(page, "Evaluation tokens", 256)
+    set_number(page, "Window", 256)
+    page.get_by_role("button", name="Quantize and inspect").click()
+    wait_for_run(page, "Per-layer weight error")
+    page.locator(".js-plotly-plot").nth(4).wait_for()
+    wait_until_idle(page)
+    full_page_screenshot(page, SCREENSHOTS / "quantize_and_inspect_after_run.png")
+    assert_no_traceback(page)
+    assert_no_error(page)
+    metrics = page.get_by_test_id("stMetric").all_inner_texts()
+    assert any("Perplexity (NF4)" in m for m in metrics), metrics
+    full_page_screenshot(page, SCREENSHOTS / "quantize_and_inspect_after_run.png")
