@@ -22,11 +22,11 @@ from quantlib.apply import layer_errors, quantize_model
 from quantlib.configs import QuantConfig, parse_config
 from quantlib.corpus import builtin_text, load_text
 from quantlib.errors import Cancelled
-from quantlib.evaluation import compare_logits, reference_logprobs, tokenize_for_eval
-from quantlib.memory import measure_footprint
+from quantlib.evaluation import perplexity_and_kl, tokenize_for_eval
+from quantlib.memory import measure_footprint, plan_memory
 from quantlib.models import LoadedModel, load_model
 from quantlib.runs import Run, environment_info, new_run_id, now_iso, save_run
-from quantlib.schemes import get_quantizer, resolve_device
+from quantlib.schemes import QUANTIZER_MAPPING, get_quantizer, resolve_device
 
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
@@ -75,9 +75,43 @@ def estimate_seconds(n_params: int, n_tokens: int, n_configs: int, device: str) 
     return flops_per_pass * (1 + n_configs) / rate + 5.0 * n_configs + 3.0
 
 
-def _reference_budget() -> int:
-    """Keep baseline log-probs when they take at most a quarter of free RAM (and 2 GiB)."""
-    return int(min(2 * 2**30, psutil.virtual_memory().available / 4))
+def unique_labels(configs: Sequence[QuantConfig]) -> list[str]:
+    """Table labels, numbered where two configs would otherwise share one (e.g. the same preset twice)."""
+    seen: dict[str, int] = {}
+    labels = []
+    for config in configs:
+        seen[config.label] = seen.get(config.label, 0) + 1
+        labels.append(config.label if seen[config.label] == 1 else f"{config.label} #{seen[config.label]}")
+    return labels
+
+
+def _resident_budget(device: str) -> float:
+    """Bytes the quantized models of one evaluation pass may occupy together: half of what is free."""
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return free / 2
+    return psutil.virtual_memory().available / 2
+
+
+def plan_batches(configs: Sequence[QuantConfig], model_config: dict[str, Any], base_bytes: float, dtype: str,
+                 budget: float) -> list[list[int]]:
+    """Group configs so the models of each group fit in memory together.
+
+    Each group costs one baseline pass over the text (its log-probs are compared with every model
+    of the group window by window, never stored), so fewer groups are faster. A bitsandbytes model
+    occupies its planned footprint; a simulated one a full dequantized copy of the baseline.
+    """
+    batches: list[list[int]] = []
+    used = 0.0
+    for index, config in enumerate(configs):
+        simulated = QUANTIZER_MAPPING[config.quantizer_key].simulated
+        cost = base_bytes if simulated else plan_memory(model_config, config, dtype).total_bytes
+        if not batches or used + cost > budget:
+            batches.append([])
+            used = 0.0
+        batches[-1].append(index)
+        used += cost
+    return batches
 
 
 def run_comparison(configs: Sequence[QuantConfig | dict | str], settings: CompareSettings | None = None, *,
@@ -86,6 +120,7 @@ def run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compar
     """Run every config against the baseline; returns (and by default saves) one table."""
     settings = settings or CompareSettings()
     parsed = [parse_config(c) for c in configs]
+    labels = unique_labels(parsed)
     quantizers = [get_quantizer(c, device=settings.device) for c in parsed]  # fail before loading anything
     device, _ = resolve_device(settings.device)
     dtype = getattr(torch, settings.dtype)
@@ -104,44 +139,61 @@ def run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compar
     step[0] += 1
     text = load_text(settings.text_path) if settings.text_path else builtin_text("eval")
     ids = tokenize_for_eval(base.tokenizer, text, settings.max_tokens)
-    ref = reference_logprobs(base.model, ids, window=settings.window, stride=settings.stride,
-                             max_bytes=_reference_budget(), progress=report, cancel=cancel)
-    step[0] += 1
     base_mem = measure_footprint(base.model)
-    rows = [{"scheme": f"baseline {settings.dtype}", "backend": ref.perplexity.backend,
-             "bits_per_param": float(torch.finfo(dtype).bits), "memory_mib": base_mem.total_bytes / 2**20,
-             "perplexity": ref.perplexity.ppl, "kl": 0.0, "top1_agreement": 1.0, "mean_layer_rel_error": 0.0,
-             "worst_layer_rel_error": 0.0, "worst_layer": "", "seconds": ref.perplexity.seconds}]
+    batches = plan_batches(parsed, base.model.config.to_dict(), base_mem.total_bytes, settings.dtype,
+                           _resident_budget(device))
+    rows: list[dict[str, Any]] = []
     layer_frames, memory, details = [], {"baseline": base_mem.to_dict()}, {}
-    for config, quantizer in zip(parsed, quantizers):
-        t0 = time.perf_counter()
-        errors = layer_errors(base.model, quantizer, progress=report, cancel=cancel)
-        errors.insert(0, "scheme", config.label)
-        layer_frames.append(errors)
-        qm = quantize_model(config, base=base, source=settings.source, device=device, dtype=dtype,
-                            progress=report, cancel=cancel)
-        step[0] += 1
-        comparison = compare_logits(ref, qm.model, progress=report, cancel=cancel)
-        step[0] += 1
-        worst = errors.loc[errors["rel_fro_error"].idxmax()]
-        rows.append({"scheme": config.label, "backend": f"{comparison.backend}" + (" (simulated)" if qm.simulated else ""),
-                     "bits_per_param": qm.memory.quantized_bits_per_param, "memory_mib": qm.memory.total_bytes / 2**20,
-                     "perplexity": comparison.quant_ppl, "kl": comparison.kl_mean,
-                     "top1_agreement": comparison.top1_agreement,
-                     "mean_layer_rel_error": float(errors["rel_fro_error"].mean()),
-                     "worst_layer_rel_error": float(worst["rel_fro_error"]), "worst_layer": str(worst["layer"]),
-                     "seconds": time.perf_counter() - t0})
-        memory[config.label] = qm.memory.to_dict()
-        details[config.label] = {"backend": qm.backend.to_dict(), "kl": comparison.to_dict()}
-        del qm
+    baseline: Any = None
+    for batch in batches:
+        quantized: dict[str, tuple[QuantConfig, Any, pd.DataFrame, float]] = {}
+        for index in batch:
+            config, quantizer, label = parsed[index], quantizers[index], labels[index]
+            t0 = time.perf_counter()
+            errors = layer_errors(base.model, quantizer, progress=report, cancel=cancel)
+            errors.insert(0, "scheme", label)
+            qm = quantize_model(config, base=base, source=settings.source, device=device, dtype=dtype,
+                                progress=report, cancel=cancel)
+            quantized[label] = (config, qm, errors, time.perf_counter() - t0)
+            step[0] += 1
+        # One pass over the text: each window's baseline log-probs are computed once and compared
+        # with every resident model, so no baseline distribution is ever stored.
+        evaluation = perplexity_and_kl(base.model, {label: q[1].model for label, q in quantized.items()}, ids,
+                                       window=settings.window, stride=settings.stride, progress=report,
+                                       cancel=cancel)
+        step[0] += len(batch)
+        baseline = baseline or evaluation.base
+        for label, (config, qm, errors, quant_seconds) in quantized.items():
+            comparison = evaluation.comparison[label]
+            worst = errors.loc[errors["rel_fro_error"].idxmax()]
+            rows.append({"scheme": label,
+                         "backend": comparison.backend + (" (simulated)" if qm.simulated else ""),
+                         "bits_per_param": qm.memory.quantized_bits_per_param,
+                         "memory_mib": qm.memory.total_bytes / 2**20, "perplexity": comparison.quant_ppl,
+                         "kl": comparison.kl_mean, "top1_agreement": comparison.top1_agreement,
+                         "mean_layer_rel_error": float(errors["rel_fro_error"].mean()),
+                         "worst_layer_rel_error": float(worst["rel_fro_error"]), "worst_layer": str(worst["layer"]),
+                         "seconds": quant_seconds + comparison.seconds})
+            layer_frames.append(errors)
+            memory[label] = qm.memory.to_dict()
+            details[label] = {"backend": qm.backend.to_dict(), "kl": comparison.to_dict(),
+                              "quantize_seconds": quant_seconds}
+        quantized.clear()
         gc.collect()
+    order = {label: i for i, label in enumerate(labels)}
+    rows.sort(key=lambda r: order[r["scheme"]])
+    rows.insert(0, {"scheme": f"baseline {settings.dtype}", "backend": baseline.backend,
+                    "bits_per_param": float(torch.finfo(dtype).bits), "memory_mib": base_mem.total_bytes / 2**20,
+                    "perplexity": baseline.ppl, "kl": 0.0, "top1_agreement": 1.0, "mean_layer_rel_error": 0.0,
+                    "worst_layer_rel_error": 0.0, "worst_layer": "", "seconds": baseline.seconds})
+    layer_frames.sort(key=lambda f: order[f["scheme"].iloc[0]] if len(f) else 0)
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     layers = pd.concat(layer_frames, ignore_index=True) if layer_frames else pd.DataFrame()
     run = Run(run_id=new_run_id(), created=now_iso(), model=base.description.to_dict(),
-              configs=[{**c.to_dict(), "label": c.label} for c in parsed],
-              settings={**settings.to_dict(), "backend": ref.perplexity.backend, "n_tokens": int(ids.numel()),
-                        "seconds": time.perf_counter() - started},
+              configs=[{**c.to_dict(), "label": label} for c, label in zip(parsed, labels)],
+              settings={**settings.to_dict(), "backend": baseline.backend, "n_tokens": int(ids.numel()),
+                        "baseline_passes": len(batches), "seconds": time.perf_counter() - started},
               environment=environment_info(), tables={"summary": table, "layers": layers},
-              extra={"memory": memory, "details": details, "baseline": ref.perplexity.to_dict()})
+              extra={"memory": memory, "details": details, "baseline": baseline.to_dict()})
     path = str(save_run(run, runs_folder)) if save else None
     return ComparisonResult(table, layers, memory, run, path, details)

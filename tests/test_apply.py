@@ -122,3 +122,23 @@ def test_every_gguf_type_measures_and_plans(tiny_base, quant_type) -> None:
     qm = quantize_model(config, base=tiny_base, device="cpu")
     planned = plan_memory(tiny_base.model.config.to_dict(), parse_config(config), "float32")
     assert qm.memory.total_bytes == pytest.approx(planned.total_bytes)
+
+
+def test_configs_are_batched_to_fit_memory_and_labels_stay_unique(tiny_llama_dir, tiny_base, monkeypatch) -> None:
+    import quantlib.compare as compare
+    from quantlib.compare import plan_batches, unique_labels
+
+    configs = [parse_config(c) for c in (NF4_DQ, RTN4, NF4_DQ)]
+    assert unique_labels(configs) == ["NF4+DQ", "RTN int4 g64", "NF4+DQ #2"]
+    model_config = tiny_base.model.config.to_dict()
+    assert plan_batches(configs, model_config, 1e6, "float32", budget=1e12) == [[0, 1, 2]]
+    assert plan_batches(configs, model_config, 1e6, "float32", budget=1.0) == [[0], [1], [2]]
+    # A tight budget costs extra baseline passes but gives the same numbers.
+    settings = CompareSettings(source=str(tiny_llama_dir), max_tokens=200, window=64, device="cpu")
+    joint = run_comparison(configs, settings, base=tiny_base, save=False)
+    monkeypatch.setattr(compare, "_resident_budget", lambda device: 1.0)
+    split = run_comparison(configs, settings, base=tiny_base, save=False)
+    assert split.run.settings["baseline_passes"] == 3 and joint.run.settings["baseline_passes"] == 1
+    assert split.table["scheme"].tolist() == joint.table["scheme"].tolist()
+    assert split.table["perplexity"].tolist() == pytest.approx(joint.table["perplexity"].tolist(), rel=1e-6)
+    assert split.table["kl"].tolist() == pytest.approx(joint.table["kl"].tolist(), rel=1e-5, abs=1e-9)
