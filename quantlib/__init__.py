@@ -1,6 +1,7 @@
 """Quantization Explorer engine: validated configs, exact quantization math, measurements.
 
-Never imports Streamlit: the app's pages are thin layers over this package.
+Never imports Streamlit: the app's pages are thin layers over this package. The names below are
+the stable entry points; the modules hold the rest (see the README's module list).
 """
 
 from quantlib.configs import (
@@ -27,6 +28,16 @@ __all__ = [
     "QuantlibError",
     "RTNQuantConfig",
     "config_schemas",
+    "get_quantizer",
     "parse_config",
     "registered_methods",
 ]
+
+
+def __getattr__(name: str):
+    """Heavier entry points load on first use, so `import quantlib` stays cheap for config work."""
+    if name == "get_quantizer":
+        from quantlib.schemes import get_quantizer
+
+        return get_quantizer
+    raise AttributeError(f"module 'quantlib' has no attribute {name!r}")
