@@ -192,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     model_help = "model: 'default' (embedded SmolLM2-135M), a local folder, a .gguf file or a hub id"
 
+    def model_and_configs(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default="default", help=model_help)
+        p.add_argument("--config", action="append", metavar="FILE", help="a config JSON (repeatable)")
+        p.add_argument("--preset", action="append", metavar="NAME", help=f"one of: {', '.join(PRESETS)}")
+
     p = sub.add_parser("validate", help="check a config JSON (or a model's config.json)")
     p.add_argument("file")
     p.add_argument("--model", help=model_help + "; also check group/block sizes against its layers")
@@ -200,9 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("plan", help="predict memory of a model under configs, no weights loaded")
-    p.add_argument("--model", default="default", help=model_help)
-    p.add_argument("--config", action="append", metavar="FILE")
-    p.add_argument("--preset", action="append", metavar="NAME", help=f"one of: {', '.join(PRESETS)}")
+    model_and_configs(p)
     p.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"],
                    help="dtype of the unquantized parts (default float16)")
     p.add_argument("--memory-gib", type=float, help="memory to fit into (default: available RAM)")
@@ -210,9 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("compare", help="quantize with several configs and measure them against the baseline")
-    p.add_argument("--model", default="default", help=model_help)
-    p.add_argument("--config", action="append", metavar="FILE")
-    p.add_argument("--preset", action="append", metavar="NAME", help=f"one of: {', '.join(PRESETS)}")
+    model_and_configs(p)
     p.add_argument("--text", metavar="FILE", help="evaluation text (default: built-in news corpus)")
     p.add_argument("--tokens", type=_positive_int, default=4096, help="tokens to evaluate (default 4096)")
     p.add_argument("--window", type=_positive_int, default=1024, help="window length (default 1024)")
