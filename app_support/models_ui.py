@@ -233,10 +233,10 @@ def n_params(choice: ModelChoice) -> int:
 
 
 def estimate_note(configs: list[dict], device: str) -> str:
-    """Where the FLOP-based estimate is known to be optimistic, say so."""
+    """Where the estimate is least certain, say so."""
     if device == "cpu" and any(c.get("quant_method") == "bitsandbytes" for c in configs):
-        return (" bitsandbytes runs its CPU kernels (and reloads the model to quantize it), which is slower than "
-                "this FLOP count assumes: expect up to several times longer.")
+        return (" It includes bitsandbytes' slower CPU kernels (INT8 most of all) as measured on an idle "
+                "2-core machine; a busy machine takes longer.")
     return ""
 
 

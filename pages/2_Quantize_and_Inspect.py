@@ -87,6 +87,7 @@ def run_inspection(choice: ModelChoice, cfg: dict, tokens: int, window: int, run
 
     errors = layer_errors(base.model, quantizer, progress=progress.stage(0.05, 0.3), cancel=progress.cancel)
     qm = quantize_model(cfg, base=base, source=choice.source, device=device, dtype=choice.torch_dtype,
+                        trust_remote_code=choice.trust_remote_code, allow_pickle=choice.allow_pickle,
                         progress=progress.stage(0.3, 0.45), cancel=progress.cancel)
     try:
         ids = tokenize_for_eval(base.tokenizer, builtin_text("eval"), tokens)
@@ -300,7 +301,7 @@ def main() -> None:
     from quantlib.compare import estimate_seconds
 
     device = resolve(choice.device)
-    estimate = estimate_seconds(n_params(choice), int(tokens) + OUTLIER_TOKENS // 2, 1, device)
+    estimate = estimate_seconds(n_params(choice), int(tokens) + OUTLIER_TOKENS // 2, [cfg], device)
     last = NS.get("timing")
     st.caption(f"Estimated run time: about **{format_seconds(estimate)}** on {backend_label()} "
                "(load, quantize, baseline + quantized forward passes, outlier scan)."

@@ -237,7 +237,7 @@ def main() -> None:
     from quantlib.compare import estimate_seconds
 
     if choice is not None and configs:
-        estimate = estimate_seconds(n_params(choice), int(tokens), len(configs), resolve(choice.device))
+        estimate = estimate_seconds(n_params(choice), int(tokens), configs, resolve(choice.device))
         last = NS.get("timing")
         st.caption(f"Estimated run time: about **{format_seconds(estimate)}** for {len(configs)} config(s) on "
                    f"{backend_label()}." + estimate_note(configs, resolve(choice.device))
@@ -245,7 +245,7 @@ def main() -> None:
                       if last else ""))
     clicked = run_buttons(NS, disabled=bool(problems) or choice is None, label="Run comparison")
     if clicked and choice is not None:
-        estimate = estimate_seconds(n_params(choice), int(tokens), len(configs), resolve(choice.device))
+        estimate = estimate_seconds(n_params(choice), int(tokens), configs, resolve(choice.device))
         run_comparison_now(choice, configs, text_path, int(tokens), int(window), estimate)
     elif was_cancelled(NS):
         st.warning("Comparison cancelled; nothing was saved. Earlier results are kept.", icon=":material/stop:")
@@ -270,7 +270,8 @@ def run_comparison_now(choice: ModelChoice, configs: list[dict], text_path: str 
         device = resolve(choice.device)
         base = load_base(choice)
         settings = CompareSettings(source=choice.source, text_path=text_path, max_tokens=tokens, window=window,
-                                   device=device, dtype=choice.dtype)
+                                   device=device, dtype=choice.dtype, trust_remote_code=choice.trust_remote_code,
+                                   allow_pickle=choice.allow_pickle)
         result = run_comparison(configs, settings, progress=progress, cancel=progress.cancel, base=base)
     except Cancelled:
         st.warning("Comparison cancelled; nothing was saved.", icon=":material/stop:")

@@ -71,23 +71,27 @@ def check_model_shapes(model: torch.nn.Module, quantizer: Quantizer) -> None:
 
 
 def quantize_model(config: QuantConfig | dict | str, *, base: LoadedModel | None = None, source: str = "default",
-                   device: str = "auto", dtype: torch.dtype = torch.float32, progress: ProgressFn | None = None,
+                   device: str = "auto", dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                   allow_pickle: bool = False, progress: ProgressFn | None = None,
                    cancel: CancelFn | None = None) -> QuantizedModel:
     """Quantize a model with a config and measure its footprint.
 
     `base` (an unquantized model already in memory) saves a reload for simulated schemes; the
-    bitsandbytes path always loads from `source`, because bitsandbytes quantizes while loading.
+    bitsandbytes path always loads from `source`, because bitsandbytes quantizes while loading,
+    with the same `trust_remote_code` / `allow_pickle` choices the baseline was loaded with.
     """
     quantizer = get_quantizer(parse_config(config), device=device)
     started = time.perf_counter()
     if not quantizer.simulated:
-        loaded = load_model(source, dtype=dtype, device=quantizer.backend.device,
-                            quantization_config=quantizer.config.to_transformers(), progress=progress)
+        loaded = load_model(source, dtype=dtype, device=quantizer.backend.device, trust_remote_code=trust_remote_code,
+                            allow_pickle=allow_pickle, quantization_config=quantizer.config.to_transformers(),
+                            progress=progress)
         memory = measure_footprint(loaded.model)
         model, tokenizer, desc = loaded.model, loaded.tokenizer, loaded.description.to_dict()
     else:
         if base is None:
-            base = load_model(source, dtype=dtype, device=quantizer.backend.device, progress=progress)
+            base = load_model(source, dtype=dtype, device=quantizer.backend.device,
+                              trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=progress)
         model = copy.deepcopy(base.model).to(quantizer.backend.device)
         memory = simulate_quantization(model, quantizer, progress=progress, cancel=cancel)
         tokenizer, desc = base.tokenizer, base.description.to_dict()

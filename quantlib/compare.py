@@ -46,6 +46,8 @@ class CompareSettings:
     stride: int | None = None
     device: str = "auto"
     dtype: str = "float32"
+    trust_remote_code: bool = False  # off unless the user turns it on
+    allow_pickle: bool = False  # pickle-only checkpoints are refused unless allowed
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -63,16 +65,26 @@ class ComparisonResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def estimate_seconds(n_params: int, n_tokens: int, n_configs: int, device: str) -> float:
-    """Rough wall time of a comparison, shown before it starts (forward ≈ 2·params FLOPs/token).
+#: Forward-pass cost of each scheme relative to the unquantized model, measured on the 2-core CPU
+#: (bitsandbytes dequantizes 4-bit weights on every matmul; its CPU INT8 matmul casts to fp16).
+CPU_SLOWDOWN = {"bitsandbytes_4bit": 1.5, "bitsandbytes_8bit": 3.6}
 
-    Effective throughput is a conservative figure for this kind of hardware: ~40 GFLOP/s on a
-    2-core CPU, ~20 TFLOP/s on a GPU for small batches. Loading and layer errors add a few seconds
-    per scheme.
+
+def estimate_seconds(n_params: int, n_tokens: int, configs: Sequence[QuantConfig | dict], device: str) -> float:
+    """Rough wall time of a comparison, shown before it starts.
+
+    A forward pass costs about 2·params FLOPs per token; the effective rates (~25 GFLOP/s on a
+    2-core CPU, ~20 TFLOP/s on a GPU for small batches) and the per-scheme slowdowns were measured
+    with `benchmarks/bench_compare.py`. Loading, quantizing and layer errors add about one second
+    per 20M parameters per scheme.
     """
-    flops_per_pass = 2.0 * n_params * n_tokens
-    rate = 20e12 if device == "cuda" else 40e9
-    return flops_per_pass * (1 + n_configs) / rate + 5.0 * n_configs + 3.0
+    rate = 20e12 if device == "cuda" else 25e9
+    one_pass = 2.0 * n_params * n_tokens / rate
+    total = one_pass  # the baseline
+    for config in map(parse_config, configs):
+        slowdown = 1.0 if device == "cuda" else CPU_SLOWDOWN.get(config.quantizer_key, 1.0)
+        total += one_pass * slowdown + n_params / 20e6
+    return total + 3.0
 
 
 def unique_labels(configs: Sequence[QuantConfig]) -> list[str]:
@@ -135,7 +147,8 @@ def run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compar
 
     started = time.perf_counter()
     if base is None:
-        base = load_model(settings.source, dtype=dtype, device=device, progress=report)
+        base = load_model(settings.source, dtype=dtype, device=device, trust_remote_code=settings.trust_remote_code,
+                          allow_pickle=settings.allow_pickle, progress=report)
     step[0] += 1
     text = load_text(settings.text_path) if settings.text_path else builtin_text("eval")
     ids = tokenize_for_eval(base.tokenizer, text, settings.max_tokens)
@@ -153,6 +166,7 @@ def run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compar
             errors = layer_errors(base.model, quantizer, progress=report, cancel=cancel)
             errors.insert(0, "scheme", label)
             qm = quantize_model(config, base=base, source=settings.source, device=device, dtype=dtype,
+                                trust_remote_code=settings.trust_remote_code, allow_pickle=settings.allow_pickle,
                                 progress=report, cancel=cancel)
             quantized[label] = (config, qm, errors, time.perf_counter() - t0)
             step[0] += 1

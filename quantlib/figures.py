@@ -68,6 +68,14 @@ def tradeoff_figure(table: pd.DataFrame, x: str = "memory_mib", y: str = "perple
                                  textposition="top center", name=str(row["scheme"]), marker={"size": 12}))
     fig.update_layout(title="Memory vs perplexity (lower-left is better)", xaxis_title="memory (MiB)",
                       yaxis_title="perplexity", showlegend=False)
+    if len(table):
+        # Pad the axes so the labels of the outermost markers are not clipped.
+        lo, hi = float(table[x].min()), float(table[x].max())
+        pad = max((hi - lo) * 0.15, abs(hi) * 0.05, 1e-9)
+        fig.update_xaxes(range=[lo - pad, hi + pad])
+        ylo, yhi = float(table[y].min()), float(table[y].max())
+        ypad = max((yhi - ylo) * 0.15, abs(yhi) * 0.02, 1e-9)
+        fig.update_yaxes(range=[ylo - ypad, yhi + 2 * ypad])
     return fig
 
 
@@ -78,7 +86,8 @@ def memory_figure(breakdowns: dict[str, MemoryBreakdown]) -> go.Figure:
     for comp in COMPONENTS:
         fig.add_trace(go.Bar(x=names, y=[breakdowns[n].bytes_by_component.get(comp, 0) / 2**20 for n in names],
                              name=COMPONENT_LABELS[comp], marker_color=COMPONENT_COLORS[comp]))
-    fig.update_layout(barmode="stack", title="Memory by component", yaxis_title="MiB")
+    fig.update_layout(barmode="stack", title="Memory by component", yaxis_title="MiB",
+                      legend={"orientation": "h", "y": -0.15, "font": {"size": 10}})
     return fig
 
 

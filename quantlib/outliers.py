@@ -10,6 +10,7 @@ forward pass (the app's threshold slider).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -88,8 +89,14 @@ def activation_outliers(model: torch.nn.Module, input_ids: torch.Tensor, *, batc
     layers = linear_modules(model)
     maxima: dict[str, torch.Tensor] = {}
 
+    owner = threading.get_ident()
+
     def make_hook(name: str):
         def hook(_module: torch.nn.Module, args: tuple) -> None:
+            # A cached model may be shared by several app sessions (threads): record only the
+            # forward passes this scan makes, never another session's activations.
+            if threading.get_ident() != owner:
+                return
             x = args[0].detach()
             cur = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float().cpu()
             maxima[name] = cur if name not in maxima else torch.maximum(maxima[name], cur)

@@ -129,3 +129,31 @@ def test_a_killed_write_leaves_no_half_written_run(tmp_path) -> None:
     proc.wait()
     assert json.loads((tmp_path / "x.run.json").read_text()) == {"run_id": "old"}
     assert [p.name for p in tmp_path.glob("*.run.json")] == ["x.run.json"]
+
+
+def test_activation_scan_ignores_forward_passes_of_other_threads(tiny_llama_dir) -> None:
+    """A model cached for several app sessions: another thread's forward must not leak into the scan."""
+    import threading
+
+    model = load_model(str(tiny_llama_dir)).model
+    with torch.no_grad():
+        model.model.embed_tokens.weight[5] *= 1000  # the other session's token makes huge activations
+    ids = torch.randint(6, 60, (128,))  # this scan never sees token 5
+    alone = activation_outliers(model, ids, batch_tokens=128, max_batches=1)
+    stop = threading.Event()
+
+    def other_session() -> None:
+        loud = torch.full((1, 32), 5, dtype=torch.long)
+        with torch.inference_mode():
+            while not stop.is_set():
+                model(loud)
+
+    thread = threading.Thread(target=other_session)
+    thread.start()
+    try:
+        shared = activation_outliers(model, ids, batch_tokens=128, max_batches=1)
+    finally:
+        stop.set()
+        thread.join()
+    for name, absmax in alone.dim_absmax.items():
+        assert torch.allclose(shared.dim_absmax[name], absmax), name
