@@ -67,3 +67,30 @@ def default_model():
     from quantlib.models import load_model
 
     return load_model("default")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium driven by Playwright (see tests/e2e_support.py for the flags)."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.e2e_support import launch_chromium
+
+    with sync_playwright() as pw:
+        browser = launch_chromium(pw)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh browser context per test, downloads allowed, generous timeouts for model runs."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(90_000)
+    try:
+        yield page
+    finally:
+        context.close()

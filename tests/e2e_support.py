@@ -134,3 +134,9 @@ def full_page_screenshot(page, path: Path, width: int = 1400) -> None:
     page.set_viewport_size({"width": width, "height": int(min(max(height + 80, 800), 12000))})
     page.wait_for_timeout(700)
     page.screenshot(path=str(path), full_page=True)
+
+
+def assert_no_traceback(page) -> None:
+    """No Streamlit exception box on the page (a traceback must never reach the browser)."""
+    boxes = page.locator('[data-testid="stException"]')
+    assert boxes.count() == 0, boxes.first.inner_text()

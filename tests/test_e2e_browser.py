@@ -12,8 +12,8 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from tests.e2e_support import (ARTIFACTS, SCREENSHOTS, chromium_missing_reason, full_page_screenshot,
-                               launch_chromium, page_url, streamlit_server, wait_until_idle)
+from tests.e2e_support import (ARTIFACTS, SCREENSHOTS, assert_no_traceback, chromium_missing_reason,
+                               full_page_screenshot, page_url, streamlit_server, wait_until_idle)
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(chromium_missing_reason() is not None, reason=chromium_missing_reason() or "")]
@@ -26,34 +26,6 @@ PAGES = ["app.py", "pages/1_Config_Builder.py", "pages/2_Quantize_and_Inspect.py
 def server():
     with streamlit_server() as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = launch_chromium(pw)
-        try:
-            yield browser
-        finally:
-            browser.close()
-
-
-@pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
-    page = context.new_page()
-    page.set_default_timeout(60_000)
-    try:
-        yield page
-    finally:
-        context.close()
-
-
-def assert_no_traceback(page) -> None:
-    assert page.locator('[data-testid="stException"]').count() == 0, page.locator(
-        '[data-testid="stException"]').first.inner_text()
 
 
 def test_build_nf4_download_and_share(server, page, tmp_path):

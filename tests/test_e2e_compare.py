@@ -14,7 +14,7 @@ import re
 
 import pytest
 
-from tests.e2e_support import (SCREENSHOTS, chromium_missing_reason, full_page_screenshot, launch_chromium,
+from tests.e2e_support import (SCREENSHOTS, assert_no_traceback, chromium_missing_reason, full_page_screenshot,
                                page_url, streamlit_server, wait_until_idle)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow,
@@ -40,34 +40,6 @@ def server(runs_folder):
             os.environ.pop("QUANTLIB_RUNS_DIR", None)
         else:
             os.environ["QUANTLIB_RUNS_DIR"] = old
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = launch_chromium(pw)
-        try:
-            yield browser
-        finally:
-            browser.close()
-
-
-@pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
-    page = context.new_page()
-    page.set_default_timeout(90_000)
-    try:
-        yield page
-    finally:
-        context.close()
-
-
-def assert_no_traceback(page) -> None:
-    assert page.locator('[data-testid="stException"]').count() == 0, page.locator(
-        '[data-testid="stException"]').first.inner_text()
 
 
 def assert_no_error(page) -> None:
