@@ -22,6 +22,12 @@ PRESETS: dict[str, dict] = {
     "gguf-q4_0": {"quant_method": "gguf", "quant_type": "Q4_0"},
     "gguf-q4_1": {"quant_method": "gguf", "quant_type": "Q4_1"},
     "gguf-q8_0": {"quant_method": "gguf", "quant_type": "Q8_0"},
+    # Calibration-based: valid for planning and export everywhere, runnable only where their library
+    # is installed (see `runnable_presets`). g64 because the default model's 576-wide layers do not
+    # fit GPTQ's usual g128.
+    "gptq-int4-g64": {"quant_method": "gptq", "bits": 4, "group_size": 64},
+    "awq-int4-g64": {"quant_method": "awq", "bits": 4, "group_size": 64},
+    "aqlm-1x16-g8": {"quant_method": "aqlm", "num_codebooks": 1, "nbits_per_codebook": 16, "in_group_size": 8},
 }
 
 PRESET_TITLES: dict[str, str] = {
@@ -35,6 +41,9 @@ PRESET_TITLES: dict[str, str] = {
     "gguf-q4_0": "GGUF Q4_0",
     "gguf-q4_1": "GGUF Q4_1",
     "gguf-q8_0": "GGUF Q8_0",
+    "gptq-int4-g64": "GPTQ int4, group 64 (needs gptqmodel)",
+    "awq-int4-g64": "AWQ int4, group 64 (needs gptqmodel)",
+    "aqlm-1x16-g8": "AQLM 1x16, group 8 (planning; needs aqlm)",
 }
 
 
@@ -43,3 +52,22 @@ def preset(name: str) -> QuantConfig:
     if name not in PRESETS:
         raise ConfigError([FieldError("preset", name, "is not a known preset", ", ".join(PRESETS))])
     return parse_config(PRESETS[name])
+
+
+def missing_requirements(name: str) -> list[str]:
+    """pip names of the libraries a preset's quantizer needs and this environment lacks."""
+    import importlib.util
+
+    from quantlib.schemes import QUANTIZER_MAPPING
+
+    quantizer = QUANTIZER_MAPPING[preset(name).quantizer_key]
+    return [pip for module, pip in quantizer.requires if importlib.util.find_spec(module) is None]
+
+
+def runnable_presets() -> dict[str, dict]:
+    """The presets whose quantizer's libraries are installed here, in `PRESETS` order.
+
+    Pages that run presets (Compare, Quantize & Inspect) should offer these; planning and export
+    can offer all of `PRESETS`. Whether a GPU is needed is decided later, by `get_quantizer`.
+    """
+    return {name: cfg for name, cfg in PRESETS.items() if not missing_requirements(name)}

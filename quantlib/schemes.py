@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, ClassVar
@@ -20,8 +21,11 @@ import torch
 
 from quantlib import quantize as qmath
 from quantlib.configs import (
+    AqlmQuantConfig,
+    AwqQuantConfig,
     BitsAndBytesQuantConfig,
     GGUFQuantConfig,
+    GPTQQuantConfig,
     QuantConfig,
     RTNQuantConfig,
     parse_config,
@@ -283,6 +287,234 @@ class GGUFQuantizer(Quantizer):
         return None
 
 
+# ----------------------------------------------------------------------------------------
+# Calibration-based methods: real libraries only, never imitated here
+# ----------------------------------------------------------------------------------------
+
+#: Bits of each integer container gptqmodel can pack codes into (`pack_dtype`).
+PACK_DTYPE_BITS = {"int8": 8, "int16": 16, "int32": 32, "int64": 64}
+#: Group sizes worth suggesting for GPTQ/AWQ (what the gptqmodel kernels are built for).
+CALIBRATED_GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
+
+TensorShapes = dict[str, tuple[tuple[int, ...], int]]  # name -> (shape, bits per element)
+
+
+class CalibratedQuantizer(Quantizer):
+    """Base of GPTQ, AWQ and AQLM: calibrated on activations by their own library, never faked.
+
+    Memory planning and shape checks work from the config alone (classmethods). Quantizing needs
+    the library: `get_quantizer` raises `BackendUnavailableError` when it is missing, and
+    `quantize_tensor` raises it always, because these methods quantize a whole model from its
+    activations on calibration text, not one tensor at a time.
+    """
+
+    simulated = False
+    method_name: ClassVar[str] = ""
+    calibration: ClassVar[str] = ""
+
+    def validate_environment(self, device: str) -> BackendReport:
+        try:
+            return super().validate_environment(device)
+        except BackendUnavailableError as exc:
+            if "is not installed" not in exc.missing:
+                raise
+            raise BackendUnavailableError(
+                f"{self.method_name} ({self.config.label})", exc.missing,
+                f"{exc.fix}, into the environment that runs quantlib (its torch requirement must accept the "
+                f"installed torch). {self.calibration}") from None
+
+    def quantize_tensor(self, weight: torch.Tensor) -> Any:
+        raise BackendUnavailableError(
+            f"{self.method_name} ({self.config.label})",
+            "it is calibration-based: it quantizes a whole model from its activations on calibration text, "
+            f"which {self.library} does and quantlib does not imitate",
+            f"Quantize the model with {self.library} and load the saved checkpoint; quantlib can plan its "
+            "memory and check its shapes without it.")
+
+    @classmethod
+    def tensor_shapes(cls, config: QuantConfig, out_features: int, in_features: int) -> TensorShapes:
+        """Every tensor a checkpoint stores for one linear weight: name -> (shape, bits per element)."""
+        raise NotImplementedError
+
+    @classmethod
+    def tensor_bytes(cls, config: QuantConfig, out_features: int, in_features: int) -> dict[str, float]:
+        return {name: math.prod(shape) * bits / 8
+                for name, (shape, bits) in cls.tensor_shapes(config, out_features, in_features).items()}
+
+
+def _groups(config: QuantConfig, in_features: int) -> tuple[int, int]:
+    """(group size, number of groups) with -1 meaning one group spanning the input."""
+    size = in_features if config.group_size == -1 else config.group_size
+    return size, -(-in_features // size)
+
+
+def _group_problem(config: QuantConfig, name: str, in_features: int) -> str | None:
+    if config.group_size == -1 or in_features % config.group_size == 0:
+        return None
+    fits = [g for g in CALIBRATED_GROUP_SIZES if in_features % g == 0]
+    return (f"{name}: input width {in_features} is not divisible by group_size {config.group_size}; "
+            f"sizes that fit: {', '.join(map(str, fits)) if fits else 'none of ' + str(CALIBRATED_GROUP_SIZES)}"
+            ", or -1 (one group per output channel)")
+
+
+class GPTQQuantizer(CalibratedQuantizer):
+    """GPTQ through gptqmodel (the backend transformers uses for GPTQConfig)."""
+
+    config_class = GPTQQuantConfig
+    requires = (("gptqmodel", "gptqmodel"),)
+    library = "gptqmodel"
+    method_name = "GPTQ"
+    calibration = ("GPTQ calibrates on text (quantlib would feed its built-in corpus) and needs gptqmodel "
+                   "for the Hessian-based rounding and int32 packing.")
+
+    @classmethod
+    def tensor_shapes(cls, config: QuantConfig, out_features: int, in_features: int) -> TensorShapes:
+        """The buffers of gptqmodel's `BaseQuantLinear` (and AutoGPTQ's QuantLinear), GPTQ v1/v2 format.
+
+        qweight: (in // W * bits, out) words of W bits (W = 32 for the default pack_dtype int32),
+        the codes of `bits` bits packed along the input; qzeros: (groups, out // W * bits), one
+        `bits`-bit zero point per group and output channel, stored even for sym=True; scales:
+        (groups, out) fp16; g_idx: (in,) int32, the group of each input feature (written always,
+        needed for desc_act). groups = ceil(in / group_size), or 1 for group_size -1. The bias
+        (fp16, when the layer has one) is counted with the unquantized tensors.
+        """
+        word = PACK_DTYPE_BITS[getattr(config, "pack_dtype", None) or "int32"]
+        bits = config.bits
+        _, groups = _groups(config, in_features)
+        return {
+            "qweight": ((in_features // word * bits, out_features), word),
+            "qzeros": ((groups, out_features // word * bits), word),
+            "scales": ((groups, out_features), 16),
+            "g_idx": ((in_features,), 32),
+        }
+
+    @classmethod
+    def storage_bytes(cls, config: QuantConfig, out_features: int, in_features: int) -> dict[str, float]:
+        """codes = qweight; scales = fp16 scales + packed qzeros + g_idx (per-group/feature metadata)."""
+        t = cls.tensor_bytes(config, out_features, in_features)
+        return {"codes": t["qweight"], "scales": t["scales"] + t["qzeros"] + t["g_idx"], "dq_constants": 0.0,
+                "code_tables": 0.0}
+
+    @classmethod
+    def check_shape(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
+        out_features, in_features = shape[0], shape[-1]
+        problem = _group_problem(config, name, in_features)
+        if problem:
+            return problem
+        word = PACK_DTYPE_BITS[getattr(config, "pack_dtype", None) or "int32"]
+        if in_features % word or out_features % word:
+            return (f"{name}: shape {out_features}x{in_features} does not pack into {word}-bit words "
+                    f"(GPTQ packs {config.bits}-bit codes along the input and zero points along the output; "
+                    f"both widths must be multiples of {word})")
+        return None
+
+    @classmethod
+    def skip_modules(cls, config: QuantConfig) -> list[str]:
+        return list(getattr(config, "modules_to_not_convert", None) or [])
+
+
+class AwqQuantizer(CalibratedQuantizer):
+    """AWQ through gptqmodel (which loads and produces AutoAWQ-format checkpoints)."""
+
+    config_class = AwqQuantConfig
+    requires = (("gptqmodel", "gptqmodel"),)
+    library = "gptqmodel"
+    method_name = "AWQ"
+    calibration = ("AWQ searches per-channel scales on activations of calibration text (quantlib would feed "
+                   "its built-in corpus) and needs gptqmodel to search, pack and run them.")
+
+    @classmethod
+    def tensor_shapes(cls, config: QuantConfig, out_features: int, in_features: int) -> TensorShapes:
+        """The buffers of AutoAWQ's WQLinear_GEMM / gptqmodel's AWQ QuantLinear (format gemm).
+
+        qweight: (in, out // (W / bits)) W-bit words, codes packed along the output; qzeros:
+        (groups, out // (W / bits)), `bits`-bit zero points packed the same way (stored even with
+        zero_point=false); scales: (groups, out) fp16. No g_idx: AWQ never reorders the input.
+        """
+        word = PACK_DTYPE_BITS[getattr(config, "pack_dtype", None) or "int32"]
+        per_word = word // config.bits
+        _, groups = _groups(config, in_features)
+        return {
+            "qweight": ((in_features, out_features // per_word), word),
+            "qzeros": ((groups, out_features // per_word), word),
+            "scales": ((groups, out_features), 16),
+        }
+
+    @classmethod
+    def storage_bytes(cls, config: QuantConfig, out_features: int, in_features: int) -> dict[str, float]:
+        """codes = qweight; scales = fp16 scales + packed qzeros."""
+        t = cls.tensor_bytes(config, out_features, in_features)
+        return {"codes": t["qweight"], "scales": t["scales"] + t["qzeros"], "dq_constants": 0.0, "code_tables": 0.0}
+
+    @classmethod
+    def check_shape(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
+        out_features, in_features = shape[0], shape[-1]
+        problem = _group_problem(config, name, in_features)
+        if problem:
+            return problem
+        per_word = PACK_DTYPE_BITS[getattr(config, "pack_dtype", None) or "int32"] // config.bits
+        if out_features % per_word:
+            return (f"{name}: output width {out_features} is not a multiple of {per_word} "
+                    f"(AWQ packs {per_word} {config.bits}-bit codes per word along the output)")
+        return None
+
+
+class AqlmQuantizer(CalibratedQuantizer):
+    """AQLM through the aqlm package (its kernels; codebooks are learned for GPU-days)."""
+
+    config_class = AqlmQuantConfig
+    requires = (("aqlm", "aqlm"),)
+    library = "aqlm"
+    method_name = "AQLM"
+    calibration = ("AQLM learns codebooks with beam search and fine-tuning on calibration text (GPU-days for "
+                   "a 7B model); load a published AQLM checkpoint instead.")
+
+    @staticmethod
+    def code_container_bits(nbits: int) -> int:
+        """aqlm's `get_int_dtype`: codes of up to 8/16/32 bits are stored in int8/int16/int32."""
+        return next(b for b in (8, 16, 32, 64) if nbits <= b)
+
+    @classmethod
+    def tensor_shapes(cls, config: QuantConfig, out_features: int, in_features: int) -> TensorShapes:
+        """The parameters of aqlm's `QuantizedLinear`, as saved in AQLM checkpoints.
+
+        codes: (out / out_group, in / in_group, num_codebooks), one code per group and codebook in
+        the smallest int type holding nbits_per_codebook bits (int16 for 16, int8 for 8);
+        codebooks: (num_codebooks, 2^nbits, out_group, in_group) fp16, per layer; scales:
+        (out / out_group, 1, 1, 1) fp16, one per output group.
+        """
+        c = config
+        return {
+            "codes": ((out_features // c.out_group_size, in_features // c.in_group_size, c.num_codebooks),
+                      cls.code_container_bits(c.nbits_per_codebook)),
+            "codebooks": ((c.num_codebooks, 2 ** c.nbits_per_codebook, c.out_group_size, c.in_group_size), 16),
+            "scales": ((out_features // c.out_group_size, 1, 1, 1), 16),
+        }
+
+    @classmethod
+    def storage_bytes(cls, config: QuantConfig, out_features: int, in_features: int) -> dict[str, float]:
+        """codes; scales (fp16 per output group); code_tables = the layer's fp16 codebooks."""
+        t = cls.tensor_bytes(config, out_features, in_features)
+        return {"codes": t["codes"], "scales": t["scales"], "dq_constants": 0.0, "code_tables": t["codebooks"]}
+
+    @classmethod
+    def check_shape(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
+        out_features, in_features = shape[0], shape[-1]
+        problems = []
+        if in_features % config.in_group_size:
+            problems.append(f"input width {in_features} is not divisible by in_group_size {config.in_group_size}")
+        if out_features % config.out_group_size:
+            problems.append(f"output width {out_features} is not divisible by out_group_size "
+                            f"{config.out_group_size}")
+        return f"{name}: " + "; ".join(problems) if problems else None
+
+    @classmethod
+    def skip_modules(cls, config: QuantConfig) -> list[str]:
+        """`linear_weights_not_to_quantize` names parameters (lm_head.weight); modules are their parents."""
+        names = config.linear_weights_not_to_quantize or []
+        return [n[: -len(".weight")] if n.endswith(".weight") else n for n in names]
+
+
 #: Bits of the integer code per weight in each GGUF type (the rest of a block is scales/mins).
 GGUF_CODE_BITS = {"Q8_0": 8, "Q5_0": 5, "Q5_1": 5, "Q4_0": 4, "Q4_1": 4, "MXFP4": 4, "BF16": 16, "F16": 16}
 
@@ -310,6 +542,9 @@ QUANTIZER_MAPPING: dict[str, type[Quantizer]] = {
     "bitsandbytes_8bit": Bnb8BitQuantizer,
     "rtn": RTNQuantizer,
     "gguf": GGUFQuantizer,
+    "gptq": GPTQQuantizer,
+    "awq": AwqQuantizer,
+    "aqlm": AqlmQuantizer,
 }
 
 
