@@ -67,13 +67,53 @@ GPTQMODEL_570 = {
              "wait_for_submodule_finalizers": False},
     "pack_dtype": "int32", "quant_method": "gptq", "sym": True,
 }
+#: config.json written by gptqmodel 7.6.0 quantizing a 2-layer Llama (hidden 128) on CPU, in this
+#: project's feasibility probe (throwaway venv); its q_proj tensors are pinned below.
+GPTQMODEL_760 = {'bits': 4,
+                 'checkpoint_format': 'gptq',
+                 'desc_act': False,
+                 'format': 'gptq',
+                 'group_size': 64,
+                 'lm_head': False,
+                 'meta': {'act_group_aware': True,
+                          'auto_forward_data_parallel': True,
+                          'damp_auto_increment': 0.01,
+                          'damp_percent': 0.05,
+                          'dense_vram_strategy': 'exclusive',
+                          'dense_vram_strategy_devices': None,
+                          'fallback': {'smooth': None, 'strategy': 'rtn', 'threshold': '0.5%'},
+                          'foem': None,
+                          'gc_mode': 'interval',
+                          'gptaq': None,
+                          'hessian': {'chunk_bytes': None,
+                                      'chunk_size': None,
+                                      'dedup_shared_inputs': True,
+                                      'staging_dtype': 'float32'},
+                          'mock_quantization': False,
+                          'moe_vram_strategy': 'exclusive',
+                          'moe_vram_strategy_devices': None,
+                          'mse': 0.0,
+                          'offload_to_disk': True,
+                          'offload_to_disk_path': '/tmp/gptqmodel_9ntlh10q',
+                          'pack_impl': 'cpu',
+                          'quantizer': ['gptqmodel:7.6.0'],
+                          'static_groups': False,
+                          'telemetry': {'device': False},
+                          'True_sequential': True,
+                          'uri': 'https://github.com/modelcloud/gptqmodel',
+                          'wait_for_submodule_finalizers': False},
+                 'method': 'gptq',
+                 'pack_dtype': 'int32',
+                 'quant_method': 'gptq',
+                 'sym': True}
 #: TheBloke/zephyr-7B-alpha-AWQ config.json (AutoAWQ), as shown in transformers' AWQ docs.
 THEBLOKE_ZEPHYR_AWQ = {"quant_method": "awq", "zero_point": True, "group_size": 128, "bits": 4, "version": "gemm"}
 #: BlackSamorez/Llama-2-7b-AQLM-2Bit-1x16-hf config.json, as quoted in vLLM's AQLM config comments.
 AQLM_LLAMA2_1X16 = {"in_group_size": 8, "nbits_per_codebook": 16, "num_codebooks": 1, "out_group_size": 1,
                     "quant_method": "aqlm",
                     "linear_weights_not_to_quantize": ["model.embed_tokens.weight", "lm_head.weight"]}
-REAL_BLOCKS = [THEBLOKE_LLAMA2_GPTQ, QWEN25_CODER_GPTQ, GPTQMODEL_570, THEBLOKE_ZEPHYR_AWQ, AQLM_LLAMA2_1X16]
+REAL_BLOCKS = [THEBLOKE_LLAMA2_GPTQ, QWEN25_CODER_GPTQ, GPTQMODEL_570, GPTQMODEL_760, THEBLOKE_ZEPHYR_AWQ,
+               AQLM_LLAMA2_1X16]
 
 
 @pytest.mark.parametrize("block", REAL_BLOCKS, ids=lambda b: f"{b['quant_method']}-{len(b)}keys")
@@ -333,6 +373,9 @@ def test_gptq_shapes_match_gptq_checkpoints() -> None:
     assert parts["scales"] == 32 * 4096 * 2 + 32 * 512 * 4 + 4096 * 4
     # 4 + 16/128 (scale) + 4/128 (zero) bits per weight, plus g_idx.
     assert 8 * (parts["codes"] + parts["scales"]) / n == pytest.approx(4 + 20 / 128 + 32 / 4096)
+    # gptqmodel 7.6.0's own output for a 128x128 q_proj at g64 (the probe's checkpoint).
+    assert GPTQQuantizer.tensor_shapes(parse_config(GPTQMODEL_760), 128, 128) == {
+        "qweight": ((16, 128), 32), "qzeros": ((2, 16), 32), "scales": ((2, 128), 16), "g_idx": ((128,), 32)}
     awq = AwqQuantizer.tensor_shapes(AwqQuantConfig(group_size=128), 4096, 4096)
     assert awq == {"qweight": ((4096, 512), 32), "qzeros": ((32, 512), 32), "scales": ((32, 4096), 16)}
 
