@@ -249,12 +249,16 @@ def format_seconds(seconds: float) -> str:
 # --------------------------------------------------------------------------------- configs
 
 def config_options(builder: dict | None, builder_label: str | None) -> dict[str, dict]:
-    """Display name -> config dict: every quantlib preset, plus the builder's config when present."""
-    from quantlib.presets import PRESET_TITLES, PRESETS, preset
+    """Display name -> config dict: the presets that can run here, plus the builder's config when present.
+
+    Presets whose library is missing (GPTQ/AWQ without gptqmodel, AQLM without aqlm) are left out;
+    the Config Builder and Memory Planner still offer them for export and planning.
+    """
+    from quantlib.presets import PRESET_TITLES, preset, runnable_presets
 
     options: dict[str, dict] = {}
     if builder:
         options[f"Config Builder: {builder_label or 'current config'}"] = dict(builder)
-    for name in PRESETS:
+    for name in runnable_presets():
         options[f"{PRESET_TITLES.get(name, name)}"] = preset(name).to_dict()
     return options
