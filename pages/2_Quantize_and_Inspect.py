@@ -68,52 +68,25 @@ def code_levels(cfg: dict, n_codes: int) -> tuple[list[float], str]:
 # ------------------------------------------------------------------------------------ run
 
 def run_inspection(choice: ModelChoice, cfg: dict, tokens: int, window: int, run_key: str) -> None:
-    """Everything the page shows, computed once; stored in session state under inspect.result."""
-    import torch
-
-    from quantlib.apply import layer_errors, quantize_model
-    from quantlib.corpus import builtin_text
-    from quantlib.evaluation import compare_logits, reference_logprobs, tokenize_for_eval
-    from quantlib.memory import measure_footprint
-    from quantlib.outliers import activation_outliers
-    from quantlib.schemes import get_quantizer
+    """Run `quantlib.inspection.inspect_scheme` once; store the result under inspect.result."""
+    from quantlib.inspection import inspect_scheme
 
     started = time.perf_counter()
     progress = Progress(NS, "Loading the model…")
     device = resolve(choice.device)
-    quantizer = get_quantizer(cfg, device=device)
     base = load_base(choice)
-    progress.stage(0.0, 0.05)(1.0, "Model loaded.")
-
-    errors = layer_errors(base.model, quantizer, progress=progress.stage(0.05, 0.3), cancel=progress.cancel)
-    qm = quantize_model(cfg, base=base, source=choice.source, device=device, dtype=choice.torch_dtype,
-                        trust_remote_code=choice.trust_remote_code, allow_pickle=choice.allow_pickle,
-                        progress=progress.stage(0.3, 0.45), cancel=progress.cancel)
-    try:
-        ids = tokenize_for_eval(base.tokenizer, builtin_text("eval"), tokens)
-        ref_key = json.dumps([choice.key(), device, tokens, window])
-        ref = get_reference(ref_key)
-        if ref is None:
-            ref = reference_logprobs(base.model, ids, window=window, progress=progress.stage(0.45, 0.65),
-                                     cancel=progress.cancel)
-            put_reference(ref_key, ref)
-        comparison = compare_logits(ref, qm.model, progress=progress.stage(0.65, 0.88), cancel=progress.cancel)
-        memory = {"baseline (unquantized)": measure_footprint(base.model), qm.config.label: qm.memory}
-        backend = qm.backend.to_dict()
-        label = qm.config.label
-    finally:
-        del qm
-    bos = getattr(base.model.config, "bos_token_id", None)
-    calib = tokenize_for_eval(base.tokenizer, builtin_text("calib"), OUTLIER_TOKENS)
-    with torch.no_grad():
-        outliers = activation_outliers(base.model, calib, bos_token_id=bos, progress=progress.stage(0.88, 1.0),
-                                       cancel=progress.cancel)
+    ref_key = json.dumps([choice.key(), device, tokens, window])
+    result, reference = inspect_scheme(
+        base, cfg, source=choice.source, device=device, dtype=choice.torch_dtype, tokens=tokens, window=window,
+        outlier_tokens=OUTLIER_TOKENS, reference=get_reference(ref_key), trust_remote_code=choice.trust_remote_code,
+        allow_pickle=choice.allow_pickle, progress=progress, cancel=progress.cancel)
+    put_reference(ref_key, reference)
     progress.done(f"Done in {time.perf_counter() - started:.1f} s.")
-    NS.set({"key": run_key, "source": choice.source, "label": label, "config": cfg, "config_json": config_json(cfg),
-            "model_key": choice.key(), "device": device, "backend": backend, "backend_name": backend_label(),
-            "layers": errors, "memory": memory, "comparison": comparison.to_dict(),
-            "baseline": ref.perplexity.to_dict(), "outliers": outliers, "seconds": time.perf_counter() - started,
-            "model": base.description.to_dict()}, "result")
+    NS.set({"key": run_key, "source": choice.source, "label": result.label, "config": cfg,
+            "config_json": config_json(cfg), "model_key": choice.key(), "device": device, "backend": result.backend,
+            "backend_name": backend_label(), "layers": result.layers, "memory": result.memory,
+            "comparison": result.comparison.to_dict(), "baseline": result.baseline.to_dict(),
+            "outliers": result.outliers, "seconds": time.perf_counter() - started, "model": result.model}, "result")
 
 
 # ------------------------------------------------------------------------------------ views

@@ -141,3 +141,16 @@ def test_configs_are_batched_to_fit_memory_and_labels_stay_unique(tiny_llama_dir
     assert split.table["scheme"].tolist() == joint.table["scheme"].tolist()
     assert split.table["perplexity"].tolist() == pytest.approx(joint.table["perplexity"].tolist(), rel=1e-6)
     assert split.table["kl"].tolist() == pytest.approx(joint.table["kl"].tolist(), rel=1e-5, abs=1e-9)
+
+
+def test_inspect_scheme_reuses_the_reference(tiny_llama_dir, tiny_base) -> None:
+    from quantlib.inspection import inspect_scheme
+
+    first, reference = inspect_scheme(tiny_base, RTN4, source=str(tiny_llama_dir), device="cpu", tokens=200, window=64,
+                                      outlier_tokens=128)
+    assert first.comparison.kl_mean > 0 and len(first.layers) == 14
+    assert set(first.memory) == {"baseline (unquantized)", "RTN int4 g64"}
+    assert first.outliers.n_tokens > 0 and first.backend["device"] == "cpu"
+    second, same = inspect_scheme(tiny_base, NF4_DQ, source=str(tiny_llama_dir), device="cpu", reference=reference,
+                                  outlier_tokens=128)
+    assert same is reference and second.baseline.ppl == first.baseline.ppl
