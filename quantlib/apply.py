@@ -51,6 +51,8 @@ class QuantizedModel:
     memory: MemoryBreakdown
     seconds: float
     description: dict[str, Any] = field(default_factory=dict)
+    calibration_seconds: float = 0.0  # GPTQ/AWQ: gptqmodel's calibration alone (0 for other schemes)
+    checkpoint_dir: str | None = None  # GPTQ/AWQ: where the quantized checkpoint was saved
 
     @property
     def simulated(self) -> bool:
@@ -73,19 +75,25 @@ def check_model_shapes(model: torch.nn.Module, quantizer: Quantizer) -> None:
 def quantize_model(config: QuantConfig | dict | str, *, base: LoadedModel | None = None, source: str = "default",
                    device: str = "auto", dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
                    allow_pickle: bool = False, progress: ProgressFn | None = None,
-                   cancel: CancelFn | None = None) -> QuantizedModel:
+                   cancel: CancelFn | None = None, calibration: Any = None) -> QuantizedModel:
     """Quantize a model with a config and measure its footprint.
 
     `base` (an unquantized model already in memory) saves a reload for simulated schemes; the
     bitsandbytes path always loads from `source`, because bitsandbytes quantizes while loading,
     with the same `trust_remote_code` / `allow_pickle` choices the baseline was loaded with.
+    GPTQ and AWQ (`quantizer.calibrated`) run gptqmodel on the model's safetensors folder with
+    `calibration` (a `quantlib.calibration.CalibrationSettings`; default 128 x 512 tokens of the
+    built-in calibration text) and load the saved checkpoint back (see `quantlib.calibration`).
     """
     quantizer = get_quantizer(parse_config(config), device=device)
     started = time.perf_counter()
+    if getattr(quantizer, "calibrated", False):
+        return _quantize_calibrated(quantizer, source, trust_remote_code, progress, cancel, calibration, started)
     if not quantizer.simulated:
         loaded = load_model(source, dtype=dtype, device=quantizer.backend.device, trust_remote_code=trust_remote_code,
                             allow_pickle=allow_pickle, quantization_config=quantizer.config.to_transformers(),
                             progress=progress)
+        _own_unquantized_tensors(loaded.model)
         memory = measure_footprint(loaded.model)
         model, tokenizer, desc = loaded.model, loaded.tokenizer, loaded.description.to_dict()
     else:
@@ -98,6 +106,73 @@ def quantize_model(config: QuantConfig | dict | str, *, base: LoadedModel | None
     model.eval()
     return QuantizedModel(model, tokenizer, quantizer.config, quantizer.backend, memory,
                           time.perf_counter() - started, desc)
+
+
+def calibration_model_dir(source: str) -> str:
+    """The safetensors folder gptqmodel reads: the default model's converted folder, or a user folder."""
+    from pathlib import Path
+
+    from quantlib.models import default_model_dir
+
+    if source in ("", "default"):
+        return str(default_model_dir())
+    path = Path(source).expanduser()
+    if not path.is_dir() or not any(path.glob("*.safetensors")):
+        raise QuantlibError(f"GPTQ/AWQ calibration needs a local folder with config.json and safetensors weights; "
+                            f"{source!r} is not one (convert GGUF or hub models to a folder first)")
+    return str(path)
+
+
+def _quantize_calibrated(quantizer: Quantizer, source: str, trust_remote_code: bool, progress: ProgressFn | None,
+                         cancel: CancelFn | None, calibration: Any, started: float) -> QuantizedModel:
+    from quantlib.calibration import calibrate
+    model_dir = calibration_model_dir(source)
+    # Refuse unfit shapes from config.json before any calibration starts.
+    import json
+    from pathlib import Path
+
+    problems = preflight(quantizer.config, json.loads((Path(model_dir) / "config.json").read_text()))
+    if problems:
+        raise ShapeError(problems)
+    result = calibrate(quantizer.config, model_dir, settings=calibration, progress=progress, cancel=cancel,
+                       trust_remote_code=trust_remote_code)
+    memory = measure_footprint(result.model)
+    memory.notes.extend(result.notes)
+    desc = {"source": source, "path": model_dir, "quantized_checkpoint": str(result.checkpoint_dir),
+            "calibration": {**(calibration.to_dict() if calibration is not None else {}),
+                            "tokens": result.n_tokens}}
+    return QuantizedModel(result.model, result.tokenizer, quantizer.config, quantizer.backend, memory,
+                          time.perf_counter() - started, desc, calibration_seconds=result.calibration_seconds,
+                          checkpoint_dir=str(result.checkpoint_dir))
+
+
+@torch.no_grad()
+def _own_unquantized_tensors(model: torch.nn.Module) -> None:
+    """Copy the tensors bitsandbytes left unquantized out of the checkpoint's memory map.
+
+    Loaded from safetensors, they are views into a mapping of the whole file; each loaded model
+    would keep its own 0.5 GB mapping resident (measured on the default model) for 0.1 GB of
+    embeddings and norms. Copying them lets the mapping go; sizes and values are unchanged.
+    """
+    seen: set[int] = set()
+    for param in model.parameters():
+        if id(param) in seen or getattr(param, "quant_state", None) is not None or not param.is_floating_point():
+            continue
+        seen.add(id(param))
+        param.data = param.data.clone()
+    release_memory()
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 @torch.no_grad()
@@ -164,13 +239,23 @@ def code_usage(packed: Any) -> tuple[torch.Tensor | None, float]:
 
 @torch.no_grad()
 def layer_errors(base_model: torch.nn.Module, quantizer: Quantizer, progress: ProgressFn | None = None,
-                 cancel: CancelFn | None = None) -> pd.DataFrame:
+                 cancel: CancelFn | None = None, quantized: Any = None) -> pd.DataFrame:
     """Weight error of every quantizable linear layer, quantizing one layer at a time.
 
     Streaming keeps peak memory at the model plus one layer's packed and dequantized copies,
     whatever the model size. Uses the scheme's own tensor path (bitsandbytes' kernels for the
     bitsandbytes schemes, the same ones `from_pretrained` uses).
+
+    GPTQ/AWQ quantize whole models from activations, so their errors come from the loaded
+    checkpoint: pass `quantized` (the `QuantizedModel` or its model) and each QuantLinear's
+    weight, dequantized by gptqmodel, is compared with the base weight of the same name.
     """
+    if getattr(quantizer, "calibrated", False):
+        if quantized is None:
+            raise QuantlibError(f"{quantizer.config.label}: layer errors of a calibration-based scheme need the "
+                                "quantized model (quantize_model first, then layer_errors(..., quantized=qm))")
+        return calibrated_layer_errors(base_model, getattr(quantized, "model", quantized), quantizer, progress,
+                                       cancel)
     check_model_shapes(base_model, quantizer)
     rows = []
     layers = quantizable_layers(base_model, quantizer)
@@ -183,6 +268,38 @@ def layer_errors(base_model: torch.nn.Module, quantizer: Quantizer, progress: Pr
         _, entropy = code_usage(packed)
         rows.append({"layer": name, "out_features": w.shape[0], "in_features": w.shape[1], **metrics,
                      "bits_per_param": packed.bits_per_param, "code_entropy_bits": entropy})
+        if progress and (i % 8 == 0 or i == len(layers) - 1):
+            progress((i + 1) / len(layers), f"{quantizer.config.label}: weight error {i + 1}/{len(layers)}")
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def calibrated_layer_errors(base_model: torch.nn.Module, quantized_model: torch.nn.Module, quantizer: Quantizer,
+                            progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> pd.DataFrame:
+    """Error of each GPTQ/AWQ layer of a loaded checkpoint against the base weight of the same name.
+
+    AWQ folds its per-channel scales into the preceding norm/linear before rounding, so its layer
+    weights differ from the base by those scales as well as by rounding: its relative errors
+    measure what was stored, not rounding alone (the perplexity is the honest end-to-end figure).
+    """
+    from quantlib.calibration import dequantized_weight, quant_linear_modules
+
+    base = dict(base_model.named_modules())
+    layers = quant_linear_modules(quantized_model)
+    rows = []
+    for i, (name, module) in enumerate(layers):
+        if cancel is not None and cancel():
+            raise Cancelled(f"layer errors cancelled at {name}")
+        if name not in base:
+            continue
+        w = base[name].weight.data.float()
+        deq = dequantized_weight(module)
+        metrics = error_metrics(w, deq.to(w.device))
+        nbytes = sum(t.numel() * t.element_size() for t in (getattr(module, k, None) for k in
+                                                              ("qweight", "qzeros", "scales", "g_idx"))
+                     if isinstance(t, torch.Tensor))
+        rows.append({"layer": name, "out_features": w.shape[0], "in_features": w.shape[1], **metrics,
+                     "bits_per_param": 8 * nbytes / w.numel(), "code_entropy_bits": float("nan")})
         if progress and (i % 8 == 0 or i == len(layers) - 1):
             progress((i + 1) / len(layers), f"{quantizer.config.label}: weight error {i + 1}/{len(layers)}")
     return pd.DataFrame(rows)

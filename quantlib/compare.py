@@ -9,7 +9,6 @@ steps; the finished run is saved atomically so a page reload loses nothing.
 
 from __future__ import annotations
 
-import gc
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -18,7 +17,7 @@ import pandas as pd
 import psutil
 import torch
 
-from quantlib.apply import layer_errors, quantize_model
+from quantlib.apply import layer_errors, quantize_model, release_memory
 from quantlib.configs import QuantConfig, parse_config
 from quantlib.corpus import builtin_text, load_text
 from quantlib.errors import Cancelled
@@ -32,7 +31,7 @@ ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
 
 TABLE_COLUMNS = ["scheme", "backend", "bits_per_param", "memory_mib", "perplexity", "kl", "top1_agreement",
-                 "mean_layer_rel_error", "worst_layer_rel_error", "worst_layer", "seconds"]
+                 "mean_layer_rel_error", "worst_layer_rel_error", "worst_layer", "seconds", "calibration_seconds"]
 
 
 @dataclass
@@ -48,9 +47,13 @@ class CompareSettings:
     dtype: str = "float32"
     trust_remote_code: bool = False  # off unless the user turns it on
     allow_pickle: bool = False  # pickle-only checkpoints are refused unless allowed
+    calibration: Any = None  # GPTQ/AWQ: a quantlib.calibration.CalibrationSettings (None: 128 x 512 tokens)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        data = dict(self.__dict__)
+        if data.get("calibration") is not None:
+            data["calibration"] = data["calibration"].to_dict()
+        return data
 
 
 @dataclass
@@ -163,11 +166,17 @@ def run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compar
         for index in batch:
             config, quantizer, label = parsed[index], quantizers[index], labels[index]
             t0 = time.perf_counter()
-            errors = layer_errors(base.model, quantizer, progress=report, cancel=cancel)
+            if getattr(quantizer, "calibrated", False):  # GPTQ/AWQ: errors come from the loaded checkpoint
+                qm = quantize_model(config, source=settings.source, device=device, dtype=dtype,
+                                    trust_remote_code=settings.trust_remote_code, progress=report, cancel=cancel,
+                                    calibration=settings.calibration)
+                errors = layer_errors(base.model, quantizer, progress=report, cancel=cancel, quantized=qm)
+            else:
+                errors = layer_errors(base.model, quantizer, progress=report, cancel=cancel)
+                qm = quantize_model(config, base=base, source=settings.source, device=device, dtype=dtype,
+                                    trust_remote_code=settings.trust_remote_code, allow_pickle=settings.allow_pickle,
+                                    progress=report, cancel=cancel)
             errors.insert(0, "scheme", label)
-            qm = quantize_model(config, base=base, source=settings.source, device=device, dtype=dtype,
-                                trust_remote_code=settings.trust_remote_code, allow_pickle=settings.allow_pickle,
-                                progress=report, cancel=cancel)
             quantized[label] = (config, qm, errors, time.perf_counter() - t0)
             step[0] += 1
         # One pass over the text: each window's baseline log-probs are computed once and compared
@@ -187,19 +196,21 @@ def run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compar
                          "kl": comparison.kl_mean, "top1_agreement": comparison.top1_agreement,
                          "mean_layer_rel_error": float(errors["rel_fro_error"].mean()),
                          "worst_layer_rel_error": float(worst["rel_fro_error"]), "worst_layer": str(worst["layer"]),
-                         "seconds": quant_seconds + comparison.seconds})
+                         "seconds": quant_seconds + comparison.seconds,
+                         "calibration_seconds": qm.calibration_seconds})
             layer_frames.append(errors)
             memory[label] = qm.memory.to_dict()
             details[label] = {"backend": qm.backend.to_dict(), "kl": comparison.to_dict(),
                               "quantize_seconds": quant_seconds}
         quantized.clear()
-        gc.collect()
+        release_memory()
     order = {label: i for i, label in enumerate(labels)}
     rows.sort(key=lambda r: order[r["scheme"]])
     rows.insert(0, {"scheme": f"baseline {settings.dtype}", "backend": baseline.backend,
                     "bits_per_param": float(torch.finfo(dtype).bits), "memory_mib": base_mem.total_bytes / 2**20,
                     "perplexity": baseline.ppl, "kl": 0.0, "top1_agreement": 1.0, "mean_layer_rel_error": 0.0,
-                    "worst_layer_rel_error": 0.0, "worst_layer": "", "seconds": baseline.seconds})
+                    "worst_layer_rel_error": 0.0, "worst_layer": "", "seconds": baseline.seconds,
+                    "calibration_seconds": 0.0})
     layer_frames.sort(key=lambda f: order[f["scheme"].iloc[0]] if len(f) else 0)
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     layers = pd.concat(layer_frames, ignore_index=True) if layer_frames else pd.DataFrame()
