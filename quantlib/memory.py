@@ -103,11 +103,27 @@ def _add_quant_state(counter: _Counter, state: Any) -> None:
     counter.add("code_tables", state.code)
 
 
+def _is_packed_linear(module: torch.nn.Module) -> bool:
+    """gptqmodel's GPTQ/AWQ QuantLinear: packed `qweight` codes plus `scales`/`qzeros` (and GPTQ's `g_idx`)."""
+    return isinstance(getattr(module, "qweight", None), torch.Tensor) and \
+        isinstance(getattr(module, "scales", None), torch.Tensor)
+
+
 def measure_footprint(model: torch.nn.Module) -> MemoryBreakdown:
-    """Count every tensor a (possibly bitsandbytes-quantized) model holds, by component."""
+    """Count every tensor a (possibly bitsandbytes- or GPTQ/AWQ-quantized) model holds, by component.
+
+    gptqmodel's QuantLinear keeps its state in buffers: qweight counts as codes; scales, qzeros
+    and g_idx as scales (the planner's split); its other buffers (kernel lookup tables) and the
+    bias as unquantized.
+    """
     counter = _Counter()
     quantized_params = 0
     for module in model.modules():
+        if _is_packed_linear(module):
+            counter.add("codes", module.qweight)
+            for name in ("scales", "qzeros", "g_idx"):
+                counter.add("scales", getattr(module, name, None))
+            quantized_params += int(module.in_features) * int(module.out_features)
         weight = getattr(module, "weight", None)
         state = getattr(weight, "quant_state", None)
         scb = getattr(weight, "SCB", None)
@@ -132,6 +148,8 @@ def _count_params(model: torch.nn.Module) -> int:
     seen: set[int] = set()
     total = 0
     for module in model.modules():
+        if _is_packed_linear(module):  # packed buffers, not parameters: count the logical weight
+            total += int(module.in_features) * int(module.out_features)
         for _, p in module.named_parameters(recurse=False):
             if id(p) in seen:
                 continue

@@ -311,6 +311,15 @@ class CalibratedQuantizer(Quantizer):
     simulated = False
     method_name: ClassVar[str] = ""
     calibration: ClassVar[str] = ""
+    #: True where quantlib can run the method end to end (`quantlib.calibration`): GPTQ and AWQ
+    #: through gptqmodel. `quantize_model` then calibrates the whole model instead of tensors.
+    calibrated: ClassVar[bool] = False
+
+    def environment_notes(self, device: str) -> list[str]:
+        if not self.calibrated:
+            return []
+        return [f"{self.method_name} calibrates with gptqmodel on the CPU (GPTQMODEL_CPU_WORKERS=2) and runs with its "
+                "pure-torch kernel; calibration takes minutes, not seconds"]
 
     def validate_environment(self, device: str) -> BackendReport:
         try:
@@ -364,6 +373,7 @@ class GPTQQuantizer(CalibratedQuantizer):
     requires = (("gptqmodel", "gptqmodel"),)
     library = "gptqmodel"
     method_name = "GPTQ"
+    calibrated = True
     calibration = ("GPTQ calibrates on text (quantlib would feed its built-in corpus) and needs gptqmodel "
                    "for the Hessian-based rounding and int32 packing.")
 
@@ -420,8 +430,14 @@ class AwqQuantizer(CalibratedQuantizer):
     requires = (("gptqmodel", "gptqmodel"),)
     library = "gptqmodel"
     method_name = "AWQ"
+    calibrated = True
     calibration = ("AWQ searches per-channel scales on activations of calibration text (quantlib would feed "
                    "its built-in corpus) and needs gptqmodel to search, pack and run them.")
+
+    def environment_notes(self, device: str) -> list[str]:
+        return [*super().environment_notes(device),
+                "known problem: gptqmodel 7.6.0's AWQ on CPU produced a broken checkpoint for the default model "
+                "(perplexity in the millions; see tests/test_gptq_awq.py); check the perplexity before trusting it"]
 
     @classmethod
     def tensor_shapes(cls, config: QuantConfig, out_features: int, in_features: int) -> TensorShapes:

