@@ -4,7 +4,15 @@ Never imports Streamlit: the app's pages are thin layers over this package. The 
 the stable entry points; the modules hold the rest (see the README's module list).
 """
 
-from quantlib.configs import (
+import logging
+
+# torchao (pulled in by gptqmodel, imported by transformers when present) logs a warning for each
+# CUDA-only extension it cannot load on a CPU machine, and torch warns about torchao's enums: noise
+# on every model load. Real errors still come through.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+from quantlib.configs import (  # noqa: E402
     CONFIG_MAPPING,
     BitsAndBytesQuantConfig,
     GGUFQuantConfig,
@@ -14,7 +22,7 @@ from quantlib.configs import (
     parse_config,
     registered_methods,
 )
-from quantlib.errors import BackendUnavailableError, Cancelled, ConfigError, FieldError, QuantlibError
+from quantlib.errors import BackendUnavailableError, Cancelled, ConfigError, FieldError, QuantlibError  # noqa: E402
 
 __all__ = [
     "CONFIG_MAPPING",
