@@ -5,6 +5,9 @@ with the issue's 128 x 512 calibration tokens from the built-in "calib" split, a
 the disjoint "eval" split next to symmetric / asymmetric RTN int4 g64 and the fp32 baseline. Run:
 
     python3 benchmarks/bench_calibrated.py [--samples 128] [--seq-len 512] [--tokens 4096] [--methods gptq awq]
+
+AWQ calibrates in bf16 (see quantlib.calibration), slow on CPUs without bf16 instructions: at
+128 x 512 tokens expect hours on two cores; use e.g. --methods awq --samples 4 --seq-len 256 there.
 """
 
 from __future__ import annotations
