@@ -20,10 +20,7 @@ from quantlib.evaluation import (
     tokenize_for_eval,
 )
 
-try:  # tests/ may or may not be a package
-    from tests.conftest import tiny_llama_config
-except ImportError:  # pragma: no cover
-    from conftest import tiny_llama_config
+from tests.conftest import tiny_llama_config
 
 VOCAB = 80
 BOS = 1

@@ -13,7 +13,7 @@ from quantlib.architecture import ArchitectureError, describe_architecture
 from quantlib.memory import measure_footprint, plan_memory, plan_table
 from quantlib.quantize import quantize_4bit, quantize_int8_weight
 from quantlib.schemes import QUANTIZER_MAPPING
-from tests.tiny_models import save_tiny_llama, tiny_llama_config
+from tests.conftest import tiny_llama_config
 
 NF4_DQ = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
           "bnb_4bit_use_double_quant": True}
@@ -21,9 +21,18 @@ NF4 = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_typ
 INT8 = {"quant_method": "bitsandbytes", "load_in_8bit": True}
 
 
+# Widths that are multiples of 64 so every block and group scheme fits; tied embeddings like SmolLM2.
+TINY = dict(hidden_size=128, intermediate_size=384, tie_word_embeddings=True)
+
+
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory: pytest.TempPathFactory):
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny"))
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(tiny_llama_config(512, **TINY)).save_pretrained(folder, safe_serialization=True)
+    return folder
 
 
 def _load(folder, config=None):
@@ -36,7 +45,7 @@ def _load(folder, config=None):
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 4, "head_dim": 64, "num_attention_heads": 2}])
 def test_architecture_matches_real_llama_parameter_count(tied: bool, overrides: dict) -> None:
-    config = tiny_llama_config(tie_word_embeddings=tied, **overrides)
+    config = tiny_llama_config(512, **{**TINY, "tie_word_embeddings": tied, **overrides})
     model = AutoModelForCausalLM.from_config(config)
     arch = describe_architecture(config.to_dict())
     assert arch.n_params == sum(p.numel() for p in model.parameters())
@@ -105,8 +114,8 @@ def test_nf4_dq_bits_per_param_at_blocksize_64() -> None:
 
 
 def test_plan_table_orders_schemes() -> None:
-    cfg = tiny_llama_config(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                            num_attention_heads=9, num_key_value_heads=3, vocab_size=49152).to_dict()
+    cfg = tiny_llama_config(49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                            num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True).to_dict()
     table = plan_table(cfg, [parse_config(NF4_DQ), parse_config(INT8), None], "float32", available_bytes=1e12)
     totals = list(table["total MiB"])
     assert totals[0] < totals[1] < totals[2]

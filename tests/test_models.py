@@ -21,10 +21,7 @@ from quantlib.models import (
     read_model_config,
 )
 
-try:  # tests/ may or may not be a package
-    from tests.conftest import tiny_llama_config
-except ImportError:  # pragma: no cover
-    from conftest import tiny_llama_config
+from tests.conftest import tiny_llama_config
 
 # --------------------------------------------------------------------------- folder loading
 
