@@ -73,21 +73,33 @@ class ComparisonResult:
 CPU_SLOWDOWN = {"bitsandbytes_4bit": 1.5, "bitsandbytes_8bit": 3.6}
 
 
-def estimate_seconds(n_params: int, n_tokens: int, configs: Sequence[QuantConfig | dict], device: str) -> float:
+def estimate_seconds(n_params: int, n_tokens: int, configs: Sequence[QuantConfig | dict], device: str,
+                     calibration_tokens: int = 128 * 512) -> float:
     """Rough wall time of a comparison, shown before it starts.
 
     A forward pass costs about 2·params FLOPs per token; the effective rates (~25 GFLOP/s on a
     2-core CPU, ~20 TFLOP/s on a GPU for small batches) and the per-scheme slowdowns were measured
     with `benchmarks/bench_compare.py`. Loading, quantizing and layer errors add about one second
-    per 20M parameters per scheme.
+    per 20M parameters per scheme. GPTQ/AWQ calibration is added from `benchmarks/bench_calibrated.py`
+    and tests/test_gptq_awq.py on the 135M default model (CPU: GPTQ 91 s for 4k calibration tokens,
+    857 s for 64k; AWQ, calibrated in bf16 which this CPU lacks, 579 s for 1k), scaled by size.
     """
     rate = 20e12 if device == "cuda" else 25e9
     one_pass = 2.0 * n_params * n_tokens / rate
+    scale = n_params / 135e6
     total = one_pass  # the baseline
     for config in map(parse_config, configs):
         slowdown = 1.0 if device == "cuda" else CPU_SLOWDOWN.get(config.quantizer_key, 1.0)
         total += one_pass * slowdown + n_params / 20e6
+        calib = CPU_CALIBRATION_SECONDS.get(config.quant_method)
+        if calib is not None:
+            fixed, per_token = calib
+            total += scale * (fixed + per_token * calibration_tokens) / (20.0 if device == "cuda" else 1.0)
     return total + 3.0
+
+
+#: (fixed seconds, seconds per calibration token) on the 2-core CPU for the 135M default model.
+CPU_CALIBRATION_SECONDS = {"gptq": (30.0, 0.013), "awq": (120.0, 0.45)}
 
 
 def unique_labels(configs: Sequence[QuantConfig]) -> list[str]:

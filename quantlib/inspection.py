@@ -67,20 +67,26 @@ def _staged(progress: ProgressFn | None) -> Callable[[str], ProgressFn | None]:
 def inspect_scheme(base: LoadedModel, config: QuantConfig | dict | str, *, source: str = "default",
                    device: str = "auto", dtype: torch.dtype = torch.float32, tokens: int = 1024, window: int = 512,
                    outlier_tokens: int = 1024, reference: ReferenceLogprobs | None = None,
-                   trust_remote_code: bool = False, allow_pickle: bool = False, progress: ProgressFn | None = None,
+                   trust_remote_code: bool = False, allow_pickle: bool = False, calibration: Any = None,
+                   progress: ProgressFn | None = None,
                    cancel: CancelFn | None = None) -> tuple[Inspection, ReferenceLogprobs]:
     """Quantize `base` with `config` and measure it against `base`; returns the result and the reference.
 
-    `reference` (from an earlier call on the same model, text and window) skips the baseline pass.
+    `reference` (from an earlier call on the same model, text and window) skips the baseline pass;
+    `calibration` (a `quantlib.calibration.CalibrationSettings`) sizes GPTQ/AWQ calibration.
     """
     started = time.perf_counter()
     stage = _staged(progress)
     config = parse_config(config)
     quantizer = get_quantizer(config, device=device)
-    errors = layer_errors(base.model, quantizer, progress=stage("layer errors"), cancel=cancel)
+    calibrated = getattr(quantizer, "calibrated", False)
+    if not calibrated:  # layer by layer from the baseline's weights, before the quantized model exists
+        errors = layer_errors(base.model, quantizer, progress=stage("layer errors"), cancel=cancel)
     qm = quantize_model(config, base=base, source=source, device=quantizer.backend.device, dtype=dtype,
                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                        progress=stage("quantize"), cancel=cancel)
+                        progress=stage("quantize"), cancel=cancel, calibration=calibration)
+    if calibrated:  # GPTQ/AWQ: compare the calibrated checkpoint's dequantized layers with the baseline
+        errors = layer_errors(base.model, quantizer, progress=stage("layer errors"), cancel=cancel, quantized=qm)
     try:
         if reference is None:
             ids = tokenize_for_eval(base.tokenizer, builtin_text("eval"), tokens)
