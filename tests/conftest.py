@@ -72,10 +72,12 @@ def default_model():
 @pytest.fixture(scope="module")
 def browser():
     """Debian's chromium driven by Playwright (see tests/e2e_support.py for the flags)."""
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     from tests.e2e_support import launch_chromium
 
+    # Streamlit reruns take seconds on a loaded 2-core machine; expect()'s 5 s default flaked in CI.
+    expect.set_options(timeout=60_000)
     with sync_playwright() as pw:
         browser = launch_chromium(pw)
         try:
