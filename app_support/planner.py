@@ -59,10 +59,10 @@ def config_choices(builder: dict[str, Any] | None, builder_label: str | None = N
 
 def group_size_problem(group_size: int, model_config: dict[str, Any], model_name: str) -> str | None:
     """Why an RTN group size cannot be used on a model (a layer width it does not divide), or None."""
-    from quantlib.architecture import describe_architecture
     from quantlib.schemes import fitting_group_sizes
+    from quantlib.shapes import model_shapes
 
-    widths = sorted({layer.in_features for layer in describe_architecture(model_config).linears})
+    widths = sorted({w.in_features for w in model_shapes(model_config).matmul_weights if w.role in ("layer", "expert")})
     bad = [w for w in widths if w % group_size]
     if not bad:
         return None

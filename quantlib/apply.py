@@ -21,8 +21,8 @@ from quantlib.errors import Cancelled, QuantlibError
 from quantlib.memory import COMPONENTS, MemoryBreakdown, measure_footprint
 from quantlib.metrics import code_histogram, error_metrics
 from quantlib.models import LoadedModel, load_model
-from quantlib.outliers import linear_modules
-from quantlib.schemes import BackendReport, Quantizer, get_quantizer, is_skipped
+from quantlib.schemes import BackendReport, Quantizer, get_quantizer
+from quantlib.shapes import WeightShape, describe_model, model_shapes
 
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
@@ -59,15 +59,45 @@ class QuantizedModel:
         return self.backend.simulated
 
 
-def quantizable_layers(model: torch.nn.Module, quantizer: Quantizer) -> list[tuple[str, torch.nn.Module]]:
-    skip = quantizer.modules_to_not_convert()
-    return [(n, m) for n, m in linear_modules(model) if not is_skipped(n, skip)]
+@dataclass
+class MatrixRef:
+    """One quantizable weight matrix of a loaded model: a linear weight, a Conv1D weight (stored
+    input x output) or one expert's slice of a fused 3-D expert tensor, read and written as out x in."""
+
+    name: str  # the module name, or `param[e]` for expert e of a fused tensor
+    param: torch.nn.Parameter
+    shape: WeightShape
+    index: int | None = None
+
+    def get(self) -> torch.Tensor:
+        t = self.param.data if self.index is None else self.param.data[self.index]
+        return t.t() if self.shape.transposed else t
+
+    def set(self, value: torch.Tensor) -> None:
+        dst = self.get()  # a view: writes go into the parameter
+        dst.copy_(value.to(dst.dtype))
+
+
+def quantizable_layers(model: torch.nn.Module, quantizer: Quantizer) -> list[MatrixRef]:
+    """Every matrix the quantizer quantizes in this model, by the same rules the planner uses."""
+    shapes = describe_model(model)
+    decisions = type(quantizer).classify(quantizer.config, shapes)
+    params = dict(model.named_parameters())
+    refs = []
+    for w in shapes.weights:
+        if decisions[w.name] is not None:
+            continue
+        if w.kind == "experts":
+            refs += [MatrixRef(f"{w.name}[{e}]", params[w.name], w, e) for e in range(w.n_matrices)]
+        else:
+            refs.append(MatrixRef(w.module, params[w.name], w))
+    return refs
 
 
 def check_model_shapes(model: torch.nn.Module, quantizer: Quantizer) -> None:
     """Refuse before any work when a layer's width does not fit the scheme's groups or blocks."""
-    problems = [p for n, m in quantizable_layers(model, quantizer)
-                if (p := quantizer.check_shape(quantizer.config, n, tuple(m.weight.shape))) is not None]
+    problems = [p for ref in quantizable_layers(model, quantizer)
+                if (p := quantizer.check_shape(quantizer.config, ref.name, tuple(ref.get().shape))) is not None]
     if problems:
         raise ShapeError(problems)
 
@@ -184,17 +214,17 @@ def simulate_quantization(model: torch.nn.Module, quantizer: Quantizer, progress
     parts = {c: 0.0 for c in COMPONENTS}
     quantized_ids: set[int] = set()
     quantized_params = 0
-    for i, (name, module) in enumerate(layers):
+    for i, ref in enumerate(layers):
         if cancel is not None and cancel():
-            raise Cancelled(f"quantization cancelled at layer {name}")
-        packed = quantizer.quantize_tensor(module.weight.data)
-        module.weight.data.copy_(packed.dequantize().to(module.weight.dtype))
+            raise Cancelled(f"quantization cancelled at layer {ref.name}")
+        packed = quantizer.quantize_tensor(ref.get().contiguous())
+        ref.set(packed.dequantize())
         for comp, nbytes in packed_storage_bytes(packed, quantizer).items():
             parts[comp] += nbytes
-        quantized_ids.add(id(module.weight))
-        quantized_params += module.weight.numel()
+        quantized_ids.add(id(ref.param))
+        quantized_params += ref.get().numel()
         if progress and (i % 8 == 0 or i == len(layers) - 1):
-            progress((i + 1) / len(layers), f"{quantizer.config.label}: layer {i + 1}/{len(layers)} {name}")
+            progress((i + 1) / len(layers), f"{quantizer.config.label}: layer {i + 1}/{len(layers)} {ref.name}")
     seen: set[int] = set()
     total = 0
     for p in model.parameters():
@@ -259,10 +289,11 @@ def layer_errors(base_model: torch.nn.Module, quantizer: Quantizer, progress: Pr
     check_model_shapes(base_model, quantizer)
     rows = []
     layers = quantizable_layers(base_model, quantizer)
-    for i, (name, module) in enumerate(layers):
+    for i, ref in enumerate(layers):
+        name = ref.name
         if cancel is not None and cancel():
             raise Cancelled(f"layer errors cancelled at {name}")
-        w = module.weight.data
+        w = ref.get().contiguous()
         packed = quantizer.quantize_tensor(w)
         metrics = error_metrics(w, packed.dequantize())
         _, entropy = code_usage(packed)
@@ -310,11 +341,12 @@ def layer_detail(base_model: torch.nn.Module, quantizer: Quantizer, layer: str) 
     from quantlib.distributions import block_normalized_histogram
     from quantlib.outliers import weight_outlier_stats
 
-    modules = dict(base_model.named_modules())
-    if layer not in modules or not isinstance(modules[layer], torch.nn.Linear):
-        names = [n for n, _ in linear_modules(base_model)]
-        raise QuantlibError(f"no linear layer named {layer!r}; e.g. {', '.join(names[:3])} ({len(names)} in all)")
-    w = modules[layer].weight.data
+    refs = {ref.name: ref for ref in quantizable_layers(base_model, quantizer)}
+    if layer not in refs:
+        names = list(refs)
+        raise QuantlibError(f"no layer named {layer!r} that {quantizer.config.label} quantizes; e.g. "
+                            f"{', '.join(names[:3])} ({len(names)} in all)")
+    w = refs[layer].get().contiguous()
     packed = quantizer.quantize_tensor(w)
     counts, entropy = code_usage(packed)
     return {
@@ -336,18 +368,18 @@ def preflight(config: QuantConfig | dict | str, model_config: dict[str, Any]) ->
     Names every layer whose input width the scheme's group or block size does not divide, with
     the sizes that would fit. An empty list means the config fits the model.
     """
-    from quantlib.architecture import describe_architecture
     from quantlib.schemes import QUANTIZER_MAPPING
 
     config = parse_config(config)
     quantizer_cls = QUANTIZER_MAPPING[config.quantizer_key]
-    skip = quantizer_cls.skip_modules(config)
-    arch = describe_architecture(model_config)
+    shapes = model_shapes(model_config)
+    decisions = quantizer_cls.classify(config, shapes)
     problems = []
-    for layer in arch.linears:
-        if is_skipped(layer.name, skip):
+    for w in shapes.matmul_weights:
+        if decisions[w.name] is not None:
             continue
-        problem = quantizer_cls.check_shape(config, layer.name, (layer.out_features, layer.in_features))
+        name = w.module if w.kind != "experts" else f"{w.name}[*] ({w.n_matrices} experts)"
+        problem = quantizer_cls.check_shape(config, name, (w.out_features, w.in_features))
         if problem is not None:
             problems.append(problem)
     return problems

@@ -14,8 +14,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from quantlib.architecture import Architecture, LinearShape, describe_architecture
 from quantlib.configs import QuantConfig
+from quantlib.shapes import DTYPE_BYTES, ForwardMemory, ModelShapes, model_shapes
 
 COMPONENTS = ("codes", "scales", "dq_constants", "code_tables", "unquantized")
 COMPONENT_LABELS = {
@@ -25,7 +25,10 @@ COMPONENT_LABELS = {
     "code_tables": "code tables",
     "unquantized": "unquantized (embeddings, norms, skipped layers, biases)",
 }
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+#: Memory beside the weights, planned from one traced forward (`quantlib.shapes.forward_memory`).
+RUNTIME_LABELS = {"kv_cache": "KV cache", "activations": "activations (one forward)"}
+#: Bytes per element of the KV cache dtypes the planner offers.
+KV_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8 (e4m3 / e5m2)": 1}
 
 
 @dataclass
@@ -164,56 +167,110 @@ def _count_params(model: torch.nn.Module) -> int:
 # ----------------------------------------------------------------------------------------
 
 
-def plan_memory(model_config: dict[str, Any], config: QuantConfig | None, dtype: str = "float32") -> MemoryBreakdown:
+@dataclass
+class MemoryPlan(MemoryBreakdown):
+    """A planned breakdown plus what it is made of: the weights left unquantized, grouped by why."""
+
+    unquantized_detail: list[dict[str, Any]] = field(default_factory=list)  # reason, tensors, params, bytes
+    experts_policy: str = ""
+
+    def unquantized_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.unquantized_detail, columns=["why", "tensors", "params", "bytes"])
+
+
+def plan_memory(model_config: dict[str, Any], config: QuantConfig | None, dtype: str = "float32", *,
+                shapes: ModelShapes | None = None, trust_remote_code: bool = False) -> MemoryPlan:
     """Predict the footprint of a model under a config from `config.json` alone.
 
-    `config=None` plans the unquantized model in `dtype`. Unquantized tensors (embeddings, norms,
-    biases, skipped modules, an untied output head) are counted in `dtype`; transformers' default
-    of leaving the output head unquantized is followed, as is the config's skip list.
+    Every parameter of the model transformers builds on the meta device is counted once: the
+    matmul weights the method quantizes at its packed size (per expert for fused expert tensors
+    where the method quantizes them), everything else in `dtype` (or fp32 where transformers keeps
+    it so), buffers in their own dtype. `config=None` plans the unquantized model.
     """
-    from quantlib.schemes import QUANTIZER_MAPPING, is_skipped
+    from quantlib.schemes import QUANTIZER_MAPPING
 
-    arch: Architecture = describe_architecture(model_config)
-    unit = DTYPE_BYTES[dtype]
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype: got {dtype!r}; allowed: {', '.join(DTYPE_BYTES)}")
+    shapes = shapes if shapes is not None else model_shapes(model_config, trust_remote_code)
+    quantizer_cls = QUANTIZER_MAPPING[config.quantizer_key] if config is not None else None
+    decisions = quantizer_cls.classify(config, shapes) if quantizer_cls is not None else {}
     parts = {c: 0.0 for c in COMPONENTS}
-    parts["unquantized"] += unit * sum(arch.other.values()) + 4 * arch.fp32_buffers
-    if arch.lm_head is not None:
-        parts["unquantized"] += unit * arch.lm_head.numel
-    skip = QUANTIZER_MAPPING[config.quantizer_key].skip_modules(config) if config is not None else []
+    groups: dict[str, list[int]] = {}
     quantized = 0
-    for layer in arch.linears:
-        if layer.bias:
-            parts["unquantized"] += unit * layer.out_features
-        if config is None or is_skipped(layer.name, skip):
-            parts["unquantized"] += unit * layer.numel
+    for w in shapes.weights:
+        reason = decisions.get(w.name, "unquantized model") if config is not None else "unquantized model"
+        if reason is None:
+            per_matrix = quantizer_cls.storage_bytes(config, w.out_features, w.in_features)
+            for comp, nbytes in per_matrix.items():
+                parts[comp] += nbytes * w.n_matrices
+            quantized += w.numel
             continue
-        for comp, nbytes in QUANTIZER_MAPPING[config.quantizer_key].storage_bytes(
-                config, layer.out_features, layer.in_features).items():
-            parts[comp] += nbytes
-        quantized += layer.numel
+        nbytes = w.bytes_in(dtype)
+        parts["unquantized"] += nbytes
+        g = groups.setdefault(reason, [0, 0, 0])
+        g[0] += 1
+        g[1] += w.numel
+        g[2] += nbytes
+    if shapes.buffers:
+        nbytes = shapes.buffer_bytes()
+        parts["unquantized"] += nbytes
+        groups["buffers (rotary tables and the like, in their own dtype)"] = [len(shapes.buffers), 0, nbytes]
+    detail = [{"why": why, "tensors": n, "params": p, "bytes": b}
+              for why, (n, p, b) in sorted(groups.items(), key=lambda kv: -kv[1][2])]
     notes = [f"unquantized tensors counted in {dtype}"]
-    return MemoryBreakdown(parts, quantized, arch.n_params, "planned", notes)
-
+    if any(w.fp32_in for w in shapes.weights) and dtype in ("float16", "bfloat16"):
+        notes.append("parameters transformers keeps in fp32 (_keep_in_fp32_modules) counted in fp32")
+    policy = quantizer_cls.experts_policy if quantizer_cls is not None and shapes.n_experts else ""
+    if policy:
+        notes.append(policy)
+    return MemoryPlan(parts, quantized, shapes.n_params, "planned", notes, detail, policy)
 
 
 def plan_table(model_config: dict[str, Any], configs: list[QuantConfig | None], dtype: str = "float32",
-               available_bytes: float | None = None) -> pd.DataFrame:
-    """One row per config: predicted MiB by component, total, bits/param, and whether it fits."""
+               available_bytes: float | None = None, *, runtime: ForwardMemory | None = None,
+               kv_dtype_bytes: float | None = None, trust_remote_code: bool = False) -> pd.DataFrame:
+    """One row per config: predicted MiB by component, total, bits/param, and whether it fits.
+
+    With `runtime` (a `quantlib.shapes.ForwardMemory`), the KV cache (priced at `kv_dtype_bytes`
+    per element, default its traced dtype) and the activation peak of one forward are added as
+    their own columns and counted in the total.
+    """
+    shapes = model_shapes(model_config, trust_remote_code)
     rows = []
     for config in configs:
-        plan = plan_memory(model_config, config, dtype)
+        plan = plan_memory(model_config, config, dtype, shapes=shapes)
         row = {"scheme": config.label if config is not None else f"unquantized {dtype}"}
         row.update({COMPONENT_LABELS[c]: plan.bytes_by_component[c] / 2**20 for c in COMPONENTS})
-        row["total MiB"] = plan.total_bytes / 2**20
+        total = plan.total_bytes
+        if runtime is not None:
+            kv = runtime.kv_bytes_as(kv_dtype_bytes) if kv_dtype_bytes is not None else runtime.kv_bytes
+            row[RUNTIME_LABELS["kv_cache"]] = (kv + runtime.state_bytes) / 2**20
+            row[RUNTIME_LABELS["activations"]] = runtime.activation_peak_bytes / 2**20
+            total += kv + runtime.state_bytes + runtime.activation_peak_bytes
+        row["total MiB"] = total / 2**20
         row["bits/param (quantized layers)"] = plan.quantized_bits_per_param
         row["bits/param (whole model)"] = plan.model_bits_per_param
         if available_bytes is not None:
-            row["fits"] = plan.total_bytes <= available_bytes
+            row["fits"] = total <= available_bytes
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def linear_layers(model: torch.nn.Module) -> list[LinearShape]:
-    """Shapes of the model's nn.Linear layers (for cross-checks against `describe_architecture`)."""
-    return [LinearShape(n, m.out_features, m.in_features, m.bias is not None)
-            for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+def stored_quantization(model_config: dict[str, Any]) -> tuple[QuantConfig | None, str | None]:
+    """What an already-quantized checkpoint stores, from its config.json's `quantization_config`.
+
+    (config, None) when quantlib knows the method, so the checkpoint can be planned as stored;
+    (None, why) when it names a method quantlib cannot plan; (None, None) for a plain checkpoint.
+    """
+    from quantlib.configs import ConfigError, parse_config
+
+    stored = model_config.get("quantization_config") if isinstance(model_config, dict) else None
+    if not stored:
+        return None, None
+    if not isinstance(stored, dict):
+        return None, "quantization_config in config.json is not a JSON object"
+    try:
+        return parse_config(stored), None
+    except ConfigError as exc:
+        return None, (f"this checkpoint is stored quantized with quant_method {stored.get('quant_method')!r}, which "
+                      f"quantlib cannot plan ({exc}); the figures below treat its weights as unquantized")

@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional
 import psutil
 import torch
 
-from quantlib.architecture import ArchitectureError, describe_architecture, text_config
+from quantlib.shapes import ArchitectureError, model_shapes
 from quantlib.errors import QuantlibError
 
 try:  # prefer a shared definition should quantlib.errors grow one
@@ -141,13 +141,19 @@ def cache_dir() -> Path:
 def count_params_from_config(config_dict: dict[str, Any]) -> int:
     """Parameter count from config.json alone, so memory can be checked before loading.
 
-    The shapes come from `quantlib.architecture` (the same ones the memory planner uses): exact
-    for Llama, Mistral, Qwen2/3 and GPT-2 style configs, including nested `text_config`s.
+    Counted on the model transformers builds for the config on the meta device
+    (`quantlib.shapes`), the same shapes the memory planner uses, tied weights once.
     """
     try:
-        return describe_architecture(config_dict).n_params
+        return model_shapes(config_dict).n_params
     except ArchitectureError as exc:
         raise ModelSourceError(f"cannot size the model: {exc}") from None
+
+
+def text_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The language-model part of a config dict, for summaries (multimodal configs nest it)."""
+    nested = cfg.get("text_config")
+    return nested if isinstance(nested, dict) and "hidden_size" not in cfg else cfg
 
 
 def _bytes_per_element(dtype: Any, config_dict: dict[str, Any]) -> int:
@@ -421,10 +427,74 @@ def read_model_config(source: str = "default") -> dict[str, Any]:
         return _gguf_config(_default_gguf_path())
     if kind == "gguf":
         return _gguf_config(Path(source).expanduser())
-    folder = Path(source).expanduser() if kind == "folder" else _resolve_hub(source, True)
+    if kind == "hub":
+        return _read_json(_hub_file(source, "config.json"))
+    folder = Path(source).expanduser()
     if not (folder / "config.json").is_file():
         raise ModelSourceError(f"{folder} has no config.json. Accepted: {ACCEPTED}.")
     return _read_json(folder / "config.json")
+
+
+def _hub_file(repo_id: str, filename: str) -> Path:
+    """One file of a hub repository (never the weights): from the local cache, else downloaded."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached: fall through to the network
+        pass
+    if _hub_offline() or not _hub_reachable():
+        raise ModelSourceError(
+            f"{filename} of hub model {repo_id!r} is not in the local Hugging Face cache and the hub cannot be "
+            "reached (offline?). Paste or upload the model's config.json instead, or use a local folder.")
+    try:
+        return Path(hf_hub_download(repo_id, filename, etag_timeout=5))
+    except Exception as exc:  # noqa: BLE001 - not found, gated, network error...
+        raise ModelSourceError(f"Could not download {filename} of hub model {repo_id!r}: {exc}") from exc
+
+
+#: safetensors dtype names -> the planner's dtype names.
+SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def checkpoint_dtypes(source: str) -> dict[str, int] | None:
+    """Stored parameter counts by safetensors dtype (e.g. {"BF16": 7_241_732_096}), from the file
+    headers only (a local folder's shards, or the hub's header endpoint): never the weights.
+    None when the source has no safetensors to read (GGUF, the default model, offline hub ids)."""
+    kind = _classify(source)
+    if kind == "folder":
+        counts: dict[str, int] = {}
+        for path in sorted(Path(source).expanduser().glob("*.safetensors")):
+            for dtype, n in _safetensors_header_counts(path).items():
+                counts[dtype] = counts.get(dtype, 0) + n
+        return counts or None
+    if kind == "hub" and not _hub_offline() and _hub_reachable():
+        try:
+            from huggingface_hub import get_safetensors_metadata
+
+            return dict(get_safetensors_metadata(source).parameter_count)
+        except Exception:  # noqa: BLE001 - no safetensors on the hub, gated repo: dtype unknown
+            return None
+    return None
+
+
+def _safetensors_header_counts(path: Path) -> dict[str, int]:
+    import struct
+
+    with open(path, "rb") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        if size > 100 * 2**20:
+            raise ModelSourceError(f"{path}: safetensors header of {size} bytes is not plausible")
+        header = json.loads(fh.read(size))
+    counts: dict[str, int] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        n = 1
+        for d in info["shape"]:
+            n *= int(d)
+        counts[info["dtype"]] = counts.get(info["dtype"], 0) + n
+    return counts
 
 
 # --------------------------------------------------------------------------- loading

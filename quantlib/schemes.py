@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -31,6 +30,14 @@ from quantlib.configs import (
     parse_config,
 )
 from quantlib.errors import BackendUnavailableError
+from quantlib.shapes import ROLE_LABELS, ModelShapes, WeightShape
+
+
+def should_convert_module(name: str, patterns: list[str]) -> bool:
+    """transformers' matcher of `modules_to_not_convert` patterns (imported lazily: it is cheap)."""
+    from transformers.quantizers.quantizers_utils import should_convert_module as _should
+
+    return _should(name, patterns)
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -166,13 +173,48 @@ class Quantizer:
         raise NotImplementedError
 
     # ----- modules ----------------------------------------------------------------------
+    #: Whether the method quantizes fused 3-D expert tensors (one matrix per expert).
+    quantizes_fused_experts: ClassVar[bool] = True
+    #: What the method does with mixture-of-experts weights, for the planner's notes.
+    experts_policy: ClassVar[str] = ("experts quantized one matrix per expert (fused 3-D tensors included), as "
+                                     "llama.cpp and gptqmodel store them; routers kept in full precision")
+
     @classmethod
     def skip_modules(cls, config: QuantConfig) -> list[str]:
-        """Names of modules left in full precision besides the output head (always left alone)."""
+        """Module patterns the config itself leaves in full precision."""
         return list(getattr(config, "modules_to_not_convert", None) or [])
 
     def modules_to_not_convert(self) -> list[str]:
         return self.skip_modules(self.config)
+
+    @classmethod
+    def skip_rules(cls, config: QuantConfig, shapes: ModelShapes) -> list[tuple[str, str]]:
+        """(module pattern, why) left unquantized: transformers' defaults (output head, tied weights,
+        last module), the model's fp32 modules, then the config's own list."""
+        return [*default_skip_rules(shapes),
+                *((p, f"skipped by the config ({p!r})") for p in cls.skip_modules(config))]
+
+    @classmethod
+    def classify(cls, config: QuantConfig, shapes: ModelShapes) -> dict[str, str | None]:
+        """Parameter name -> None where the method quantizes it, else why it stays unquantized."""
+        rules = cls.skip_rules(config, shapes)
+        out: dict[str, str | None] = {}
+        for w in shapes.weights:
+            out[w.name] = cls.treatment(config, w, rules)
+        return out
+
+    @classmethod
+    def treatment(cls, config: QuantConfig, w: WeightShape, rules: list[tuple[str, str]]) -> str | None:
+        if not w.is_matmul:
+            return ROLE_LABELS[w.role]
+        for pattern, why in rules:
+            if not should_convert_module(w.module, [pattern]):
+                return why
+        if w.role == "router":
+            return "MoE routers / gates (kept in full precision, as llama.cpp and gptqmodel do)"
+        if w.kind == "experts" and not cls.quantizes_fused_experts:
+            return f"fused expert tensors ({cls.__name__} does not quantize them)"
+        return None
 
 
 class BnbQuantizer(Quantizer):
@@ -183,9 +225,35 @@ class BnbQuantizer(Quantizer):
     simulated = False
     library = "bitsandbytes"
 
+    quantizes_fused_experts = False
+    experts_policy = ("transformers 5.23 replaces only nn.Linear and Conv1D modules with bitsandbytes layers: fused "
+                      "3-D expert tensors (Mixtral, Qwen-MoE, DeepSeek...) stay in 16/32 bits, per-expert "
+                      "nn.Linear lists and linear routers are quantized")
+
     @classmethod
     def skip_modules(cls, config: QuantConfig) -> list[str]:
         return list(config.llm_int8_skip_modules or [])
+
+    @classmethod
+    def skip_rules(cls, config: QuantConfig, shapes: ModelShapes) -> list[tuple[str, str]]:
+        """transformers' `get_modules_to_not_convert`: its defaults (output head, tied weights, last
+        module) apply only when `llm_int8_skip_modules` is None; a list replaces them."""
+        own = config.llm_int8_skip_modules
+        rules = [r for r in default_skip_rules(shapes) if own is None or r[1].startswith("kept in fp32")]
+        return [*rules, *((p, f"skipped by llm_int8_skip_modules ({p!r})") for p in own or [])]
+
+    @classmethod
+    def treatment(cls, config: QuantConfig, w: WeightShape, rules: list[tuple[str, str]]) -> str | None:
+        if not w.is_matmul:
+            return ROLE_LABELS[w.role]
+        for pattern, why in rules:
+            if not should_convert_module(w.module, [pattern]):
+                return why
+        if w.kind == "experts":
+            return "fused expert tensors (transformers' bitsandbytes replaces only nn.Linear and Conv1D modules)"
+        if w.kind == "linear" and not w.exact_linear:
+            return f"{w.module_class}, a subclass of nn.Linear, which transformers' bitsandbytes replacement skips"
+        return None
 
     @classmethod
     def storage_bytes(cls, config: QuantConfig, out_features: int, in_features: int) -> dict[str, float]:
@@ -543,8 +611,26 @@ def gguf_block_geometry(quant_type: str) -> tuple[int, int]:
 
 
 def is_skipped(name: str, patterns: list[str]) -> bool:
-    """transformers' rule: a pattern skips a module whose dotted name contains it as a whole part."""
-    return any(re.search(rf"(^|\.){re.escape(p)}($|\.)", name) for p in patterns)
+    """transformers' own rule (`should_convert_module`): a pattern matches from the start up to a
+    module boundary, as a regex with that boundary, or as a suffix of the module name."""
+    return bool(patterns) and not should_convert_module(name, list(patterns))
+
+
+def default_skip_rules(shapes: ModelShapes) -> list[tuple[str, str]]:
+    """transformers' default modules left unquantized for this model, each with why."""
+    tied = {a.removesuffix(".weight") for pair in shapes.tied for a in pair}
+    heads = {w.module for w in shapes.weights if w.role == "head"}
+    rules = []
+    for pattern in shapes.default_not_convert:
+        if pattern in heads or pattern == "lm_head":
+            why = "output head (transformers leaves it unquantized by default)"
+        elif pattern in tied:
+            why = "tied to the output head (transformers leaves tied weights unquantized)"
+        else:
+            why = "last module of the model (transformers leaves it unquantized by default)"
+        rules.append((pattern, why))
+    rules += [(p, "kept in fp32 by the model (_keep_in_fp32_modules)") for p in shapes.keep_in_fp32_modules]
+    return rules
 
 
 def fitting_group_sizes(width: int, candidates: tuple[int, ...] = (32, 64, 96, 128, 192, 256)) -> list[int]:

@@ -6,10 +6,9 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM
 
 from quantlib import parse_config
-from quantlib.architecture import ArchitectureError, describe_architecture
 from quantlib.memory import measure_footprint, plan_memory, plan_table
 from quantlib.quantize import quantize_4bit, quantize_int8_weight
 from quantlib.schemes import QUANTIZER_MAPPING
@@ -40,32 +39,6 @@ def _load(folder, config=None):
     if config is not None:
         kwargs.update(quantization_config=parse_config(config).to_transformers(), device_map="cpu")
     return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-
-
-@pytest.mark.parametrize("tied", [True, False])
-@pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 4, "head_dim": 64, "num_attention_heads": 2}])
-def test_architecture_matches_real_llama_parameter_count(tied: bool, overrides: dict) -> None:
-    config = tiny_llama_config(512, **{**TINY, "tie_word_embeddings": tied, **overrides})
-    model = AutoModelForCausalLM.from_config(config)
-    arch = describe_architecture(config.to_dict())
-    assert arch.n_params == sum(p.numel() for p in model.parameters())
-    real = {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    for layer in arch.linears:
-        assert real[layer.name] == (layer.out_features, layer.in_features)
-
-
-def test_architecture_of_qwen2_and_gpt2() -> None:
-    qwen = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False)
-    assert describe_architecture(qwen.to_dict()).n_params == sum(p.numel() for p in Qwen2ForCausalLM(qwen).parameters())
-    gpt2 = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=300, n_positions=128)
-    assert describe_architecture(gpt2.to_dict()).n_params == sum(p.numel() for p in GPT2LMHeadModel(gpt2).parameters())
-
-
-def test_architecture_error_names_missing_keys() -> None:
-    with pytest.raises(ArchitectureError, match="intermediate_size"):
-        describe_architecture({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
-                               "num_attention_heads": 4, "vocab_size": 10})
 
 
 @pytest.mark.parametrize("config", [NF4_DQ, NF4, INT8, {**NF4_DQ, "llm_int8_skip_modules": ["down_proj"]}])
