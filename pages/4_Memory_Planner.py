@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -16,8 +17,9 @@ from app_support.errors import guard, run_page
 from app_support.planner import (ARCH_FIELDS, SMOLLM2_ARCH, UNQUANTIZED, arch_config, config_choices, gib,
                                  memory_sources)
 from app_support.state import BUILDER_CONFIG, BUILDER_LABEL, Namespace
-from quantlib.architecture import ArchitectureError, describe_architecture
-from quantlib.memory import COMPONENT_LABELS, DTYPE_BYTES, plan_memory, plan_table
+from quantlib.memory import (COMPONENT_LABELS, DTYPE_BYTES, KV_DTYPE_BYTES, RUNTIME_LABELS, plan_memory, plan_table,
+                             stored_quantization)
+from quantlib.shapes import ArchitectureError, ForwardMemory, ModelShapes, forward_memory, model_shapes
 
 st.set_page_config(page_title="Memory Planner · Quantization Explorer", page_icon=":material/straighten:",
                    layout="wide")
@@ -26,12 +28,18 @@ NS = Namespace("planner")
 SOURCE_DEFAULT = "Default model (SmolLM2-135M-Instruct)"
 SOURCE_PATH = "Folder, .gguf file or hub id"
 SOURCE_NUMBERS = "Architecture numbers"
+SOURCE_PASTE = "Paste or upload config.json"
 CUSTOM_MEMORY = "A number I enter"
 #: Short column names for the table (quantlib's labels become the tooltips).
 SHORT = {"codes": "codes", "scales": "scales", "dq_constants": "DQ constants", "code_tables": "code tables",
          "unquantized": "unquantized"}
 #: column -> (short label, tooltip)
-OTHER_COLUMNS = {"total MiB": ("total MiB", "Predicted weight memory."),
+OTHER_COLUMNS = {"total MiB": ("total MiB", "Predicted memory: weights, plus the KV cache and activations when "
+                                             "they are included."),
+                 RUNTIME_LABELS["kv_cache"]: ("KV cache", "MiB of the key/value cache (and any recurrent state) "
+                                                          "after the context, for the batch."),
+                 RUNTIME_LABELS["activations"]: ("activations", "MiB of the activation peak of one prefill "
+                                                               "forward over the context."),
                  "bits/param (quantized layers)": ("bits/param (q)", "Bits per parameter of the quantized linear "
                                                                       "weights, their scales and tables included."),
                  "bits/param (whole model)": ("bits/param (all)", "Bits per parameter over the whole model.")}
@@ -45,8 +53,31 @@ def cached_model_config(source: str) -> dict:
     return read_model_config(source)
 
 
-def choose_model() -> dict | None:
-    kind = st.radio("Model", [SOURCE_DEFAULT, SOURCE_PATH, SOURCE_NUMBERS], key=NS.key("source_kind"),
+@st.cache_data(show_spinner="Reading the safetensors headers for the stored dtype…", max_entries=32)
+def cached_checkpoint_dtypes(source: str) -> dict | None:
+    from quantlib.models import checkpoint_dtypes
+
+    try:
+        return checkpoint_dtypes(source)
+    except Exception:  # noqa: BLE001 - the stored dtype is a hint; planning goes on without it
+        return None
+
+
+@st.cache_resource(show_spinner="Building the model on the meta device (no memory, no weights)…", max_entries=16)
+def cached_shapes(config_json: str, trust_remote_code: bool, source_dir: str | None) -> ModelShapes:
+    return model_shapes(json.loads(config_json), trust_remote_code, source_dir)
+
+
+@st.cache_data(show_spinner="Tracing one forward on the meta device for the KV cache and activations…",
+               max_entries=32)
+def cached_forward(config_json: str, context: int, batch: int, dtype: str, trust_remote_code: bool,
+                   source_dir: str | None) -> ForwardMemory:
+    return forward_memory(json.loads(config_json), context, batch, dtype, trust_remote_code, source_dir)
+
+
+def choose_model() -> tuple[dict | None, str | None]:
+    """The config.json dict to plan and, for a folder or hub id, the source it came from."""
+    kind = st.radio("Model", [SOURCE_DEFAULT, SOURCE_PATH, SOURCE_PASTE, SOURCE_NUMBERS], key=NS.key("source_kind"),
                     horizontal=True, help="Only config.json is read; no weights are loaded on this page.")
     if kind == SOURCE_NUMBERS:
         cols = st.columns(4)
@@ -58,30 +89,94 @@ def choose_model() -> dict | None:
         numbers["tie_word_embeddings"] = cols[len(ARCH_FIELDS) % 4].checkbox(
             "Tied embeddings", key=NS.key("arch", "tie_word_embeddings"),
             help="Output head shares the input embedding (no separate lm_head matrix).")
-        st.caption("Starts from SmolLM2-135M's shapes. A Llama-style decoder is assumed "
-                   "(q/k/v/o projections, gated MLP).")
+        st.caption("Starts from SmolLM2-135M's shapes and builds a Llama model from them (q/k/v/o projections, "
+                   "gated MLP). For any other architecture, paste its config.json.")
         with guard("use these architecture numbers"):
-            return arch_config(numbers)
-        return None
+            return arch_config(numbers), None
+        return None, None
+    if kind == SOURCE_PASTE:
+        upload = st.file_uploader("config.json", type=["json"], key=NS.key("upload"))
+        text = upload.getvalue().decode("utf-8", errors="replace") if upload is not None else st.text_area(
+            "config.json", key=NS.key("pasted"), height=160,
+            placeholder='{"model_type": "mixtral", "hidden_size": 4096, ...}')
+        if not text.strip():
+            st.info("Paste a transformers config.json (or upload one): it is planned exactly as the model "
+                    "transformers builds from it, MoE and multimodal models included.")
+            return None, None
+        try:
+            cfg = json.loads(text)
+        except json.JSONDecodeError as exc:
+            st.error(f"config.json is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}.",
+                     icon=":material/error:")
+            return None, None
+        if not isinstance(cfg, dict):
+            st.error("config.json must be a JSON object ({...}).", icon=":material/error:")
+            return None, None
+        return cfg, None
     if kind == SOURCE_PATH:
         source = st.text_input("Folder, .gguf file or hub id", key=NS.key("source"),
                                placeholder="/path/to/model  ·  model.gguf  ·  org/name")
         if not source.strip():
             st.info("Enter a local folder with config.json, a .gguf file, or a Hugging Face hub id "
-                    "(read from the local cache, or downloaded — config only — when online).")
-            return None
+                    "(its config.json only, from the local cache or downloaded when online — never the weights).")
+            return None, None
         source = source.strip()
     else:
         source = "default"
     try:
-        return cached_model_config(source)
+        return cached_model_config(source), source
     except Exception as exc:  # noqa: BLE001 - every failure becomes a message
         from app_support.errors import show_exception
 
         show_exception(exc, f"read the config of {source!r}")
         st.caption("What to do: check the path or hub id (hub ids need the local Hugging Face cache or a "
-                   "network connection), or choose “Architecture numbers” and type the shapes in.")
-        return None
+                   "network connection), or paste the model's config.json.")
+        return None, None
+
+
+def choose_runtime(config_json: str, trust_remote_code: bool, source_dir: str | None,
+                   dtype: str) -> tuple[ForwardMemory | None, float | None]:
+    """The KV cache and activation inputs, and the traced forward (None when left out or refused)."""
+    NS.setdefault(True, "runtime")
+    if not st.checkbox("Add the KV cache and the activations of one forward", key=NS.key("runtime"),
+                       help="Traced through transformers' own forward on the meta device: nothing is computed."):
+        return None, None
+    cols = st.columns(3)
+    NS.setdefault(4096, "context")
+    NS.setdefault(1, "batch")
+    context = cols[0].number_input("Context length (tokens)", min_value=1, max_value=1_048_576, step=1024,
+                                   key=NS.key("context"))
+    batch = cols[1].number_input("Batch size", min_value=1, max_value=1024, step=1, key=NS.key("batch"))
+    kv_dtype = cols[2].selectbox("KV cache dtype", list(KV_DTYPE_BYTES), key=NS.key("kv_dtype"),
+                                 help="float8 prices the cache at one byte per element (as an fp8 KV cache in vLLM or TensorRT-LLM).")
+    compute = dtype if dtype in ("float16", "bfloat16") else "float32"
+    try:
+        fm = cached_forward(config_json, int(context), int(batch), compute, trust_remote_code, source_dir)
+    except ArchitectureError as exc:
+        st.warning(f"KV cache and activations left out: {exc}.", icon=":material/warning:")
+        return None, None
+    kv = fm.kv_bytes_as(KV_DTYPE_BYTES[kv_dtype])
+    per_token = kv / (fm.context * fm.batch)
+    st.caption(f"KV cache {gib(kv)} ({per_token / 1024:,.1f} KiB per token in {kv_dtype}; "
+               f"{fm.layers_full} full-attention and {fm.layers_sliding} sliding-window layers)"
+               + (f" + {gib(fm.state_bytes)} of recurrent state" if fm.state_bytes else "")
+               + f" · activation peak {gib(fm.activation_peak_bytes)}. Assumptions: " + "; ".join(fm.assumptions) + ".")
+    return fm, float(KV_DTYPE_BYTES[kv_dtype])
+
+
+def show_unquantized(model_config: dict, names: list[str], configs: list, dtype: str, shapes: ModelShapes) -> None:
+    """What each scheme leaves unquantized, and why, with counts: what the totals are made of."""
+    with st.expander("What stays unquantized, and why", expanded=False):
+        which = st.selectbox("Scheme", names, key=NS.key("why_scheme"))
+        cfg = configs[names.index(which)]
+        plan = plan_memory(model_config, cfg, dtype, shapes=shapes)
+        frame = plan.unquantized_frame()
+        frame["MiB"] = frame.pop("bytes") / 2**20
+        st.dataframe(frame, hide_index=True, width="stretch",
+                     column_config={"MiB": st.column_config.NumberColumn("MiB", format="%.2f"),
+                                    "params": st.column_config.NumberColumn("parameters", format="localized")})
+        if plan.experts_policy:
+            st.caption(f"Mixture of experts ({shapes.n_experts} experts per block): {plan.experts_policy}.")
 
 
 def choose_budget() -> tuple[float | None, str]:
@@ -102,20 +197,37 @@ def main() -> None:
     st.title("Memory Planner")
     st.caption("Predicts what a model occupies under each config — quantized codes, scales, double-quant "
                "constants, code tables and the parts left unquantized — from config.json alone.")
-    model_config = choose_model()
+    model_config, source = choose_model()
     if model_config is None:
         return
+    trust = st.checkbox("Trust remote code", key=NS.key("trust_remote_code"),
+                        help="Only for a repository you trust: models whose code is not part of transformers "
+                             "run the repository's own Python to build. Off by default.")
+    source_dir = None
+    if trust and source not in (None, "default"):
+        from quantlib.models import resolve_source_dir
+
+        with guard("find the model's code"):
+            source_dir = resolve_source_dir(source)
+    config_json = json.dumps(model_config, sort_keys=True)
     try:
-        arch = describe_architecture(model_config)
+        shapes = cached_shapes(config_json, trust, source_dir)
     except ArchitectureError as exc:
-        st.error(f"{exc}.\n\nThis config.json does not describe a model whose shapes can be derived "
-                 "(Llama-style decoders and GPT-2 are understood). Choose “Architecture numbers” and "
-                 "type the shapes in instead.", icon=":material/error:")
+        st.error(f"{exc}.\n\nThe planner builds the model transformers maps this config.json to, on the meta "
+                 "device; fix the config.json or choose another model.", icon=":material/error:")
         return
     NS.set(model_config, "model_config")  # the Config Builder checks group sizes against it
-    st.caption(f"**{arch.model_type}** · {arch.n_params / 1e6:,.1f} M parameters · "
-               f"{len(arch.linears)} linear layers · "
-               f"{'tied' if arch.tied_embeddings else 'separate'} output head")
+    matmuls = shapes.matmul_weights
+    experts = sum(w.n_matrices for w in matmuls if w.kind == "experts")
+    st.caption(f"**{shapes.class_name}** ({shapes.model_type}) · {shapes.n_params / 1e6:,.1f} M parameters · "
+               f"{len(matmuls)} matmul weights"
+               + (f" ({experts:,} expert matrices, {shapes.n_experts} experts per block)" if shapes.n_experts else "")
+               + f" · {'tied' if shapes.tied_embeddings else 'separate'} output head · shapes from the model "
+                 "transformers builds on the meta device")
+    stored, stored_problem = stored_quantization(model_config)
+    if stored_problem:
+        st.warning(stored_problem, icon=":material/warning:")
+    stored_dtypes = cached_checkpoint_dtypes(source) if source not in (None, "default") else None
 
     choices = config_choices(st.session_state.get(BUILDER_CONFIG), st.session_state.get(BUILDER_LABEL))
     left, right = st.columns([3, 2])
@@ -128,13 +240,25 @@ def main() -> None:
                                        "built one.")
         include_base = st.checkbox("Include the unquantized model", value=True, key=NS.key("baseline"))
     with right:
-        dtype = st.selectbox("dtype of unquantized tensors", list(DTYPE_BYTES)[:3], key=NS.key("dtype"),
+        dtypes = list(DTYPE_BYTES)[:3]
+        stored_dtype = _majority_dtype(stored_dtypes)
+        if stored_dtype in dtypes:
+            NS.setdefault(stored_dtype, "dtype")
+        dtype = st.selectbox("dtype of unquantized tensors", dtypes, key=NS.key("dtype"),
                              help="Embeddings, norms, skipped layers and biases stay in this dtype.")
+        if stored_dtypes:
+            st.caption("Stored in the checkpoint: " + ", ".join(f"{n / 1e6:,.1f} M {d}" for d, n in
+                                                               sorted(stored_dtypes.items(), key=lambda kv: -kv[1]))
+                       + " (safetensors headers).")
         budget, budget_text = choose_budget()
+    runtime, kv_unit = choose_runtime(config_json, trust, source_dir, dtype)
 
     rows = [choices[name] for name in selected]
     configs = [c.config for c in rows]
     names = [c.name for c in rows]
+    if stored is not None:
+        configs.insert(0, stored)
+        names.insert(0, f"as stored ({stored.label})")
     if include_base:
         configs.append(None)
         names.append(f"{UNQUANTIZED} {dtype}")
@@ -143,14 +267,17 @@ def main() -> None:
         return
 
     with guard("plan the memory"):
-        table = plan_table(model_config, configs, dtype, budget)
+        table = plan_table(model_config, configs, dtype, budget, runtime=runtime, kv_dtype_bytes=kv_unit,
+                           trust_remote_code=trust)
         table["scheme"] = names
         table = table.set_index("scheme")
         fits = table.get("fits")
         st.subheader("Predicted footprint (MiB)")
         names_short = {COMPONENT_LABELS[k]: v for k, v in SHORT.items()}
         display = table.rename(columns=names_short)
-        order = ["total MiB", *names_short.values(), *list(OTHER_COLUMNS)[1:]] + (["fits"] if fits is not None else [])
+        runtime_cols = [c for c in RUNTIME_LABELS.values() if c in display.columns]
+        order = (["total MiB", *names_short.values(), *runtime_cols,
+                  *[c for c in OTHER_COLUMNS if c.startswith("bits/")]] + (["fits"] if fits is not None else []))
         column_config = {short: st.column_config.NumberColumn(short, format="%.2f", help=f"MiB of {long}")
                          for long, short in names_short.items()}
         column_config.update({c: st.column_config.NumberColumn(label, format="%.2f", help=h)
@@ -163,17 +290,33 @@ def main() -> None:
                 st.warning(f"Does not fit in {gib(budget)}: {', '.join(too_big)}.")
             else:
                 st.success(f"Every selected option fits in {budget_text}.")
-        st.caption("Weights only: activations, the KV cache and framework overhead come on top. "
-                   + "; ".join(plan_memory(model_config, None, dtype).notes) + ".")
-        breakdowns = {name: plan_memory(model_config, cfg, dtype) for name, cfg in zip(names, configs)}
+        breakdowns = {name: plan_memory(model_config, cfg, dtype, shapes=shapes) for name, cfg in zip(names, configs)}
+        notes = sorted({n for b in breakdowns.values() for n in b.notes})
+        st.caption(("Weights, KV cache and activations" if runtime is not None else
+                    "Weights only: activations and the KV cache come on top") + "; framework overhead (CUDA "
+                   "context, allocator slack) is not included. " + "; ".join(notes) + ".")
         from quantlib.figures import memory_figure
 
-        fig = memory_figure(breakdowns)
-        largest = max(b.total_bytes for b in breakdowns.values()) / 2**20
-        if budget is not None and budget / 2**20 <= 1.5 * largest:
+        extra = None
+        if runtime is not None:
+            extra = {RUNTIME_LABELS["kv_cache"]: runtime.kv_bytes_as(kv_unit) + runtime.state_bytes,
+                     RUNTIME_LABELS["activations"]: runtime.activation_peak_bytes}
+        fig = memory_figure(breakdowns, extra)
+        largest = max(b.total_bytes for b in breakdowns.values()) + sum((extra or {}).values())
+        if budget is not None and budget <= 1.5 * largest:
             fig.add_hline(y=budget / 2**20, line_dash="dash", line_color="#d62728",
                           annotation_text=f"available: {gib(budget)}")
         st.plotly_chart(fig, width="stretch")
+        show_unquantized(model_config, names, configs, dtype, shapes)
+
+
+def _majority_dtype(counts: dict | None) -> str | None:
+    """The planner dtype most of a checkpoint is stored in (safetensors names: BF16, F16, F32)."""
+    from quantlib.models import SAFETENSORS_DTYPES
+
+    if not counts:
+        return None
+    return SAFETENSORS_DTYPES.get(max(counts.items(), key=lambda kv: kv[1])[0])
 
 
 run_page(main)

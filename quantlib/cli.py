@@ -106,18 +106,72 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_INVALID if problems else EXIT_OK
 
 
+def _plan_model_config(source: str) -> dict:
+    """config.json of --model: a .json file is read as the config itself (no weights anywhere)."""
+    from quantlib.models import read_model_config
+
+    path = Path(source).expanduser()
+    if path.suffix.lower() == ".json" and path.is_file():
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CliError(f"{source}: not a readable config.json ({exc})") from None
+        if not isinstance(cfg, dict):
+            raise CliError(f"{source}: config.json must be a JSON object")
+        return cfg
+    return read_model_config(source)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     import psutil
 
-    from quantlib.memory import plan_table
-    from quantlib.models import read_model_config
+    from quantlib.memory import KV_DTYPE_BYTES, plan_memory, plan_table, stored_quantization
+    from quantlib.shapes import ArchitectureError, forward_memory, model_shapes
 
     configs = _configs(args)
+    model_config = _plan_model_config(args.model)
+    shapes = model_shapes(model_config, args.trust_remote_code)
+    stored, problem = stored_quantization(model_config)
+    if problem:
+        print(f"warning: {problem}", file=sys.stderr)
+    if stored is not None:
+        print(f"note: {args.model} is stored quantized ({stored.label}); its first row plans it as stored",
+              file=sys.stderr)
+        configs.insert(0, stored)
     if not configs:
         raise CliError("plan needs at least one --config FILE or --preset NAME")
+    runtime = None
+    if args.context:
+        compute = args.dtype if args.dtype in ("float16", "bfloat16") else "float32"
+        try:
+            runtime = forward_memory(model_config, args.context, args.batch, compute, args.trust_remote_code)
+        except ArchitectureError as exc:
+            print(f"warning: KV cache and activations left out: {exc}", file=sys.stderr)
+        else:
+            for line in runtime.assumptions:
+                print(f"assumption: {line}", file=sys.stderr)
     available = args.memory_gib * 2**30 if args.memory_gib else psutil.virtual_memory().available
-    table = plan_table(read_model_config(args.model), [None, *configs], args.dtype, available_bytes=available)
-    _print_table(table, args.json)
+    table = plan_table(model_config, [None, *configs], args.dtype, available_bytes=available, runtime=runtime,
+                       kv_dtype_bytes=KV_DTYPE_BYTES[args.kv_dtype] if runtime is not None else None,
+                       trust_remote_code=args.trust_remote_code)
+    if not args.why:
+        _print_table(table, args.json)
+        return EXIT_OK
+    plans = {config.label: plan_memory(model_config, config, args.dtype, shapes=shapes) for config in configs}
+    if args.json:
+        print(json.dumps({"plan": json.loads(table.to_json(orient="records")),
+                          "unquantized": {label: plan.unquantized_detail for label, plan in plans.items()},
+                          "experts": {label: plan.experts_policy for label, plan in plans.items()
+                                      if plan.experts_policy}}, indent=1))
+        return EXIT_OK
+    _print_table(table, False)
+    for label, plan in plans.items():
+        frame = plan.unquantized_frame()
+        frame["MiB"] = frame.pop("bytes") / 2**20
+        print(f"\n{label}: left unquantized")
+        _print_table(frame, False)
+        if plan.experts_policy:
+            print(f"experts: {plan.experts_policy}")
     return EXIT_OK
 
 
@@ -209,6 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"],
                    help="dtype of the unquantized parts (default float16)")
     p.add_argument("--memory-gib", type=float, help="memory to fit into (default: available RAM)")
+    p.add_argument("--context", type=_positive_int, default=None,
+                   help="add the KV cache and activation peak of one forward over this many tokens")
+    p.add_argument("--batch", type=_positive_int, default=1, help="batch size for --context (default 1)")
+    p.add_argument("--kv-dtype", default="float16", choices=["float16", "bfloat16", "float32", "float8"],
+                   help="KV cache dtype for --context (default float16)")
+    p.add_argument("--why", action="store_true", help="also list what each scheme leaves unquantized, and why")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow models whose code lives in their repository (off by default)")
     common(p)
     p.set_defaults(func=cmd_plan)
 

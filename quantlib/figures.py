@@ -79,13 +79,20 @@ def tradeoff_figure(table: pd.DataFrame, x: str = "memory_mib", y: str = "perple
     return fig
 
 
-def memory_figure(breakdowns: dict[str, MemoryBreakdown]) -> go.Figure:
-    """Stacked bars of bytes by component, one bar per scheme."""
+#: Colours of the memory beside the weights (KV cache, activations of one forward).
+RUNTIME_COLORS = ("#2ca02c", "#bcbd22")
+
+
+def memory_figure(breakdowns: dict[str, MemoryBreakdown], runtime: dict[str, float] | None = None) -> go.Figure:
+    """Stacked bars of bytes by component, one bar per scheme; `runtime` (label -> bytes, the
+    same for every scheme: KV cache, activations) stacks on top of the weights."""
     names = list(breakdowns)
     fig = go.Figure()
     for comp in COMPONENTS:
         fig.add_trace(go.Bar(x=names, y=[breakdowns[n].bytes_by_component.get(comp, 0) / 2**20 for n in names],
                              name=COMPONENT_LABELS[comp], marker_color=COMPONENT_COLORS[comp]))
+    for (label, nbytes), color in zip((runtime or {}).items(), RUNTIME_COLORS):
+        fig.add_trace(go.Bar(x=names, y=[nbytes / 2**20] * len(names), name=label, marker_color=color))
     fig.update_layout(barmode="stack", title="Memory by component", yaxis_title="MiB",
                       legend={"orientation": "h", "y": -0.15, "font": {"size": 10}})
     return fig

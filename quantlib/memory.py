@@ -28,7 +28,7 @@ COMPONENT_LABELS = {
 #: Memory beside the weights, planned from one traced forward (`quantlib.shapes.forward_memory`).
 RUNTIME_LABELS = {"kv_cache": "KV cache", "activations": "activations (one forward)"}
 #: Bytes per element of the KV cache dtypes the planner offers.
-KV_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8 (e4m3 / e5m2)": 1}
+KV_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8": 1}
 
 
 @dataclass

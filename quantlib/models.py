@@ -453,6 +453,30 @@ def _hub_file(repo_id: str, filename: str) -> Path:
         raise ModelSourceError(f"Could not download {filename} of hub model {repo_id!r}: {exc}") from exc
 
 
+def resolve_source_dir(source: str) -> str:
+    """Folder holding a model's config.json and its own code (for trust_remote_code): a local
+    folder as it is, or a hub snapshot of its *.json and *.py files only, never the weights."""
+    kind = _classify(source)
+    if kind == "folder":
+        return str(Path(source).expanduser())
+    if kind != "hub":
+        raise ModelSourceError(f"{source!r} carries no model code: remote code needs a model folder or a hub id")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.py"]
+    try:
+        return snapshot_download(source, local_files_only=True, allow_patterns=patterns)
+    except Exception:  # noqa: BLE001 - not cached: fall through to the network
+        pass
+    if _hub_offline() or not _hub_reachable():
+        raise ModelSourceError(f"the code of hub model {source!r} is not in the local cache and the hub cannot be "
+                               "reached (offline?)")
+    try:
+        return snapshot_download(source, allow_patterns=patterns, etag_timeout=5)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelSourceError(f"Could not download the code of hub model {source!r}: {exc}") from exc
+
+
 #: safetensors dtype names -> the planner's dtype names.
 SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 

@@ -499,6 +499,21 @@ def forward_memory(cfg: dict[str, Any], context: int, batch: int = 1, dtype: str
 
 
 def _trace_forward(cfg, context, batch, dtype, trust_remote_code, source_dir) -> ForwardMemory:
+    try:
+        return _trace_forward_in(cfg, context, batch, dtype, trust_remote_code, source_dir)
+    except ArchitectureError as exc:
+        # torch's grouped_mm (fused MoE experts) runs only in bf16 here: trace in bf16, price in `dtype`.
+        if dtype == "bfloat16" or "BF16" not in str(exc):
+            raise
+    fm = _trace_forward_in(cfg, context, batch, "bfloat16", trust_remote_code, source_dir)
+    scale = DTYPE_BYTES[dtype] / 2
+    return ForwardMemory(context, batch, dtype, int(fm.kv_bytes * scale), int(fm.state_bytes * scale),
+                         int(fm.activation_peak_bytes * scale), fm.kv_elements, fm.layers_full, fm.layers_sliding,
+                         (*fm.assumptions, f"traced in bfloat16 (torch's grouped_mm for fused experts needs it) and "
+                                           f"priced in {dtype} at {DTYPE_BYTES[dtype]} bytes per element"))
+
+
+def _trace_forward_in(cfg, context, batch, dtype, trust_remote_code, source_dir) -> ForwardMemory:
     import time
 
     torch_dtype = getattr(torch, dtype)

@@ -346,7 +346,12 @@ def test_planner_architecture_numbers_and_custom_budget():
     at.radio(key="planner.budget_kind").set_value("A number I enter").run()
     at.number_input(key="planner.budget_gib").set_value(0.3).run()
     assert not at.exception and not errors(at)
+    with_runtime = totals(at)
+    at.checkbox(key="planner.runtime").set_value(False).run()  # weights only
     t = totals(at)
+    # KV cache + activations of 4096 tokens add the same bytes to every scheme.
+    added = {k: with_runtime[k] - t[k] for k in t}
+    assert min(added.values()) > 0 and max(added.values()) - min(added.values()) < 1e-6
     assert_ordered(t)
     fits = dict(zip(at.dataframe[0].value.index, at.dataframe[0].value["fits"]))
     assert fits["NF4+DQ"] and not fits["unquantized float32"]
@@ -356,6 +361,24 @@ def test_planner_architecture_numbers_and_custom_budget():
     assert totals(at)["NF4+DQ"] > t["NF4+DQ"]
     at.number_input(key="planner.arch.num_key_value_heads").set_value(4).run()
     assert not at.exception and any("KV heads" in m for m in errors(at))
+
+
+def test_planner_pasted_moe_config_shows_experts_kv_and_what_stays_unquantized():
+    from transformers import MixtralConfig
+
+    cfg = MixtralConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+                        num_key_value_heads=2, num_local_experts=4, vocab_size=1000)
+    at = run(PLANNER)
+    at.radio(key="planner.source_kind").set_value("Paste or upload config.json").run()
+    at.text_area(key="planner.pasted").set_value(cfg.to_json_string()).run()
+    assert not at.exception and not errors(at), errors(at)
+    captions = " ".join(c.value for c in at.caption)
+    assert "MixtralForCausalLM" in captions and "4 experts per block" in captions
+    assert "KiB per token" in captions
+    frame = at.dataframe[1].value  # what stays unquantized for the first scheme
+    assert any(str(w).startswith("fused expert tensors") for w in frame["why"]), list(frame["why"])
+    at.text_area(key="planner.pasted").set_value("{broken").run()
+    assert not at.exception and any("not valid JSON" in m for m in errors(at))
 
 
 def test_planner_offers_the_builder_config():
@@ -377,7 +400,7 @@ def test_planner_errors_are_messages(tmp_path):
     (folder / "config.json").write_text(json.dumps({"model_type": "mystery", "hidden_size": 8}))
     at.text_input(key="planner.source").set_value(str(folder)).run()
     assert not at.exception
-    assert any("lacks integer field" in m and "Architecture numbers" in m for m in errors(at)), errors(at)
+    assert any("'mystery'" in m and "meta device" in m for m in errors(at)), errors(at)
     (folder / "config.json").write_text("{broken")
     at.text_input(key="planner.source").set_value(str(folder) + "/").run()
     assert not at.exception and any("Cannot read" in m for m in errors(at)), errors(at)

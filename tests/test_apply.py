@@ -77,7 +77,7 @@ def test_layer_detail_has_histogram_and_code_usage(tiny_base) -> None:
     assert sum(detail["code_counts"]) == 128 * 64
     assert 0 < detail["code_entropy_bits"] <= 4
     assert sum(detail["histogram"].counts) == 128 * 64
-    with pytest.raises(Exception, match="no linear layer"):
+    with pytest.raises(Exception, match="no layer named .model.nope. that"):
         layer_detail(tiny_base.model, get_quantizer(NF4_DQ, device="cpu"), "model.nope")
 
 
