@@ -544,7 +544,7 @@ def _trace_forward_in(cfg, context, batch, dtype, trust_remote_code, source_dir)
         # State-space layers loop over tokens on the meta device: time two short probes first and
         # extrapolate the per-token cost (the first includes one-off warm-up, so it is not used alone).
         timings = []
-        for tokens in sorted({min(context, 16), min(context, 48)}):
+        for tokens in sorted({min(context, 16), min(context, 128)}):
             started = time.perf_counter()
             out, tracer = run(tokens)
             timings.append((tokens, time.perf_counter() - started))
