@@ -241,7 +241,7 @@ def main() -> None:
         include_base = st.checkbox("Include the unquantized model", value=True, key=NS.key("baseline"))
     with right:
         dtypes = list(DTYPE_BYTES)[:3]
-        stored_dtype = _majority_dtype(stored_dtypes)
+        stored_dtype = _majority_dtype(stored_dtypes) or model_config.get("dtype") or model_config.get("torch_dtype")
         if stored_dtype in dtypes:
             NS.setdefault(stored_dtype, "dtype")
         dtype = st.selectbox("dtype of unquantized tensors", dtypes, key=NS.key("dtype"),

@@ -222,7 +222,7 @@ def plan_memory(model_config: dict[str, Any], config: QuantConfig | None, dtype:
         notes.append("parameters transformers keeps in fp32 (_keep_in_fp32_modules) counted in fp32")
     policy = quantizer_cls.experts_policy if quantizer_cls is not None and shapes.n_experts else ""
     if policy:
-        notes.append(policy)
+        notes.append(f"{config.quant_method}: {policy}")
     return MemoryPlan(parts, quantized, shapes.n_params, "planned", notes, detail, policy)
 
 
