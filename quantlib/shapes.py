@@ -384,7 +384,16 @@ def model_shapes(cfg: dict[str, Any], trust_remote_code: bool = False, source_di
     if not isinstance(cfg, dict):
         raise ArchitectureError("config.json must be a JSON object")
     key = ("shapes", _config_key(cfg), trust_remote_code, source_dir)
-    return _cached(key, lambda: describe_model(build_meta_model(cfg, torch.float32, trust_remote_code, source_dir)))
+
+    def build() -> ModelShapes:
+        shapes = describe_model(build_meta_model(cfg, torch.float32, trust_remote_code, source_dir))
+        if not any(w.role in ("layer", "expert") for w in shapes.matmul_weights):
+            raise ArchitectureError(f"transformers builds {shapes.class_name} from this config.json with no linear "
+                                    "layer besides the output head, so there is nothing to quantize; check "
+                                    "num_hidden_layers and the layer sizes")
+        return shapes
+
+    return _cached(key, build)
 
 
 # ----------------------------------------------------------------------------------------

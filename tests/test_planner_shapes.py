@@ -252,6 +252,8 @@ def test_activation_peak_scales_with_tokens_and_is_refused_where_untraceable() -
     ({"model_type": "my_remote", "auto_map": {"AutoModelForCausalLM": "modeling.MyModel"}}, "trust_remote_code"),
     ({"model_type": "resnet"}, "causal language model"),
     ({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 5}, "llama"),
+    ({"model_type": "llama", "hidden_size": "wide"}, "hidden_size"),
+    ({"model_type": "llama", "num_hidden_layers": -3}, "no linear layer"),
 ])
 def test_bad_configs_are_refused_with_a_message(cfg: dict, message: str) -> None:
     with pytest.raises(ArchitectureError, match=message):
