@@ -173,8 +173,6 @@ class Quantizer:
         raise NotImplementedError
 
     # ----- modules ----------------------------------------------------------------------
-    #: Whether the method quantizes fused 3-D expert tensors (one matrix per expert).
-    quantizes_fused_experts: ClassVar[bool] = True
     #: What the method does with mixture-of-experts weights, for the planner's notes.
     experts_policy: ClassVar[str] = ("experts quantized one matrix per expert (fused 3-D tensors included), as "
                                      "llama.cpp and gptqmodel store them; routers kept in full precision")
@@ -210,10 +208,13 @@ class Quantizer:
         for pattern, why in rules:
             if not should_convert_module(w.module, [pattern]):
                 return why
+        return cls.matmul_treatment(config, w)
+
+    @classmethod
+    def matmul_treatment(cls, config: QuantConfig, w: WeightShape) -> str | None:
+        """Why the method leaves a matmul weight (not skipped by the rules) unquantized, or None."""
         if w.role == "router":
             return "MoE routers / gates (kept in full precision, as llama.cpp and gptqmodel do)"
-        if w.kind == "experts" and not cls.quantizes_fused_experts:
-            return f"fused expert tensors ({cls.__name__} does not quantize them)"
         return None
 
 
@@ -225,7 +226,6 @@ class BnbQuantizer(Quantizer):
     simulated = False
     library = "bitsandbytes"
 
-    quantizes_fused_experts = False
     experts_policy = ("transformers 5.23 replaces only nn.Linear and Conv1D modules with bitsandbytes layers: fused "
                       "3-D expert tensors (Mixtral, Qwen-MoE, DeepSeek...) stay in 16/32 bits, per-expert "
                       "nn.Linear lists and linear routers are quantized")
@@ -243,12 +243,7 @@ class BnbQuantizer(Quantizer):
         return [*rules, *((p, f"skipped by llm_int8_skip_modules ({p!r})") for p in own or [])]
 
     @classmethod
-    def treatment(cls, config: QuantConfig, w: WeightShape, rules: list[tuple[str, str]]) -> str | None:
-        if not w.is_matmul:
-            return ROLE_LABELS[w.role]
-        for pattern, why in rules:
-            if not should_convert_module(w.module, [pattern]):
-                return why
+    def matmul_treatment(cls, config: QuantConfig, w: WeightShape) -> str | None:
         if w.kind == "experts":
             return "fused expert tensors (transformers' bitsandbytes replaces only nn.Linear and Conv1D modules)"
         if w.kind == "linear" and not w.exact_linear:
