@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -350,6 +351,13 @@ class QuantConfig:
             "type": "object",
             "properties": properties,
             "required": ["quant_method"],
+            # Keys transformers writes besides the choices (mirrors such as `_load_in_4bit`, checkpoint
+            # extras): accepted by exact name, kept out of `properties` so forms do not offer them.
+            "patternProperties": {
+                **{f"^{re.escape(k)}$": {"description": "transformers' mirror of another field; must agree with it"}
+                   for k in cls.ACCEPTED_EXTRA_KEYS},
+                **{f"^{re.escape(f.name)}$": f.json_schema() for f in cls.EXTRA_FIELDS},
+            },
             "additionalProperties": False,
             "x-rules": cls.rules(),
             "x-accepted-extra-keys": {f.name: f.description for f in cls.EXTRA_FIELDS},
@@ -708,7 +716,7 @@ _TOOL_EXTRAS = (
            nullable=True),
     _extra("rotation", str, "gptqmodel: rotation preprocessing name.", nullable=True),
     _extra("activation", object, "gptqmodel 7.x: activation stream mode.", nullable=True,
-           validator=_activation_rule, allowed="a mode name or a JSON object"),
+           validator=_activation_rule, allowed="a mode name or a JSON object", json_type=["string", "object"]),
     _extra("adapter", dict, "gptqmodel: EoRA/LoRA adapter settings.", nullable=True),
     _extra("hyb_act", bool, "gptqmodel: hybrid act-order flag."),
     _extra("modules_to_not_convert", list, "Module names left unquantized.", nullable=True),

@@ -112,6 +112,9 @@ class Quantizer:
     requires: ClassVar[tuple[tuple[str, str], ...]] = ()  # (module, pip requirement)
     simulated: ClassVar[bool] = True
     library: ClassVar[str] = "torch"
+    #: False where the stored weight is not the base weight rounded (AWQ folds per-channel scales into
+    #: it and into the preceding module), so a layer's weight error is more than its rounding error.
+    weight_error_is_rounding: ClassVar[bool] = True
 
     def __init__(self, config: QuantConfig, device: str = "auto"):
         if not isinstance(config, self.config_class):
@@ -152,6 +155,11 @@ class Quantizer:
     def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
         """quantize→dequantize, in the weight's dtype: what the model computes with."""
         return self.quantize_tensor(weight).dequantize()
+
+    @classmethod
+    def code_bits(cls, config: QuantConfig) -> float:
+        """Bits of the code per weight, scales aside (4 for NF4, 5 for Q5_0): what error bounds scale with."""
+        return float(config.bits)
 
     @classmethod
     def check_shape(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
@@ -233,6 +241,12 @@ class BnbQuantizer(Quantizer):
     @classmethod
     def skip_modules(cls, config: QuantConfig) -> list[str]:
         return list(config.llm_int8_skip_modules or [])
+
+    @classmethod
+    def code_bits(cls, config: QuantConfig) -> float:
+        if config.load_in_8bit:
+            return 16.0 if config.llm_int8_has_fp16_weight else 8.0
+        return 4.0
 
     @classmethod
     def skip_rules(cls, config: QuantConfig, shapes: ModelShapes) -> list[tuple[str, str]]:
@@ -332,6 +346,10 @@ class GGUFQuantizer(Quantizer):
 
     def quantize_tensor(self, weight: torch.Tensor) -> Any:
         return qmath.quantize_gguf(weight, qtype=self.config.quant_type)
+
+    @classmethod
+    def code_bits(cls, config: QuantConfig) -> float:
+        return float(GGUF_CODE_BITS[config.quant_type])
 
     @classmethod
     def storage_bytes(cls, config: QuantConfig, out_features: int, in_features: int) -> dict[str, float]:
@@ -494,6 +512,7 @@ class AwqQuantizer(CalibratedQuantizer):
     library = "gptqmodel"
     method_name = "AWQ"
     calibrated = True
+    weight_error_is_rounding = False
     calibration = ("AWQ searches per-channel scales on activations of calibration text (quantlib would feed "
                    "its built-in corpus) and needs gptqmodel to search, pack and run them.")
 
@@ -547,6 +566,11 @@ class AqlmQuantizer(CalibratedQuantizer):
     method_name = "AQLM"
     calibration = ("AQLM learns codebooks with beam search and fine-tuning on calibration text (GPU-days for "
                    "a 7B model); load a published AQLM checkpoint instead.")
+
+    @classmethod
+    def code_bits(cls, config: QuantConfig) -> float:
+        """Codebook bits per weight: num_codebooks x nbits_per_codebook per group of in x out weights."""
+        return config.num_codebooks * config.nbits_per_codebook / (config.in_group_size * config.out_group_size)
 
     @staticmethod
     def code_container_bits(nbits: int) -> int:
