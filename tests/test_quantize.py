@@ -151,21 +151,6 @@ def test_bnb_cpu_2d_dequant_workaround_is_correct():
         assert error_metrics(x, q.dequantize())["rel_fro_error"] < 0.15
 
 
-def test_bnb_cpu_2d_dequant_raw_pitfall():
-    """Raw bnb 2-D dequantize where the last dim (96, a multiple of 16) is not one of the blocksize.
-
-    bitsandbytes' AVX-512 CPU kernel indexes absmax per row (``row * (n // blocksize) + k``),
-    which is wrong unless ``n % blocksize == 0``. On CPUs without AVX-512 (this AVX2 box) the
-    scalar kernel indexes flat blocks and is right. xfail = the pitfall is present here.
-    """
-    x = _rand((5, 96), torch.float32)
-    packed, state = bnbf.quantize_4bit(x, blocksize=64, quant_type="nf4")
-    raw = bnbf.dequantize_4bit(packed, state)
-    ref = quantize_4bit(x, "nf4", 64).dequantize()
-    if not torch.equal(raw, ref):
-        pytest.xfail("bitsandbytes CPU 4-bit dequantize pitfall present: 2-D last dim % blocksize != 0")
-
-
 # ------------------------------------------------------------------ blockwise 8-bit
 
 
