@@ -10,6 +10,7 @@ The tensor math itself lives in `quantlib.quantize`; this module only dispatches
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import importlib.util
 import math
@@ -306,7 +307,10 @@ class Bnb8BitQuantizer(BnbQuantizer):
         return []
 
     def quantize_tensor(self, weight: torch.Tensor) -> Any:
-        return qmath.quantize_int8_weight(weight)
+        """What `Int8Params._quantize` stores: the weight cast to fp16 first, whatever the model's
+        dtype (so fp32 and bf16 weights round through fp16), then row-wise int8 with fp32 SCB."""
+        packed = qmath.quantize_int8_weight(weight.to(torch.float16))
+        return dataclasses.replace(packed, dtype=weight.dtype)
 
 
 class RTNQuantizer(Quantizer):

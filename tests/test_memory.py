@@ -93,3 +93,27 @@ def test_plan_table_orders_schemes() -> None:
     totals = list(table["total MiB"])
     assert totals[0] < totals[1] < totals[2]
     assert table["fits"].all()
+
+
+def test_int8_model_weights_and_scb_equal_the_quantizer(tiny_folder) -> None:
+    """Every Linear8bitLt that from_pretrained built holds the int8 codes and row absmax (SCB) that the
+    INT8 quantizer computes for its per-layer errors: bitsandbytes rounds the weight through fp16 first,
+    even in an fp32 model (an fp32 reference differs in ~1% of the codes)."""
+    import bitsandbytes as bnb
+
+    from quantlib.schemes import get_quantizer
+
+    base = dict(_load(tiny_folder).named_modules())
+    model = _load(tiny_folder, INT8)
+    quantizer = get_quantizer(parse_config(INT8), device="cpu")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    assert len(layers) == 14
+    differs = 0
+    for name, module in layers:
+        weight = base[name].weight.data
+        ours = quantizer.quantize_tensor(weight)
+        assert torch.equal(module.weight.data, ours.codes), name
+        assert torch.equal(module.weight.SCB, ours.row_absmax), name
+        assert ours.dequantize().dtype == weight.dtype
+        differs += int((quantize_int8_weight(weight).codes != ours.codes).sum())
+    assert differs > 0  # the fp16 step matters: without it the codes would not match

@@ -319,3 +319,44 @@ def test_gguf_errors():
     with pytest.raises(ValueError, match="cannot be quantized"):
         quantize_gguf(torch.randn(4, 256), "Q4_K")
     assert quantize_gguf(torch.randn(64).bfloat16(), "Q8_0").dequantize().dtype == torch.bfloat16
+
+
+#: Bits per weight of each GGML type as llama.cpp documents them (block bytes x 8 / block size).
+GGUF_PUBLISHED_BPW = {"F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q5_1": 6.0, "Q5_0": 5.5, "Q4_1": 5.0,
+                      "Q4_0": 4.5, "MXFP4": 4.25, "TQ2_0": 2.0625, "TQ1_0": 1.6875}
+
+
+@pytest.mark.parametrize("qtype", GGUF_QUANTIZABLE_TYPES)
+def test_gguf_storage_is_the_published_bits_per_weight(qtype):
+    w = _rand((4, 256), torch.float32)
+    q = quantize_gguf(w, qtype)
+    assert q.bits_per_param == GGUF_PUBLISHED_BPW[qtype]
+    assert q.total_bits == 8 * q.data.nbytes == GGUF_PUBLISHED_BPW[qtype] * w.numel()
+
+
+@pytest.mark.parametrize("qtype, rel_bound", [("F32", 0.0), ("F16", 2**-11), ("BF16", 2**-8)])
+def test_gguf_float_types_round_each_value_once(qtype, rel_bound):
+    w = _rand((4, 256), torch.float32)
+    deq = quantize_gguf(w, qtype).dequantize()
+    assert torch.all((deq - w).abs() <= rel_bound * w.abs())
+
+
+@pytest.mark.parametrize("qtype", ["TQ1_0", "TQ2_0"])
+def test_gguf_ternary_types_hold_three_levels_per_block(qtype):
+    w = _rand((2, 512), torch.float32)
+    deq = quantize_gguf(w, qtype).dequantize().reshape(-1, 256)
+    for block in deq:
+        assert len(torch.unique(block.abs())) <= 2  # {0, d}: values are -d, 0 or +d
+
+
+def test_gguf_q4_0_values_rebuilt_from_its_bytes():
+    """llama.cpp's block_q4_0: fp16 scale d, then 16 bytes; element j is (low nibble j - 8) * d and
+    element j + 16 is (high nibble j - 8) * d. Decoded here from the raw bytes, independently."""
+    w = _rand((3, 64), torch.float32)
+    q = quantize_gguf(w, "Q4_0")
+    blocks = q.data.reshape(-1, 18)
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)  # (n_blocks, 1)
+    qs = blocks[:, 2:].astype(np.int32)
+    values = np.concatenate([(qs & 0xF) - 8, (qs >> 4) - 8], axis=1) * d
+    assert np.array_equal(values.reshape(3, 64), q.dequantize().numpy())
+    assert error_metrics(w, q.dequantize())["rel_fro_error"] < 0.13
