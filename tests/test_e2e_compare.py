@@ -83,8 +83,16 @@ def test_compare_nf4_fp4_on_default_model(server, page, runs_folder):
     table = table_text(page, 0)
     for scheme in ("baseline float32", "NF4", "FP4"):
         assert scheme in table, table
-    perplexities = [float(x) for x in re.findall(r"\b\d{1,4}\.\d{3}\b", table)]
-    assert len(perplexities) >= 3, table
+    # Read the perplexity column by its header (a bare number pattern also matched bits/param).
+    # st.table's text: rows apart by blank-line runs, cells by tabs.
+    rows = [[c.strip() for c in row.split("\t")] for row in re.split(r"\n{3,}", table.strip()) if row.strip()]
+    header = next(r for r in rows if "perplexity" in r)
+    col = header.index("perplexity")
+    perplexities = {r[header.index("scheme")]: float(r[col]) for r in rows
+                    if r is not header and len(r) == len(header)}
+    assert set(perplexities) >= {"baseline float32", "NF4", "FP4"}, table
+    assert all(1 < v < 1000 for v in perplexities.values()), perplexities
+    assert perplexities["NF4"] != perplexities["baseline float32"], perplexities
     assert page.locator(".js-plotly-plot").count() >= 4
     assert len(list(runs_folder.glob("*.run.json"))) == 1
 

@@ -64,7 +64,12 @@ def test_pickle_only_folder_is_refused_unless_allowed(tiny_llama_dir, tmp_path):
     with pytest.raises(ModelSourceError, match=r"pickle.*pytorch_model\.bin.*allow_pickle=True"):
         load_model(str(folder))
     loaded = load_model(str(folder), allow_pickle=True)
-    assert loaded.description.n_params > 0
+    from safetensors.torch import load_file
+
+    expected = load_file(str(tiny_llama_dir / "model.safetensors"))
+    state = loaded.model.state_dict()
+    assert expected and all(torch.equal(state[k].float(), v.float()) for k, v in expected.items())
+    assert loaded.description.n_params == sum(p.numel() for p in loaded.model.parameters())
 
 
 def test_missing_folder_names_path_and_accepted(tmp_path):
