@@ -191,9 +191,6 @@ class Quantizer:
         """Module patterns the config itself leaves in full precision."""
         return list(getattr(config, "modules_to_not_convert", None) or [])
 
-    def modules_to_not_convert(self) -> list[str]:
-        return self.skip_modules(self.config)
-
     @classmethod
     def skip_rules(cls, config: QuantConfig, shapes: ModelShapes) -> list[tuple[str, str]]:
         """(module pattern, why) left unquantized: transformers' defaults (output head, tied weights,
@@ -631,12 +628,6 @@ def gguf_block_geometry(quant_type: str) -> tuple[int, int]:
     import gguf
 
     return tuple(gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[quant_type]])  # type: ignore[return-value]
-
-
-def is_skipped(name: str, patterns: list[str]) -> bool:
-    """transformers' own rule (`should_convert_module`): a pattern matches from the start up to a
-    module boundary, as a regex with that boundary, or as a suffix of the module name."""
-    return bool(patterns) and not should_convert_module(name, list(patterns))
 
 
 def default_skip_rules(shapes: ModelShapes) -> list[tuple[str, str]]:
