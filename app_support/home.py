@@ -64,7 +64,7 @@ def versions(packages: tuple[str, ...] = VERSIONED) -> dict[str, str]:
 
 def backend() -> tuple[str, str]:
     """(device kind, human name): ("cuda", "NVIDIA H100 …") or ("cpu", "CPU (2 cores)")."""
-    from quantlib.schemes import cuda_available, device_name
+    from quantlib.runtime import cuda_available, device_name
 
     kind = "cuda" if cuda_available() else "cpu"
     return kind, device_name(kind)

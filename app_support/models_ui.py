@@ -68,7 +68,7 @@ class ModelChoice:
 @st.cache_resource(show_spinner=False)
 def backend() -> tuple[str, str]:
     """("cuda", GPU name) or ("cpu", "CPU (n cores)"): where every number on these pages comes from."""
-    from quantlib.schemes import cuda_available, device_name
+    from quantlib.runtime import cuda_available, device_name
 
     kind = "cuda" if cuda_available() else "cpu"
     return kind, device_name(kind)
@@ -107,7 +107,7 @@ def _load_base(source: str, dtype: str, device: str, trust_remote_code: bool, al
 
 
 def resolve(device: str) -> str:
-    from quantlib.schemes import resolve_device
+    from quantlib.runtime import resolve_device
 
     return resolve_device(device)[0]
 

@@ -57,19 +57,17 @@ def config_choices(builder: dict[str, Any] | None, builder_label: str | None = N
     return out
 
 
-def group_size_problem(group_size: int, model_config: dict[str, Any], model_name: str) -> str | None:
-    """Why an RTN group size cannot be used on a model (a layer width it does not divide), or None."""
-    from quantlib.schemes import fitting_group_sizes
-    from quantlib.shapes import model_shapes
+def shape_problem(config: QuantConfig, model_config: dict[str, Any], model_name: str) -> str | None:
+    """Why a config cannot quantize a model (layers its group or block size does not fit), or None:
+    the method's own `check_shape` on every layer it quantizes (`quantlib.methods.preflight`)."""
+    from quantlib.methods import preflight
 
-    widths = sorted({w.in_features for w in model_shapes(model_config).matmul_weights if w.role in ("layer", "expert")})
-    bad = [w for w in widths if w % group_size]
-    if not bad:
+    problems = preflight(config, model_config)
+    if not problems:
         return None
-    common = [g for g in fitting_group_sizes(bad[0]) if all(w % g == 0 for w in widths)]
-    return (f"group_size {group_size} does not divide the input width {bad[0]} of {model_name}'s layers "
-            f"(widths: {', '.join(map(str, widths))}), so quantizing it would fail"
-            + (f"; sizes that fit: {', '.join(map(str, common))}" if common else "") + ".")
+    more = f" (and {len(problems) - 3} more layers)" if len(problems) > 3 else ""
+    return (f"{len(problems)} layer(s) of {model_name} do not fit this config, so quantizing it would fail: "
+            + "; ".join(problems[:3]) + more + ".")
 
 
 def gib(n_bytes: float) -> str:
@@ -83,7 +81,7 @@ def memory_sources() -> dict[str, tuple[float, str]]:
     vm = psutil.virtual_memory()
     out = {"CPU RAM (available)": (float(vm.available), f"{gib(vm.available)} available of {gib(vm.total)} "
                                                           "(psutil)")}
-    from quantlib.schemes import cuda_available
+    from quantlib.runtime import cuda_available
 
     if cuda_available():
         import torch

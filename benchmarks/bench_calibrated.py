@@ -6,7 +6,7 @@ the disjoint "eval" split next to symmetric / asymmetric RTN int4 g64 and the fp
 
     python3 benchmarks/bench_calibrated.py [--samples 128] [--seq-len 512] [--tokens 4096] [--methods gptq awq]
 
-AWQ calibrates in bf16 (see quantlib.calibration), slow on CPUs without bf16 instructions: at
+AWQ calibrates in bf16 (see quantlib.methods._gptqmodel), slow on CPUs without bf16 instructions: at
 128 x 512 tokens expect hours on two cores; use e.g. --methods awq --samples 4 --seq-len 256 there.
 """
 
@@ -27,7 +27,7 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 from bench_compare import PeakRss  # noqa: E402
 
 from quantlib.apply import quantize_model  # noqa: E402
-from quantlib.calibration import CalibrationSettings  # noqa: E402
+from quantlib.methods._gptqmodel import CalibrationSettings  # noqa: E402
 from quantlib.corpus import builtin_text  # noqa: E402
 from quantlib.evaluation import perplexity_and_kl, tokenize_for_eval  # noqa: E402
 from quantlib.models import load_model  # noqa: E402

@@ -21,13 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantlib.metrics import error_metrics  # noqa: E402
-from quantlib.quantize import (  # noqa: E402
-    quantize_4bit,
-    quantize_blockwise_8bit,
-    quantize_gguf,
-    quantize_int8_weight,
-    quantize_rtn,
-)
+from quantlib.methods.bitsandbytes import quantize_4bit, quantize_blockwise_8bit, quantize_int8_weight  # noqa: E402
+from quantlib.methods.gguf import quantize_gguf  # noqa: E402
+from quantlib.methods.rtn import quantize_rtn  # noqa: E402
 
 
 def best_time(fn: Callable[[], object], repeat: int) -> tuple[float, object]:

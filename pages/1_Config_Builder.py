@@ -186,19 +186,19 @@ def main() -> None:
 
 
 def check_against_model(config: QuantConfig, slots: dict) -> None:
-    """RTN groups must divide every layer width: check the planner's model, else SmolLM2-135M."""
-    if config.quant_method != "rtn" or config.granularity != "group" or "group_size" not in slots:
-        return
-    from app_support.planner import SMOLLM2_ARCH, arch_config, group_size_problem
+    """The config must fit every layer it quantizes (group and block sizes): check the planner's model,
+    else SmolLM2-135M, with the method's own shape rules."""
+    from app_support.planner import SMOLLM2_ARCH, arch_config, shape_problem
 
     model_config = st.session_state.get("planner.model_config")
     name = "the Memory Planner's model" if isinstance(model_config, dict) else "SmolLM2-135M (the default model)"
     if not isinstance(model_config, dict):
         model_config = arch_config(SMOLLM2_ARCH)
-    with guard("check the group size against the model"):
-        problem = group_size_problem(config.group_size, model_config, name)
+    with guard("check the config against the model"):
+        problem = shape_problem(config, model_config, name)
         if problem:
-            slots["group_size"].warning(problem)
+            slot = next((slots[k] for k in ("group_size", "quant_type", "in_group_size") if k in slots), st)
+            slot.warning(problem)
 
 
 def render_output(config: QuantConfig, params: dict[str, str]) -> None:

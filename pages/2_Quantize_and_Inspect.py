@@ -50,19 +50,16 @@ LAYER_COLUMNS = {
 def cached_layer_detail(_base, model_key: str, cfg_json: str, layer: str, device: str) -> dict:
     """`layer_detail` for one layer; keyed by the model, the config's JSON and the layer name."""
     from quantlib.apply import layer_detail
-    from quantlib.schemes import get_quantizer
+    from quantlib.methods import get_quantizer
 
     return layer_detail(_base.model, get_quantizer(json.loads(cfg_json), device=device), layer)
 
 
-def code_levels(cfg: dict, n_codes: int) -> tuple[list[float], str]:
-    """The value each code stands for (4-bit bitsandbytes), else the code index."""
-    from quantlib.codebooks import FP4_LEVELS, NF4_LEVELS
-
-    if cfg.get("quant_method") == "bitsandbytes" and cfg.get("load_in_4bit") and n_codes == 16:
-        levels = NF4_LEVELS if cfg.get("bnb_4bit_quant_type") == "nf4" else FP4_LEVELS
-        return [float(v) for v in levels], "code index: level (× block absmax)"
-    return [float(i) for i in range(n_codes)], "code index (integer codes; the value is set by scale/zero)"
+def code_levels(detail: dict) -> tuple[list[float], str]:
+    """The value each code stands for where the method has a fixed code table, else the code index."""
+    if detail.get("code_levels") is not None and len(detail["code_levels"]) == detail["n_codes"]:
+        return detail["code_levels"], "code index: level (× block scale)"
+    return [float(i) for i in range(detail["n_codes"])], "code index (integer codes; the value is set by scale/zero)"
 
 
 # ------------------------------------------------------------------------------------ run
@@ -136,7 +133,7 @@ def show_layer_detail(result: dict, choice: ModelChoice | None) -> None:
             hist = histogram_figure(detail["histogram"], title="Weights / block absmax vs NF4 & FP4 levels")
             st.plotly_chart(hist, width="stretch", key=NS.key("fig", "hist"))
         with right:
-            levels, axis = code_levels(result["config"], detail["n_codes"])
+            levels, axis = code_levels(detail)
             usage = code_usage_figure(detail["code_counts"], levels, detail["code_entropy_bits"], result["label"])
             usage.update_layout(xaxis_title=axis)
             st.plotly_chart(usage, width="stretch", key=NS.key("fig", "codes"))

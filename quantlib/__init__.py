@@ -14,10 +14,7 @@ logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 from quantlib.configs import (  # noqa: E402
     CONFIG_MAPPING,
-    BitsAndBytesQuantConfig,
-    GGUFQuantConfig,
     QuantConfig,
-    RTNQuantConfig,
     config_schemas,
     parse_config,
     registered_methods,
@@ -27,14 +24,11 @@ from quantlib.errors import BackendUnavailableError, Cancelled, ConfigError, Fie
 __all__ = [
     "CONFIG_MAPPING",
     "BackendUnavailableError",
-    "BitsAndBytesQuantConfig",
     "Cancelled",
     "ConfigError",
     "FieldError",
-    "GGUFQuantConfig",
     "QuantConfig",
     "QuantlibError",
-    "RTNQuantConfig",
     "config_schemas",
     "get_quantizer",
     "parse_config",
@@ -45,7 +39,7 @@ __all__ = [
 def __getattr__(name: str):
     """Heavier entry points load on first use, so `import quantlib` stays cheap for config work."""
     if name == "get_quantizer":
-        from quantlib.schemes import get_quantizer
+        from quantlib.methods import get_quantizer
 
         return get_quantizer
     raise AttributeError(f"module 'quantlib' has no attribute {name!r}")

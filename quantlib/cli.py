@@ -200,7 +200,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from quantlib.apply import layer_detail
     from quantlib.models import load_model
-    from quantlib.schemes import get_quantizer
+    from quantlib.methods import get_quantizer
 
     config = _read_config_file(args.config)
     quantizer = get_quantizer(config, device=args.device)

@@ -25,7 +25,8 @@ from quantlib.evaluation import perplexity_and_kl, tokenize_for_eval
 from quantlib.memory import measure_footprint, plan_memory
 from quantlib.models import LoadedModel, load_model
 from quantlib.runs import Run, environment_info, new_run_id, now_iso, save_run
-from quantlib.schemes import QUANTIZER_MAPPING, get_quantizer, resolve_device
+from quantlib.methods import get_quantizer, quantizer_class
+from quantlib.runtime import resolve_device
 
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
@@ -47,7 +48,7 @@ class CompareSettings:
     dtype: str = "float32"
     trust_remote_code: bool = False  # off unless the user turns it on
     allow_pickle: bool = False  # pickle-only checkpoints are refused unless allowed
-    calibration: Any = None  # GPTQ/AWQ: a quantlib.calibration.CalibrationSettings (None: 128 x 512 tokens)
+    calibration: Any = None  # GPTQ/AWQ: the method's calibration settings, e.g. quantlib.methods._gptqmodel.CalibrationSettings (None: 128 x 512 tokens)
 
     def to_dict(self) -> dict[str, Any]:
         data = dict(self.__dict__)
@@ -68,38 +69,26 @@ class ComparisonResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-#: Forward-pass cost of each scheme relative to the unquantized model, measured on the 2-core CPU
-#: (bitsandbytes dequantizes 4-bit weights on every matmul; its CPU INT8 matmul casts to fp16).
-CPU_SLOWDOWN = {"bitsandbytes_4bit": 1.5, "bitsandbytes_8bit": 3.6}
-
-
 def estimate_seconds(n_params: int, n_tokens: int, configs: Sequence[QuantConfig | dict], device: str,
                      calibration_tokens: int = 128 * 512) -> float:
     """Rough wall time of a comparison, shown before it starts.
 
     A forward pass costs about 2·params FLOPs per token; the effective rates (~25 GFLOP/s on a
-    2-core CPU, ~20 TFLOP/s on a GPU for small batches) and the per-scheme slowdowns were measured
-    with `benchmarks/bench_compare.py`. Loading, quantizing and layer errors add about one second
-    per 20M parameters per scheme. GPTQ/AWQ calibration is added from `benchmarks/bench_calibrated.py`
-    and tests/test_gptq_awq.py on the 135M default model (CPU: GPTQ 91 s for 4k calibration tokens,
-    857 s for 64k; AWQ, calibrated in bf16 which this CPU lacks, 579 s for 1k), scaled by size.
+    2-core CPU, ~20 TFLOP/s on a GPU for small batches) were measured with
+    `benchmarks/bench_compare.py`, and each method states its CPU evaluation slowdown
+    (`Quantizer.cpu_eval_slowdown`) and calibration time (`Quantizer.calibration_seconds`, divided by
+    20 on a GPU). Loading, quantizing and layer errors add about one second per 20M parameters per
+    scheme.
     """
     rate = 20e12 if device == "cuda" else 25e9
     one_pass = 2.0 * n_params * n_tokens / rate
-    scale = n_params / 135e6
     total = one_pass  # the baseline
     for config in map(parse_config, configs):
-        slowdown = 1.0 if device == "cuda" else CPU_SLOWDOWN.get(config.quantizer_key, 1.0)
+        cls = quantizer_class(config)
+        slowdown = 1.0 if device == "cuda" else cls.cpu_eval_slowdown
         total += one_pass * slowdown + n_params / 20e6
-        calib = CPU_CALIBRATION_SECONDS.get(config.quant_method)
-        if calib is not None:
-            fixed, per_token = calib
-            total += scale * (fixed + per_token * calibration_tokens) / (20.0 if device == "cuda" else 1.0)
+        total += cls.calibration_seconds(config, n_params, calibration_tokens) / (20.0 if device == "cuda" else 1.0)
     return total + 3.0
-
-
-#: (fixed seconds, seconds per calibration token) on the 2-core CPU for the 135M default model.
-CPU_CALIBRATION_SECONDS = {"gptq": (30.0, 0.013), "awq": (120.0, 0.45)}
 
 
 def unique_labels(configs: Sequence[QuantConfig]) -> list[str]:
@@ -131,7 +120,7 @@ def plan_batches(configs: Sequence[QuantConfig], model_config: dict[str, Any], b
     batches: list[list[int]] = []
     used = 0.0
     for index, config in enumerate(configs):
-        simulated = QUANTIZER_MAPPING[config.quantizer_key].simulated
+        simulated = quantizer_class(config).simulated
         cost = base_bytes if simulated else plan_memory(model_config, config, dtype).total_bytes
         if not batches or used + cost > budget:
             batches.append([])
@@ -178,7 +167,7 @@ def run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compar
         for index in batch:
             config, quantizer, label = parsed[index], quantizers[index], labels[index]
             t0 = time.perf_counter()
-            if getattr(quantizer, "calibrated", False):  # GPTQ/AWQ: errors come from the loaded checkpoint
+            if quantizer.calibrated:  # layers come from the calibrated model
                 qm = quantize_model(config, source=settings.source, device=device, dtype=dtype,
                                     trust_remote_code=settings.trust_remote_code, progress=report, cancel=cancel,
                                     calibration=settings.calibration)

@@ -23,7 +23,7 @@ from quantlib.evaluation import (DistributionComparison, PerplexityResult, Refer
 from quantlib.memory import MemoryBreakdown, measure_footprint
 from quantlib.models import LoadedModel
 from quantlib.outliers import ActivationOutliers, activation_outliers
-from quantlib.schemes import get_quantizer
+from quantlib.methods import get_quantizer
 
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
@@ -73,19 +73,19 @@ def inspect_scheme(base: LoadedModel, config: QuantConfig | dict | str, *, sourc
     """Quantize `base` with `config` and measure it against `base`; returns the result and the reference.
 
     `reference` (from an earlier call on the same model, text and window) skips the baseline pass;
-    `calibration` (a `quantlib.calibration.CalibrationSettings`) sizes GPTQ/AWQ calibration.
+    `calibration` (the method's calibration settings) sizes GPTQ/AWQ calibration.
     """
     started = time.perf_counter()
     stage = _staged(progress)
     config = parse_config(config)
     quantizer = get_quantizer(config, device=device)
-    calibrated = getattr(quantizer, "calibrated", False)
+    calibrated = quantizer.calibrated
     if not calibrated:  # layer by layer from the baseline's weights, before the quantized model exists
         errors = layer_errors(base.model, quantizer, progress=stage("layer errors"), cancel=cancel)
     qm = quantize_model(config, base=base, source=source, device=quantizer.backend.device, dtype=dtype,
                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                         progress=stage("quantize"), cancel=cancel, calibration=calibration)
-    if calibrated:  # GPTQ/AWQ: compare the calibrated checkpoint's dequantized layers with the baseline
+    if calibrated:  # compare the calibrated model's dequantized layers with the baseline
         errors = layer_errors(base.model, quantizer, progress=stage("layer errors"), cancel=cancel, quantized=qm)
     try:
         if reference is None:

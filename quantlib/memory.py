@@ -187,12 +187,12 @@ def plan_memory(model_config: dict[str, Any], config: QuantConfig | None, dtype:
     where the method quantizes them), everything else in `dtype` (or fp32 where transformers keeps
     it so), buffers in their own dtype. `config=None` plans the unquantized model.
     """
-    from quantlib.schemes import QUANTIZER_MAPPING
+    from quantlib.methods import quantizer_class
 
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype: got {dtype!r}; allowed: {', '.join(DTYPE_BYTES)}")
     shapes = shapes if shapes is not None else model_shapes(model_config, trust_remote_code)
-    quantizer_cls = QUANTIZER_MAPPING[config.quantizer_key] if config is not None else None
+    quantizer_cls = quantizer_class(config) if config is not None else None
     decisions = quantizer_cls.classify(config, shapes) if quantizer_cls is not None else {}
     parts = {c: 0.0 for c in COMPONENTS}
     groups: dict[str, list[int]] = {}

@@ -58,9 +58,9 @@ def missing_requirements(name: str) -> list[str]:
     """pip names of the libraries a preset's quantizer needs and this environment lacks."""
     import importlib.util
 
-    from quantlib.schemes import QUANTIZER_MAPPING
+    from quantlib.methods import quantizer_class
 
-    quantizer = QUANTIZER_MAPPING[preset(name).quantizer_key]
+    quantizer = quantizer_class(preset(name))
     return [pip for module, pip in quantizer.requires if importlib.util.find_spec(module) is None]
 
 

@@ -19,6 +19,7 @@ from app_support.presets import PRESETS, preset_config, preset_configs
 from quantlib.configs import parse_config as parse
 from app_support.querystring import QueryStringError, decode_params, encode_config
 from app_support.snippets import quantlib_snippet, transformers_snippet
+from quantlib.methods import quantizer_class
 from quantlib.configs import config_schemas, parse_config
 from quantlib.errors import ConfigError
 
@@ -151,9 +152,9 @@ def test_builder_rtn_group_size_that_does_not_divide_the_model_warns_next_to_fie
     at.number_input(key="builder.f.rtn.group_size").set_value(100).run()
     assert not at.exception and not errors(at)
     warnings = [w.value for w in at.warning]
-    assert any("group_size 100 does not divide" in w and "576" in w and "sizes that fit" in w for w in warnings)
+    assert any("not divisible by group_size 100" in w and "576" in w and "sizes that fit" in w for w in warnings)
     at.number_input(key="builder.f.rtn.group_size").set_value(64).run()
-    assert not [w for w in at.warning if "does not divide" in w.value]
+    assert not [w for w in at.warning if "do not fit this config" in w.value]
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -298,10 +299,10 @@ def test_querystring_and_snippets_round_trip():
         exec(quantlib_snippet(config).split("quantized =")[0], namespace)
         assert namespace["config"] == config
         snippet = transformers_snippet(config)
-        if config.quant_method == "bitsandbytes":
+        if quantizer_class(config).transformers_class_name() is not None:
             namespace = {}
             exec(snippet.split("model_id =")[0], namespace)
-            assert namespace["quantization_config"].to_dict() == config.to_dict()
+            assert namespace["quantization_config"].to_dict() == config.to_transformers().to_dict()
         else:
             assert snippet is None
     assert decode_params({}) is None

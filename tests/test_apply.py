@@ -11,9 +11,9 @@ from quantlib.apply import ShapeError, layer_detail, layer_errors, quantize_mode
 from quantlib.compare import CompareSettings, run_comparison
 from quantlib.errors import Cancelled
 from quantlib.models import load_model
-from quantlib.quantize import quantize_4bit
+from quantlib.methods.bitsandbytes import quantize_4bit
 from quantlib.runs import list_runs, load_run
-from quantlib.schemes import get_quantizer
+from quantlib.methods import get_quantizer
 
 NF4_DQ = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
           "bnb_4bit_use_double_quant": True}

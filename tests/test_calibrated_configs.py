@@ -13,20 +13,14 @@ from transformers import AqlmConfig, AwqConfig, GPTQConfig, LlamaConfig
 from quantlib import CONFIG_MAPPING, BackendUnavailableError, ConfigError, parse_config
 from quantlib.apply import preflight
 from quantlib.cli import main
-from quantlib.configs import (
-    AWQ_BACKENDS,
-    AWQ_FORMATS,
-    GPTQ_BACKENDS,
-    GPTQ_DATASET_NAMES,
-    GPTQ_FORMATS,
-    AqlmQuantConfig,
-    AwqQuantConfig,
-    GPTQQuantConfig,
-)
+from quantlib.methods._gptqmodel import AWQ_BACKENDS, AWQ_FORMATS, GPTQ_BACKENDS, GPTQ_DATASET_NAMES, GPTQ_FORMATS
+from quantlib.methods.aqlm import AqlmQuantConfig, AqlmQuantizer
+from quantlib.methods.awq import AwqQuantConfig, AwqQuantizer
+from quantlib.methods.gptq import GPTQQuantConfig, GPTQQuantizer
 from quantlib.memory import plan_memory
 from quantlib.models import read_model_config
 from quantlib.presets import PRESETS, preset, runnable_presets
-from quantlib.schemes import QUANTIZER_MAPPING, AqlmQuantizer, AwqQuantizer, GPTQQuantizer, get_quantizer
+from quantlib.methods import QUANTIZER_MAPPING, get_quantizer
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
 

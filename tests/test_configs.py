@@ -10,16 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import BitsAndBytesConfig
 
-from quantlib import (
-    CONFIG_MAPPING,
-    BitsAndBytesQuantConfig,
-    ConfigError,
-    GGUFQuantConfig,
-    RTNQuantConfig,
-    config_schemas,
-    parse_config,
-)
-from quantlib.configs import BNB_COMPUTE_DTYPES, BNB_QUANT_TYPES, BNB_STORAGE_DTYPES
+from quantlib import CONFIG_MAPPING, ConfigError, config_schemas, parse_config
+from quantlib.methods.bitsandbytes import (BNB_COMPUTE_DTYPES, BNB_QUANT_TYPES, BNB_STORAGE_DTYPES,
+                                           BitsAndBytesQuantConfig)
+from quantlib.methods.gguf import GGUFQuantConfig
+from quantlib.methods.rtn import RTNQuantConfig
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantlib.quantize import quantize_4bit
-from quantlib.schemes import get_quantizer
+from quantlib.methods.bitsandbytes import quantize_4bit
+from quantlib.methods import get_quantizer
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is visible to torch")]

@@ -19,7 +19,7 @@ from quantlib.evaluation import perplexity_and_kl, tokenize_for_eval
 from quantlib.memory import plan_memory
 from quantlib.models import default_model_dir, read_model_config
 from quantlib.presets import preset
-from quantlib.schemes import get_quantizer
+from quantlib.methods import get_quantizer
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None,
                                 reason="gptqmodel is not installed (pip install --no-deps -r requirements-gptq.txt)")
@@ -30,7 +30,7 @@ WINDOW = 512
 
 def test_g128_is_refused_before_any_calibration(monkeypatch) -> None:
     """576-wide layers do not split into groups of 128: refused from config.json, calibration never starts."""
-    import quantlib.calibration as calibration
+    import quantlib.methods._gptqmodel as calibration
 
     def never(*args, **kwargs):
         raise AssertionError("calibration must not start")
@@ -52,7 +52,7 @@ def test_g128_is_refused_before_any_calibration(monkeypatch) -> None:
 @pytest.fixture(scope="module")
 def calibrated(default_model):
     """GPTQ and AWQ of the default model, loaded back, plus the RTN references, evaluated in one pass."""
-    from quantlib.calibration import CalibrationSettings
+    from quantlib.methods._gptqmodel import CalibrationSettings
 
     gptq = quantize_model(preset("gptq-int4-g64"), source="default", device="cpu",
                           calibration=CalibrationSettings(n_samples=16, seq_len=256))
@@ -80,7 +80,7 @@ def test_gptq_beats_symmetric_rtn(calibrated) -> None:
 @pytest.mark.slow
 def test_awq_beats_asymmetric_rtn(calibrated) -> None:
     """Measured: AWQ 31.66 vs RTN asym 36.05 (baseline 28.50). AWQ calibrates in bf16: calibrated in fp32,
-    gptqmodel 7.6.0 wrote a broken checkpoint (perplexity 2.1M-2.9M; see quantlib.calibration._backends)."""
+    gptqmodel 7.6.0 wrote a broken checkpoint (perplexity 2.1M-2.9M; see quantlib.methods.awq.AwqQuantizer.gptqmodel_backends)."""
     ppl = calibrated["ppl"]
     assert ppl["awq"] < ppl["rtn_asym"], ppl
 

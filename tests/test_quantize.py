@@ -11,9 +11,8 @@ from hypothesis import strategies as st
 
 from quantlib.codebooks import dynamic_map
 from quantlib.metrics import code_histogram, error_metrics
-from quantlib.quantize import (
+from quantlib.methods.bitsandbytes import (
     BLOCKSIZES_4BIT,
-    GGUF_QUANTIZABLE_TYPES,
     _bucket_table,
     dequantize_4bit,
     int8_decomposed_matmul,
@@ -21,10 +20,10 @@ from quantlib.quantize import (
     outlier_columns,
     quantize_4bit,
     quantize_blockwise_8bit,
-    quantize_gguf,
     quantize_int8_weight,
-    quantize_rtn,
 )
+from quantlib.methods.gguf import GGUF_QUANTIZABLE_TYPES, quantize_gguf
+from quantlib.methods.rtn import quantize_rtn
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1,), (63,), (64,), (130,), (7, 33), (5, 96), (3, 100), (2, 3, 50), (128, 256)]

@@ -26,7 +26,7 @@ from quantlib.configs import CONFIG_MAPPING
 from quantlib.errors import BackendUnavailableError, ConfigError
 from quantlib.memory import measure_footprint, plan_memory
 from quantlib.presets import PRESETS, preset
-from quantlib.schemes import QUANTIZER_MAPPING, get_quantizer
+from quantlib.methods import QUANTIZER_MAPPING, get_quantizer
 from quantlib.shapes import model_shapes
 
 #: Relative Frobenius error bound of a layer's weights (Gaussian-initialised tiny model) by code bits:
@@ -88,7 +88,7 @@ _QUANTIZED: dict[str, object] = {}
 def _quantized(name: str, tiny_llama_dir: Path):
     """The real quantization of the tiny model under a preset (calibrated ones once per session)."""
     if name not in _QUANTIZED:
-        from quantlib.calibration import CalibrationSettings
+        from quantlib.methods._gptqmodel import CalibrationSettings
 
         _QUANTIZED[name] = quantize_model(preset(name), source=str(tiny_llama_dir), device="cpu",
                                           calibration=CalibrationSettings(n_samples=4, seq_len=64, batch_size=4))

@@ -1,0 +1,555 @@
+"""The quantizer base class and the registry: what every method inherits, and how it is found.
+
+Modelled on transformers' `HfQuantizer` (`quantizers/base.py`) and `AUTO_QUANTIZER_MAPPING`: a config
+says *what*, a quantizer knows *how* (which library, which device, which modules to leave alone) and
+checks the environment before any weights are touched. The base class owns the model-level work with
+defaults, and a method overrides only what differs:
+
+- `quantize_model`: simulate by default (each quantizable matrix replaced by its quantize->dequantize
+  result, memory counted at the packed size); bitsandbytes loads through `from_pretrained`;
+  calibrated methods calibrate with their library.
+- `layer_weights`: the original and dequantized weight of every quantized layer, for every metric.
+- storage by component (`storage_bytes`, classmethod, from shapes alone; the packed tensors carry
+  their own), code levels for histograms, cost estimates, notes and the copyable snippet.
+
+Methods register with `@register("key")`; `quantlib.methods` imports every method module. Nothing
+outside `quantlib/methods/` names a method.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import importlib.util
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator
+
+import torch
+
+from quantlib import configs as _configs
+from quantlib.configs import QuantConfig, parse_config
+from quantlib.errors import BackendUnavailableError, Cancelled, QuantlibError
+from quantlib.formats import MEMORY_COMPONENTS, QuantizedTensor
+from quantlib.runtime import BackendReport, device_name, resolve_device
+from quantlib.shapes import ROLE_LABELS, ModelShapes, WeightShape, describe_model
+
+ProgressFn = Callable[[float, str], None]
+CancelFn = Callable[[], bool]
+
+#: quantizer key (see `QuantConfig.quantizer_key`) -> quantizer class, filled by `@register`.
+QUANTIZER_MAPPING: dict[str, type["Quantizer"]] = {}
+
+
+def register(key: str) -> Callable[[type["Quantizer"]], type["Quantizer"]]:
+    """Class decorator: register a quantizer under `key` and its config class under its quant_method."""
+
+    def wrap(cls: type[Quantizer]) -> type[Quantizer]:
+        if key in QUANTIZER_MAPPING and QUANTIZER_MAPPING[key] is not cls:
+            raise ValueError(f"quantizer key {key!r} is registered twice ({QUANTIZER_MAPPING[key].__name__}, "
+                             f"{cls.__name__})")
+        QUANTIZER_MAPPING[key] = cls
+        method = cls.config_class.quant_method
+        known = _configs.CONFIG_MAPPING.get(method)
+        if known is not None and known is not cls.config_class:
+            raise ValueError(f"quant_method {method!r} has two config classes ({known.__name__}, "
+                             f"{cls.config_class.__name__})")
+        _configs.CONFIG_MAPPING[method] = cls.config_class
+        return cls
+
+    return wrap
+
+
+def quantizer_class(config: QuantConfig) -> type["Quantizer"]:
+    """The registered quantizer class of a parsed config (no environment check: for planning)."""
+    cls = QUANTIZER_MAPPING.get(config.quantizer_key)
+    if cls is None:  # a config class registered without a quantizer
+        raise BackendUnavailableError(config.quant_method, "no quantizer is registered for it",
+                                      "Register one with @quantlib.methods.base.register.")
+    return cls
+
+
+def get_quantizer(config: QuantConfig | dict | str, device: str = "auto") -> "Quantizer":
+    """Factory: validate the config, pick the quantizer, check libraries and hardware.
+
+    Raises `ConfigError` for a bad config and `BackendUnavailableError` when the scheme cannot run
+    here, both before any weights are touched. The returned quantizer's `.backend` says which
+    backend was chosen and why.
+    """
+    config = parse_config(config)
+    return quantizer_class(config)(config, device=device)
+
+
+def should_convert_module(name: str, patterns: list[str]) -> bool:
+    """transformers' matcher of `modules_to_not_convert` patterns (imported lazily: it is cheap)."""
+    from transformers.quantizers.quantizers_utils import should_convert_module as _should
+
+    return _should(name, patterns)
+
+
+def default_skip_rules(shapes: ModelShapes) -> list[tuple[str, str]]:
+    """transformers' default modules left unquantized for this model, each with why."""
+    tied = {a.removesuffix(".weight") for pair in shapes.tied for a in pair}
+    heads = {w.module for w in shapes.weights if w.role == "head"}
+    rules = []
+    for pattern in shapes.default_not_convert:
+        if pattern in heads or pattern == "lm_head":
+            why = "output head (transformers leaves it unquantized by default)"
+        elif pattern in tied:
+            why = "tied to the output head (transformers leaves tied weights unquantized)"
+        else:
+            why = "last module of the model (transformers leaves it unquantized by default)"
+        rules.append((pattern, why))
+    rules += [(p, "kept in fp32 by the model (_keep_in_fp32_modules)") for p in shapes.keep_in_fp32_modules]
+    return rules
+
+
+#: Group sizes worth suggesting when one does not divide a layer's width.
+COMMON_GROUP_SIZES = (16, 32, 64, 96, 128, 192, 256, 512, 1024)
+
+
+def fitting_group_sizes(width: int, candidates: tuple[int, ...] = COMMON_GROUP_SIZES) -> list[int]:
+    """Group sizes among `candidates` that divide `width` (the one suggestion rule of every method);
+    where none does, the three largest divisors of `width`."""
+    return [g for g in candidates if width % g == 0] or [d for d in range(1, width + 1) if width % d == 0][-3:]
+
+
+def group_size_problem(name: str, width: int, group_size: int, candidates: tuple[int, ...] = COMMON_GROUP_SIZES,
+                       minus_one: bool = False) -> str | None:
+    """Why `group_size` does not fit a layer of input width `width`, with the sizes that would, or None."""
+    if (minus_one and group_size == -1) or (group_size > 0 and width % group_size == 0):
+        return None
+    fits = ", ".join(map(str, fitting_group_sizes(width, candidates)))
+    return (f"{name}: input width {width} is not divisible by group_size {group_size}; sizes that fit: {fits}"
+            + (", or -1 (one group per output channel)" if minus_one else ""))
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+# --------------------------------------------------------------------------------------------
+# What a quantizer hands back
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuantizedModel:
+    """A model quantized with one config, with the backend that did it and what it occupies."""
+
+    model: Any
+    tokenizer: Any
+    config: QuantConfig
+    backend: BackendReport
+    memory: Any  # quantlib.memory.MemoryBreakdown
+    seconds: float
+    description: dict[str, Any] = field(default_factory=dict)
+    calibration_seconds: float = 0.0  # calibrated methods: the library's calibration alone
+    checkpoint_dir: str | None = None  # calibrated methods: where the quantized checkpoint was saved
+
+    @property
+    def simulated(self) -> bool:
+        return self.backend.simulated
+
+
+@dataclass
+class LayerWeight:
+    """One quantized matrix: its name, the base weight, what the quantized model computes with, and
+    the packed tensor where the method produces one per layer (None for calibrated checkpoints)."""
+
+    name: str
+    original: torch.Tensor
+    dequantized: torch.Tensor
+    packed: QuantizedTensor | None
+    bits_per_param: float
+
+
+@dataclass
+class MatrixRef:
+    """One quantizable weight matrix of a loaded model: a linear weight, a Conv1D weight (stored
+    input x output) or one expert's slice of a fused 3-D expert tensor, read and written as out x in."""
+
+    name: str  # the module name, or `param[e]` for expert e of a fused tensor
+    param: torch.nn.Parameter
+    shape: WeightShape
+    index: int | None = None
+
+    def get(self) -> torch.Tensor:
+        t = self.param.data if self.index is None else self.param.data[self.index]
+        return t.t() if self.shape.transposed else t
+
+    def set(self, value: torch.Tensor) -> None:
+        dst = self.get()  # a view: writes go into the parameter
+        dst.copy_(value.to(dst.dtype))
+
+
+class ShapeError(QuantlibError, ValueError):
+    """Some layers cannot be quantized with this config (group or block size does not divide)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"{len(problems)} layer(s) do not fit this config:\n  - " + "\n  - ".join(problems))
+
+
+# --------------------------------------------------------------------------------------------
+# The base class
+# --------------------------------------------------------------------------------------------
+
+
+class Quantizer:
+    """Base of all quantizers (the `HfQuantizer` of this project).
+
+    Subclasses set `config_class`, `requires` (importable modules and pip names), `simulated`, and
+    implement `quantize_tensor` and `storage_bytes`. `validate_environment` runs in the
+    constructor, so a quantizer that exists can run.
+    """
+
+    config_class: ClassVar[type[QuantConfig]]
+    requires: ClassVar[tuple[tuple[str, str], ...]] = ()  # (module, pip requirement)
+    simulated: ClassVar[bool] = True
+    library: ClassVar[str] = "torch"
+    #: True where the method quantizes a whole model from activations (its library does), so layer
+    #: weights come from the quantized model, not from quantizing each base weight.
+    calibrated: ClassVar[bool] = False
+    #: False where the stored weight is not the base weight rounded (AWQ folds per-channel scales into
+    #: it and into the preceding module), so a layer's weight error is more than its rounding error.
+    weight_error_is_rounding: ClassVar[bool] = True
+    #: CPU evaluation time relative to a plain fp32 pass (measured by benchmarks/bench_compare.py);
+    #: 1.0 for methods that evaluate with dequantized weights in the compute dtype.
+    cpu_eval_slowdown: ClassVar[float] = 1.0
+    #: What the method does with mixture-of-experts weights, for the planner's notes.
+    experts_policy: ClassVar[str] = ("experts quantized one matrix per expert (fused 3-D tensors included), as "
+                                     "llama.cpp and gptqmodel store them; routers kept in full precision")
+
+    def __init__(self, config: QuantConfig, device: str = "auto"):
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, not {type(config).__name__}")
+        self.config = config
+        self.backend = self.validate_environment(device)
+
+    # ----- environment ------------------------------------------------------------------
+    def validate_environment(self, device: str) -> BackendReport:
+        """Check libraries and hardware; raise `BackendUnavailableError` saying what is missing."""
+        for module, pip_name in self.requires:
+            if importlib.util.find_spec(module) is None:
+                raise BackendUnavailableError(self.config.label, f"the Python package {pip_name!r} is not installed",
+                                              f"Install it with: pip install {pip_name}")
+        concrete, reason = resolve_device(device)
+        notes = tuple(self.environment_notes(concrete))
+        lib = f"{self.library} {_version(self.library)}"
+        return BackendReport(
+            method=self.config.quant_method,
+            scheme=self.config.label,
+            device=concrete,
+            device_name=device_name(concrete),
+            library=lib + (" (simulated: weights replaced by quantize→dequantize)" if self.simulated else ""),
+            simulated=self.simulated,
+            reason=reason,
+            notes=notes,
+        )
+
+    def environment_notes(self, device: str) -> list[str]:
+        """Caveats about running this scheme on `device` (slow paths, missing kernels)."""
+        return []
+
+    # ----- tensors ----------------------------------------------------------------------
+    def quantize_tensor(self, weight: torch.Tensor) -> QuantizedTensor:
+        """Quantize one weight matrix (out x in); returns the method's packed tensor format."""
+        raise NotImplementedError
+
+    def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
+        """quantize→dequantize, in the weight's dtype: what the model computes with."""
+        return self.quantize_tensor(weight).dequantize()
+
+    def code_levels(self) -> torch.Tensor | None:
+        """The code values in units of a block's scale (e.g. NF4's 16 levels in [-1, 1]), for drawing
+        on weight histograms normalised the same way; None where codes are not a fixed table."""
+        return None
+
+    @classmethod
+    def code_bits(cls, config: QuantConfig) -> float:
+        """Bits of the code per weight, scales aside (4 for NF4, 5 for Q5_0): what error bounds scale with."""
+        return float(config.bits)
+
+    @classmethod
+    def check_shape(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
+        """Why a weight of this shape cannot be quantized by this scheme, or None if it can.
+
+        A classmethod, like `storage_bytes`: shape rules need the config, not the hardware, so
+        they can run on a `config.json` before anything is loaded.
+        """
+        return None
+
+    @classmethod
+    def storage_bytes(cls, config: QuantConfig, out_features: int, in_features: int) -> dict[str, float]:
+        """Analytic bytes of one quantized linear weight, by memory component, from its shape alone.
+
+        Components: `codes`, `scales`, `dq_constants` (second-level quantization state) and
+        `code_tables` (per-layer lookup tables). The planner sums these; tests check them against
+        what the real packed tensors occupy.
+        """
+        raise NotImplementedError
+
+    # ----- costs, notes, snippet ------------------------------------------------------------
+    @classmethod
+    def calibration_seconds(cls, config: QuantConfig, n_params: int, n_tokens: int) -> float:
+        """Estimated CPU seconds of calibration for a model of `n_params` on `n_tokens` (0: none)."""
+        return 0.0
+
+    @classmethod
+    def transformers_class_name(cls) -> str | None:
+        """Name of transformers' config class for this method, or None where it has none."""
+        return None
+
+    @classmethod
+    def snippet(cls, config: QuantConfig, model_id: str) -> str | None:
+        """Python that loads `model_id` with this config through transformers, or None where
+        transformers has no config class for the method."""
+        name = cls.transformers_class_name()
+        if name is None:
+            return None
+        return "\n".join([
+            "from transformers import AutoModelForCausalLM, " + name,
+            "",
+            f"quantization_config = {name}.from_dict({_py(config.to_dict())})",
+            f"model_id = {json.dumps(model_id)}",
+            "model = AutoModelForCausalLM.from_pretrained(model_id, quantization_config=quantization_config, "
+            "device_map=\"auto\")",
+        ])
+
+    # ----- modules ----------------------------------------------------------------------
+    @classmethod
+    def skip_modules(cls, config: QuantConfig) -> list[str]:
+        """Module patterns the config itself leaves in full precision."""
+        return list(getattr(config, "modules_to_not_convert", None) or [])
+
+    @classmethod
+    def skip_rules(cls, config: QuantConfig, shapes: ModelShapes) -> list[tuple[str, str]]:
+        """(module pattern, why) left unquantized: transformers' defaults (output head, tied weights,
+        last module), the model's fp32 modules, then the config's own list."""
+        return [*default_skip_rules(shapes),
+                *((p, f"skipped by the config ({p!r})") for p in cls.skip_modules(config))]
+
+    @classmethod
+    def classify(cls, config: QuantConfig, shapes: ModelShapes) -> dict[str, str | None]:
+        """Parameter name -> None where the method quantizes it, else why it stays unquantized."""
+        rules = cls.skip_rules(config, shapes)
+        return {w.name: cls.treatment(config, w, rules) for w in shapes.weights}
+
+    @classmethod
+    def treatment(cls, config: QuantConfig, w: WeightShape, rules: list[tuple[str, str]]) -> str | None:
+        if not w.is_matmul:
+            return ROLE_LABELS[w.role]
+        for pattern, why in rules:
+            if not should_convert_module(w.module, [pattern]):
+                return why
+        return cls.matmul_treatment(config, w)
+
+    @classmethod
+    def matmul_treatment(cls, config: QuantConfig, w: WeightShape) -> str | None:
+        """Why the method leaves a matmul weight (not skipped by the rules) unquantized, or None."""
+        if w.role == "router":
+            return "MoE routers / gates (kept in full precision, as llama.cpp and gptqmodel do)"
+        return None
+
+    def quantizable_layers(self, model: torch.nn.Module) -> list[MatrixRef]:
+        """Every matrix this quantizer quantizes in `model`, by the same rules the planner uses."""
+        shapes = describe_model(model)
+        decisions = type(self).classify(self.config, shapes)
+        params = dict(model.named_parameters())
+        refs = []
+        for w in shapes.weights:
+            if decisions[w.name] is not None:
+                continue
+            if w.kind == "experts":
+                refs += [MatrixRef(f"{w.name}[{e}]", params[w.name], w, e) for e in range(w.n_matrices)]
+            else:
+                refs.append(MatrixRef(w.module, params[w.name], w))
+        return refs
+
+    def check_model_shapes(self, model: torch.nn.Module) -> None:
+        """Refuse before any work when a layer's width does not fit the scheme's groups or blocks."""
+        problems = [p for ref in self.quantizable_layers(model)
+                    if (p := self.check_shape(self.config, ref.name, tuple(ref.get().shape))) is not None]
+        if problems:
+            raise ShapeError(problems)
+
+    # ----- the model-level work ---------------------------------------------------------------
+    def quantize_model(self, *, base: Any = None, source: str = "default", dtype: torch.dtype = torch.float32,
+                       trust_remote_code: bool = False, allow_pickle: bool = False,
+                       progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+                       calibration: Any = None) -> QuantizedModel:
+        """Quantize a model with this config and measure its footprint (default: simulated).
+
+        `base` (a `LoadedModel` already in memory) saves a reload; the copy is quantized, the base is
+        left untouched.
+        """
+        from quantlib.models import load_model
+
+        started = time.perf_counter()
+        if base is None:
+            base = load_model(source, dtype=dtype, device=self.backend.device, trust_remote_code=trust_remote_code,
+                              allow_pickle=allow_pickle, progress=progress)
+        model = copy.deepcopy(base.model).to(self.backend.device)
+        memory = self.simulate(model, progress=progress, cancel=cancel)
+        model.eval()
+        return QuantizedModel(model, base.tokenizer, self.config, self.backend, memory,
+                              time.perf_counter() - started, base.description.to_dict())
+
+    @torch.no_grad()
+    def simulate(self, model: torch.nn.Module, progress: ProgressFn | None = None,
+                 cancel: CancelFn | None = None) -> Any:
+        """Replace each quantizable matrix in place by quantize→dequantize; return the packed size
+        (a `quantlib.memory.MemoryBreakdown`)."""
+        from quantlib.memory import MemoryBreakdown
+
+        self.check_model_shapes(model)
+        layers = self.quantizable_layers(model)
+        parts = {c: 0.0 for c in (*MEMORY_COMPONENTS, "unquantized")}
+        quantized_ids: set[int] = set()
+        quantized_params = 0
+        for i, ref in enumerate(layers):
+            if cancel is not None and cancel():
+                raise Cancelled(f"quantization cancelled at layer {ref.name}")
+            packed = self.quantize_tensor(ref.get().contiguous())
+            ref.set(packed.dequantize())
+            for comp, nbytes in packed.storage_by_component().items():
+                parts[comp] += nbytes
+            quantized_ids.add(id(ref.param))
+            quantized_params += ref.get().numel()
+            if progress and (i % 8 == 0 or i == len(layers) - 1):
+                progress((i + 1) / len(layers), f"{self.config.label}: layer {i + 1}/{len(layers)} {ref.name}")
+        seen: set[int] = set()
+        total = 0
+        for p in model.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            if id(p) not in quantized_ids:
+                parts["unquantized"] += p.numel() * p.element_size()
+        for b in model.buffers():  # rotary inv_freq and the like stay as they are
+            if id(b) not in seen:
+                seen.add(id(b))
+                parts["unquantized"] += b.numel() * b.element_size()
+        notes = ["simulated: quantized layers counted at their packed size; in memory they are dequantized"]
+        return MemoryBreakdown(parts, quantized_params, total, "packed (simulated)", notes)
+
+    @torch.no_grad()
+    def layer_weights(self, base_model: torch.nn.Module, quantized: Any = None,
+                      cancel: CancelFn | None = None) -> Iterator[LayerWeight]:
+        """The base and dequantized weight of every layer this method quantizes, one at a time.
+
+        Default: quantize each base weight with `quantize_tensor` (the method's own tensor path), so
+        peak memory is the model plus one layer's packed and dequantized copies. `quantized` (the
+        `QuantizedModel`) is needed only by methods whose layers come from a calibrated model.
+        """
+        self.check_model_shapes(base_model)
+        for ref in self.quantizable_layers(base_model):
+            if cancel is not None and cancel():
+                raise Cancelled(f"layer errors cancelled at {ref.name}")
+            w = ref.get().contiguous()
+            packed = self.quantize_tensor(w)
+            yield LayerWeight(ref.name, w, packed.dequantize(), packed, packed.bits_per_param)
+
+    def count_layers(self, base_model: torch.nn.Module, quantized: Any = None) -> int:
+        """How many items `layer_weights` yields (for progress)."""
+        return len(self.quantizable_layers(base_model))
+
+
+def preflight(config: QuantConfig | dict | str, model_config: dict[str, Any]) -> list[str]:
+    """Problems a config will hit on a model, from `config.json` alone, before any weights are read.
+
+    Names every layer whose input width the scheme's group or block size does not divide, with
+    the sizes that would fit. An empty list means the config fits the model.
+    """
+    from quantlib.shapes import model_shapes
+
+    config = parse_config(config)
+    cls = quantizer_class(config)
+    shapes = model_shapes(model_config)
+    decisions = cls.classify(config, shapes)
+    problems = []
+    for w in shapes.matmul_weights:
+        if decisions[w.name] is not None:
+            continue
+        name = w.module if w.kind != "experts" else f"{w.name}[*] ({w.n_matrices} experts)"
+        problem = cls.check_shape(config, name, (w.out_features, w.in_features))
+        if problem is not None:
+            problems.append(problem)
+    return problems
+
+
+def _py(value: Any) -> str:
+    """A JSON value as Python source (True/False/None, floats with a point)."""
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_py(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_py(k)}: {_py(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration-based methods: real libraries only, never imitated here
+# --------------------------------------------------------------------------------------------
+
+TensorShapes = dict[str, tuple[tuple[int, ...], int]]  # name -> (shape, bits per element)
+
+
+class CalibratedQuantizer(Quantizer):
+    """Base of methods calibrated on activations by their own library (GPTQ, AWQ, AQLM), never faked.
+
+    Memory planning and shape checks work from the config alone (classmethods). Quantizing needs
+    the library: `get_quantizer` raises `BackendUnavailableError` when it is missing, and
+    `quantize_tensor` raises it always, because these methods quantize a whole model from its
+    activations on calibration text, not one tensor at a time. A subclass that can calibrate here
+    sets `calibrated = True` and overrides `quantize_model` and `layer_weights`.
+    """
+
+    simulated = False
+    method_name: ClassVar[str] = ""
+    calibration: ClassVar[str] = ""
+
+    def validate_environment(self, device: str) -> BackendReport:
+        try:
+            return super().validate_environment(device)
+        except BackendUnavailableError as exc:
+            if "is not installed" not in exc.missing:
+                raise
+            raise BackendUnavailableError(
+                f"{self.method_name} ({self.config.label})", exc.missing,
+                f"{exc.fix}, into the environment that runs quantlib (its torch requirement must accept the "
+                f"installed torch). {self.calibration}") from None
+
+    def quantize_tensor(self, weight: torch.Tensor) -> Any:
+        raise BackendUnavailableError(
+            f"{self.method_name} ({self.config.label})",
+            "it is calibration-based: it quantizes a whole model from its activations on calibration text, "
+            f"which {self.library} does and quantlib does not imitate",
+            f"Quantize the model with {self.library} and load the saved checkpoint; quantlib can plan its "
+            "memory and check its shapes without it.")
+
+    def quantize_model(self, **kwargs: Any) -> QuantizedModel:
+        self.quantize_tensor(torch.empty(0))  # raises with the reason
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def tensor_shapes(cls, config: QuantConfig, out_features: int, in_features: int) -> TensorShapes:
+        """Every tensor a checkpoint stores for one linear weight: name -> (shape, bits per element)."""
+        raise NotImplementedError
+
+    @classmethod
+    def tensor_bytes(cls, config: QuantConfig, out_features: int, in_features: int) -> dict[str, float]:
+        return {name: math.prod(shape) * bits / 8
+                for name, (shape, bits) in cls.tensor_shapes(config, out_features, in_features).items()}

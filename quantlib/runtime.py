@@ -1,0 +1,77 @@
+"""Devices and backend reports: which hardware runs a method, and the label shown next to its numbers."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from quantlib.errors import BackendUnavailableError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class BackendReport:
+    """Which backend a scheme will run on, and why: shown next to every number it produces."""
+
+    method: str
+    scheme: str
+    device: str  # "cpu" or "cuda"
+    device_name: str  # e.g. "CPU (2 cores)" or "NVIDIA H100 80GB HBM3"
+    library: str  # e.g. "bitsandbytes 0.50.2" or "torch 2.13.0 (simulated)"
+    simulated: bool  # True when weights are replaced by quantize->dequantize results
+    reason: str
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["notes"] = list(self.notes)
+        return data
+
+    @property
+    def short(self) -> str:
+        """One-word backend label for table columns."""
+        return self.device.upper() + (" (sim)" if self.simulated else "")
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def device_name(device: str) -> str:
+    """Human name of a device, for reports."""
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+
+
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def resolve_device(device: str) -> tuple[str, str]:
+    """Turn 'auto'/'cpu'/'cuda' into a concrete device and the reason it was chosen."""
+    if device not in DEVICES:
+        raise ValueError(f"device: got {device!r}; allowed: {', '.join(DEVICES)}")
+    if device == "auto":
+        if cuda_available():
+            return "cuda", "CUDA is available, so the GPU runs it (device=auto)"
+        return "cpu", "no CUDA device found, so the CPU runs it (device=auto)"
+    if device == "cuda" and not cuda_available():
+        raise BackendUnavailableError("device cuda", "no CUDA device is visible to torch",
+                                      "Use --device cpu (or auto), or run on a machine with an NVIDIA GPU.")
+    return device, f"device={device} was asked for"
+
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
