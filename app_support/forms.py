@@ -44,14 +44,12 @@ class RadioOverride:
         return None
 
 
-RADIO_OVERRIDES: dict[str, RadioOverride] = {
-    "bitsandbytes": RadioOverride(
-        key="bits", label="Bits",
-        help="4-bit (NF4/FP4, QLoRA) or 8-bit (LLM.int8()). Exported as load_in_4bit / load_in_8bit.",
-        options={4: {"load_in_4bit": True, "load_in_8bit": False},
-                 8: {"load_in_4bit": False, "load_in_8bit": True}},
-    ),
-}
+def radio_override(method: str) -> RadioOverride | None:
+    """The one radio a config class asks for in place of several exported keys (its `FORM_CHOICE`)."""
+    from quantlib.configs import CONFIG_MAPPING
+
+    choice = getattr(CONFIG_MAPPING.get(method), "FORM_CHOICE", None)
+    return RadioOverride(**choice) if choice else None
 
 NONE_LABEL = "(none)"
 
@@ -129,7 +127,7 @@ def config_to_state(ns_prefix: str, schema: dict[str, Any], method: str, values:
     """Session-state entries (widget key -> widget value) that show `values` in the form."""
     props = schema["properties"]
     out = {}
-    override = RADIO_OVERRIDES.get(method)
+    override = radio_override(method)
     for name, prop in props.items():
         if name == "quant_method" or (override and name in override.replaces):
             continue
@@ -147,7 +145,7 @@ def state_to_values(ns_prefix: str, schema: dict[str, Any], method: str, state: 
     """The raw config dict (transformers' keys) the form's widgets currently say."""
     props = schema["properties"]
     values: dict[str, Any] = {"quant_method": method}
-    override = RADIO_OVERRIDES.get(method)
+    override = radio_override(method)
     if override:
         option = state.get(field_key(ns_prefix, method, override.key), next(iter(override.options)))
         values.update(override.options.get(option, next(iter(override.options.values()))))
@@ -163,7 +161,7 @@ def state_to_values(ns_prefix: str, schema: dict[str, Any], method: str, state: 
 def hidden_caption(method: str, prop: dict[str, Any], props: dict[str, Any]) -> str:
     cond = prop["x-visible-when"]
     field, wanted = cond["field"], cond["equals"]
-    override = RADIO_OVERRIDES.get(method)
+    override = radio_override(method)
     if override and field in override.replaces:
         option = override.option_where(field, wanted)
         if option is not None:
@@ -194,7 +192,7 @@ def render_form(ns_prefix: str, schema: dict[str, Any], method: str,
     props = schema["properties"]
     values = state_to_values(ns_prefix, schema, method, st.session_state)
     slots: dict[str, Any] = {}
-    override = RADIO_OVERRIDES.get(method)
+    override = radio_override(method)
     if override:
         key = field_key(ns_prefix, method, override.key)
         st.radio(override.label, list(override.options), key=key, horizontal=True, help=override.help,

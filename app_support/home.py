@@ -49,10 +49,15 @@ def discover_pages() -> list[PageInfo]:
     return found
 
 
-VERSIONED = ("torch", "transformers", "bitsandbytes", "streamlit", "gguf")
+def versioned() -> tuple[str, ...]:
+    """torch, transformers, streamlit and the library of every registered method."""
+    from quantlib.methods.base import method_libraries
+
+    return tuple(dict.fromkeys(("torch", "transformers", "streamlit", *method_libraries())))
 
 
-def versions(packages: tuple[str, ...] = VERSIONED) -> dict[str, str]:
+def versions(packages: tuple[str, ...] | None = None) -> dict[str, str]:
+    packages = versioned() if packages is None else packages
     out = {}
     for name in packages:
         try:

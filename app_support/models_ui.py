@@ -234,9 +234,13 @@ def n_params(choice: ModelChoice) -> int:
 
 def estimate_note(configs: list[dict], device: str) -> str:
     """Where the estimate is least certain, say so."""
-    if device == "cpu" and any(c.get("quant_method") == "bitsandbytes" for c in configs):
-        return (" It includes bitsandbytes' slower CPU kernels (INT8 most of all) as measured on an idle "
-                "2-core machine; a busy machine takes longer.")
+    from quantlib.configs import parse_config
+    from quantlib.methods import quantizer_class
+
+    slow = [c.label for c in map(parse_config, configs) if quantizer_class(c).cpu_eval_slowdown > 1.0]
+    if device == "cpu" and slow:
+        return (f" It includes the slower CPU kernels of {', '.join(slow)} as measured on an idle 2-core machine; "
+                "a busy machine takes longer.")
     return ""
 
 

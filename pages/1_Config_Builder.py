@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ NS = Namespace("builder")
 METHOD_KEY = NS.key("method")
 PRESET_KEY = NS.key("preset")
 CUSTOM = "(custom)"
-DEFAULT_METHOD = "bitsandbytes"
+DEFAULT_METHOD = next(iter(CONFIG_MAPPING))  # the first registered method
 
 
 @st.cache_data(show_spinner=False)
@@ -148,7 +149,7 @@ def main() -> None:
             st.file_uploader("Upload quantization_config.json or a model's config.json", type=["json"],
                              key=NS.key("upload"), on_change=on_upload)
             st.text_area("…or paste JSON", key=NS.key("paste"), height=120,
-                         placeholder='{"quant_method": "bitsandbytes", "load_in_4bit": true}')
+                         placeholder=json.dumps(next(iter(PRESETS.values()))))
             st.button("Load pasted JSON", key=NS.key("paste_button"), on_click=on_paste)
         if NS.get("load_error"):
             st.error(NS.get("load_error"), icon=":material/description:")

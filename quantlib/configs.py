@@ -210,6 +210,9 @@ class QuantConfig:
     #: (listed under `x-accepted-extra-keys`), since they describe a file, not a choice to make.
     EXTRA_FIELDS: ClassVar[tuple[FieldSpec, ...]] = ()
     description: ClassVar[str] = ""
+    #: A form shows one radio in place of several exported keys (e.g. bits for load_in_4bit/8bit):
+    #: {"key", "label", "help", "options": {choice: {field: value}}}; None for none.
+    FORM_CHOICE: ClassVar[dict[str, Any] | None] = None
 
     def __init__(self, **values: Any):
         object.__setattr__(self, "_values", self._validate(values))

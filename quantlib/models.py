@@ -82,7 +82,7 @@ DEFAULT_NOTES = [
 class ModelDescription:
     """What was loaded, in a JSON-serialisable form a UI or a results file can keep."""
 
-    source_kind: str  # "default" | "folder" | "hub" | "gguf"
+    source_kind: str  # "default" | "folder" | "hub" | "gguf_file"
     source: str  # hub id or path
     architecture: str
     n_params: int
@@ -327,7 +327,7 @@ def _classify(source: str) -> str:
         return "folder"
     if path.is_file():
         if path.suffix.lower() == ".gguf":
-            return "gguf"
+            return "gguf_file"
         raise ModelSourceError(f"{path} is a file but not a model. Accepted: {ACCEPTED}.")
     if _HUB_ID.match(source) and not source.startswith((".", "/", "~")):
         return "hub"
@@ -425,7 +425,7 @@ def read_model_config(source: str = "default") -> dict[str, Any]:
         if _is_complete_cache(cached):
             return _read_json(cached / "config.json")
         return _gguf_config(_default_gguf_path())
-    if kind == "gguf":
+    if kind == "gguf_file":
         return _gguf_config(Path(source).expanduser())
     if kind == "hub":
         return _read_json(_hub_file(source, "config.json"))
@@ -636,6 +636,6 @@ def _load_gguf_source(path: Path, dtype: Any, device: str, quantization_config: 
         raise ModelSourceError(f"transformers could not load {path}: {exc}") from exc
     model = _place(model, device, quantization_config)
     notes = [f"De-quantized from GGUF file {path.name}; its own quantization loss is baked in."]
-    description = _describe(model, "gguf", str(path), dtype, device, notes)
+    description = _describe(model, "gguf_file", str(path), dtype, device, notes)
     _report(progress, 1.0, "Model loaded.")
     return LoadedModel(model=model, tokenizer=tokenizer, description=description)

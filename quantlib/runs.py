@@ -57,6 +57,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def environment_info() -> dict[str, Any]:
     """Versions and hardware that produced a result, stored with every run."""
+    from quantlib.methods.base import method_libraries
+
     import importlib.metadata as md
 
     import torch
@@ -74,7 +76,8 @@ def environment_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cuda": cuda,
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
-        "versions": {p: version(p) for p in ("torch", "transformers", "bitsandbytes", "accelerate", "gguf")},
+        "versions": {p: version(p) for p in dict.fromkeys(("torch", "transformers", "accelerate",
+                                                            *method_libraries()))},
     }
 
 

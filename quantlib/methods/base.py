@@ -82,6 +82,14 @@ def get_quantizer(config: QuantConfig | dict | str, device: str = "auto") -> "Qu
     return quantizer_class(config)(config, device=device)
 
 
+def method_libraries() -> tuple[str, ...]:
+    """The Python packages the registered methods run on (for version reports), in registry order."""
+    seen: dict[str, None] = {}
+    for cls in QUANTIZER_MAPPING.values():
+        seen.setdefault(cls.library, None)
+    return tuple(seen)
+
+
 def should_convert_module(name: str, patterns: list[str]) -> bool:
     """transformers' matcher of `modules_to_not_convert` patterns (imported lazily: it is cheap)."""
     from transformers.quantizers.quantizers_utils import should_convert_module as _should

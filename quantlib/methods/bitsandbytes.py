@@ -62,6 +62,12 @@ class BitsAndBytesQuantConfig(QuantConfig):
     quant_method = "bitsandbytes"
     description = "bitsandbytes: 4-bit NF4/FP4 (QLoRA) or 8-bit LLM.int8() with outlier decomposition."
     ACCEPTED_EXTRA_KEYS = ("_load_in_4bit", "_load_in_8bit")
+    FORM_CHOICE = {
+        "key": "bits", "label": "Bits",
+        "help": "4-bit (NF4/FP4, QLoRA) or 8-bit (LLM.int8()). Exported as load_in_4bit / load_in_8bit.",
+        "options": {4: {"load_in_4bit": True, "load_in_8bit": False},
+                    8: {"load_in_4bit": False, "load_in_8bit": True}},
+    }
     FIELDS = (
         FieldSpec("load_in_4bit", bool, False, "Quantize linear layers to 4 bits (NF4 or FP4).",
                   title="4-bit"),
