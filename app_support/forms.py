@@ -235,5 +235,4 @@ def render_form(ns_prefix: str, schema: dict[str, Any], method: str,
 
 def config_values(config: QuantConfig) -> dict[str, Any]:
     """Field values of a config (no private mirrors), for `config_to_state`."""
-    data = config.to_dict()
-    return {k: data[k] for k in config.field_names()}
+    return config.field_values()

@@ -6,10 +6,8 @@ the stable entry points; the modules hold the rest (see the README's module list
 
 import logging
 
-# torchao (pulled in by gptqmodel, imported by transformers when present) logs a warning for each
-# CUDA-only extension it cannot load on a CPU machine, and torch warns about torchao's enums: noise
-# on every model load. Real errors still come through.
-logging.getLogger("torchao").setLevel(logging.ERROR)
+# torch warns about torchao's enums (torchao is imported by transformers when present): noise on every
+# model load; torchao's own logger is quieted in quantlib/methods/torchao.py. Real errors still come through.
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 from quantlib.configs import (  # noqa: E402

@@ -96,7 +96,7 @@ def layer_detail(base_model: torch.nn.Module, quantizer: Quantizer, layer: str) 
         raise QuantlibError(f"no layer named {layer!r} that {quantizer.config.label} quantizes; e.g. "
                             f"{', '.join(names[:3])} ({len(names)} in all)")
     w = refs[layer].get().contiguous()
-    packed = quantizer.quantize_tensor(w)
+    packed = quantizer.quantize_layer(layer, w)
     counts, entropy = code_usage(packed)
     return {
         "layer": layer,

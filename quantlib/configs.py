@@ -213,6 +213,10 @@ class QuantConfig:
     #: A form shows one radio in place of several exported keys (e.g. bits for load_in_4bit/8bit):
     #: {"key", "label", "help", "options": {choice: {field: value}}}; None for none.
     FORM_CHOICE: ClassVar[dict[str, Any] | None] = None
+    #: Where `to_dict()` writes a nested form transformers saves (HQQ's quant_config, torchao's
+    #: quant_type object) instead of the form's flat keys: JSON Schema of each of its keys. Both forms
+    #: parse; the schema accepts either.
+    SAVED_FORM: ClassVar[dict[str, Any] | None] = None
 
     def __init__(self, **values: Any):
         object.__setattr__(self, "_values", self._validate(values))
@@ -294,6 +298,10 @@ class QuantConfig:
         return f"{type(self).__name__}({args})"
 
     # ----- serialisation ----------------------------------------------------------------
+    def field_values(self) -> dict[str, Any]:
+        """The form's fields and their values (what the Config Builder edits), whatever `to_dict` writes."""
+        return {name: _copy(self._values[name]) for name in self.field_names()}
+
     def to_dict(self) -> dict[str, Any]:
         """Every field, with `quant_method` first; JSON-safe."""
         return {"quant_method": self.quant_method, **{k: _copy(v) for k, v in self._values.items()}}
@@ -369,6 +377,26 @@ class QuantConfig:
             "additionalProperties": False,
             "x-rules": cls.rules(),
             "x-accepted-extra-keys": {f.name: f.description for f in cls.EXTRA_FIELDS},
+        } if cls.SAVED_FORM is None else cls._schema_with_saved_form(properties)
+
+    @classmethod
+    def _schema_with_saved_form(cls, properties: dict[str, Any]) -> dict[str, Any]:
+        """The flat keys (what forms edit) or the saved form (what `to_dict` writes), nothing else."""
+        saved = {"quant_method": properties["quant_method"], **cls.SAVED_FORM}
+        return {
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "title": cls.__name__,
+            "description": cls.description,
+            "type": "object",
+            "properties": properties,
+            "required": ["quant_method"],
+            "anyOf": [
+                {"title": "form keys", "properties": {k: True for k in properties}, "additionalProperties": False},
+                {"title": "saved form (to_dict)", "properties": saved, "required": list(saved),
+                 "additionalProperties": False},
+            ],
+            "x-rules": cls.rules(),
+            "x-saved-form": list(saved),
         }
 
     @classmethod

@@ -22,7 +22,7 @@ COMPONENT_LABELS = {
     "codes": "quantized codes",
     "scales": "scales / absmax",
     "dq_constants": "double-quant constants",
-    "code_tables": "code tables",
+    "code_tables": "code tables / layer metadata",
     "unquantized": "unquantized (embeddings, norms, skipped layers, biases)",
 }
 #: Memory beside the weights, planned from one traced forward (`quantlib.shapes.forward_memory`).
@@ -193,6 +193,11 @@ def plan_memory(model_config: dict[str, Any], config: QuantConfig | None, dtype:
         raise ValueError(f"dtype: got {dtype!r}; allowed: {', '.join(DTYPE_BYTES)}")
     shapes = shapes if shapes is not None else model_shapes(model_config, trust_remote_code)
     quantizer_cls = quantizer_class(config) if config is not None else None
+    problem = quantizer_cls.unsupported(config) if quantizer_cls is not None else None
+    if problem is not None:
+        from quantlib.errors import QuantlibError
+
+        raise QuantlibError(f"{config.label}: cannot be planned: {problem}")
     decisions = quantizer_cls.classify(config, shapes) if quantizer_cls is not None else {}
     parts = {c: 0.0 for c in COMPONENTS}
     groups: dict[str, list[int]] = {}
@@ -200,7 +205,7 @@ def plan_memory(model_config: dict[str, Any], config: QuantConfig | None, dtype:
     for w in shapes.weights:
         reason = decisions.get(w.name, "unquantized model") if config is not None else "unquantized model"
         if reason is None:
-            per_matrix = quantizer_cls.storage_bytes(config, w.out_features, w.in_features)
+            per_matrix = quantizer_cls.layer_storage_bytes(config, w, dtype)
             for comp, nbytes in per_matrix.items():
                 parts[comp] += nbytes * w.n_matrices
             quantized += w.numel

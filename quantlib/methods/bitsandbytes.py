@@ -26,7 +26,7 @@ from quantlib.codebooks import FP4_LEVELS, NF4_LEVELS, dynamic_map
 from quantlib.configs import FieldSpec, QuantConfig, _copy, fmt_num
 from quantlib.errors import FieldError
 from quantlib.formats import QuantizedTensor, block_absmax, check_float
-from quantlib.methods.base import QuantizedModel, Quantizer, default_skip_rules, register
+from quantlib.methods.base import QuantizedModel, Quantizer, register, transformers_skip_rules
 from quantlib.shapes import ModelShapes, WeightShape
 
 QuantType4bit = Literal["nf4", "fp4"]
@@ -796,9 +796,7 @@ class BnbQuantizer(Quantizer):
     def skip_rules(cls, config: QuantConfig, shapes: ModelShapes) -> list[tuple[str, str]]:
         """transformers' `get_modules_to_not_convert`: its defaults (output head, tied weights, last
         module) apply only when `llm_int8_skip_modules` is None; a list replaces them."""
-        own = config.llm_int8_skip_modules
-        rules = [r for r in default_skip_rules(shapes) if own is None or r[1].startswith("kept in fp32")]
-        return [*rules, *((p, f"skipped by llm_int8_skip_modules ({p!r})") for p in own or [])]
+        return transformers_skip_rules(shapes, config.llm_int8_skip_modules, "llm_int8_skip_modules")
 
     @classmethod
     def matmul_treatment(cls, config: QuantConfig, w: WeightShape) -> str | None:
