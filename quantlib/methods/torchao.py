@@ -102,6 +102,8 @@ class TorchAoQuantConfig(QuantConfig):
             raw["_saved_quant_type"] = qt
             if isinstance(settings, dict):
                 raw.update(settings)
+        if raw.get("ao_config") == "Int4WeightOnlyConfig" and raw.get("group_size") is None:
+            raw["group_size"] = 128  # Int4WeightOnlyConfig's own default
         return raw
 
     @classmethod
