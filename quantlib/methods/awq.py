@@ -189,6 +189,13 @@ def _clip_search(enabled: bool) -> Iterator[None]:
         _CLIP_SEARCH.reset(token)
 
 
+def _apply_clip_choice(processor: Any) -> None:
+    """Set this run's clip-search choice on a new AWQProcessor (outside a run: the library's default)."""
+    choice = _CLIP_SEARCH.get()
+    if choice is not None:
+        processor.apply_clip = choice
+
+
 def _install_awq_workarounds() -> None:
     """Idempotent: the clip-search switch, and an fp32 forward for gptqmodel's AWQ torch kernel."""
     from gptqmodel.looper import awq_processor
@@ -202,9 +209,7 @@ def _install_awq_workarounds() -> None:
 
             def init(self: Any, *args: Any, **kwargs: Any) -> None:
                 original_init(self, *args, **kwargs)
-                choice = _CLIP_SEARCH.get()
-                if choice is not None:  # outside quantlib's calibrate(): the library's default
-                    self.apply_clip = choice
+                _apply_clip_choice(self)
 
             proc.__init__ = init
             proc._quantlib_clip_switch = True
