@@ -12,6 +12,7 @@ one "Bits" radio (4 / 8); the raw dict handed to `parse_config` still uses trans
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -62,7 +63,7 @@ def _types(prop: dict[str, Any]) -> list[str]:
 
 
 def widget_kind(prop: dict[str, Any]) -> str:
-    """checkbox | selectbox | integer | number | list | text."""
+    """checkbox | selectbox | integer | number | list | json | text."""
     types = [t for t in _types(prop) if t != "null"]
     main = types[0] if types else "string"
     if "enum" in prop:
@@ -73,6 +74,8 @@ def widget_kind(prop: dict[str, Any]) -> str:
         return main
     if main == "array":
         return "list"
+    if main == "object":
+        return "json"
     return "text"
 
 
@@ -105,6 +108,8 @@ def to_widget_value(prop: dict[str, Any], value: Any) -> Any:
         return format_list(value)
     if kind == "text":
         return "" if value is None else str(value)
+    if kind == "json":
+        return "" if value is None else json.dumps(value)
     if kind == "number" and value is not None:
         return float(value)
     return value
@@ -116,6 +121,13 @@ def from_widget_value(prop: dict[str, Any], value: Any) -> Any:
         return parse_list(value)
     if kind == "text":
         return value if value else (None if "null" in _types(prop) else "")
+    if kind == "json":
+        if not value or not value.strip():
+            return None
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value  # the config's validation names the field: "must be a JSON object"
     return value
 
 
@@ -225,6 +237,8 @@ def render_form(ns_prefix: str, schema: dict[str, Any], method: str,
                             format=None if kind == "integer" else "%g", **common)
         elif kind == "list":
             st.text_input(label, placeholder="default (comma-separated module names; [] for none)", **common)
+        elif kind == "json":
+            st.text_area(label, placeholder="none (a JSON object)", height=80, **common)
         else:
             st.text_input(label, **common)
         if not visible:

@@ -405,3 +405,30 @@ def test_planner_errors_are_messages(tmp_path):
     (folder / "config.json").write_text("{broken")
     at.text_input(key="planner.source").set_value(str(folder) + "/").run()
     assert not at.exception and any("Cannot read" in m for m in errors(at)), errors(at)
+
+
+def test_builder_hqq_per_layer_config_from_the_form_exports_what_hqqconfig_saves():
+    """A method added as one module shows up in the builder with its own fields, a JSON field included."""
+    at = run(BUILDER)
+    at.selectbox(key="builder.method").set_value("hqq").run()
+    at.selectbox(key="builder.f.hqq.nbits").set_value(3).run()
+    at.text_area(key="builder.f.hqq.dynamic_config").set_value('{"mlp.down_proj": {"nbits": 2, "group_size": 16}}').run()
+    assert not at.exception and not errors(at)
+    exported = json_code(at)
+    assert exported == transformers.HqqConfig(dynamic_config={"mlp.down_proj": {"nbits": 2, "group_size": 16}}).to_dict()
+    at.text_area(key="builder.f.hqq.dynamic_config").set_value('{"mlp.down_proj": {"nbits": 7}}').run()
+    assert not at.exception
+    assert any("dynamic_config" in m and "nbits 7" in m for m in errors(at)), errors(at)
+    at.text_area(key="builder.f.hqq.dynamic_config").set_value("{not json").run()
+    assert not at.exception and any("dynamic_config" in m for m in errors(at))
+
+
+@pytest.mark.parametrize("preset", ["HQQ int4 g64", "torchao int8 per-row", "quanto int4"])
+def test_planner_plans_the_added_methods(preset):
+    at = run(PLANNER)
+    assert not at.exception
+    assert preset in at.multiselect(key="planner.configs").options, at.multiselect(key="planner.configs").options
+    at.multiselect(key="planner.configs").set_value([preset]).run()
+    assert not at.exception and not errors(at)
+    table = at.dataframe[0].value
+    assert preset in [str(v) for v in table.index], table.index
