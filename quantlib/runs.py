@@ -105,12 +105,13 @@ class Run:
             "configs": self.configs,
             "settings": self.settings,
             "environment": self.environment,
-            "tables": {name: json.loads(df.to_json(orient="records")) for name, df in self.tables.items()},
+            "tables": {name: _records(df) for name, df in self.tables.items()},
             "extra": self.extra,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Run":
+        """The inverse of `to_dict` (tables keep NaN and infinities: the file is written with allow_nan)."""
         return cls(
             run_id=data["run_id"], created=data["created"], model=data.get("model", {}),
             configs=data.get("configs", []), settings=data.get("settings", {}),
@@ -164,3 +165,12 @@ def list_runs(folder: Path | None = None) -> pd.DataFrame:
             rows.append({"run_id": path.name, "created": "", "status": f"unreadable: {exc}", "model": "",
                          "schemes": "", "backend": "", "path": str(path)})
     return pd.DataFrame(rows, columns=["run_id", "created", "status", "model", "schemes", "backend", "path"])
+
+
+def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """A table as JSON-ready records that keep NaN and +-inf (pandas' to_json turns both into null, so a
+    perplexity that overflowed would come back as "missing")."""
+    def native(value: Any) -> Any:
+        return value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value
+
+    return [{str(k): native(v) for k, v in row.items()} for row in df.to_dict(orient="records")]
