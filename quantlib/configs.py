@@ -360,13 +360,18 @@ class QuantConfig:
         """JSON Schema of this config class (draft 2020-12), which the app draws its forms from."""
         properties = {"quant_method": {"const": cls.quant_method, "type": "string"}}
         properties.update({f.name: f.json_schema() for f in cls.FIELDS})
+        head = {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": cls.__name__,
+                "description": cls.description, "type": "object", "properties": properties,
+                "required": ["quant_method"], "x-rules": cls.rules()}
+        if cls.SAVED_FORM is not None:
+            # The flat keys (what forms edit) or the saved form (what `to_dict` writes), nothing else.
+            saved = {"quant_method": properties["quant_method"], **cls.SAVED_FORM}
+            return {**head, "x-saved-form": list(saved), "anyOf": [
+                {"title": "form keys", "properties": {k: True for k in properties}, "additionalProperties": False},
+                {"title": "saved form (to_dict)", "properties": saved, "required": list(saved),
+                 "additionalProperties": False}]}
         return {
-            "$schema": "https://json-schema.org/draft/2020-12/schema",
-            "title": cls.__name__,
-            "description": cls.description,
-            "type": "object",
-            "properties": properties,
-            "required": ["quant_method"],
+            **head,
             # Keys transformers writes besides the choices (mirrors such as `_load_in_4bit`, checkpoint
             # extras): accepted by exact name, kept out of `properties` so forms do not offer them.
             "patternProperties": {
@@ -375,28 +380,7 @@ class QuantConfig:
                 **{f"^{re.escape(f.name)}$": f.json_schema() for f in cls.EXTRA_FIELDS},
             },
             "additionalProperties": False,
-            "x-rules": cls.rules(),
             "x-accepted-extra-keys": {f.name: f.description for f in cls.EXTRA_FIELDS},
-        } if cls.SAVED_FORM is None else cls._schema_with_saved_form(properties)
-
-    @classmethod
-    def _schema_with_saved_form(cls, properties: dict[str, Any]) -> dict[str, Any]:
-        """The flat keys (what forms edit) or the saved form (what `to_dict` writes), nothing else."""
-        saved = {"quant_method": properties["quant_method"], **cls.SAVED_FORM}
-        return {
-            "$schema": "https://json-schema.org/draft/2020-12/schema",
-            "title": cls.__name__,
-            "description": cls.description,
-            "type": "object",
-            "properties": properties,
-            "required": ["quant_method"],
-            "anyOf": [
-                {"title": "form keys", "properties": {k: True for k in properties}, "additionalProperties": False},
-                {"title": "saved form (to_dict)", "properties": saved, "required": list(saved),
-                 "additionalProperties": False},
-            ],
-            "x-rules": cls.rules(),
-            "x-saved-form": list(saved),
         }
 
     @classmethod

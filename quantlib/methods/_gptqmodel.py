@@ -250,9 +250,6 @@ class _GPTQFamilyConfig(QuantConfig):
         """The checkpoint-file keys beyond transformers' own that this config carries."""
         return {f.name: _copy(self._values[f.name]) for f in self.EXTRA_FIELDS if f.name in self._values}
 
-    def _transformers_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
-
     def to_dict(self) -> dict[str, Any]:
         """transformers' `to_dict()` for the same settings, then the file's extra keys unchanged."""
         base = self._transformers_dict()
@@ -271,6 +268,20 @@ class _GPTQFamilyConfig(QuantConfig):
         if self._values.get("modules_in_block_to_quantize") or self._values.get("block_name_to_quantize"):
             notes.append("block/module selection is kept but the memory planner quantizes every linear layer")
         return notes
+
+    #: transformers' config class and the key its to_dict() mirrors `format` into.
+    TRANSFORMERS_CLASS: ClassVar[str] = ""
+    TRANSFORMERS_MIRROR: ClassVar[str] = ""
+
+    def _transformers_dict(self) -> dict[str, Any]:
+        out = {"quant_method": self.quant_method}
+        out.update({f.name: _copy(self._values[f.name]) for f in self.FIELDS})
+        out[self.TRANSFORMERS_MIRROR] = self._values["format"]
+        return out
+
+    def to_transformers(self) -> Any:
+        """transformers' GPTQConfig / AwqConfig (which keep none of the extra file keys)."""
+        return self._build_transformers(self.TRANSFORMERS_CLASS)
 
     def _build_transformers(self, cls_name: str) -> Any:
         import importlib.metadata
@@ -440,6 +451,16 @@ class GptqmodelQuantizer(CalibratedQuantizer):
     def calibration_seconds(cls, config: QuantConfig, n_params: int, n_tokens: int) -> float:
         fixed, per_token = cls.CPU_CALIBRATION_COST
         return n_params / 135e6 * (fixed + per_token * n_tokens)
+
+    @classmethod
+    def check_shape(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
+        out_features, in_features = shape[0], shape[-1]
+        return group_problem(config, name, in_features) or cls.pack_problem(config, name, out_features, in_features)
+
+    @classmethod
+    def pack_problem(cls, config: QuantConfig, name: str, out_features: int, in_features: int) -> str | None:
+        """Why the packed layout cannot hold a layer of this shape, or None."""
+        return None
 
     # ----- hooks -------------------------------------------------------------------------
     def gptqmodel_config(self, QuantizeConfig: Any) -> Any:

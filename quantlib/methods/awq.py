@@ -10,9 +10,9 @@ from typing import Any, Iterator
 
 import torch
 
-from quantlib.configs import FieldSpec, QuantConfig, _copy
+from quantlib.configs import FieldSpec, QuantConfig
 from quantlib.methods._gptqmodel import (AWQ_BACKENDS, AWQ_EXTRA_FIELDS, AWQ_FORMATS, GptqmodelQuantizer,
-                                         _gptq_family_fields, _GPTQFamilyConfig, allow_fp32, as_out_in, group_problem,
+                                         _gptq_family_fields, _GPTQFamilyConfig, allow_fp32, as_out_in,
                                          pack_word_bits)
 from quantlib.methods._gptqmodel import groups as group_count
 from quantlib.methods.base import TensorShapes, register
@@ -53,16 +53,8 @@ class AwqQuantConfig(_GPTQFamilyConfig):
             raw["backend"], raw["format"] = "auto", "llm-awq"
         return raw
 
-    def _transformers_dict(self) -> dict[str, Any]:
-        v = self._values
-        out = {"quant_method": "awq"}
-        out.update({f.name: _copy(v[f.name]) for f in self.FIELDS})
-        out["version"] = v["format"]
-        return out
-
-    def to_transformers(self) -> Any:
-        """`transformers.AwqConfig` (which keeps none of the extra file keys)."""
-        return self._build_transformers("AwqConfig")
+    TRANSFORMERS_CLASS = "AwqConfig"
+    TRANSFORMERS_MIRROR = "version"
 
     @property
     def label(self) -> str:
@@ -113,11 +105,7 @@ class AwqQuantizer(GptqmodelQuantizer):
         return {"codes": t["qweight"], "scales": t["scales"] + t["qzeros"], "dq_constants": 0.0, "code_tables": 0.0}
 
     @classmethod
-    def check_shape(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
-        out_features, in_features = shape[0], shape[-1]
-        problem = group_problem(config, name, in_features)
-        if problem:
-            return problem
+    def pack_problem(cls, config: QuantConfig, name: str, out_features: int, in_features: int) -> str | None:
         per_word = pack_word_bits(config) // config.bits
         if out_features % per_word:
             return (f"{name}: output width {out_features} is not a multiple of {per_word} "

@@ -540,6 +540,29 @@ def _py(value: Any) -> str:
     return repr(value)
 
 
+class LinearReplacingQuantizer(Quantizer):
+    """Methods transformers applies by replacing `nn.Linear` modules (subclasses included), with
+    transformers' default skips unless the config's `modules_to_not_convert` replaces them, and scales
+    stored in the model's dtype (so the planner passes it)."""
+
+    #: How transformers applies the method, for the reasons shown in the planner.
+    transformers_path: ClassVar[str] = ""
+
+    @classmethod
+    def skip_rules(cls, config: QuantConfig, shapes: ModelShapes) -> list[tuple[str, str]]:
+        return transformers_skip_rules(shapes, config.modules_to_not_convert, "modules_to_not_convert")
+
+    @classmethod
+    def matmul_treatment(cls, config: QuantConfig, w: WeightShape) -> str | None:
+        if w.kind != "linear":
+            return f"{w.module_class} is not an nn.Linear, which {cls.transformers_path}"
+        return None
+
+    @classmethod
+    def layer_storage_bytes(cls, config: QuantConfig, w: WeightShape, dtype: str = "float32") -> dict[str, float]:
+        return cls.storage_bytes(config, w.out_features, w.in_features, dtype)
+
+
 # --------------------------------------------------------------------------------------------
 # Calibration-based methods: real libraries only, never imitated here
 # --------------------------------------------------------------------------------------------

@@ -7,10 +7,9 @@ from typing import Any
 
 import torch
 
-from quantlib.configs import _copy
 from quantlib.errors import _MISSING, FieldError
 from quantlib.methods._gptqmodel import (GPTQ_BACKENDS, GPTQ_EXTRA_FIELDS, GPTQ_FORMATS, GptqmodelQuantizer,
-                                         _gptq_family_fields, _GPTQFamilyConfig, allow_fp32, as_out_in, group_problem,
+                                         _gptq_family_fields, _GPTQFamilyConfig, allow_fp32, as_out_in,
                                          pack_word_bits)
 from quantlib.methods._gptqmodel import groups as group_count
 from quantlib.configs import QuantConfig
@@ -59,16 +58,8 @@ class GPTQQuantConfig(_GPTQFamilyConfig):
     def rules(cls) -> list[str]:
         return [*super().rules(), "act_group_aware must be false when desc_act is true."]
 
-    def _transformers_dict(self) -> dict[str, Any]:
-        v = self._values
-        out = {"quant_method": "gptq"}
-        out.update({f.name: _copy(v[f.name]) for f in self.FIELDS})
-        out["checkpoint_format"] = v["format"]
-        return out
-
-    def to_transformers(self) -> Any:
-        """`transformers.GPTQConfig` (which keeps none of the extra file keys)."""
-        return self._build_transformers("GPTQConfig")
+    TRANSFORMERS_CLASS = "GPTQConfig"
+    TRANSFORMERS_MIRROR = "checkpoint_format"
 
     @property
     def label(self) -> str:
@@ -121,11 +112,7 @@ class GPTQQuantizer(GptqmodelQuantizer):
                 "code_tables": 0.0}
 
     @classmethod
-    def check_shape(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
-        out_features, in_features = shape[0], shape[-1]
-        problem = group_problem(config, name, in_features)
-        if problem:
-            return problem
+    def pack_problem(cls, config: QuantConfig, name: str, out_features: int, in_features: int) -> str | None:
         word = pack_word_bits(config)
         if in_features % word or out_features % word:
             return (f"{name}: shape {out_features}x{in_features} does not pack into {word}-bit words "

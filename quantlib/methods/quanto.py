@@ -25,9 +25,9 @@ import torch
 from quantlib.configs import FieldSpec, QuantConfig
 from quantlib.errors import BackendUnavailableError
 from quantlib.formats import QuantizedTensor, check_float
-from quantlib.methods.base import Quantizer, register, transformers_skip_rules
+from quantlib.methods.base import LinearReplacingQuantizer, register
 from quantlib.runtime import BackendReport
-from quantlib.shapes import DTYPE_BYTES, ModelShapes, WeightShape
+from quantlib.shapes import DTYPE_BYTES
 
 WEIGHTS = ("float8", "int8", "int4", "int2")
 ACTIVATIONS = ("int8", "float8")
@@ -160,12 +160,13 @@ def quantize_quanto(w: torch.Tensor, weights: str = "int8") -> QuantoTensor:
 
 
 @register("quanto")
-class QuantoQuantizer(Quantizer):
+class QuantoQuantizer(LinearReplacingQuantizer):
     """optimum-quanto on CPU (its own QLinear and freeze), simulated with the weights it dequantizes."""
 
     config_class = QuantoQuantConfig
     requires = (("optimum.quanto", "optimum-quanto"),)
     library = "optimum-quanto"
+    transformers_path = "transformers' quanto path replaces"
     experts_policy = ("transformers' quanto path replaces nn.Linear modules (per-expert lists and linear routers "
                       "included); fused 3-D expert tensors stay in 16/32 bits")
 
@@ -187,20 +188,6 @@ class QuantoQuantizer(Quantizer):
     @classmethod
     def transformers_class_name(cls) -> str | None:
         return "QuantoConfig"
-
-    @classmethod
-    def skip_rules(cls, config: QuantConfig, shapes: ModelShapes) -> list[tuple[str, str]]:
-        return transformers_skip_rules(shapes, config.modules_to_not_convert, "modules_to_not_convert")
-
-    @classmethod
-    def matmul_treatment(cls, config: QuantConfig, w: WeightShape) -> str | None:
-        if w.kind != "linear":
-            return f"{w.module_class} is not an nn.Linear, which transformers' quanto path replaces"
-        return None
-
-    @classmethod
-    def layer_storage_bytes(cls, config: QuantConfig, w: WeightShape, dtype: str = "float32") -> dict[str, float]:
-        return cls.storage_bytes(config, w.out_features, w.in_features, dtype)
 
     @classmethod
     def storage_bytes(cls, config: QuantConfig, out_features: int, in_features: int,

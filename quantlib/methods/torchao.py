@@ -29,9 +29,9 @@ import torch
 from quantlib.configs import FieldSpec, QuantConfig
 from quantlib.errors import _MISSING, BackendUnavailableError, FieldError
 from quantlib.formats import QuantizedTensor, check_float
-from quantlib.methods.base import Quantizer, group_size_problem, register, transformers_skip_rules
+from quantlib.methods.base import LinearReplacingQuantizer, group_size_problem, register
 from quantlib.runtime import BackendReport
-from quantlib.shapes import DTYPE_BYTES, ModelShapes, WeightShape
+from quantlib.shapes import DTYPE_BYTES
 
 # torchao (pulled in by gptqmodel, imported by transformers when present) logs a warning for each
 # CUDA-only extension it cannot load on a CPU machine: noise on every model load. Errors still show.
@@ -234,12 +234,13 @@ def quantize_torchao_int8(w: torch.Tensor, group_size: int | None = None) -> Tor
 
 
 @register("torchao")
-class TorchAoQuantizer(Quantizer):
+class TorchAoQuantizer(LinearReplacingQuantizer):
     """torchao weight-only int8 on CPU (its own quantize_), simulated with the weights it dequantizes."""
 
     config_class = TorchAoQuantConfig
     requires = (("torchao", "torchao"),)
     library = "torchao"
+    transformers_path = "transformers' torchao path quantizes"
     experts_policy = ("transformers' torchao path quantizes nn.Linear modules (per-expert lists and linear "
                       "routers included); fused 3-D expert tensors stay in 16/32 bits")
 
@@ -273,25 +274,11 @@ class TorchAoQuantizer(Quantizer):
         return "TorchAoConfig"
 
     @classmethod
-    def skip_rules(cls, config: QuantConfig, shapes: ModelShapes) -> list[tuple[str, str]]:
-        return transformers_skip_rules(shapes, config.modules_to_not_convert, "modules_to_not_convert")
-
-    @classmethod
-    def matmul_treatment(cls, config: QuantConfig, w: WeightShape) -> str | None:
-        if w.kind != "linear":
-            return f"{w.module_class} is not an nn.Linear, which transformers' torchao path quantizes"
-        return None
-
-    @classmethod
     def check_shape(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
         if config.group_size is None:
             return None
         sizes = INT4_GROUP_SIZES if config.ao_config.startswith("Int4") else (32, 64, 96, 128, 192, 256)
         return group_size_problem(name, shape[-1], config.group_size, sizes)
-
-    @classmethod
-    def layer_storage_bytes(cls, config: QuantConfig, w: WeightShape, dtype: str = "float32") -> dict[str, float]:
-        return cls.storage_bytes(config, w.out_features, w.in_features, dtype)
 
     @classmethod
     def storage_bytes(cls, config: QuantConfig, out_features: int, in_features: int,
