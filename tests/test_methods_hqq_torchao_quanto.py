@@ -251,3 +251,29 @@ def test_awq_clip_search_choice_is_per_thread() -> None:
     outside = SimpleNamespace(apply_clip=True)
     _apply_clip_choice(outside)  # outside quantlib's calibrate(): the library's default stays
     assert outside.apply_clip is True
+
+
+def test_hqq_snippet_model_api_quantizes_as_quantlib_does() -> None:
+    """The snippet's `AutoHQQHFModel.quantize_model` call (per-tag quant_config) gives, layer for layer,
+    the weights quantlib's HQQ quantizer computes with."""
+    from hqq.core.quantize import HQQLinear
+    from hqq.models.hf.base import AutoHQQHFModel
+    from transformers import LlamaForCausalLM
+
+    from quantlib.methods.base import _py
+
+    torch.manual_seed(5)
+    model = LlamaForCausalLM(tiny_llama_config(256)).eval()
+    reference = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    config = parse_config({"quant_method": "hqq", "nbits": 3, "group_size": 32})
+    snippet = get_quantizer(config, device="cpu").snippet(config, "x")
+    call = snippet.splitlines()[-1]
+    per_tag = eval(call[call.index("quant_config=") + len("quant_config="):call.index(", compute_dtype")])  # noqa: S307
+    assert per_tag == json.loads(json.dumps(per_tag)) and _py(per_tag)
+    AutoHQQHFModel.quantize_model(model, quant_config=per_tag, compute_dtype=torch.float16, device="cpu")
+    quantizer = get_quantizer(config, device="cpu")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, HQQLinear)}
+    assert len(layers) == 7 * 2
+    for name, layer in layers.items():
+        ours = quantizer.quantize_layer(name, reference[name]).dequantize()
+        assert torch.equal(ours, layer.dequantize().float()), name

@@ -322,6 +322,31 @@ class HqqQuantizer(Quantizer):
         return "HqqConfig"
 
     @classmethod
+    def snippet(cls, config: QuantConfig, model_id: str) -> str | None:
+        """transformers 5.23 refuses HqqConfig in from_pretrained ("HQQ is not available yet"), so the
+        snippet builds the config transformers saves and quantizes with hqq's own model API."""
+        from quantlib.methods.base import _py
+
+        quant_config = config.quant_config()
+        if config.dynamic_config is None:
+            quant_config = {tag: quant_config for tag in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                          "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                          "mlp.down_proj")}
+        return "\n".join([
+            "import torch",
+            "from hqq.models.hf.base import AutoHQQHFModel",
+            "from transformers import AutoModelForCausalLM, HqqConfig",
+            "",
+            "# What a checkpoint's config.json holds (HqqConfig.to_dict()):",
+            f"quantization_config = HqqConfig.from_dict({_py(config.to_dict())})",
+            f"model_id = {json.dumps(model_id)}",
+            "# transformers 5.23 cannot load HQQ through from_pretrained (\"not available yet\"): quantize with hqq",
+            "model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float16)",
+            f"AutoHQQHFModel.quantize_model(model, quant_config={_py(quant_config)}, compute_dtype=torch.float16, "
+            "device=\"cpu\")",
+        ])
+
+    @classmethod
     def treatment(cls, config: QuantConfig, w: WeightShape, rules: list[tuple[str, str]]) -> str | None:
         if not w.is_matmul:
             return ROLE_LABELS[w.role]
