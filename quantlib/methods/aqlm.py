@@ -8,6 +8,9 @@ from typing import Any
 from quantlib.configs import FieldSpec, QuantConfig
 from quantlib.methods.base import CalibratedQuantizer, TensorShapes, register
 
+#: Place in the registry (the builder's method list, the CLI).
+DISPLAY_ORDER = 80
+
 
 class AqlmQuantConfig(QuantConfig):
     """AQLM (Egiazarian et al. 2024): additive multi-codebook quantization of weight groups.

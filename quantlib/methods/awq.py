@@ -17,6 +17,9 @@ from quantlib.methods._gptqmodel import (AWQ_BACKENDS, AWQ_EXTRA_FIELDS, AWQ_FOR
 from quantlib.methods._gptqmodel import groups as group_count
 from quantlib.methods.base import TensorShapes, register
 
+#: Place in the registry (the builder's method list, the CLI).
+DISPLAY_ORDER = 70
+
 
 class AwqQuantConfig(_GPTQFamilyConfig):
     """AWQ (Lin et al. 2023): activation-aware per-channel scaling before 4-bit group rounding.

@@ -29,6 +29,9 @@ from quantlib.formats import QuantizedTensor, block_absmax, check_float
 from quantlib.methods.base import QuantizedModel, Quantizer, register, transformers_skip_rules
 from quantlib.shapes import ModelShapes, WeightShape
 
+#: Place in the registry (the builder's method list, the CLI).
+DISPLAY_ORDER = 0
+
 QuantType4bit = Literal["nf4", "fp4"]
 Backend = Literal["torch", "bitsandbytes"]
 

@@ -14,6 +14,9 @@ from quantlib.configs import FieldSpec, QuantConfig
 from quantlib.formats import QuantizedTensor, check_float
 from quantlib.methods.base import Quantizer, register
 
+#: Place in the registry (the builder's method list, the CLI).
+DISPLAY_ORDER = 20
+
 
 #: Block types the `gguf` package can quantize in numpy (others it can only read).
 GGUF_TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "MXFP4", "BF16", "F16")

@@ -15,6 +15,9 @@ from quantlib.methods._gptqmodel import groups as group_count
 from quantlib.configs import QuantConfig
 from quantlib.methods.base import TensorShapes, register
 
+#: Place in the registry (the builder's method list, the CLI).
+DISPLAY_ORDER = 60
+
 
 class GPTQQuantConfig(_GPTQFamilyConfig):
     """GPTQ (Frantar et al. 2022): Hessian-aware rounding, calibrated on text, run by gptqmodel.

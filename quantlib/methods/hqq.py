@@ -34,6 +34,9 @@ from quantlib.formats import QuantizedTensor, check_float
 from quantlib.methods.base import Quantizer, register
 from quantlib.shapes import ROLE_LABELS, WeightShape
 
+#: Place in the registry (the builder's method list, the CLI).
+DISPLAY_ORDER = 30
+
 #: nbits transformers documents for HqqConfig (hqq itself also packs 5, 6 and 1.58 into bytes).
 HQQ_BITS = (1, 2, 3, 4, 8)
 #: hqq's packing of each width: (codes per container, container bytes), as `Quantizer.bit_to_packing`.

@@ -29,6 +29,9 @@ from quantlib.methods.base import LinearReplacingQuantizer, register
 from quantlib.runtime import BackendReport
 from quantlib.shapes import DTYPE_BYTES
 
+#: Place in the registry (the builder's method list, the CLI).
+DISPLAY_ORDER = 50
+
 WEIGHTS = ("float8", "int8", "int4", "int2")
 ACTIVATIONS = ("int8", "float8")
 BITS = {"float8": 8, "int8": 8, "int4": 4, "int2": 2}

@@ -11,6 +11,9 @@ from quantlib.configs import FieldSpec, QuantConfig
 from quantlib.formats import QuantizedTensor, block_absmax, check_float
 from quantlib.methods.base import Quantizer, group_size_problem, register
 
+#: Place in the registry (the builder's method list, the CLI).
+DISPLAY_ORDER = 10
+
 
 
 class RTNQuantConfig(QuantConfig):

@@ -33,6 +33,9 @@ from quantlib.methods.base import LinearReplacingQuantizer, group_size_problem, 
 from quantlib.runtime import BackendReport
 from quantlib.shapes import DTYPE_BYTES
 
+#: Place in the registry (the builder's method list, the CLI).
+DISPLAY_ORDER = 40
+
 # torchao (pulled in by gptqmodel, imported by transformers when present) logs a warning for each
 # CUDA-only extension it cannot load on a CPU machine: noise on every model load. Errors still show.
 logging.getLogger("torchao").setLevel(logging.ERROR)
