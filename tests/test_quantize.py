@@ -209,6 +209,36 @@ def test_outlier_columns():
     assert outlier_columns(x, 6.0).tolist() == [3, 7]
 
 
+@pytest.mark.parametrize("threshold", [0.0, 1.5, 6.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_int8_decomposed_matmul_is_bitsandbytes_linear8bitlt_bit_for_bit(tiny_llama_dir, threshold, dtype):
+    """Every Linear8bitLt of a model transformers loaded with LLM.int8() computes exactly what our
+    vectorized mirror computes from the original weights: same casts, outlier columns, accumulation."""
+    from quantlib.apply import quantize_model
+    from quantlib.models import load_model
+
+    base = load_model(str(tiny_llama_dir))
+    qm = quantize_model({"quant_method": "bitsandbytes", "load_in_8bit": True, "llm_int8_threshold": threshold},
+                        source=str(tiny_llama_dir), device="cpu")
+    base_modules = dict(base.model.named_modules())
+    torch.manual_seed(3)
+    checked = 0
+    for name, module in qm.model.named_modules():
+        if type(module).__name__ != "Linear8bitLt":
+            continue
+        x = torch.randn(2, 7, module.in_features) * 2
+        x[:, :, [3, 11]] = 9.0  # outlier features (columns) above every threshold used here
+        x[0, 2, 20] = -7.5  # and a lone outlier element
+        x = x.to(dtype)
+        with torch.no_grad():
+            theirs = module(x)
+        ours = int8_decomposed_matmul(x, base_modules[name].weight.data, threshold=threshold)
+        assert ours.dtype == theirs.dtype == dtype
+        assert torch.equal(ours, theirs), (name, (ours.float() - theirs.float()).abs().max())
+        checked += 1
+    assert checked == 14
+
+
 def test_int8_decomposed_matmul_close_and_beats_int8_with_outliers():
     torch.manual_seed(0)
     x = torch.randn(16, 512)

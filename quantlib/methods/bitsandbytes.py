@@ -721,48 +721,72 @@ def quantize_int8_weight(w: torch.Tensor) -> RowwiseInt8Tensor:
 
 
 def outlier_columns(x: torch.Tensor, threshold: float = 6.0) -> torch.Tensor:
-    """Feature dims (last-dim indices) where any |activation| >= ``threshold`` (LLM.int8())."""
-    flat = x.reshape(-1, x.shape[-1])
-    lo, hi = torch.aminmax(flat.float(), dim=0)
-    return torch.nonzero(torch.maximum(hi, lo.neg()) >= threshold).reshape(-1)
+    """Feature dims (last-dim indices) where any |activation| >= ``threshold`` (LLM.int8()), judged on the
+    activations cast to fp16, as bitsandbytes does."""
+    flat = x.reshape(-1, x.shape[-1]).to(torch.float16)
+    return torch.nonzero((flat.abs() >= threshold).any(dim=0)).reshape(-1)
 
 
-def int8_decomposed_matmul(x: torch.Tensor, w: torch.Tensor, threshold: float = 6.0) -> torch.Tensor:
-    """LLM.int8() mixed-precision ``x @ w.T``: int8 for ordinary features, float for outliers.
+#: bitsandbytes' constants of its default int8 kernels: 1/127**2 (int8_mm_dequant) and 1/127 (dequant).
+_MM_DEQUANT = 6.200124e-05
+_VECTOR_DEQUANT = 7.874015718698502e-3
 
-    ``x``: (..., in), ``w``: (out, in). Feature columns with an |activation| >= threshold are
-    multiplied in fp32 with the original weights (the paper keeps them in fp16); the rest are
-    quantized row-wise (x per token, w per output channel) to int8, multiplied with exact integer
-    accumulation and rescaled by ``sx * sw / 127**2``. The integer GEMM runs as a float64 GEMM:
-    every partial sum is an integer below 2**53, so it is exact, i.e. equal to an int32
-    accumulator, and uses BLAS. ``threshold=inf`` gives plain row-wise int8.
+
+def _bnb_int_mm_is_exact() -> bool:
+    """bitsandbytes 0.50's CPU backend accumulates int8 products exactly (torch._int_mm) only on AVX-512
+    CPUs; elsewhere its default kernel multiplies in fp32 and truncates to int32 (`_int8_linear_matmul_impl`)."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+@torch.no_grad()
+def int8_decomposed_matmul(x: torch.Tensor, w: torch.Tensor, threshold: float = 6.0,
+                           bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """LLM.int8() ``x @ w.T (+ bias)`` exactly as bitsandbytes 0.50 computes it on CPU (`Linear8bitLt` ->
+    `MatMul8bitLt` with its default kernels), vectorized, casts included. Tested bit for bit against
+    `Linear8bitLt` (tests/test_quantize.py).
+
+    - The weight is stored as `Int8Params` stores it: cast to fp16, row-wise int8 codes and fp32 SCB.
+    - The activations are cast to fp16. With ``threshold > 0``, every element with |x| >= threshold is
+      an outlier; its column is an outlier column. Outliers are zeroed before the row absmax, rows are
+      quantized ``round(x16 * (127 / absmax))`` in fp32, and outlier columns are zeroed in the codes.
+    - int8 products are accumulated exactly (torch._int_mm) on AVX-512 CPUs, else as bitsandbytes'
+      default kernel does: an fp32 matmul truncated to int32 (not exact past 2**24).
+    - Dequantization: ``acc * (absmax_x * SCB) * 6.200124e-05`` in fp32, plus bias, cast to x's dtype;
+      then the outlier columns are added back with ``addmm(x[:, cols], (codes[:, cols] * SCB / 127).T)``
+      in x's dtype (the weights of those columns are the int8 ones, dequantized: bitsandbytes keeps no
+      fp16 copy).
+
+    ``threshold=0`` (or inf) is plain row-wise int8 without decomposition.
     """
     check_float(x, "int8_decomposed_matmul")
     check_float(w, "int8_decomposed_matmul")
     if x.shape[-1] != w.shape[-1] or w.dim() != 2:
         raise ValueError(f"need x (..., {w.shape[-1] if w.dim() == 2 else 'in'}) and w (out, in); "
                          f"got x {tuple(x.shape)} and w {tuple(w.shape)}")
-    x2 = x.reshape(-1, x.shape[-1]).float()
-    w2 = w.float()
-    outliers = outlier_columns(x2, threshold)
-    keep = torch.ones(x2.shape[-1], dtype=torch.bool)
-    keep[outliers] = False
-    out = _int8_matmul(x2[:, keep], w2[:, keep])
-    if outliers.numel():
-        out += x2[:, outliers] @ w2[:, outliers].T
-    return out.reshape(*x.shape[:-1], w.shape[0]).to(x.dtype)
-
-
-def _int8_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Row-wise int8 x, row-wise int8 w, exact integer accumulation, fp32 rescale."""
-    if x.shape[-1] == 0:
-        return torch.zeros(x.shape[0], w.shape[0])
-    xq, sx = int8_vectorwise_quant(x)
-    wq, sw = int8_vectorwise_quant(w)
-    acc = (xq.double() @ wq.double().T).to(torch.int32)
-    return acc.float() * (sx.unsqueeze(1) * sw.unsqueeze(0) / (127.0 * 127.0))
-
-
+    codes_w, scb = int8_vectorwise_quant(w.to(torch.float16))
+    a = x.reshape(-1, x.shape[-1])
+    a16 = a.to(torch.float16).clone()
+    cols = None
+    if threshold > 0.0:
+        outliers = a16.abs() >= threshold
+        cols = torch.argwhere(outliers.any(dim=0)).view(-1)
+        a16[outliers] = 0
+    row_stats = torch.max(a16.abs(), dim=1).values.float()
+    codes_x = torch.round(a16 * (127.0 / row_stats.unsqueeze(-1))).to(torch.int8)
+    if a16.shape[0] > 1 and cols is not None:
+        codes_x[:, cols] = 0
+    if _bnb_int_mm_is_exact():
+        acc = torch._int_mm(codes_x, codes_w.t())
+    else:
+        acc = torch.matmul(codes_x.float(), codes_w.float().t()).to(torch.int32)
+    out = acc * (row_stats.unsqueeze(-1) * scb.reshape(1, -1)) * _MM_DEQUANT
+    if bias is not None:
+        out += bias.to(x.dtype)
+    out = out.to(x.dtype)
+    if cols is not None and cols.numel():
+        sub_w = (codes_w[:, cols].contiguous() * scb.view(-1, 1) * _VECTOR_DEQUANT).to(x.dtype).t()
+        out = out.addmm(a[:, cols].contiguous(), sub_w)
+    return out.reshape(*x.shape[:-1], w.shape[0])
 
 
 # --------------------------------------------------------------------------------------------
