@@ -40,6 +40,7 @@ TEXT_PASTE = "Paste text"
 SUMMARY_NAMES = {
     "scheme": "scheme", "backend": "backend", "bits_per_param": "bits/param", "memory_mib": "memory (MiB)",
     "perplexity": "perplexity", "kl": "KL (nats/token)", "top1_agreement": "top-1 agreement",
+    "ln_ppl_ratio": "ln(PPL/PPL base)", "dp_mean": "Δp mean", "dp_rms": "Δp RMS",
     "mean_layer_rel_error": "mean layer rel. error", "worst_layer_rel_error": "worst layer rel. error",
     "worst_layer": "worst layer", "seconds": "time (s)",
 }
@@ -144,7 +145,10 @@ def show_run(run, where: str) -> None:
                "nats per token; top-1 agreement is the share of positions where both models predict the same next "
                "token; layer error is ‖W − Ŵ‖_F / ‖W‖_F of the linear weights; bits/param counts codes and scales "
                "of the quantized layers. Rows marked “(simulated)” replaced weights by their quantize→dequantize "
-               "result; their memory is the packed size. The CSV download keeps full precision.")
+               "result; their memory is the packed size. ± is one standard error from batch means over 64-token "
+               "blocks (neighbouring tokens are correlated); ln(PPL/PPL base) and Δp (the quantized model's "
+               "probability of the actual next token minus the baseline's) are paired on the same tokens. The CSV "
+               "download keeps full precision.")
     figs = run_figures(run)
     if "Memory vs perplexity" in figs and not summary.empty:  # keep the end markers' labels inside the plot
         lo, hi = float(summary["memory_mib"].min()), float(summary["memory_mib"].max())

@@ -31,7 +31,8 @@ from quantlib.runtime import resolve_device
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
 
-TABLE_COLUMNS = ["scheme", "backend", "bits_per_param", "memory_mib", "perplexity", "kl", "top1_agreement",
+TABLE_COLUMNS = ["scheme", "backend", "bits_per_param", "memory_mib", "perplexity", "perplexity_se", "kl", "kl_se",
+                 "top1_agreement", "top1_se", "ln_ppl_ratio", "ln_ppl_ratio_se", "dp_mean", "dp_rms",
                  "mean_layer_rel_error", "worst_layer_rel_error", "worst_layer", "seconds", "calibration_seconds"]
 
 
@@ -194,7 +195,11 @@ def run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compar
                          "backend": comparison.backend + (" (simulated)" if qm.simulated else ""),
                          "bits_per_param": qm.memory.quantized_bits_per_param,
                          "memory_mib": qm.memory.total_bytes / 2**20, "perplexity": comparison.quant_ppl,
-                         "kl": comparison.kl_mean, "top1_agreement": comparison.top1_agreement,
+                         "perplexity_se": comparison.quant_ppl_se, "kl": comparison.kl_mean,
+                         "kl_se": comparison.kl_se, "top1_agreement": comparison.top1_agreement,
+                         "top1_se": comparison.top1_se, "ln_ppl_ratio": comparison.ln_ppl_ratio,
+                         "ln_ppl_ratio_se": comparison.ln_ppl_ratio_se, "dp_mean": comparison.dp_mean,
+                         "dp_rms": comparison.dp_rms,
                          "mean_layer_rel_error": float(errors["rel_fro_error"].mean()),
                          "worst_layer_rel_error": float(worst["rel_fro_error"]), "worst_layer": str(worst["layer"]),
                          "seconds": quant_seconds + comparison.seconds,
@@ -209,7 +214,9 @@ def run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compar
     rows.sort(key=lambda r: order[r["scheme"]])
     rows.insert(0, {"scheme": f"baseline {settings.dtype}", "backend": baseline.backend,
                     "bits_per_param": float(torch.finfo(dtype).bits), "memory_mib": base_mem.total_bytes / 2**20,
-                    "perplexity": baseline.ppl, "kl": 0.0, "top1_agreement": 1.0, "mean_layer_rel_error": 0.0,
+                    "perplexity": baseline.ppl, "perplexity_se": baseline.ppl_se, "kl": 0.0, "kl_se": 0.0,
+                    "top1_agreement": 1.0, "top1_se": 0.0, "ln_ppl_ratio": 0.0, "ln_ppl_ratio_se": 0.0,
+                    "dp_mean": 0.0, "dp_rms": 0.0, "mean_layer_rel_error": 0.0,
                     "worst_layer_rel_error": 0.0, "worst_layer": "", "seconds": baseline.seconds,
                     "calibration_seconds": 0.0})
     layer_frames.sort(key=lambda f: order[f["scheme"].iloc[0]] if len(f) else 0)

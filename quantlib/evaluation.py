@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import torch
 
 from quantlib.errors import Cancelled, QuantlibError
+from quantlib.uncertainty import BLOCK_TOKENS, block_estimate, ppl_estimate
 
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
@@ -49,7 +50,8 @@ DEFAULT_WINDOW = 1024
 DEFAULT_REFERENCE_BYTES = 2**30
 # Auto batch size: keep one batch of fp32 logits around this size (several copies coexist).
 AUTO_BATCH_LOGIT_BYTES = 512 * 2**20
-KL_PERCENTILES = (50, 90, 99)
+#: Per-token KL and delta-p percentiles reported (llama.cpp's perplexity tool reports the same).
+KL_PERCENTILES = (99.9, 99, 95, 90, 50, 10, 5, 1)
 
 __all__ = [
     "Cancelled",
@@ -89,6 +91,8 @@ class PerplexityResult:
     seconds: float
     tokens_per_s: float
     backend: str
+    #: Standard error of `ppl` (delta method over batch means of 64-token blocks; nan below 2 blocks).
+    ppl_se: float = float("nan")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -99,9 +103,13 @@ class DistributionComparison:
     """How far a model's next-token distributions are from the baseline's (KL in nats).
 
     ``kl_mean`` averages per-token KL(base || quant) over all scored tokens; ``kl_percentiles``
-    maps "p50"/"p90"/"p99" to per-token quantiles; ``top1_agreement`` is the fraction of
+    maps "p99.9" ... "p1" to per-token quantiles; ``top1_agreement`` is the fraction of
     positions where both models' most likely next token is the same. ``base_ppl`` and
-    ``quant_ppl`` come from the same forward passes at no extra cost.
+    ``quant_ppl`` come from the same forward passes at no extra cost. ``ln_ppl_ratio`` is
+    ln(PPL_quant / PPL_base), the mean per-token NLL difference on the same tokens; ``dp_*``
+    describe delta-p, the quantized model's probability of the actual next token minus the
+    baseline's. Every ``*_se`` is a standard error from batch means over ``se_block``-token blocks
+    (neighbouring tokens are correlated; see `quantlib.uncertainty`), nan below two blocks.
     """
 
     kl_mean: float
@@ -117,6 +125,17 @@ class DistributionComparison:
     seconds: float
     backend: str
     baseline_recomputed: bool
+    kl_se: float = float("nan")
+    top1_se: float = float("nan")
+    base_ppl_se: float = float("nan")
+    quant_ppl_se: float = float("nan")
+    ln_ppl_ratio: float = float("nan")
+    ln_ppl_ratio_se: float = float("nan")
+    dp_mean: float = float("nan")
+    dp_se: float = float("nan")
+    dp_rms: float = float("nan")
+    dp_percentiles: dict[str, float] = field(default_factory=dict)
+    se_block: int = BLOCK_TOKENS
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -283,10 +302,15 @@ class _NllSum:
 
     total: float = 0.0
     count: int = 0
+    values: list[torch.Tensor] = field(default_factory=list)  # per token, in text order (for the SE)
 
     def add(self, nll: torch.Tensor) -> None:
         self.total += float(nll.sum().item())
         self.count += int(nll.numel())
+        self.values.append(nll.detach().flatten().double().cpu())
+
+    def series(self) -> torch.Tensor:
+        return torch.cat(self.values) if self.values else torch.zeros(0, dtype=torch.float64)
 
     @property
     def mean(self) -> float:
@@ -300,24 +324,29 @@ class _KlStats:
     kl: list[torch.Tensor] = field(default_factory=list)
     agree: int = 0
     nll: _NllSum = field(default_factory=_NllSum)
+    base_nll: _NllSum = field(default_factory=_NllSum)  # the baseline's, on the same tokens
+    same_top1: list[torch.Tensor] = field(default_factory=list)
 
     def add(self, base_lp: torch.Tensor, quant_lp: torch.Tensor, targets: torch.Tensor) -> None:
         base_lp = base_lp.to(quant_lp.device)
         kl = (base_lp.exp() * (base_lp - quant_lp)).sum(-1).clamp_min(0.0)
         self.kl.append(kl.flatten().cpu())
-        self.agree += int((base_lp.argmax(-1) == quant_lp.argmax(-1)).sum().item())
+        same = (base_lp.argmax(-1) == quant_lp.argmax(-1)).flatten()
+        self.same_top1.append(same.cpu())
+        self.agree += int(same.sum().item())
         self.nll.add(_target_nll(quant_lp, targets))
+        self.base_nll.add(_target_nll(base_lp, targets))
 
 
 def _percentiles(values: torch.Tensor) -> dict[str, float]:
     q = torch.tensor([p / 100 for p in KL_PERCENTILES], dtype=torch.float64)
     quantiles = torch.quantile(values.double(), q)
-    return {f"p{p}": float(v) for p, v in zip(KL_PERCENTILES, quantiles)}
+    return {f"p{p:g}": float(v) for p, v in zip(KL_PERCENTILES, quantiles)}
 
 
 def _ppl_result(nll: _NllSum, n_windows: int, window: int, stride: int, seconds: float, backend: str) -> PerplexityResult:
     return PerplexityResult(
-        ppl=math.exp(nll.mean), nll=nll.mean, n_tokens=nll.count, n_windows=n_windows, window=window,
+        ppl=math.exp(nll.mean), nll=nll.mean, ppl_se=ppl_estimate(nll.series()).se, n_tokens=nll.count, n_windows=n_windows, window=window,
         stride=stride, seconds=seconds, tokens_per_s=nll.count / seconds if seconds > 0 else float("inf"),
         backend=backend,
     )
@@ -326,12 +355,19 @@ def _ppl_result(nll: _NllSum, n_windows: int, window: int, stride: int, seconds:
 def _comparison(stats: _KlStats, base_nll: _NllSum, plan: "_Plan", seconds: float, backend: str,
                 recomputed: bool) -> DistributionComparison:
     kl = torch.cat(stats.kl)
+    nll_q, nll_b = stats.nll.series(), stats.base_nll.series()
+    dp = torch.exp(-nll_q) - torch.exp(-nll_b)  # probability of the actual next token, quant - base
+    kl_e, top1_e = block_estimate(kl), block_estimate(torch.cat(stats.same_top1).double())
+    ratio, dp_e = block_estimate(nll_q - nll_b), block_estimate(dp)
     return DistributionComparison(
         kl_mean=float(kl.double().mean()), kl_max=float(kl.max()), kl_percentiles=_percentiles(kl),
         top1_agreement=stats.agree / kl.numel(), base_ppl=math.exp(base_nll.mean),
         quant_ppl=math.exp(stats.nll.mean), n_tokens=int(kl.numel()), n_windows=len(plan.windows),
         window=plan.window, stride=plan.stride, seconds=seconds, backend=backend,
-        baseline_recomputed=recomputed,
+        baseline_recomputed=recomputed, kl_se=kl_e.se, top1_se=top1_e.se,
+        base_ppl_se=ppl_estimate(nll_b).se, quant_ppl_se=ppl_estimate(nll_q).se,
+        ln_ppl_ratio=ratio.mean, ln_ppl_ratio_se=ratio.se, dp_mean=dp_e.mean, dp_se=dp_e.se,
+        dp_rms=float(dp.square().mean().sqrt()), dp_percentiles=_percentiles(dp),
     )
 
 

@@ -63,17 +63,22 @@ def layer_error_figure(errors: pd.DataFrame, metric: str = "rel_fro_error", sche
 def tradeoff_figure(table: pd.DataFrame, x: str = "memory_mib", y: str = "perplexity") -> go.Figure:
     """Memory against perplexity, one marker per scheme: the trade-off at a glance."""
     fig = go.Figure()
+    se = f"{y}_se"
     for _, row in table.iterrows():
+        error = row.get(se)
+        bars = {"type": "data", "array": [2 * error], "visible": True} if pd.notna(error) and error > 0 else None
         fig.add_trace(go.Scatter(x=[row[x]], y=[row[y]], mode="markers+text", text=[row["scheme"]],
-                                 textposition="top center", name=str(row["scheme"]), marker={"size": 12}))
-    fig.update_layout(title="Memory vs perplexity (lower-left is better)", xaxis_title="memory (MiB)",
-                      yaxis_title="perplexity", showlegend=False)
+                                 textposition="top center", name=str(row["scheme"]), marker={"size": 12},
+                                 error_y=bars))
+    fig.update_layout(title="Memory vs perplexity (lower-left is better; bars: ±2 standard errors)",
+                      xaxis_title="memory (MiB)", yaxis_title="perplexity", showlegend=False)
     if len(table):
         # Pad the axes so the labels of the outermost markers are not clipped.
         lo, hi = float(table[x].min()), float(table[x].max())
         pad = max((hi - lo) * 0.15, abs(hi) * 0.05, 1e-9)
         fig.update_xaxes(range=[lo - pad, hi + pad])
-        ylo, yhi = float(table[y].min()), float(table[y].max())
+        spread = 2 * table[se].fillna(0.0) if se in table else 0.0
+        ylo, yhi = float((table[y] - spread).min()), float((table[y] + spread).max())
         ypad = max((yhi - ylo) * 0.15, abs(yhi) * 0.02, 1e-9)
         fig.update_yaxes(range=[ylo - ypad, yhi + 2 * ypad])
     return fig
@@ -100,8 +105,11 @@ def memory_figure(breakdowns: dict[str, MemoryBreakdown], runtime: dict[str, flo
 
 def kl_figure(table: pd.DataFrame) -> go.Figure:
     """KL divergence to the baseline per scheme (nats per token)."""
-    fig = go.Figure(go.Bar(x=list(table["scheme"]), y=list(table["kl"]), marker_color="#d62728"))
-    fig.update_layout(title="KL(baseline ‖ quantized), nats/token", yaxis_title="KL")
+    bars = None
+    if "kl_se" in table and table["kl_se"].notna().any():
+        bars = {"type": "data", "array": [2 * v if pd.notna(v) else 0.0 for v in table["kl_se"]], "visible": True}
+    fig = go.Figure(go.Bar(x=list(table["scheme"]), y=list(table["kl"]), marker_color="#d62728", error_y=bars))
+    fig.update_layout(title="KL(baseline ‖ quantized), nats/token (bars: ±2 standard errors)", yaxis_title="KL")
     return fig
 
 

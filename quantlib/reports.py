@@ -19,7 +19,10 @@ from quantlib.runs import Run, atomic_write_text
 
 SUMMARY_FORMATS = {"perplexity": "{:.3f}", "kl": "{:.5f}", "top1_agreement": "{:.4f}", "memory_mib": "{:.1f}",
                    "bits_per_param": "{:.3f}", "mean_layer_rel_error": "{:.4f}", "worst_layer_rel_error": "{:.4f}",
-                   "seconds": "{:.1f}"}
+                   "seconds": "{:.1f}", "ln_ppl_ratio": "{:.5f}", "dp_mean": "{:+.5f}", "dp_rms": "{:.5f}"}
+#: Columns shown as "value ± standard error" (the CSV keeps both columns).
+WITH_SE = {"perplexity": "perplexity_se", "kl": "kl_se", "top1_agreement": "top1_se",
+           "ln_ppl_ratio": "ln_ppl_ratio_se"}
 
 
 def run_figures(run: Run) -> dict[str, go.Figure]:
@@ -50,6 +53,12 @@ def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
     for column, fmt in SUMMARY_FORMATS.items():
         if column in shown:
             shown[column] = shown[column].map(lambda v, f=fmt: f.format(v) if pd.notna(v) else "")
+    for column, se in WITH_SE.items():
+        if column in shown and se in summary:
+            fmt = SUMMARY_FORMATS[column]
+            shown[column] = [text if not (pd.notna(s) and s > 0) else f"{text} ± {fmt.format(s)}"
+                             for text, s in zip(shown[column], summary[se])]
+            shown = shown.drop(columns=[se])
     return shown
 
 

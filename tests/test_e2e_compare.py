@@ -88,9 +88,11 @@ def test_compare_nf4_fp4_on_default_model(server, page, runs_folder):
     rows = [[c.strip() for c in row.split("\t")] for row in re.split(r"\n{3,}", table.strip()) if row.strip()]
     header = next(r for r in rows if "perplexity" in r)
     col = header.index("perplexity")
-    perplexities = {r[header.index("scheme")]: float(r[col]) for r in rows
-                    if r is not header and len(r) == len(header)}
-    assert set(perplexities) >= {"baseline float32", "NF4", "FP4"}, table
+    cells = {r[header.index("scheme")]: r[col] for r in rows if r is not header and len(r) == len(header)}
+    assert set(cells) >= {"baseline float32", "NF4", "FP4"}, table
+    # "value ± standard error": the uncertainty is shown with every perplexity.
+    assert all(re.fullmatch(r"\d+\.\d{3} ± \d+\.\d{3}", c) for c in cells.values()), cells
+    perplexities = {k: float(c.split(" ± ")[0]) for k, c in cells.items()}
     assert all(1 < v < 1000 for v in perplexities.values()), perplexities
     assert perplexities["NF4"] != perplexities["baseline float32"], perplexities
     assert page.locator(".js-plotly-plot").count() >= 4
