@@ -76,7 +76,7 @@ def test_comparison_table_columns_are_tied_to_their_sources(comparison, tiny, ti
         assert row["kl"] == pytest.approx(expected["kl"], rel=1e-4, abs=1e-7)  # fp32 log-softmax vs float64 here
         assert row["top1_agreement"] == pytest.approx(expected["top1_agreement"], abs=1e-12)
         # Paired log-ratio: the mean per-token NLL difference is ln(PPL_q / PPL_base), exactly.
-        assert row["ln_ppl_ratio"] == pytest.approx(math.log(row["perplexity"] / base_row["perplexity"]), rel=1e-9)
+        assert row["ln_ppl_ratio"] == pytest.approx(math.log(row["perplexity"] / base_row["perplexity"]), abs=1e-8)
         assert row["perplexity_se"] > 0 and row["kl_se"] > 0 and row["ln_ppl_ratio_se"] > 0
         # Memory and bits/param: the planner (tested exact elsewhere) and, for RTN, the published
         # formula: 4-bit codes + fp16 scale + 4-bit zero per group of 32 = 4 + 20/32 bits.
