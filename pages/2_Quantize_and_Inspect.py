@@ -182,13 +182,22 @@ def show_quality(result: dict) -> None:
                + (" (baseline recomputed per window)" if comp.get("baseline_recomputed") else ""))
     c1, c2, c3, c4 = st.columns(4)
     delta = comp["quant_ppl"] - comp["base_ppl"]
-    c1.metric("Perplexity (baseline)", f"{comp['base_ppl']:.3f}", help=f"{base['backend']}")
-    c2.metric(f"Perplexity ({result['label']})", f"{comp['quant_ppl']:.3f}", f"{delta:+.3f}", delta_color="inverse",
-              help=f"Backend: {comp['backend']}")
-    c3.metric("KL(baseline ‖ quantized), nats/token", f"{comp['kl_mean']:.5f}",
-              help="p50 / p90 / p99 per token: " + " / ".join(f"{v:.4f}" for v in comp["kl_percentiles"].values()))
-    c4.metric("Top-1 agreement", f"{comp['top1_agreement']:.2%}",
-              help="Share of positions where both models' most likely next token is the same.")
+    def pm(value: float, se: float | None, fmt: str) -> str:
+        return fmt.format(value) + (f" ± {fmt.format(se)}" if se is not None and se == se and se > 0 else "")
+
+    se_note = (f"± one standard error, batch means over {comp.get('se_block', 64)}-token blocks (neighbouring "
+               "tokens are correlated).")
+    c1.metric("Perplexity (baseline)", pm(comp["base_ppl"], comp.get("base_ppl_se"), "{:.3f}"),
+              help=f"{base['backend']}; {se_note}")
+    c2.metric(f"Perplexity ({result['label']})", pm(comp["quant_ppl"], comp.get("quant_ppl_se"), "{:.3f}"),
+              f"{delta:+.3f}", delta_color="inverse",
+              help=f"Backend: {comp['backend']}; {se_note} ln(PPL/PPL base) on the same tokens: "
+                   f"{pm(comp.get('ln_ppl_ratio', float('nan')), comp.get('ln_ppl_ratio_se'), '{:.5f}')}.")
+    c3.metric("KL(baseline ‖ quantized), nats/token", pm(comp["kl_mean"], comp.get("kl_se"), "{:.5f}"),
+              help="Per-token percentiles: " + ", ".join(f"{k} {v:.4f}" for k, v in comp["kl_percentiles"].items())
+                   + f". {se_note}")
+    c4.metric("Top-1 agreement", pm(100 * comp["top1_agreement"], 100 * comp.get("top1_se", float("nan")), "{:.2f}")
+              + " %", help="Share of positions where both models' most likely next token is the same. " + se_note)
 
 
 def show_outliers(result: dict) -> None:
