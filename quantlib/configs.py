@@ -17,7 +17,7 @@ import copy
 import json
 import re
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 from quantlib.errors import _MISSING, ConfigError, FieldError
