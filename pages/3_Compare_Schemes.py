@@ -128,7 +128,7 @@ def show_run(run, where: str) -> None:
     """The summary table, figures and downloads of a run (fresh or reopened)."""
     import pandas as pd
 
-    from quantlib.reports import format_summary, render_html, run_figures
+    from quantlib.reports import format_summary, ranking_text, render_html, run_figures
 
     summary = run.tables.get("summary", pd.DataFrame())
     settings, model = run.settings, run.model
@@ -141,6 +141,9 @@ def show_run(run, where: str) -> None:
         if "Loaded from the converted cache" not in note:
             st.caption(f":material/info: {note}")
     st.table(format_summary(summary).rename(columns=SUMMARY_NAMES), hide_index=True)
+    ranking = ranking_text(run)
+    if ranking:
+        (st.success if run.extra.get("ranking_settled") else st.warning)(ranking)
     st.caption("Same tokens for every row; lower perplexity and KL are better. KL is KL(baseline ‖ quantized) in "
                "nats per token; top-1 agreement is the share of positions where both models predict the same next "
                "token; layer error is ‖W − Ŵ‖_F / ‖W‖_F of the linear weights; bits/param counts codes and scales "

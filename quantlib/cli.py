@@ -177,7 +177,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from quantlib.compare import CompareSettings, run_comparison
-    from quantlib.reports import format_summary, write_outputs
+    from quantlib.reports import format_summary, ranking_text, write_outputs
 
     configs = _configs(args)
     if not configs:
@@ -193,6 +193,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         paths = write_outputs(result.run, args.out)
         print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
     print(f"saved run {result.run.run_id} ({result.path})", file=sys.stderr)
+    ranking = ranking_text(result.run)
+    if ranking:
+        print(ranking, file=sys.stderr)
     _print_table(result.table if args.json else format_summary(result.table), args.json)
     return EXIT_OK
 

@@ -25,6 +25,7 @@ from quantlib.evaluation import perplexity_and_kl, tokenize_for_eval
 from quantlib.memory import measure_footprint, plan_memory
 from quantlib.models import LoadedModel, load_model
 from quantlib.runs import Run, environment_info, new_run_id, now_iso, save_run
+from quantlib.uncertainty import SETTLED_Z, paired_ranking
 from quantlib.methods import get_quantizer, quantizer_class
 from quantlib.runtime import resolve_device
 
@@ -162,6 +163,7 @@ def run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compar
                            _resident_budget(device))
     rows: list[dict[str, Any]] = []
     layer_frames, memory, details = [], {"baseline": base_mem.to_dict()}, {}
+    kl_tokens: dict[str, torch.Tensor] = {}
     baseline: Any = None
     for batch in batches:
         quantized: dict[str, tuple[QuantConfig, Any, pd.DataFrame, float]] = {}
@@ -206,6 +208,7 @@ def run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compar
                          "calibration_seconds": qm.calibration_seconds})
             layer_frames.append(errors)
             memory[label] = qm.memory.to_dict()
+            kl_tokens[label] = comparison.kl_tokens
             details[label] = {"backend": qm.backend.to_dict(), "kl": comparison.to_dict(),
                               "quantize_seconds": quant_seconds}
         quantized.clear()
@@ -222,11 +225,15 @@ def run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compar
     layer_frames.sort(key=lambda f: order[f["scheme"].iloc[0]] if len(f) else 0)
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     layers = pd.concat(layer_frames, ignore_index=True) if layer_frames else pd.DataFrame()
+    # Every scheme saw the same tokens (one tokenisation; batches only split the baseline passes).
+    pairs, settled = paired_ranking(kl_tokens)
+    ranking = pd.DataFrame(pairs, columns=["better", "worse", "difference", "se", "z", "separated"])
     run = Run(run_id=new_run_id(), created=now_iso(), model=base.description.to_dict(),
               configs=[{**c.to_dict(), "label": label} for c, label in zip(parsed, labels)],
               settings={**settings.to_dict(), "backend": baseline.backend, "n_tokens": int(ids.numel()),
                         "baseline_passes": len(batches), "seconds": time.perf_counter() - started},
-              environment=environment_info(), tables={"summary": table, "layers": layers},
-              extra={"memory": memory, "details": details, "baseline": baseline.to_dict()})
+              environment=environment_info(), tables={"summary": table, "layers": layers, "ranking": ranking},
+              extra={"memory": memory, "details": details, "baseline": baseline.to_dict(),
+                     "ranking_settled": settled, "settled_z": SETTLED_Z})
     path = str(save_run(run, runs_folder)) if save else None
     return ComparisonResult(table, layers, memory, run, path, details)

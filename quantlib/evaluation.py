@@ -136,9 +136,11 @@ class DistributionComparison:
     dp_rms: float = float("nan")
     dp_percentiles: dict[str, float] = field(default_factory=dict)
     se_block: int = BLOCK_TOKENS
+    #: Per-token KL in text order (for paired comparisons between schemes; not serialised).
+    kl_tokens: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "kl_tokens"}
 
 
 @dataclass
@@ -367,7 +369,7 @@ def _comparison(stats: _KlStats, base_nll: _NllSum, plan: "_Plan", seconds: floa
         baseline_recomputed=recomputed, kl_se=kl_e.se, top1_se=top1_e.se,
         base_ppl_se=ppl_estimate(nll_b).se, quant_ppl_se=ppl_estimate(nll_q).se,
         ln_ppl_ratio=ratio.mean, ln_ppl_ratio_se=ratio.se, dp_mean=dp_e.mean, dp_se=dp_e.se,
-        dp_rms=float(dp.square().mean().sqrt()), dp_percentiles=_percentiles(dp),
+        dp_rms=float(dp.square().mean().sqrt()), dp_percentiles=_percentiles(dp), kl_tokens=kl.double(),
     )
 
 

@@ -47,6 +47,23 @@ def _breakdown(data: dict) -> MemoryBreakdown:
                            int(data["total_params"]), str(data.get("source", "")))
 
 
+def ranking_text(run: Run) -> str | None:
+    """Whether the run's ranking by mean KL is settled, in one sentence (None for runs saved before it
+    was computed, or with a single scheme)."""
+    ranking = run.tables.get("ranking")
+    if ranking is None or ranking.empty:
+        return None
+    z = run.extra.get("settled_z", 2.0)
+    order = " < ".join([str(ranking["better"].iloc[0]), *map(str, ranking["worse"])])
+    if bool(run.extra.get("ranking_settled")):
+        return (f"Ranking by mean KL is settled: {order}; every adjacent pair is at least {z:g} standard errors "
+                "apart on its paired per-token difference.")
+    close = ranking[~ranking["separated"].astype(bool)]
+    pairs = "; ".join(f"{r.better} vs {r.worse}: {r.z:.1f} SE" for r in close.itertuples())
+    return (f"Ranking by mean KL is not settled ({order}): {pairs} apart, under {z:g}. Evaluate more tokens "
+            "to separate them.")
+
+
 def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
     """The summary table with numbers rounded for reading (the CSV keeps full precision)."""
     shown = summary.copy()
@@ -82,6 +99,8 @@ def render_html(run: Run) -> str:
     }
     notes = "".join(f"<li>{html.escape(str(n))}</li>" for n in model.get("notes", []))
     meta_rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in meta.items())
+    ranking = ranking_text(run)
+    ranking_html = f"<p><strong>{html.escape(ranking)}</strong></p>" if ranking else ""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>Quantization comparison {html.escape(run.run_id)}</title>
@@ -96,8 +115,10 @@ table.summary tr:nth-child(even) {{ background: #f4f6f8; }} table.summary th {{ 
 <ul>{notes}</ul>
 <h2>Summary</h2>
 {table}
+{ranking_html}
 <p>Perplexity and KL are measured on the same tokens; KL is KL(baseline ‖ quantized) in nats per token.
-Rows marked "(simulated)" replaced weights by their quantize→dequantize result; memory for those is the packed size.</p>
+± is one standard error (batch means over 64-token blocks). Rows marked "(simulated)" replaced weights by their
+quantize→dequantize result; memory for those is the packed size.</p>
 {''.join(parts)}
 </body></html>
 """

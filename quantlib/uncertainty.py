@@ -64,3 +64,32 @@ def ppl_estimate(nll: torch.Tensor, block: int = BLOCK_TOKENS) -> Estimate:
     ppl = math.exp(e.mean)
     return Estimate(ppl, ppl * e.se, e.n_blocks, block)
 
+
+
+#: Standard errors of the paired difference that separate two schemes in a settled ranking.
+SETTLED_Z = 2.0
+
+
+def paired_ranking(series: dict[str, torch.Tensor], block: int = BLOCK_TOKENS,
+                   z: float = SETTLED_Z) -> tuple[list[dict[str, object]], bool]:
+    """Rank schemes by the mean of their per-token values on the same tokens (lower first, e.g. KL)
+    and test each adjacent pair on its paired per-token difference.
+
+    Returns one row per adjacent pair (better, worse, mean difference, its standard error, how many
+    standard errors apart, separated) and whether the whole ranking is settled: every adjacent pair
+    at least `z` standard errors apart. Identical series are never separated; with an unknown
+    standard error (fewer than two blocks) nothing is.
+    """
+    means = {name: float(v.double().mean()) for name, v in series.items()}
+    order = sorted(series, key=lambda name: means[name])
+    rows: list[dict[str, object]] = []
+    for better, worse in zip(order, order[1:]):
+        a, b = series[better].reshape(-1).double(), series[worse].reshape(-1).double()
+        if a.numel() != b.numel():
+            raise ValueError(f"{better} and {worse} were not evaluated on the same tokens "
+                             f"({a.numel()} vs {b.numel()})")
+        e = block_estimate(b - a, block)
+        apart = e.mean / e.se if e.se > 0 and math.isfinite(e.se) else (math.inf if e.mean > 0 and e.se == 0 else 0.0)
+        rows.append({"better": better, "worse": worse, "difference": e.mean, "se": e.se, "z": apart,
+                     "separated": bool(e.mean > 0 and apart >= z)})
+    return rows, all(r["separated"] for r in rows)

@@ -159,6 +159,8 @@ def test_compare_tiny_model_and_earlier_runs(tiny_llama_dir, runs_dir):
     table = at.table[0].value
     assert list(table["scheme"]) == ["baseline float32", "NF4", "RTN int8 channel"]
     assert all(" ± " in p and float(p.split(" ± ")[0]) > 1 for p in table["perplexity"]), table["perplexity"]
+    verdicts = [m.value for m in [*at.success, *at.warning] if "Ranking by mean KL" in m.value]
+    assert len(verdicts) == 1 and "NF4" in verdicts[0] and "RTN int8 channel" in verdicts[0], verdicts
     assert len(charts(at)) == 4  # trade-off, KL, per-layer error, memory
     assert len(at.get("download_button")) == 3
     saved = list(runs_dir.glob("*.run.json"))

@@ -45,7 +45,7 @@ def comparison(tiny, tiny_llama_dir, tmp_path_factory):
 
 def _by_hand(base_model, model, ids: torch.Tensor, bos: int) -> dict[str, float]:
     """Perplexity, mean KL(base || model) and top-1 agreement, window by window, written out plainly."""
-    nll, kl, agree, count = 0.0, 0.0, 0, 0
+    nll, kl, agree, count, per_token = 0.0, 0.0, 0, 0, []
     for start in range(0, len(ids), WINDOW):
         target = ids[start:start + WINDOW]
         inputs = torch.cat([torch.tensor([bos]), target[:-1]]).unsqueeze(0)
@@ -53,10 +53,13 @@ def _by_hand(base_model, model, ids: torch.Tensor, bos: int) -> dict[str, float]
             p = torch.log_softmax(base_model(inputs).logits[0].double(), -1)
             q = torch.log_softmax(model(inputs).logits[0].double(), -1)
         nll -= q[torch.arange(len(target)), target].sum().item()
-        kl += (p.exp() * (p - q)).sum().item()
+        token_kl = (p.exp() * (p - q)).sum(-1)
+        per_token.append(token_kl)
+        kl += token_kl.sum().item()
         agree += int((p.argmax(-1) == q.argmax(-1)).sum())
         count += len(target)
-    return {"perplexity": math.exp(nll / count), "kl": kl / count, "top1_agreement": agree / count}
+    return {"perplexity": math.exp(nll / count), "kl": kl / count, "top1_agreement": agree / count,
+            "kl_tokens": torch.cat(per_token)}
 
 
 def test_comparison_table_columns_are_tied_to_their_sources(comparison, tiny, tiny_llama_dir) -> None:
@@ -65,6 +68,7 @@ def test_comparison_table_columns_are_tied_to_their_sources(comparison, tiny, ti
     bos = tiny.model.config.bos_token_id
     base_row = _by_hand(tiny.model, tiny.model, ids, bos)
     assert table.loc["baseline float32", "perplexity"] == pytest.approx(base_row["perplexity"], rel=1e-5)
+    series = {}
     for raw in (RTN_ASYM, HQQ):
         config = parse_config(raw)
         row = table.loc[config.label]
@@ -72,6 +76,7 @@ def test_comparison_table_columns_are_tied_to_their_sources(comparison, tiny, ti
         model = copy.deepcopy(tiny.model)
         quantizer.simulate(model)
         expected = _by_hand(tiny.model, model, ids, bos)
+        series[config.label] = expected["kl_tokens"]
         assert row["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-5)
         assert row["kl"] == pytest.approx(expected["kl"], rel=1e-4, abs=1e-7)  # fp32 log-softmax vs float64 here
         assert row["top1_agreement"] == pytest.approx(expected["top1_agreement"], abs=1e-12)
@@ -212,3 +217,27 @@ def test_cancel_stops_quantization_layer_errors_and_comparison(tiny, tiny_llama_
                                               device="cpu"), base=tiny, runs_folder=tmp_path, cancel=cancel_after(5))
     assert list(tmp_path.iterdir()) == []  # nothing half-saved
     assert all(torch.equal(before[k], v) for k, v in tiny.model.state_dict().items())  # the base is untouched
+
+
+def test_ranking_is_the_paired_comparison_of_the_hand_computed_series(comparison, tiny, tmp_path) -> None:
+    """The run's ranking table and its verdict equal `paired_ranking` on per-token KL computed by hand."""
+    from quantlib.reports import ranking_text
+    from quantlib.uncertainty import paired_ranking
+
+    ids = tokenize_for_eval(tiny.tokenizer, builtin_text("eval"), TOKENS)
+    series = {}
+    for raw in (RTN_ASYM, HQQ):
+        config = parse_config(raw)
+        model = copy.deepcopy(tiny.model)
+        get_quantizer(config, device="cpu").simulate(model)
+        series[config.label] = _by_hand(tiny.model, model, ids, tiny.model.config.bos_token_id)["kl_tokens"]
+    rows, settled = paired_ranking(series)
+    ranking = comparison.run.tables["ranking"]
+    assert list(ranking["better"]) == [r["better"] for r in rows] and list(ranking["worse"]) == [r["worse"] for r in rows]
+    assert ranking["difference"].tolist() == pytest.approx([r["difference"] for r in rows], rel=1e-3, abs=1e-9)
+    assert ranking["se"].tolist() == pytest.approx([r["se"] for r in rows], rel=1e-3, abs=1e-9)
+    assert comparison.run.extra["ranking_settled"] is settled
+    text = ranking_text(comparison.run)
+    assert text.startswith("Ranking by mean KL is " + ("settled" if settled else "not settled"))
+    loaded = load_run(save_run(comparison.run, tmp_path).name.removesuffix(".run.json"), tmp_path)
+    assert ranking_text(loaded) == text  # the verdict survives the run store

@@ -55,3 +55,21 @@ def test_perplexity_se_is_the_delta_method() -> None:
     nll = torch.linspace(1.0, 3.0, 640)
     e, p = block_estimate(nll), ppl_estimate(nll)
     assert p.mean == pytest.approx(math.exp(e.mean)) and p.se == pytest.approx(math.exp(e.mean) * e.se)
+
+
+def test_paired_ranking_separates_real_gaps_and_never_identical_or_noisy_ones() -> None:
+    from quantlib.uncertainty import paired_ranking
+
+    g = torch.Generator().manual_seed(1)
+    text = torch.rand(4096, generator=g, dtype=torch.float64) * 5  # shared per-token difficulty
+    good = text * 0.01
+    bad = text * 0.02  # twice the divergence on every token: far apart once paired
+    noisy = good + 1e-4 * torch.randn(4096, generator=g, dtype=torch.float64)  # a hair off "good"
+    rows, settled = paired_ranking({"bad": bad, "good": good})
+    assert settled and rows[0]["better"] == "good" and rows[0]["worse"] == "bad" and rows[0]["z"] > 10
+    rows, settled = paired_ranking({"good": good, "same": good.clone()})
+    assert not settled and rows[0]["difference"] == 0 and not rows[0]["separated"]
+    rows, settled = paired_ranking({"good": good, "noisy": noisy, "bad": bad})
+    assert not settled and [r["separated"] for r in rows] == [False, True]
+    with pytest.raises(ValueError, match="same tokens"):
+        paired_ranking({"a": good, "b": good[:100]})
