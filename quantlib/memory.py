@@ -15,9 +15,10 @@ import pandas as pd
 import torch
 
 from quantlib.configs import QuantConfig
+from quantlib.formats import MEMORY_COMPONENTS
 from quantlib.shapes import DTYPE_BYTES, ForwardMemory, ModelShapes, model_shapes
 
-COMPONENTS = ("codes", "scales", "dq_constants", "code_tables", "unquantized")
+COMPONENTS = (*MEMORY_COMPONENTS, "unquantized")
 COMPONENT_LABELS = {
     "codes": "quantized codes",
     "scales": "scales / absmax",

@@ -412,9 +412,10 @@ class Quantizer:
                 refs.append(MatrixRef(w.module, params[w.name], w))
         return refs
 
-    def check_model_shapes(self, model: torch.nn.Module) -> None:
-        """Refuse before any work when a layer's width does not fit the scheme's groups or blocks."""
-        problems = [p for ref in self.quantizable_layers(model)
+    def check_model_shapes(self, model: torch.nn.Module, refs: list[MatrixRef] | None = None) -> None:
+        """Refuse before any work when a layer's width does not fit the scheme's groups or blocks
+        (`refs`: the model's `quantizable_layers`, when the caller already has them)."""
+        problems = [p for ref in (self.quantizable_layers(model) if refs is None else refs)
                     if (p := self.layer_check_shape(self.config, ref.name, tuple(ref.get().shape))) is not None]
         if problems:
             raise ShapeError(problems)
@@ -448,8 +449,8 @@ class Quantizer:
         (a `quantlib.memory.MemoryBreakdown`)."""
         from quantlib.memory import MemoryBreakdown
 
-        self.check_model_shapes(model)
         layers = self.quantizable_layers(model)
+        self.check_model_shapes(model, layers)
         parts = {c: 0.0 for c in (*MEMORY_COMPONENTS, "unquantized")}
         quantized_ids: set[int] = set()
         quantized_params = 0
@@ -489,8 +490,9 @@ class Quantizer:
         peak memory is the model plus one layer's packed and dequantized copies. `quantized` (the
         `QuantizedModel`) is needed only by methods whose layers come from a calibrated model.
         """
-        self.check_model_shapes(base_model)
-        for ref in self.quantizable_layers(base_model):
+        refs = self.quantizable_layers(base_model)
+        self.check_model_shapes(base_model, refs)
+        for ref in refs:
             if cancel is not None and cancel():
                 raise Cancelled(f"layer errors cancelled at {ref.name}")
             w = ref.get().contiguous()
