@@ -193,7 +193,7 @@ def show_quality(result: dict) -> None:
               f"{delta:+.3f}", delta_color="inverse",
               help=f"Backend: {comp['backend']}; {se_note} ln(PPL/PPL base) on the same tokens: "
                    f"{pm(comp.get('ln_ppl_ratio', float('nan')), comp.get('ln_ppl_ratio_se'), '{:.5f}')}.")
-    c3.metric("KL(baseline ‖ quantized), nats/token", pm(comp["kl_mean"], comp.get("kl_se"), "{:.5f}"),
+    c3.metric("KL(baseline ‖ quantized), nats/token", pm(comp["kl_mean"], comp.get("kl_se"), "{:.4f}"),
               help="Per-token percentiles: " + ", ".join(f"{k} {v:.4f}" for k, v in comp["kl_percentiles"].items())
                    + f". {se_note}")
     c4.metric("Top-1 agreement", pm(100 * comp["top1_agreement"], 100 * comp.get("top1_se", float("nan")), "{:.2f}")

@@ -70,7 +70,7 @@ def tradeoff_figure(table: pd.DataFrame, x: str = "memory_mib", y: str = "perple
         fig.add_trace(go.Scatter(x=[row[x]], y=[row[y]], mode="markers+text", text=[row["scheme"]],
                                  textposition="top center", name=str(row["scheme"]), marker={"size": 12},
                                  error_y=bars))
-    fig.update_layout(title="Memory vs perplexity (lower-left is better; bars: ±2 standard errors)",
+    fig.update_layout(title="Memory vs perplexity (lower-left is better; bars ±2 SE)",
                       xaxis_title="memory (MiB)", yaxis_title="perplexity", showlegend=False)
     if len(table):
         # Pad the axes so the labels of the outermost markers are not clipped.
@@ -109,7 +109,7 @@ def kl_figure(table: pd.DataFrame) -> go.Figure:
     if "kl_se" in table and table["kl_se"].notna().any():
         bars = {"type": "data", "array": [2 * v if pd.notna(v) else 0.0 for v in table["kl_se"]], "visible": True}
     fig = go.Figure(go.Bar(x=list(table["scheme"]), y=list(table["kl"]), marker_color="#d62728", error_y=bars))
-    fig.update_layout(title="KL(baseline ‖ quantized), nats/token (bars: ±2 standard errors)", yaxis_title="KL")
+    fig.update_layout(title="KL(baseline ‖ quantized), nats/token (bars ±2 SE)", yaxis_title="KL")
     return fig
 
 
