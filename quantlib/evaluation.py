@@ -52,6 +52,8 @@ DEFAULT_REFERENCE_BYTES = 2**30
 AUTO_BATCH_LOGIT_BYTES = 512 * 2**20
 #: Per-token KL and delta-p percentiles reported (llama.cpp's perplexity tool reports the same).
 KL_PERCENTILES = (99.9, 99, 95, 90, 50, 10, 5, 1)
+#: Positions per slice when computing KL, so temporaries stay small next to the log-probs themselves.
+KL_CHUNK = 128
 
 __all__ = [
     "Cancelled",
@@ -150,12 +152,30 @@ class EvaluationReport:
     base: PerplexityResult
     perplexity: dict[str, PerplexityResult]
     comparison: dict[str, DistributionComparison]
+    #: Windows evaluated and planned; a report is partial until they are equal (streamed updates, a
+    #: run stopped when its ranking settled, or one cancelled with ``keep_partial``).
+    windows_done: int = 0
+    windows_planned: int = 0
+    #: "" (ran to the end), "stopped" (the caller's ``stop`` said so) or "cancelled".
+    stop_reason: str = ""
+    #: Where the baseline's log-probs came from: "forward" (computed), "cache" (every window from
+    #: cached hidden states), "cache+forward" (a cached prefix, the rest computed).
+    baseline_source: str = "forward"
+    #: Why the baseline was not cached, or where it was ("" when caching was not asked for).
+    baseline_cache_note: str = ""
+
+    @property
+    def complete(self) -> bool:
+        return self.windows_done >= self.windows_planned
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "base": self.base.to_dict(),
             "perplexity": {k: v.to_dict() for k, v in self.perplexity.items()},
             "comparison": {k: v.to_dict() for k, v in self.comparison.items()},
+            "windows_done": self.windows_done, "windows_planned": self.windows_planned,
+            "complete": self.complete, "stop_reason": self.stop_reason,
+            "baseline_source": self.baseline_source, "baseline_cache_note": self.baseline_cache_note,
         }
 
 
@@ -331,7 +351,10 @@ class _KlStats:
 
     def add(self, base_lp: torch.Tensor, quant_lp: torch.Tensor, targets: torch.Tensor) -> None:
         base_lp = base_lp.to(quant_lp.device)
-        kl = (base_lp.exp() * (base_lp - quant_lp)).sum(-1).clamp_min(0.0)
+        # In slices of positions: two more (B, n, vocab) temporaries would double the peak memory.
+        kl = torch.cat([(b.exp() * (b - q)).sum(-1) for b, q in zip(base_lp.split(KL_CHUNK, dim=1),
+                                                                   quant_lp.split(KL_CHUNK, dim=1))], dim=1)
+        kl = kl.clamp_min(0.0)
         self.kl.append(kl.flatten().cpu())
         same = (base_lp.argmax(-1) == quant_lp.argmax(-1)).flatten()
         self.same_top1.append(same.cpu())
@@ -355,7 +378,7 @@ def _ppl_result(nll: _NllSum, n_windows: int, window: int, stride: int, seconds:
 
 
 def _comparison(stats: _KlStats, base_nll: _NllSum, plan: "_Plan", seconds: float, backend: str,
-                recomputed: bool) -> DistributionComparison:
+                recomputed: bool, n_windows: Optional[int] = None) -> DistributionComparison:
     kl = torch.cat(stats.kl)
     nll_q, nll_b = stats.nll.series(), stats.base_nll.series()
     dp = torch.exp(-nll_q) - torch.exp(-nll_b)  # probability of the actual next token, quant - base
@@ -364,7 +387,8 @@ def _comparison(stats: _KlStats, base_nll: _NllSum, plan: "_Plan", seconds: floa
     return DistributionComparison(
         kl_mean=float(kl.double().mean()), kl_max=float(kl.max()), kl_percentiles=_percentiles(kl),
         top1_agreement=stats.agree / kl.numel(), base_ppl=math.exp(base_nll.mean),
-        quant_ppl=math.exp(stats.nll.mean), n_tokens=int(kl.numel()), n_windows=len(plan.windows),
+        quant_ppl=math.exp(stats.nll.mean), n_tokens=int(kl.numel()),
+        n_windows=len(plan.windows) if n_windows is None else n_windows,
         window=plan.window, stride=plan.stride, seconds=seconds, backend=backend,
         baseline_recomputed=recomputed, kl_se=kl_e.se, top1_se=top1_e.se,
         base_ppl_se=ppl_estimate(nll_b).se, quant_ppl_se=ppl_estimate(nll_q).se,
@@ -545,6 +569,103 @@ def _compare_with_reference(ref: ReferenceLogprobs, quant_model: Any, progress: 
                        backend_name(quant_model), recomputed=not ref.stored)
 
 
+class _Baseline:
+    """The baseline's log-probs window by window: from cached final hidden states when the cache has
+    them (one output-head matmul), else from a forward pass whose output-head input is captured, so
+    it can be cached for the next run (see `quantlib.baseline_cache`)."""
+
+    def __init__(self, model: Any, plan: _Plan, use_cache: bool):
+        self.model, self.plan = model, plan
+        self.head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.use_cache = bool(use_cache) and isinstance(self.head, torch.nn.Module)
+        self.note = "" if not use_cache or self.use_cache else "not cached: the model has no output head module"
+        self.key, self.cached, self.offset = "", None, 0
+        self.hidden: list[torch.Tensor] = []  # every window's scored hidden states so far, in order
+        self.windows_cached = self.windows_computed = 0
+        self.verified = False
+        self.saved_path = ""
+        if self.use_cache:
+            from quantlib import baseline_cache
+
+            try:
+                dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+            except StopIteration:
+                dtype = "unknown"
+            self.key = baseline_cache.entry_key(baseline_cache.model_fingerprint(model), plan.ids,
+                                                window=plan.window, stride=plan.stride, bos=plan.bos,
+                                                batch_size=plan.batch_size, dtype=dtype, backend=backend_name(model))
+            self.cached = baseline_cache.load(self.key)
+
+    @property
+    def source(self) -> str:
+        if self.windows_cached and self.windows_computed:
+            return "cache+forward"
+        return "cache" if self.windows_cached else "forward"
+
+    def logprobs(self, inputs: torch.Tensor, n_scored: int, n_windows: int, windows_before: int) -> torch.Tensor:
+        rows = inputs.shape[0] * n_scored
+        cached = self.cached
+        if cached is not None and windows_before + n_windows <= cached.windows \
+                and self.offset + rows <= cached.hidden.shape[0]:
+            h = cached.hidden[self.offset:self.offset + rows].reshape(inputs.shape[0], n_scored, -1)
+            self.offset += rows
+            self.windows_cached += n_windows
+            self.hidden.append(h.reshape(rows, -1))
+            device = _model_device(self.model)
+            return torch.log_softmax(self.head(h.to(device)).float(), dim=-1)
+        if not self.use_cache:
+            self.windows_computed += n_windows
+            return _logprobs(self.model, inputs, n_scored)
+        captured: list[torch.Tensor] = []
+        handle = self.head.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+        try:
+            lp = _logprobs(self.model, inputs, n_scored)
+        finally:
+            handle.remove()
+        self.windows_computed += n_windows
+        if len(captured) != 1:
+            self._give_up(f"not cached: the output head ran {len(captured)} times in one forward pass")
+            return lp
+        h = captured[0][:, -n_scored:, :].contiguous()
+        if not self.verified:
+            # Exact reuse or none: the head applied to the captured states must give the same log-probs.
+            if not torch.equal(torch.log_softmax(self.head(h).float(), dim=-1), lp):
+                self._give_up("not cached: this model changes its output head's logits (soft-capping or "
+                              "scaling), so the head alone would not reproduce them")
+                return lp
+            self.verified = True
+        self.offset += rows
+        self.hidden.append(h.reshape(rows, -1).detach().cpu())
+        return lp
+
+    def _give_up(self, note: str) -> None:
+        self.use_cache, self.note, self.hidden, self.cached = False, note, [], None
+
+    def save(self, windows_done: int) -> None:
+        """Store every window computed so far (a prefix of the plan) when it adds to what is cached."""
+        if not self.use_cache or not self.hidden:
+            return
+        from quantlib import baseline_cache
+
+        have = self.cached.windows if self.cached is not None else 0
+        if windows_done <= have:
+            self.note = f"from the cache ({have} windows)"
+            return
+        rows = sum(w.n_scored for w in self.plan.windows[:windows_done])
+        hidden = torch.cat(self.hidden)[:rows]  # a window interrupted half-way is not kept
+        if hidden.shape[0] < rows:
+            return
+        path = baseline_cache.save(self.key, hidden, windows_done,
+                                   {"windows": windows_done, "planned": len(self.plan.windows)})
+        self.saved_path = str(path or "")
+        self.note = (f"cached {windows_done} windows' final hidden states" if path else
+                     "not cached: larger than the cache bound (QUANTLIB_BASELINE_CACHE_MB)")
+
+
+UpdateFn = Callable[[EvaluationReport], None]
+StopFn = Callable[[EvaluationReport], bool]
+
+
 def perplexity_and_kl(
     base_model: Any,
     models: Mapping[str, Any],
@@ -556,34 +677,72 @@ def perplexity_and_kl(
     batch_size: Optional[int] = None,
     progress: Optional[ProgressFn] = None,
     cancel: Optional[CancelFn] = None,
+    on_update: Optional[UpdateFn] = None,
+    stop: Optional[StopFn] = None,
+    keep_partial: bool = False,
+    baseline_cache: bool = False,
 ) -> EvaluationReport:
     """Baseline ppl plus ppl and KL of every model in ``models``, one baseline pass in total.
 
     All models must be resident; each window's baseline log-probs are computed once and
     compared with every model before moving on, so memory does not grow with len(models).
     Times are per model (its forward plus the comparison), the baseline's its own.
+
+    Streaming: after every batch of windows ``on_update`` receives the report so far (partial:
+    ``windows_done < windows_planned``) and ``stop`` may end the run there (``stop_reason``
+    "stopped"). With ``keep_partial``, ``cancel()`` returning True ends the run with what was
+    computed (``stop_reason`` "cancelled") instead of raising :class:`Cancelled` (which it still
+    does before the first batch finishes). ``baseline_cache`` reads and writes the baseline's final
+    hidden states (`quantlib.baseline_cache`).
     """
     plan = _make_plan(base_model, input_ids, window, stride, bos_token_id, batch_size)
     base_nll, base_time = _NllSum(), 0.0
     stats = {name: _KlStats() for name in models}
     times = {name: 0.0 for name in models}
-    with torch.inference_mode():
-        for _, inputs, targets in _run(plan, progress, cancel, "evaluation"):
-            t0 = time.perf_counter()
-            base_lp = _logprobs(base_model, inputs, targets.shape[1])
-            base_nll.add(_target_nll(base_lp, targets))
-            base_time += time.perf_counter() - t0
-            for name, model in models.items():
+    baseline = _Baseline(base_model, plan, baseline_cache)
+    done, reason = 0, ""
+
+    def report() -> EvaluationReport:
+        base = _ppl_result(base_nll, done, plan.window, plan.stride, base_time, backend_name(base_model))
+        ppls = {name: _ppl_result(stats[name].nll, done, plan.window, plan.stride, times[name], backend_name(m))
+                for name, m in models.items()}
+        comps = {name: _comparison(stats[name], base_nll, plan, times[name], backend_name(m), recomputed=False,
+                                   n_windows=done)
+                 for name, m in models.items()}
+        return EvaluationReport(base=base, perplexity=ppls, comparison=comps, windows_done=done,
+                                windows_planned=len(plan.windows), stop_reason=reason,
+                                baseline_source=baseline.source, baseline_cache_note=baseline.note)
+
+    try:
+        with torch.inference_mode():
+            for _, inputs, targets in _run(plan, progress, cancel, "evaluation"):
                 t0 = time.perf_counter()
-                stats[name].add(base_lp, _logprobs(model, inputs, targets.shape[1]), targets)
-                times[name] += time.perf_counter() - t0
-    n = len(plan.windows)
-    base = _ppl_result(base_nll, n, plan.window, plan.stride, base_time, backend_name(base_model))
-    ppls = {name: _ppl_result(stats[name].nll, n, plan.window, plan.stride, times[name], backend_name(m))
-            for name, m in models.items()}
-    comps = {name: _comparison(stats[name], base_nll, plan, times[name], backend_name(m), recomputed=False)
-             for name, m in models.items()}
-    return EvaluationReport(base=base, perplexity=ppls, comparison=comps)
+                base_lp = baseline.logprobs(inputs, targets.shape[1], inputs.shape[0], done)
+                base_nll.add(_target_nll(base_lp, targets))
+                base_time += time.perf_counter() - t0
+                for name, model in models.items():
+                    t0 = time.perf_counter()
+                    stats[name].add(base_lp, _logprobs(model, inputs, targets.shape[1]), targets)
+                    times[name] += time.perf_counter() - t0
+                del base_lp
+                done += inputs.shape[0]
+                if done < len(plan.windows) and (on_update is not None or stop is not None):
+                    partial = report()
+                    if on_update is not None:
+                        on_update(partial)
+                    if stop is not None and stop(partial):
+                        reason = "stopped"
+                        break
+    except Cancelled:
+        if not keep_partial or done == 0:
+            raise
+        reason = "cancelled"
+    finally:
+        baseline.save(done)
+    final = report()
+    if on_update is not None:
+        on_update(final)
+    return final
 
 
 # --------------------------------------------------------------------------- tokenization

@@ -277,6 +277,18 @@ class Quantizer:
         """Caveats about running this scheme on `device` (slow paths, missing kernels)."""
         return []
 
+    # ----- exact simulation of a library's kernels ----------------------------------------
+    def exact_simulation_problem(self, model: Any) -> str | None:
+        """Why this quantized `model` (as `quantize_model` returned it) cannot have its library layers
+        swapped for an exact plain-speed simulation, or None when it can (see `to_exact_simulation`)."""
+        return "quantlib has no exact simulation of this method's kernels" if not self.simulated else \
+            "the model is already simulated"
+
+    def to_exact_simulation(self, model: Any) -> int:
+        """Swap the library's layers of `model` in place for modules computing the same numbers, bit for
+        bit, at plain-matmul speed; returns how many. Only where `exact_simulation_problem` is None."""
+        raise NotImplementedError(self.exact_simulation_problem(model) or "no exact simulation")
+
     # ----- tensors ----------------------------------------------------------------------
     def quantize_tensor(self, weight: torch.Tensor) -> QuantizedTensor:
         """Quantize one weight matrix (out x in); returns the method's packed tensor format."""

@@ -764,6 +764,13 @@ def int8_decomposed_matmul(x: torch.Tensor, w: torch.Tensor, threshold: float = 
         raise ValueError(f"need x (..., {w.shape[-1] if w.dim() == 2 else 'in'}) and w (out, in); "
                          f"got x {tuple(x.shape)} and w {tuple(w.shape)}")
     codes_w, scb = int8_vectorwise_quant(w.to(torch.float16))
+    return _int8_matmul(x, codes_w, scb, threshold, bias)
+
+
+def _int8_matmul(x: torch.Tensor, codes_w: torch.Tensor, scb: torch.Tensor, threshold: float,
+                 bias: Optional[torch.Tensor], codes_w_t: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`int8_decomposed_matmul` from the stored codes and SCB (what `Int8Params` holds); `codes_w_t`
+    is the transposed weight codes in the dtype of the accumulation, when precomputed."""
     a = x.reshape(-1, x.shape[-1])
     a16 = a.to(torch.float16).clone()
     cols = None
@@ -776,9 +783,9 @@ def int8_decomposed_matmul(x: torch.Tensor, w: torch.Tensor, threshold: float = 
     if a16.shape[0] > 1 and cols is not None:
         codes_x[:, cols] = 0
     if _bnb_int_mm_is_exact():
-        acc = torch._int_mm(codes_x, codes_w.t())
+        acc = torch._int_mm(codes_x, codes_w.t() if codes_w_t is None else codes_w_t)
     else:
-        acc = torch.matmul(codes_x.float(), codes_w.float().t()).to(torch.int32)
+        acc = torch.matmul(codes_x.float(), codes_w.float().t() if codes_w_t is None else codes_w_t).to(torch.int32)
     out = acc * (row_stats.unsqueeze(-1) * scb.reshape(1, -1)) * _MM_DEQUANT
     if bias is not None:
         out += bias.to(x.dtype)
@@ -786,7 +793,127 @@ def int8_decomposed_matmul(x: torch.Tensor, w: torch.Tensor, threshold: float = 
     if cols is not None and cols.numel():
         sub_w = (codes_w[:, cols].contiguous() * scb.view(-1, 1) * _VECTOR_DEQUANT).to(x.dtype).t()
         out = out.addmm(a[:, cols].contiguous(), sub_w)
-    return out.reshape(*x.shape[:-1], w.shape[0])
+    return out.reshape(*x.shape[:-1], codes_w.shape[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Exact simulation of the CPU kernels
+# --------------------------------------------------------------------------------------------
+
+
+class ExactLinear4bit(torch.nn.Module):
+    """What `bnb.nn.Linear4bit` computes on a CPU without AVX512-BF16, with the dequantization done once.
+
+    bitsandbytes 0.50's default `gemm_4bit` dequantizes the whole weight to the input's dtype on every
+    call (fp32 math, then cast) and runs `F.linear`; `Linear4bit.forward` first casts the input to its
+    compute dtype (which becomes the input's dtype on the first fp32/bf16 call) and the output back.
+    Here the weight is dequantized once, by quantlib's reference (bit-identical to bitsandbytes'
+    `dequantize_4bit`, tested), kept in fp32 and cast to the compute dtype on first use; the
+    forward is then one `F.linear`, so a model runs at plain-matmul speed with the kernels' numbers.
+    """
+
+    def __init__(self, layer: Any):
+        super().__init__()
+        qs = layer.weight.quant_state
+        dq = None
+        absmax = qs.absmax
+        if qs.nested:
+            dq = DoubleQuantState(codes=qs.absmax, absmax=qs.state2.absmax, offset=qs.offset,
+                                  blocksize=qs.state2.blocksize)
+            absmax = None
+        shape = tuple(qs.shape)
+        packed = Blockwise4bitTensor(layer.weight.data.reshape(-1, 1), absmax, dq, qs.quant_type, qs.blocksize,
+                                     shape, torch.float32, "torch")
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.register_buffer("weight_fp32", dequantize_4bit(packed).reshape(shape), persistent=False)
+        self.bias = layer.bias
+        self.compute_dtype = layer.compute_dtype
+        self.compute_type_is_set = layer.compute_type_is_set
+        self._weight: Optional[torch.Tensor] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.compute_type_is_set:  # Linear4bit.set_compute_type
+            if x.dtype in (torch.float32, torch.bfloat16):
+                self.compute_dtype = x.dtype
+            self.compute_type_is_set = True
+        inp_dtype = x.dtype
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        if self._weight is None or self._weight.dtype != x.dtype:
+            self._weight = self.weight_fp32 if x.dtype == torch.float32 else self.weight_fp32.to(x.dtype)
+        bias = self.bias
+        if bias is not None:
+            if bias.dtype != x.dtype:
+                bias.data = bias.data.to(x.dtype)
+            bias = bias.to(self.compute_dtype) if self.compute_dtype is not None else bias
+        return torch.nn.functional.linear(x, self._weight, bias).to(inp_dtype)
+
+
+class ExactLinear8bit(torch.nn.Module):
+    """What `bnb.nn.Linear8bitLt` (inference, no fp16 weights) computes on CPU: `_int8_matmul` from the
+    very codes and SCB the layer holds, the transposed codes prepared once."""
+
+    def __init__(self, layer: Any):
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        codes, scb = _int8_state(layer)
+        self.register_buffer("codes", codes, persistent=False)
+        self.register_buffer("scb", scb, persistent=False)
+        self.threshold = float(layer.state.threshold)
+        t = self.codes.t()
+        self.register_buffer("codes_t", t if _bnb_int_mm_is_exact() else t.float().contiguous(), persistent=False)
+        self.bias = layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None and self.bias.dtype != x.dtype:
+            self.bias.data = self.bias.data.to(x.dtype)
+        with torch.no_grad():
+            return _int8_matmul(x, self.codes, self.scb, self.threshold, self.bias, self.codes_t)
+
+
+def _int8_state(layer: Any) -> tuple[Any, Any]:
+    """(codes, SCB) of a Linear8bitLt: on the weight until its first forward, on its state after."""
+    state = layer.state
+    if getattr(state, "CB", None) is not None and getattr(state, "SCB", None) is not None:
+        return state.CB, state.SCB
+    return layer.weight.data, getattr(layer.weight, "SCB", None)
+
+
+def exact_simulation_problem(model: torch.nn.Module) -> str | None:
+    """Why the bitsandbytes layers of `model` cannot be simulated exactly here, or None."""
+    import bitsandbytes as bnb
+
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            if module.weight.device.type != "cpu":
+                return f"{name} is on {module.weight.device}: the exact simulation mirrors bitsandbytes' CPU kernels"
+            if getattr(module, "support_avx512bf16_for_cpu", False) or \
+                    getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+                return "this CPU has AVX512-BF16, where bitsandbytes runs its fused bf16 kernel instead"
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            if module.weight.device.type != "cpu":
+                return f"{name} is on {module.weight.device}: the exact simulation mirrors bitsandbytes' CPU kernels"
+            if module.state.has_fp16_weights or _int8_state(module)[1] is None:
+                return f"{name} keeps fp16 weights (llm_int8_has_fp16_weight), a training setup not mirrored"
+    return None
+
+
+@torch.no_grad()
+def to_exact_simulation(model: torch.nn.Module) -> int:
+    """Replace every bitsandbytes layer of `model` in place by its exact simulation; returns how many."""
+    import bitsandbytes as bnb
+
+    problem = exact_simulation_problem(model)
+    if problem:
+        raise ValueError(f"cannot simulate bitsandbytes exactly: {problem}")
+    swaps = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
+    for name, module in swaps:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        exact = ExactLinear4bit(module) if isinstance(module, bnb.nn.Linear4bit) else ExactLinear8bit(module)
+        setattr(parent, child, exact)
+    return len(swaps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -873,6 +1000,12 @@ class BnbQuantizer(Quantizer):
         loaded.model.eval()
         return QuantizedModel(loaded.model, loaded.tokenizer, self.config, self.backend, memory,
                               time.perf_counter() - started, loaded.description.to_dict())
+
+    def exact_simulation_problem(self, model: Any) -> str | None:
+        return exact_simulation_problem(model)
+
+    def to_exact_simulation(self, model: Any) -> int:
+        return to_exact_simulation(model)
 
     @classmethod
     def storage_bytes(cls, config: QuantConfig, out_features: int, in_features: int) -> dict[str, float]:

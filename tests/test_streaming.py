@@ -1,0 +1,191 @@
+"""Issue 11: evaluation that streams its figures, stops early with what it computed, and reuses a
+baseline's cached final hidden states exactly."""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from quantlib import baseline_cache
+from quantlib.errors import Cancelled
+from quantlib.evaluation import perplexity_and_kl, plan_windows
+
+from tests.conftest import tiny_llama_config
+
+VOCAB = 80
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTLIB_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config(VOCAB)).eval()
+
+
+def _noisy(model, scale, seed):
+    out = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * p.abs().mean())
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(base):
+    return {"small": _noisy(base, 0.02, 1), "large": _noisy(base, 0.2, 2)}
+
+
+@pytest.fixture(scope="module")
+def ids():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(3, VOCAB, (512,), generator=g)
+
+
+class Counting(torch.nn.Module):
+    """Counts forward passes of the model it wraps (and exposes its output head)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls, self.config = inner, 0, inner.config
+
+    def forward(self, **kwargs):
+        self.calls += 1
+        return self.inner(**kwargs)
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+
+def test_updates_stream_and_end_with_the_full_report(base, models, ids):
+    seen = []
+    report = perplexity_and_kl(base, models, ids, window=64, on_update=seen.append)
+    n = len(plan_windows(len(ids), 64))
+    assert [r.windows_done for r in seen] == list(range(1, n + 1))
+    assert [r.comparison["small"].n_tokens for r in seen] == [64 * k for k in range(1, n + 1)]
+    assert not any(r.complete for r in seen[:-1]) and seen[-1].complete and report.complete
+    # The last update is the report itself; earlier ones are the same statistics on a prefix.
+    assert seen[-1].comparison["large"].kl_mean == report.comparison["large"].kl_mean
+    prefix = perplexity_and_kl(base, models, ids[:128], window=64)
+    assert seen[1].comparison["large"].kl_mean == pytest.approx(prefix.comparison["large"].kl_mean, rel=1e-12)
+    assert seen[1].base.ppl == pytest.approx(prefix.base.ppl, rel=1e-12)
+    # Standard errors narrow as tokens accumulate (noisy in general; here 8x the tokens).
+    assert seen[-1].comparison["large"].kl_se < seen[1].comparison["large"].kl_se
+
+
+def test_stop_keeps_what_was_computed(base, models, ids):
+    report = perplexity_and_kl(base, models, ids, window=64, stop=lambda r: r.windows_done >= 3)
+    assert report.windows_done == 3 and report.windows_planned == 8 and not report.complete
+    assert report.stop_reason == "stopped"
+    assert report.comparison["small"].n_tokens == 192 and report.comparison["small"].n_windows == 3
+    assert report.to_dict()["complete"] is False
+
+
+def test_cancel_keeps_partial_only_when_asked(base, models, ids):
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(Cancelled):
+        perplexity_and_kl(base, models, ids, window=64, cancel=cancel)
+    calls.clear()
+    report = perplexity_and_kl(base, models, ids, window=64, cancel=cancel, keep_partial=True)
+    assert report.stop_reason == "cancelled" and report.windows_done == 2
+    # Nothing computed yet: cancelling still raises, there is nothing to keep.
+    with pytest.raises(Cancelled):
+        perplexity_and_kl(base, models, ids, window=64, cancel=lambda: True, keep_partial=True)
+
+
+def test_cached_baseline_is_exact_and_skips_the_forward(base, models, ids):
+    plain = perplexity_and_kl(base, models, ids, window=64, stride=48)
+    counting = Counting(base)
+    first = perplexity_and_kl(counting, models, ids, window=64, stride=48, baseline_cache=True)
+    n = len(plan_windows(len(ids), 64, 48))
+    assert counting.calls == n and first.baseline_source == "forward"
+    assert "cached" in first.baseline_cache_note
+    counting.calls = 0
+    second = perplexity_and_kl(counting, models, ids, window=64, stride=48, baseline_cache=True)
+    assert counting.calls == 0 and second.baseline_source == "cache"
+    for name in models:  # bit for bit: the head sees the very states the forward pass gave it
+        assert second.comparison[name].kl_mean == plain.comparison[name].kl_mean == first.comparison[name].kl_mean
+        assert torch.equal(second.comparison[name].kl_tokens, plain.comparison[name].kl_tokens)
+    assert second.base.ppl == plain.base.ppl
+    # Another stride, other tokens or another model is another entry.
+    counting.calls = 0
+    perplexity_and_kl(counting, models, ids, window=64, baseline_cache=True)
+    perplexity_and_kl(counting, models, ids[:-1], window=64, stride=48, baseline_cache=True)
+    assert counting.calls == 8 + n
+    assert len(baseline_cache.entries()) == 3
+
+
+def test_a_stopped_run_caches_its_prefix_and_the_next_computes_the_rest(base, models, ids):
+    counting = Counting(base)
+    perplexity_and_kl(counting, models, ids, window=64, baseline_cache=True, stop=lambda r: r.windows_done >= 3)
+    assert counting.calls == 3
+    counting.calls = 0
+    full = perplexity_and_kl(counting, models, ids, window=64, baseline_cache=True)
+    assert counting.calls == 5 and full.baseline_source == "cache+forward"
+    plain = perplexity_and_kl(base, models, ids, window=64)
+    assert full.comparison["large"].kl_mean == plain.comparison["large"].kl_mean
+    counting.calls = 0
+    perplexity_and_kl(counting, models, ids, window=64, baseline_cache=True)
+    assert counting.calls == 0
+
+
+def test_a_model_that_rescales_its_logits_is_never_cached(base, models, ids):
+    class Capped(Counting):
+        def forward(self, **kwargs):
+            out = super().forward(**kwargs)
+            out.logits = 3.0 * torch.tanh(out.logits / 3.0)  # Gemma-2 style soft-capping
+            return out
+
+    capped = Capped(base)
+    report = perplexity_and_kl(capped, models, ids, window=64, baseline_cache=True)
+    assert "soft-capping" in report.baseline_cache_note and baseline_cache.entries() == []
+    assert report.baseline_source == "forward"
+
+
+def test_fingerprint_sees_every_weight(base):
+    a = baseline_cache.model_fingerprint(copy.deepcopy(base))
+    changed = copy.deepcopy(base)
+    with torch.no_grad():
+        changed.model.layers[1].mlp.down_proj.weight[3, 5] += 1e-6
+    assert baseline_cache.model_fingerprint(changed) != a
+    assert baseline_cache.model_fingerprint(copy.deepcopy(base)) == a
+
+
+def test_cache_is_bounded_and_atomic_under_concurrent_writers(monkeypatch):
+    monkeypatch.setenv("QUANTLIB_BASELINE_CACHE_MB", str(3 * 400 * 64 * 4 / 2**20 + 0.01))  # room for 3 entries
+    errors = []
+
+    def writer(i):
+        try:
+            for j in range(5):
+                baseline_cache.save(f"k{i}", torch.full((400, 64), float(i * 10 + j)), windows=j + 1)
+                got = baseline_cache.load(f"k{i}")
+                assert got is None or (got.hidden.shape == (400, 64) and got.hidden.unique().numel() == 1)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)] + \
+              [threading.Thread(target=writer, args=(0,))]  # two writers of the same entry
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert baseline_cache.total_bytes() <= baseline_cache.max_bytes()
+    assert 1 <= len(baseline_cache.entries()) <= 3
+    assert not [p for p in baseline_cache.cache_folder().iterdir() if p.name.endswith(".tmp")]
+    assert baseline_cache.clear() >= 1 and baseline_cache.entries() == []
