@@ -177,7 +177,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from quantlib.compare import CompareSettings, run_comparison
-    from quantlib.reports import format_summary, ranking_text, write_outputs
+    from quantlib.reports import crosscheck_text, format_summary, partial_text, ranking_text, running_text, write_outputs
 
     configs = _configs(args)
     if not configs:
@@ -187,8 +187,36 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise CliError(f"{args.out}: exists and is not a directory")
     settings = CompareSettings(source=args.model, text_path=args.text, max_tokens=args.tokens, window=args.window,
-                               stride=args.stride, device=args.device)
-    result = run_comparison(configs, settings, progress=_progress(not args.quiet))
+                               stride=args.stride, device=args.device, until_settled=args.until_settled,
+                               baseline_cache=not args.no_baseline_cache, kernels=args.kernels)
+
+    def running(partial) -> None:
+        if not args.quiet:
+            print(f"[running] {running_text(partial.run)}", file=sys.stderr, flush=True)
+
+    # Ctrl-C during the evaluation stops at the end of the current window and keeps what was computed
+    # (saved as a partial run); a second Ctrl-C interrupts at once.
+    import signal
+
+    interrupted = [False]
+
+    def on_sigint(signum, frame) -> None:
+        if interrupted[0]:
+            raise KeyboardInterrupt
+        interrupted[0] = True
+        _err("stopping after this window (Ctrl-C again to abort without saving)")
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        result = run_comparison(configs, settings, progress=_progress(not args.quiet), on_update=running,
+                                cancel=lambda: interrupted[0], keep_partial=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    partial = partial_text(result.run)
+    if partial:
+        print(partial, file=sys.stderr)
+    for line in crosscheck_text(result.run) + list(result.run.extra.get("notes", [])):
+        print(line, file=sys.stderr)
     if args.out:
         paths = write_outputs(result.run, args.out)
         print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
@@ -285,6 +313,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=_positive_int, default=None, help="stride (default: the window)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--out", metavar="DIR", help="write run.json, summary.csv, layers.csv, report.html here")
+    p.add_argument("--until-settled", action="store_true",
+                   help="stop once the ranking by mean KL is settled (every adjacent pair >= 2 paired standard "
+                        "errors apart, after at least 1,024 tokens); saved as a partial run with its token count")
+    p.add_argument("--kernels", default="auto", choices=["auto", "library", "exact"],
+                   help="layers of a library quantlib simulates exactly (the method says so): 'auto' evaluates "
+                        "the exact simulation on CPU, cross-checked against the library's kernels on the first 128 "
+                        "tokens, and the kernels on CUDA; 'library' always runs the kernels; 'exact' the simulation "
+                        "wherever it exists")
+    p.add_argument("--no-baseline-cache", action="store_true",
+                   help="recompute the baseline instead of reusing its cached final hidden states")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     common(p)
     p.set_defaults(func=cmd_compare)

@@ -21,18 +21,20 @@ from quantlib.apply import layer_errors, quantize_model, release_memory
 from quantlib.configs import QuantConfig, parse_config
 from quantlib.corpus import builtin_text, load_text
 from quantlib.errors import Cancelled
-from quantlib.evaluation import perplexity_and_kl, tokenize_for_eval
+from quantlib.evaluation import perplexity_and_kl, tokenize_for_eval, window_logprobs
 from quantlib.memory import measure_footprint, plan_memory
 from quantlib.models import LoadedModel, load_model
 from quantlib.runs import Run, environment_info, new_run_id, now_iso, save_run
-from quantlib.uncertainty import SETTLED_Z, paired_ranking
+from quantlib.uncertainty import MIN_SETTLE_TOKENS, SETTLED_Z, paired_ranking
 from quantlib.methods import get_quantizer, quantizer_class
 from quantlib.runtime import resolve_device
 
 ProgressFn = Callable[[float, str], None]
+KERNEL_CHOICES = ("auto", "library", "exact")
+RANKING_COLUMNS = ["better", "worse", "difference", "se", "z", "separated"]
 CancelFn = Callable[[], bool]
 
-TABLE_COLUMNS = ["scheme", "backend", "bits_per_param", "memory_mib", "perplexity", "perplexity_se", "kl", "kl_se",
+TABLE_COLUMNS = ["scheme", "backend", "bits_per_param", "memory_mib", "n_tokens", "perplexity", "perplexity_se", "kl", "kl_se",
                  "top1_agreement", "top1_se", "ln_ppl_ratio", "ln_ppl_ratio_se", "dp_mean", "dp_rms",
                  "mean_layer_rel_error", "worst_layer_rel_error", "worst_layer", "seconds", "calibration_seconds"]
 
@@ -51,6 +53,15 @@ class CompareSettings:
     trust_remote_code: bool = False  # off unless the user turns it on
     allow_pickle: bool = False  # pickle-only checkpoints are refused unless allowed
     calibration: Any = None  # GPTQ/AWQ: the method's calibration settings, e.g. quantlib.methods._gptqmodel.CalibrationSettings (None: 128 x 512 tokens)
+    #: Stop once the ranking by mean KL is settled (every adjacent pair >= SETTLED_Z paired SEs apart).
+    until_settled: bool = False
+    #: Read and write the baseline's final hidden states in the cache (quantlib.baseline_cache).
+    baseline_cache: bool = True
+    #: Library layers with an exact simulation (bitsandbytes): "auto" = exact simulation on CPU, the
+    #: library's kernels on CUDA; "library" = always the kernels; "exact" = the simulation wherever it exists.
+    kernels: str = "auto"
+    #: Tokens on which the kernels and the exact simulation are compared, in every run that uses it.
+    crosscheck_tokens: int = 128
 
     def to_dict(self) -> dict[str, Any]:
         data = dict(self.__dict__)
@@ -132,11 +143,74 @@ def plan_batches(configs: Sequence[QuantConfig], model_config: dict[str, Any], b
     return batches
 
 
+def _scheme_row(label: str, qm: Any, errors: pd.DataFrame, comparison: Any, quant_seconds: float,
+                backend_note: str) -> dict[str, Any]:
+    worst = errors.loc[errors["rel_fro_error"].idxmax()]
+    return {"scheme": label, "backend": comparison.backend + backend_note,
+            "bits_per_param": qm.memory.quantized_bits_per_param,
+            "memory_mib": qm.memory.total_bytes / 2**20, "n_tokens": comparison.n_tokens,
+            "perplexity": comparison.quant_ppl, "perplexity_se": comparison.quant_ppl_se, "kl": comparison.kl_mean,
+            "kl_se": comparison.kl_se, "top1_agreement": comparison.top1_agreement,
+            "top1_se": comparison.top1_se, "ln_ppl_ratio": comparison.ln_ppl_ratio,
+            "ln_ppl_ratio_se": comparison.ln_ppl_ratio_se, "dp_mean": comparison.dp_mean,
+            "dp_rms": comparison.dp_rms,
+            "mean_layer_rel_error": float(errors["rel_fro_error"].mean()),
+            "worst_layer_rel_error": float(worst["rel_fro_error"]), "worst_layer": str(worst["layer"]),
+            "seconds": quant_seconds + comparison.seconds,
+            "calibration_seconds": qm.calibration_seconds}
+
+
+def _backend_note(qm: Any, exact: bool) -> str:
+    if exact:
+        return " (exact simulation)"
+    return " (simulated)" if qm.simulated else ""
+
+
+def settled_ranking(kl_tokens: dict[str, torch.Tensor]) -> tuple[pd.DataFrame, bool]:
+    """The paired ranking by mean KL on the tokens every scheme saw (the common prefix: schemes are
+    evaluated in text order, so a shorter series is a prefix of a longer one)."""
+    if len(kl_tokens) < 2:  # nothing to rank
+        return pd.DataFrame(columns=RANKING_COLUMNS), False
+    n = min(int(v.numel()) for v in kl_tokens.values())
+    pairs, settled = paired_ranking({k: v[:n] for k, v in kl_tokens.items()})
+    return pd.DataFrame(pairs, columns=RANKING_COLUMNS), settled and n >= MIN_SETTLE_TOKENS
+
+
+def _crosscheck(quantizer: Any, model: Any, ids: torch.Tensor, tokens: int) -> dict[str, Any]:
+    """Run the library's kernels and then the exact simulation (swapped in, in place) on the first
+    `tokens` tokens; record how far apart their log-probs are. Every exact number links to the library."""
+    n = max(1, min(int(tokens), int(ids.numel())))
+    t0 = time.perf_counter()
+    kernel = window_logprobs(model, ids[:n])
+    t_kernel = time.perf_counter() - t0
+    swapped = quantizer.to_exact_simulation(model)
+    t0 = time.perf_counter()
+    exact = window_logprobs(model, ids[:n])
+    t_exact = time.perf_counter() - t0
+    diff = (kernel - exact).abs()
+    return {"tokens": n, "layers_swapped": swapped, "identical": bool(torch.equal(kernel, exact)),
+            "max_abs_logprob_diff": float(diff.max()),
+            "top1_agreement": float((kernel.argmax(-1) == exact.argmax(-1)).double().mean()),
+            "kl_mean": float((kernel.exp() * (kernel - exact)).sum(-1).clamp_min(0).double().mean()),
+            "kernel_seconds": t_kernel, "simulation_seconds": t_exact}
+
+
 def run_comparison(configs: Sequence[QuantConfig | dict | str], settings: CompareSettings | None = None, *,
                    progress: ProgressFn | None = None, cancel: CancelFn | None = None, save: bool = True,
-                   base: LoadedModel | None = None, runs_folder: Any = None) -> ComparisonResult:
-    """Run every config against the baseline; returns (and by default saves) one table."""
+                   base: LoadedModel | None = None, runs_folder: Any = None,
+                   on_update: Callable[[ComparisonResult], None] | None = None,
+                   keep_partial: bool = False) -> ComparisonResult:
+    """Run every config against the baseline; returns (and by default saves) one table.
+
+    Streaming: `on_update` receives an unsaved partial result after every evaluated window (table,
+    ranking and run with `extra["partial"]`). `settings.until_settled` stops once the ranking by mean
+    KL is settled (at least `MIN_SETTLE_TOKENS` tokens). With `keep_partial`, `cancel()` during the
+    evaluation ends the run with what was computed, saved and marked partial with its token count,
+    instead of raising `Cancelled`.
+    """
     settings = settings or CompareSettings()
+    if settings.kernels not in KERNEL_CHOICES:
+        raise ValueError(f"kernels: got {settings.kernels!r}; allowed: {', '.join(KERNEL_CHOICES)}")
     parsed = [parse_config(c) for c in configs]
     labels = unique_labels(parsed)
     quantizers = [get_quantizer(c, device=settings.device) for c in parsed]  # fail before loading anything
@@ -161,12 +235,26 @@ def run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compar
     base_mem = measure_footprint(base.model)
     batches = plan_batches(parsed, base.model.config.to_dict(), base_mem.total_bytes, settings.dtype,
                            _resident_budget(device))
-    rows: list[dict[str, Any]] = []
-    layer_frames, memory, details = [], {"baseline": base_mem.to_dict()}, {}
-    kl_tokens: dict[str, torch.Tensor] = {}
+    done: dict[str, dict[str, Any]] = {}  # label -> row, errors, memory, details, kl tokens
+    notes: list[str] = []
     baseline: Any = None
-    for batch in batches:
-        quantized: dict[str, tuple[QuantConfig, Any, pd.DataFrame, float]] = {}
+    eval_info: dict[str, Any] = {}
+    stop_reason = ""
+    if settings.until_settled and len(batches) > 1:
+        notes.append(f"--until-settled needs every scheme in memory at once; these {len(parsed)} schemes took "
+                     f"{len(batches)} evaluation passes, so the run went on to the end of the text")
+
+    def assemble(current: dict[str, Any], evaluation: Any, partial: bool) -> ComparisonResult:
+        entries = dict(done)
+        if evaluation is not None:
+            for label, (config, qm, errors, quant_seconds, exact, crosscheck) in current.items():
+                entries[label] = _entry(label, qm, errors, quant_seconds, exact, crosscheck,
+                                        evaluation.comparison[label])
+        base_result = baseline if evaluation is None else evaluation.base
+        return _assemble(entries, labels, parsed, settings, dtype, base_mem, base_result, base, ids, batches,
+                         started, notes, eval_info, stop_reason, partial)
+
+    def _run_batch(batch: list[int], quantized: dict[str, tuple[Any, ...]]) -> Any:
         for index in batch:
             config, quantizer, label = parsed[index], quantizers[index], labels[index]
             t0 = time.perf_counter()
@@ -180,60 +268,109 @@ def run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compar
                 qm = quantize_model(config, base=base, source=settings.source, device=device, dtype=dtype,
                                     trust_remote_code=settings.trust_remote_code, allow_pickle=settings.allow_pickle,
                                     progress=report, cancel=cancel)
+            exact, crosscheck = False, None
+            if not qm.simulated and settings.kernels != "library" and (settings.kernels == "exact" or device == "cpu"):
+                problem = quantizer.exact_simulation_problem(qm.model)
+                if problem is None:
+                    report(0.9, f"{label}: cross-checking the exact simulation against the library's kernels")
+                    crosscheck = _crosscheck(quantizer, qm.model, ids, settings.crosscheck_tokens)
+                    exact = True
+                elif settings.kernels == "exact":
+                    notes.append(f"{label} ran on its library's kernels: {problem}")
             errors.insert(0, "scheme", label)
-            quantized[label] = (config, qm, errors, time.perf_counter() - t0)
+            quantized[label] = (config, qm, errors, time.perf_counter() - t0, exact, crosscheck)
             step[0] += 1
-        # One pass over the text: each window's baseline log-probs are computed once and compared
-        # with every resident model, so no baseline distribution is ever stored.
-        evaluation = perplexity_and_kl(base.model, {label: q[1].model for label, q in quantized.items()}, ids,
-                                       window=settings.window, stride=settings.stride, progress=report,
-                                       cancel=cancel)
+
+        def update(partial_eval: Any) -> None:
+            if on_update is not None and not partial_eval.complete:
+                on_update(assemble(quantized, partial_eval, True))
+
+        def stop(partial_eval: Any) -> bool:
+            if not settings.until_settled or len(batches) > 1:
+                return False
+            return settled_ranking({k: c.kl_tokens for k, c in partial_eval.comparison.items()})[1]
+
+        # One pass over the text: each window's baseline log-probs are computed once (or read from the
+        # cached hidden states) and compared with every resident model.
+        return perplexity_and_kl(base.model, {label: q[1].model for label, q in quantized.items()},
+                                 evaluated_ids, window=settings.window, stride=settings.stride,
+                                 progress=report, cancel=cancel, on_update=update, stop=stop,
+                                 keep_partial=keep_partial, baseline_cache=settings.baseline_cache)
+
+    evaluated_ids = ids
+    for batch in batches:
+        quantized: dict[str, tuple[Any, ...]] = {}
+        try:
+            evaluation = _run_batch(batch, quantized)
+        except Cancelled:
+            if not keep_partial or not done:
+                raise
+            stop_reason = "cancelled"  # this batch never reached its first window: keep the finished ones
+            break
         step[0] += len(batch)
         baseline = baseline or evaluation.base
-        for label, (config, qm, errors, quant_seconds) in quantized.items():
-            comparison = evaluation.comparison[label]
-            worst = errors.loc[errors["rel_fro_error"].idxmax()]
-            rows.append({"scheme": label,
-                         "backend": comparison.backend + (" (simulated)" if qm.simulated else ""),
-                         "bits_per_param": qm.memory.quantized_bits_per_param,
-                         "memory_mib": qm.memory.total_bytes / 2**20, "perplexity": comparison.quant_ppl,
-                         "perplexity_se": comparison.quant_ppl_se, "kl": comparison.kl_mean,
-                         "kl_se": comparison.kl_se, "top1_agreement": comparison.top1_agreement,
-                         "top1_se": comparison.top1_se, "ln_ppl_ratio": comparison.ln_ppl_ratio,
-                         "ln_ppl_ratio_se": comparison.ln_ppl_ratio_se, "dp_mean": comparison.dp_mean,
-                         "dp_rms": comparison.dp_rms,
-                         "mean_layer_rel_error": float(errors["rel_fro_error"].mean()),
-                         "worst_layer_rel_error": float(worst["rel_fro_error"]), "worst_layer": str(worst["layer"]),
-                         "seconds": quant_seconds + comparison.seconds,
-                         "calibration_seconds": qm.calibration_seconds})
-            layer_frames.append(errors)
-            memory[label] = qm.memory.to_dict()
-            kl_tokens[label] = comparison.kl_tokens
-            details[label] = {"backend": qm.backend.to_dict(), "kl": comparison.to_dict(),
-                              "quantize_seconds": quant_seconds}
+        eval_info.setdefault("baseline_source", evaluation.baseline_source)
+        eval_info.setdefault("baseline_cache_note", evaluation.baseline_cache_note)
+        for label, (config, qm, errors, quant_seconds, exact, crosscheck) in quantized.items():
+            done[label] = _entry(label, qm, errors, quant_seconds, exact, crosscheck, evaluation.comparison[label])
         quantized.clear()
         release_memory()
+        if evaluation.stop_reason:
+            stop_reason = "settled" if evaluation.stop_reason == "stopped" else evaluation.stop_reason
+            if stop_reason == "cancelled":
+                break
+            evaluated_ids = ids[:evaluation.base.n_tokens]  # later batches: the same tokens
+    result = assemble({}, None, bool(stop_reason) or len(done) < len(parsed))
+    if save:
+        result.path = str(save_run(result.run, runs_folder))
+    return result
+
+
+def _entry(label: str, qm: Any, errors: pd.DataFrame, quant_seconds: float, exact: bool, crosscheck: Any,
+           comparison: Any) -> dict[str, Any]:
+    detail = {"backend": qm.backend.to_dict(), "kl": comparison.to_dict(), "quantize_seconds": quant_seconds,
+              "evaluated_with": ("exact simulation of the library's kernels" if exact else
+                                 "quantize→dequantize simulation" if qm.simulated else "the library's kernels")}
+    if crosscheck is not None:
+        detail["crosscheck"] = crosscheck
+    return {"row": _scheme_row(label, qm, errors, comparison, quant_seconds, _backend_note(qm, exact)),
+            "errors": errors, "memory": qm.memory.to_dict(), "details": detail, "kl_tokens": comparison.kl_tokens}
+
+
+def _assemble(entries: dict[str, dict[str, Any]], labels: list[str], parsed: list[QuantConfig],
+              settings: CompareSettings, dtype: torch.dtype, base_mem: Any, baseline: Any, base: LoadedModel,
+              ids: torch.Tensor, batches: list[list[int]], started: float, notes: list[str],
+              eval_info: dict[str, Any], stop_reason: str, partial: bool) -> ComparisonResult:
     order = {label: i for i, label in enumerate(labels)}
-    rows.sort(key=lambda r: order[r["scheme"]])
-    rows.insert(0, {"scheme": f"baseline {settings.dtype}", "backend": baseline.backend,
+    present = sorted(entries, key=order.get)
+    rows = [entries[label]["row"] for label in present]
+    n_tokens = baseline.n_tokens if baseline is not None else 0
+    rows.insert(0, {"scheme": f"baseline {settings.dtype}",
+                    "backend": (baseline.backend if baseline is not None else "")
+                    + (" (cached states)" if eval_info.get("baseline_source") == "cache" else ""),
                     "bits_per_param": float(torch.finfo(dtype).bits), "memory_mib": base_mem.total_bytes / 2**20,
-                    "perplexity": baseline.ppl, "perplexity_se": baseline.ppl_se, "kl": 0.0, "kl_se": 0.0,
+                    "n_tokens": n_tokens,
+                    "perplexity": baseline.ppl if baseline is not None else float("nan"),
+                    "perplexity_se": baseline.ppl_se if baseline is not None else float("nan"),
+                    "kl": 0.0, "kl_se": 0.0,
                     "top1_agreement": 1.0, "top1_se": 0.0, "ln_ppl_ratio": 0.0, "ln_ppl_ratio_se": 0.0,
                     "dp_mean": 0.0, "dp_rms": 0.0, "mean_layer_rel_error": 0.0,
-                    "worst_layer_rel_error": 0.0, "worst_layer": "", "seconds": baseline.seconds,
-                    "calibration_seconds": 0.0})
-    layer_frames.sort(key=lambda f: order[f["scheme"].iloc[0]] if len(f) else 0)
+                    "worst_layer_rel_error": 0.0, "worst_layer": "",
+                    "seconds": baseline.seconds if baseline is not None else 0.0, "calibration_seconds": 0.0})
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
-    layers = pd.concat(layer_frames, ignore_index=True) if layer_frames else pd.DataFrame()
-    # Every scheme saw the same tokens (one tokenisation; batches only split the baseline passes).
-    pairs, settled = paired_ranking(kl_tokens)
-    ranking = pd.DataFrame(pairs, columns=["better", "worse", "difference", "se", "z", "separated"])
+    frames = [entries[label]["errors"] for label in present]
+    layers = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    ranking, settled = settled_ranking({label: entries[label]["kl_tokens"] for label in present})
     run = Run(run_id=new_run_id(), created=now_iso(), model=base.description.to_dict(),
               configs=[{**c.to_dict(), "label": label} for c, label in zip(parsed, labels)],
-              settings={**settings.to_dict(), "backend": baseline.backend, "n_tokens": int(ids.numel()),
+              settings={**settings.to_dict(), "backend": baseline.backend if baseline is not None else "",
+                        "n_tokens": n_tokens, "tokens_planned": int(ids.numel()),
                         "baseline_passes": len(batches), "seconds": time.perf_counter() - started},
               environment=environment_info(), tables={"summary": table, "layers": layers, "ranking": ranking},
-              extra={"memory": memory, "details": details, "baseline": baseline.to_dict(),
-                     "ranking_settled": settled, "settled_z": SETTLED_Z})
-    path = str(save_run(run, runs_folder)) if save else None
-    return ComparisonResult(table, layers, memory, run, path, details)
+              extra={"memory": {"baseline": base_mem.to_dict(), **{k: entries[k]["memory"] for k in present}},
+                     "details": {k: entries[k]["details"] for k in present},
+                     "baseline": baseline.to_dict() if baseline is not None else {},
+                     "ranking_settled": settled, "settled_z": SETTLED_Z, "min_settle_tokens": MIN_SETTLE_TOKENS,
+                     "partial": partial, "stop_reason": stop_reason, "notes": list(notes),
+                     "schemes_missing": [label for label in labels if label not in entries], **eval_info})
+    return ComparisonResult(table, layers, run.extra["memory"], run, None, run.extra["details"])

@@ -740,9 +740,17 @@ def perplexity_and_kl(
     finally:
         baseline.save(done)
     final = report()
-    if on_update is not None:
+    if on_update is not None and reason != "stopped":  # a stopped run's last update was this report
         on_update(final)
     return final
+
+
+def window_logprobs(model: Any, text_ids: Any, bos_token_id: Optional[int] = None) -> torch.Tensor:
+    """fp32 log-probs (n, vocab) that `model` gives every token of one window ``[BOS] + text_ids[:-1]``."""
+    ids = _as_1d(text_ids)
+    inputs, _ = _window_inputs(ids, [Window(0, len(ids), 0)], _resolve_bos(model, bos_token_id))
+    with torch.inference_mode():
+        return _logprobs(model, inputs, len(ids))[0]
 
 
 # --------------------------------------------------------------------------- tokenization

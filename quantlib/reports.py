@@ -17,7 +17,7 @@ from quantlib import figures
 from quantlib.memory import MemoryBreakdown
 from quantlib.runs import Run, atomic_write_text
 
-SUMMARY_FORMATS = {"perplexity": "{:.3f}", "kl": "{:.5f}", "top1_agreement": "{:.4f}", "memory_mib": "{:.1f}",
+SUMMARY_FORMATS = {"n_tokens": "{:,.0f}", "perplexity": "{:.3f}", "kl": "{:.5f}", "top1_agreement": "{:.4f}", "memory_mib": "{:.1f}",
                    "bits_per_param": "{:.3f}", "mean_layer_rel_error": "{:.4f}", "worst_layer_rel_error": "{:.4f}",
                    "seconds": "{:.1f}", "ln_ppl_ratio": "{:.5f}", "dp_mean": "{:+.5f}", "dp_rms": "{:.5f}"}
 #: Columns shown as "value ± standard error" (the CSV keeps both columns).
@@ -64,6 +64,50 @@ def ranking_text(run: Run) -> str | None:
             "to separate them.")
 
 
+def running_text(run: Run) -> str:
+    """One line of a comparison's running figures (tokens so far, KL and perplexity ± SE per scheme,
+    whether the ranking is settled): what the CLI prints to stderr after every window."""
+    summary = run.tables.get("summary", pd.DataFrame())
+    settings = run.settings
+    parts = [f"{settings.get('n_tokens', 0):,}/{settings.get('tokens_planned', 0):,} tokens"]
+    for row in summary.iloc[1:].itertuples():
+        parts.append(f"{row.scheme}: KL {row.kl:.5f} ± {row.kl_se:.5f}, ppl {row.perplexity:.3f} ± "
+                     f"{row.perplexity_se:.3f}")
+    ranking = run.tables.get("ranking")
+    if ranking is not None and not ranking.empty:
+        parts.append("ranking settled" if run.extra.get("ranking_settled") else
+                     "not settled (closest pair " + "{:.1f} SE)".format(float(ranking["z"].min())))
+    return " | ".join(parts)
+
+
+def partial_text(run: Run) -> str | None:
+    """Why a run stopped before the end of its text, with its token count (None for a complete run)."""
+    extra, settings = run.extra, run.settings
+    if not extra.get("partial"):
+        return None
+    n, planned = settings.get("n_tokens", 0), settings.get("tokens_planned", 0)
+    why = {"settled": "stopped when the ranking settled", "cancelled": "stopped by the user"}.get(
+        extra.get("stop_reason", ""), "stopped early")
+    missing = extra.get("schemes_missing") or []
+    return (f"Partial run: {n:,} of {planned:,} tokens evaluated ({why}); every figure and standard error is "
+            "from these tokens." + (f" Not evaluated: {', '.join(missing)}." if missing else ""))
+
+
+def crosscheck_text(run: Run) -> list[str]:
+    """One sentence per scheme evaluated through an exact simulation of its library's kernels."""
+    out = []
+    for label, detail in run.extra.get("details", {}).items():
+        check = detail.get("crosscheck")
+        if not check:
+            continue
+        verdict = "identical log-probs" if check.get("identical") else (
+            f"largest log-prob difference {check['max_abs_logprob_diff']:.2e}, top-1 agreement "
+            f"{check['top1_agreement']:.2%}, KL {check['kl_mean']:.2e}")
+        out.append(f"{label}: exact simulation of the library's kernels, cross-checked against them on the first "
+                   f"{check['tokens']} tokens: {verdict}.")
+    return out
+
+
 def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
     """The summary table with numbers rounded for reading (the CSV keeps full precision)."""
     shown = summary.copy()
@@ -101,6 +145,12 @@ def render_html(run: Run) -> str:
     meta_rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in meta.items())
     ranking = ranking_text(run)
     ranking_html = f"<p><strong>{html.escape(ranking)}</strong></p>" if ranking else ""
+    partial = partial_text(run)
+    if partial:
+        ranking_html = f"<p><strong>{html.escape(partial)}</strong></p>" + ranking_html
+    checks = crosscheck_text(run) + [str(n) for n in run.extra.get("notes", [])]
+    if checks:
+        ranking_html += "<ul>" + "".join(f"<li>{html.escape(c)}</li>" for c in checks) + "</ul>"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>Quantization comparison {html.escape(run.run_id)}</title>

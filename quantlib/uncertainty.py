@@ -68,6 +68,9 @@ def ppl_estimate(nll: torch.Tensor, block: int = BLOCK_TOKENS) -> Estimate:
 
 #: Standard errors of the paired difference that separate two schemes in a settled ranking.
 SETTLED_Z = 2.0
+#: No ranking is called settled on fewer tokens: 16 blocks, so each standard error rests on enough
+#: block means to be trusted (below that the estimate of the SE itself is too noisy).
+MIN_SETTLE_TOKENS = 16 * BLOCK_TOKENS
 
 
 def paired_ranking(series: dict[str, torch.Tensor], block: int = BLOCK_TOKENS,

@@ -448,7 +448,7 @@ class Quantizer:
         if base is None:
             base = load_model(source, dtype=dtype, device=self.backend.device, trust_remote_code=trust_remote_code,
                               allow_pickle=allow_pickle, progress=progress)
-        model = copy.deepcopy(base.model).to(self.backend.device)
+        model = _copy_sharing_unquantized(base.model, self.quantizable_layers(base.model)).to(self.backend.device)
         memory = self.simulate(model, progress=progress, cancel=cancel)
         model.eval()
         return QuantizedModel(model, base.tokenizer, self.config, self.backend, memory,
@@ -552,6 +552,15 @@ def _py(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{_py(k)}: {_py(v)}" for k, v in value.items()) + "}"
     return repr(value)
+
+
+def _copy_sharing_unquantized(model: torch.nn.Module, layers: list[MatrixRef]) -> torch.nn.Module:
+    """A deep copy of `model` whose quantizable parameters are its own and whose other parameters and
+    buffers (embeddings, norms, biases, rotary tables) are the original's tensors: simulation writes
+    only the quantizable ones, so a simulated model costs its quantized matrices, not a whole copy."""
+    quantized = {id(ref.param) for ref in layers}
+    memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in quantized}
+    return copy.deepcopy(model, memo)
 
 
 class LinearReplacingQuantizer(Quantizer):
