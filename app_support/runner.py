@@ -8,7 +8,8 @@ quantlib or in our pages swallows it). The script then reruns; the button's `on_
 sets a per-session flag `<ns>.cancel` first, which the page reads to say "cancelled" and which
 `Progress.cancelled` returns to the engine's `cancel` callable, so nothing restarts by accident.
 A new click on *Run* clears the flag. Models are never modified in place (quantization works on a
-copy), so an interrupted run leaves nothing half-done behind; partial results are not kept.
+copy), so an interrupted run leaves nothing half-done behind. A page that streams partial results
+keeps the latest in session state; its *Stop and keep results* button saves that one.
 """
 
 from __future__ import annotations
@@ -28,15 +29,29 @@ def start_run(ns: Namespace) -> None:
     ns.set(False, "cancel")
 
 
-def run_buttons(ns: Namespace, *, disabled: bool, label: str = "Run", help: str | None = None) -> bool:
-    """Run and Cancel side by side; returns True when Run was clicked (Cancel is live only then)."""
+def run_buttons(ns: Namespace, *, disabled: bool, label: str = "Run", help: str | None = None,
+                keep: Callable[[Namespace], None] | None = None) -> bool:
+    """Run and Cancel side by side; returns True when Run was clicked (Cancel is live only then).
+
+    With `keep`, a third button "Stop and keep results" stops the run like Cancel and then calls
+    `keep(ns)` (in its on_click callback, before the page reruns), which saves what was computed."""
     with st.container(horizontal=True):
         clicked = st.button(label, key=ns.key("run"), type="primary", disabled=disabled, help=help,
                             on_click=start_run, args=(ns,), icon=":material/play_arrow:")
         st.button("Cancel", key=ns.key("cancel_button"), disabled=not clicked, on_click=request_cancel, args=(ns,),
-                  help="Stops the run at its next progress step; results of earlier runs are kept.",
+                  help="Stops the run at its next progress step and discards it; results of earlier runs are kept.",
                   icon=":material/stop:")
+        if keep is not None:
+            st.button("Stop and keep results", key=ns.key("keep_button"), disabled=not clicked,
+                      on_click=_stop_and_keep, args=(ns, keep), icon=":material/save:",
+                      help="Stops the run and saves what it has computed so far as a partial run, marked with "
+                           "its token count.")
     return clicked
+
+
+def _stop_and_keep(ns: Namespace, keep: Callable[[Namespace], None]) -> None:
+    request_cancel(ns)
+    keep(ns)
 
 
 def was_cancelled(ns: Namespace) -> bool:

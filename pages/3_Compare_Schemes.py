@@ -39,6 +39,7 @@ TEXT_PASTE = "Paste text"
 #: Summary column -> header shown (units in the header: the table is static HTML, fully visible).
 SUMMARY_NAMES = {
     "scheme": "scheme", "backend": "backend", "bits_per_param": "bits/param", "memory_mib": "memory (MiB)",
+    "n_tokens": "tokens",
     "perplexity": "perplexity", "kl": "KL (nats/token)", "top1_agreement": "top-1 agreement",
     "ln_ppl_ratio": "ln(PPL/PPL base)", "dp_mean": "Δp mean", "dp_rms": "Δp RMS",
     "mean_layer_rel_error": "mean layer rel. error", "worst_layer_rel_error": "worst layer rel. error",
@@ -128,7 +129,7 @@ def show_run(run, where: str) -> None:
     """The summary table, figures and downloads of a run (fresh or reopened)."""
     import pandas as pd
 
-    from quantlib.reports import format_summary, ranking_text, render_html, run_figures
+    from quantlib.reports import crosscheck_text, format_summary, partial_text, ranking_text, render_html, run_figures
 
     summary = run.tables.get("summary", pd.DataFrame())
     settings, model = run.settings, run.model
@@ -140,15 +141,25 @@ def show_run(run, where: str) -> None:
     for note in model.get("notes", []):
         if "Loaded from the converted cache" not in note:
             st.caption(f":material/info: {note}")
+    partial = partial_text(run)
+    if partial:
+        st.info(partial, icon=":material/timelapse:")
     st.table(format_summary(summary).rename(columns=SUMMARY_NAMES), hide_index=True)
     ranking = ranking_text(run)
     if ranking:
         (st.success if run.extra.get("ranking_settled") else st.warning)(ranking)
+    for line in crosscheck_text(run) + [str(n) for n in run.extra.get("notes", [])]:
+        st.caption(f":material/verified: {line}")
+    if run.extra.get("baseline_source") in ("cache", "cache+forward"):
+        st.caption(":material/cached: The baseline's log-probs came from its cached final hidden states "
+                   f"({run.extra.get('baseline_cache_note', '')}): one output-head matmul, the same numbers.")
     st.caption("Same tokens for every row; lower perplexity and KL are better. KL is KL(baseline ‖ quantized) in "
                "nats per token; top-1 agreement is the share of positions where both models predict the same next "
                "token; layer error is ‖W − Ŵ‖_F / ‖W‖_F of the linear weights; bits/param counts codes and scales "
                "of the quantized layers. Rows marked “(simulated)” replaced weights by their quantize→dequantize "
-               "result; their memory is the packed size. ± is one standard error from batch means over 64-token "
+               "result; their memory is the packed size. Rows marked “(exact simulation)” computed what the "
+               "library's kernels compute, bit for bit, with weights dequantized once (cross-checked against the "
+               "kernels in every run, as noted above); their memory is the library's packed size. ± is one standard error from batch means over 64-token "
                "blocks (neighbouring tokens are correlated); ln(PPL/PPL base) and Δp (the quantized model's "
                "probability of the actual next token minus the baseline's) are paired on the same tokens. The CSV "
                "download keeps full precision.")
@@ -250,10 +261,19 @@ def main() -> None:
                    f"{backend_label()}." + estimate_note(configs, resolve(choice.device))
                    + (f" Your last run here took {format_seconds(last[1])} (estimated {format_seconds(last[0])})."
                       if last else ""))
-    clicked = run_buttons(NS, disabled=bool(problems) or choice is None, label="Run comparison")
+    until_settled = st.checkbox(
+        "Stop when the ranking is settled", key=NS.key("until_settled"),
+        help="Ends the run once every adjacent pair of schemes, ranked by mean KL, is at least 2 standard errors "
+             "apart on its paired per-token difference (after at least 1,024 tokens). The run is saved as a "
+             "partial run with its token count.")
+    baseline_cache_caption()
+    clicked = run_buttons(NS, disabled=bool(problems) or choice is None, label="Run comparison",
+                          keep=keep_partial_run)
     if clicked and choice is not None:
         estimate = estimate_seconds(n_params(choice), int(tokens), configs, resolve(choice.device))
-        run_comparison_now(choice, configs, text_path, int(tokens), int(window), estimate)
+        run_comparison_now(choice, configs, text_path, int(tokens), int(window), estimate, until_settled)
+    elif NS.get("kept") is not None:
+        st.success(f"Stopped: the partial run was saved as {NS.get('kept')}.", icon=":material/save:")
     elif was_cancelled(NS):
         st.warning("Comparison cancelled; nothing was saved. Earlier results are kept.", icon=":material/stop:")
 
@@ -267,19 +287,76 @@ def main() -> None:
     earlier_runs()
 
 
+def baseline_cache_caption() -> None:
+    """What the baseline cache holds, and a button to empty it."""
+    from quantlib import baseline_cache
+
+    rows = baseline_cache.entries()
+    c1, c2 = st.columns([4, 1])
+    c1.caption(f"Baseline cache: {len(rows)} entr{'y' if len(rows) == 1 else 'ies'}, "
+               f"{sum(r['bytes'] for r in rows) / 2**20:,.1f} of {baseline_cache.max_bytes() / 2**20:,.0f} MiB "
+               f"(`{baseline_cache.cache_folder()}`). A comparison on the same model, text, tokens and window reuses "
+               "the baseline's final hidden states instead of running it again; the numbers are identical.")
+    if c2.button("Clear cache", key=NS.key("clear_cache"), disabled=not rows, icon=":material/delete:"):
+        st.toast(f"Removed {baseline_cache.clear()} cached baseline(s).")
+        st.rerun()
+
+
+def keep_partial_run(ns) -> None:
+    """'Stop and keep results': save the latest partial result the running comparison streamed."""
+    from quantlib.runs import save_run
+
+    partial = ns.get("partial")
+    if partial is None:
+        ns.pop("kept")
+        return
+    partial.extra["stop_reason"] = "cancelled"
+    path = save_run(partial)
+    ns.set(partial, "result")
+    ns.set(str(path), "kept")
+    ns.pop("partial")
+
+
+def show_live(placeholder, result, count: int) -> None:
+    """The partial table, ranking verdict and KL chart of a running comparison, replaced window by window."""
+    from quantlib import figures
+    from quantlib.reports import format_summary, ranking_text, running_text
+
+    NS.set(result.run, "partial")
+    with placeholder.container():
+        st.caption(f":material/hourglass_top: Running: {running_text(result.run).split(' | ')[0]} so far; "
+                   "figures update as windows finish, and ± narrows.")
+        st.table(format_summary(result.table).rename(columns=SUMMARY_NAMES), hide_index=True)
+        verdict = ranking_text(result.run)
+        if verdict:
+            (st.success if result.run.extra.get("ranking_settled") else st.info)(verdict)
+        if len(result.table) > 1:
+            st.plotly_chart(figures.kl_figure(result.table.iloc[1:]), width="stretch", key=NS.key("live", count))
+
+
 def run_comparison_now(choice: ModelChoice, configs: list[dict], text_path: str | None, tokens: int,
-                       window: int, estimate: float) -> None:
+                       window: int, estimate: float, until_settled: bool = False) -> None:
     from quantlib.compare import CompareSettings, run_comparison
     from quantlib.errors import Cancelled
 
     progress = Progress(NS, "Loading the model…")
+    live = st.empty()
+    updates = [0]
+    NS.pop("partial")
+    NS.pop("kept")
+
+    def on_update(partial) -> None:
+        updates[0] += 1
+        show_live(live, partial, updates[0])
+
     try:
         device = resolve(choice.device)
         base = load_base(choice)
         settings = CompareSettings(source=choice.source, text_path=text_path, max_tokens=tokens, window=window,
                                    device=device, dtype=choice.dtype, trust_remote_code=choice.trust_remote_code,
-                                   allow_pickle=choice.allow_pickle)
-        result = run_comparison(configs, settings, progress=progress, cancel=progress.cancel, base=base)
+                                   allow_pickle=choice.allow_pickle, until_settled=until_settled)
+        result = run_comparison(configs, settings, progress=progress, cancel=progress.cancel, base=base,
+                                on_update=on_update)
     except Cancelled:
         st.warning("Comparison cancelled; nothing was saved.", icon=":material/stop:")
         return
@@ -288,6 +365,8 @@ def run_comparison_now(choice: ModelChoice, configs: list[dict], text_path: str 
         st.caption("What to do: check the model source, the text and the configs; a model too large for this "
                    "machine needs a smaller model or dtype, or fewer tokens.")
         return
+    live.empty()
+    NS.pop("partial")
     progress.done(f"Done: saved as {result.path}")
     NS.set(result.run, "result")
     NS.set((estimate, float(result.run.settings.get("seconds", 0.0))), "timing")

@@ -367,6 +367,7 @@ def _assemble(entries: dict[str, dict[str, Any]], labels: list[str], parsed: lis
                         "n_tokens": n_tokens, "tokens_planned": int(ids.numel()),
                         "baseline_passes": len(batches), "seconds": time.perf_counter() - started},
               environment=environment_info(), tables={"summary": table, "layers": layers, "ranking": ranking},
+              status="partial" if partial else "complete",
               extra={"memory": {"baseline": base_mem.to_dict(), **{k: entries[k]["memory"] for k in present}},
                      "details": {k: entries[k]["details"] for k in present},
                      "baseline": baseline.to_dict() if baseline is not None else {},

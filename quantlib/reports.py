@@ -59,6 +59,11 @@ def ranking_text(run: Run) -> str | None:
         return (f"Ranking by mean KL is settled: {order}; every adjacent pair is at least {z:g} standard errors "
                 "apart on its paired per-token difference.")
     close = ranking[~ranking["separated"].astype(bool)]
+    if close.empty:
+        need = run.extra.get("min_settle_tokens", 0)
+        return (f"Ranking by mean KL is not settled ({order}): every adjacent pair is at least {z:g} standard "
+                f"errors apart, but on only {run.settings.get('n_tokens', 0):,} tokens; a settled ranking needs at "
+                f"least {need:,} tokens, so that its standard errors can be trusted.")
     pairs = "; ".join(f"{r.better} vs {r.worse}: {r.z:.1f} SE" for r in close.itertuples())
     return (f"Ranking by mean KL is not settled ({order}): {pairs} apart, under {z:g}. Evaluate more tokens "
             "to separate them.")

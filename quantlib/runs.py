@@ -157,7 +157,12 @@ def list_runs(folder: Path | None = None) -> pd.DataFrame:
     for path in sorted(base.glob(f"*{RUN_SUFFIX}"), reverse=True):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            rows.append({"run_id": data["run_id"], "created": data["created"], "status": data.get("status"),
+            extra, settings = data.get("extra", {}), data.get("settings", {})
+            status = data.get("status")
+            if extra.get("partial"):
+                status = (f"partial: {settings.get('n_tokens', 0):,} of {settings.get('tokens_planned', 0):,} "
+                          f"tokens ({extra.get('stop_reason') or 'stopped'})")
+            rows.append({"run_id": data["run_id"], "created": data["created"], "status": status,
                          "model": data.get("model", {}).get("source", ""),
                          "schemes": ", ".join(c.get("label", c.get("quant_method", "?")) for c in data.get("configs", [])),
                          "backend": data.get("settings", {}).get("backend", ""), "path": str(path)})

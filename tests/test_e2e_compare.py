@@ -107,6 +107,39 @@ def test_compare_nf4_fp4_on_default_model(server, page, runs_folder):
     full_page_screenshot(page, SCREENSHOTS / "compare_schemes_after_run.png")
 
 
+def test_compare_streams_and_stop_keeps_a_partial_run(server, page, runs_folder):
+    """Issue 11: the table fills in window by window while the run goes; "Stop and keep results" saves
+    what was computed as a partial run, marked with its token count, and shows it."""
+    before = set(runs_folder.glob("*.run.json"))
+    page.goto(page_url(server, "pages/3_Compare_Schemes.py"))
+    wait_until_idle(page)
+    set_number(page, "Tokens", 8192)
+    set_number(page, "Window", 256)
+    page.get_by_role("button", name="Run comparison").click()
+    running = page.get_by_text(re.compile(r"Running: [\d,]+/[\d,]+ tokens so far"))
+    running.first.wait_for(timeout=RUN_TIMEOUT_MS)
+    live = table_text(page, 0)
+    assert "NF4" in live and "FP4" in live and " ± " in live, live
+    full_page_screenshot(page, SCREENSHOTS / "compare_schemes_streaming.png")
+    page.get_by_role("button", name="Stop and keep results").click()
+    page.get_by_text(re.compile(r"Partial run: [\d,]+ of 8,192 tokens evaluated \(stopped by the user\)")) \
+        .first.wait_for(timeout=RUN_TIMEOUT_MS)
+    wait_until_idle(page)
+    assert_no_traceback(page)
+    assert_no_error(page)
+    full_page_screenshot(page, SCREENSHOTS / "compare_schemes_partial.png")
+    saved = set(runs_folder.glob("*.run.json")) - before
+    assert len(saved) == 1
+    import json
+
+    run = json.loads(next(iter(saved)).read_text())
+    assert run["status"] == "partial" and run["extra"]["partial"] is True
+    assert 0 < run["settings"]["n_tokens"] < 8192 and run["settings"]["tokens_planned"] == 8192
+    rows = run["tables"]["summary"]
+    assert {r["scheme"] for r in rows} >= {"NF4", "FP4"}
+    assert all(r["n_tokens"] == run["settings"]["n_tokens"] for r in rows)
+
+
 def test_inspect_nf4_on_default_model(server, page):
     page.goto(page_url(server, "pages/2_Quantize_and_Inspect.py"))
     wait_until_idle(page)

@@ -222,7 +222,7 @@ def test_cancel_stops_quantization_layer_errors_and_comparison(tiny, tiny_llama_
 def test_ranking_is_the_paired_comparison_of_the_hand_computed_series(comparison, tiny, tmp_path) -> None:
     """The run's ranking table and its verdict equal `paired_ranking` on per-token KL computed by hand."""
     from quantlib.reports import ranking_text
-    from quantlib.uncertainty import paired_ranking
+    from quantlib.uncertainty import MIN_SETTLE_TOKENS, paired_ranking
 
     ids = tokenize_for_eval(tiny.tokenizer, builtin_text("eval"), TOKENS)
     series = {}
@@ -231,7 +231,8 @@ def test_ranking_is_the_paired_comparison_of_the_hand_computed_series(comparison
         model = copy.deepcopy(tiny.model)
         get_quantizer(config, device="cpu").simulate(model)
         series[config.label] = _by_hand(tiny.model, model, ids, tiny.model.config.bos_token_id)["kl_tokens"]
-    rows, settled = paired_ranking(series)
+    rows, separated = paired_ranking(series)
+    settled = separated and ids.numel() >= MIN_SETTLE_TOKENS  # too few tokens is never settled
     ranking = comparison.run.tables["ranking"]
     assert list(ranking["better"]) == [r["better"] for r in rows] and list(ranking["worse"]) == [r["worse"] for r in rows]
     assert ranking["difference"].tolist() == pytest.approx([r["difference"] for r in rows], rel=1e-3, abs=1e-9)
@@ -239,5 +240,7 @@ def test_ranking_is_the_paired_comparison_of_the_hand_computed_series(comparison
     assert comparison.run.extra["ranking_settled"] is settled
     text = ranking_text(comparison.run)
     assert text.startswith("Ranking by mean KL is " + ("settled" if settled else "not settled"))
+    if separated and not settled:
+        assert f"at least {MIN_SETTLE_TOKENS:,} tokens" in text
     loaded = load_run(save_run(comparison.run, tmp_path).name.removesuffix(".run.json"), tmp_path)
     assert ranking_text(loaded) == text  # the verdict survives the run store
