@@ -206,12 +206,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
         interrupted[0] = True
         _err("stopping after this window (Ctrl-C again to abort without saving)")
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread (embedded use): Ctrl-C is not ours to handle
+        previous = None
     try:
         result = run_comparison(configs, settings, progress=_progress(not args.quiet), on_update=running,
                                 cancel=lambda: interrupted[0], keep_partial=True)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     partial = partial_text(result.run)
     if partial:
         print(partial, file=sys.stderr)

@@ -27,6 +27,7 @@ from quantlib.models import LoadedModel, load_model
 from quantlib.runs import Run, environment_info, new_run_id, now_iso, save_run
 from quantlib.uncertainty import MIN_SETTLE_TOKENS, SETTLED_Z, paired_ranking
 from quantlib.methods import get_quantizer, quantizer_class
+from quantlib.methods.base import share_identical_tensors
 from quantlib.runtime import resolve_device
 
 ProgressFn = Callable[[float, str], None]
@@ -123,18 +124,20 @@ def _resident_budget(device: str) -> float:
 
 
 def plan_batches(configs: Sequence[QuantConfig], model_config: dict[str, Any], base_bytes: float, dtype: str,
-                 budget: float) -> list[list[int]]:
+                 budget: float, exact: bool = False) -> list[list[int]]:
     """Group configs so the models of each group fit in memory together.
 
     Each group costs one baseline pass over the text (its log-probs are compared with every model
     of the group window by window, never stored), so fewer groups are faster. A bitsandbytes model
-    occupies its planned footprint; a simulated one a full dequantized copy of the baseline.
+    occupies its planned footprint; a simulated one (or an exact simulation of a library's kernels, `exact`)
+    a full dequantized copy of the baseline.
     """
     batches: list[list[int]] = []
     used = 0.0
     for index, config in enumerate(configs):
-        simulated = quantizer_class(config).simulated
-        cost = base_bytes if simulated else plan_memory(model_config, config, dtype).total_bytes
+        cls = quantizer_class(config)
+        dequantized = cls.simulated or (exact and cls.has_exact_simulation)
+        cost = base_bytes if dequantized else plan_memory(model_config, config, dtype).total_bytes
         if not batches or used + cost > budget:
             batches.append([])
             used = 0.0
@@ -234,7 +237,8 @@ def run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compar
     ids = tokenize_for_eval(base.tokenizer, text, settings.max_tokens)
     base_mem = measure_footprint(base.model)
     batches = plan_batches(parsed, base.model.config.to_dict(), base_mem.total_bytes, settings.dtype,
-                           _resident_budget(device))
+                           _resident_budget(device),
+                           exact=settings.kernels == "exact" or (settings.kernels == "auto" and device == "cpu"))
     done: dict[str, dict[str, Any]] = {}  # label -> row, errors, memory, details, kl tokens
     notes: list[str] = []
     baseline: Any = None
@@ -262,9 +266,7 @@ def run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compar
                 qm = quantize_model(config, source=settings.source, device=device, dtype=dtype,
                                     trust_remote_code=settings.trust_remote_code, progress=report, cancel=cancel,
                                     calibration=settings.calibration)
-                errors = layer_errors(base.model, quantizer, progress=report, cancel=cancel, quantized=qm)
             else:
-                errors = layer_errors(base.model, quantizer, progress=report, cancel=cancel)
                 qm = quantize_model(config, base=base, source=settings.source, device=device, dtype=dtype,
                                     trust_remote_code=settings.trust_remote_code, allow_pickle=settings.allow_pickle,
                                     progress=report, cancel=cancel)
@@ -274,9 +276,12 @@ def run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compar
                 if problem is None:
                     report(0.9, f"{label}: cross-checking the exact simulation against the library's kernels")
                     crosscheck = _crosscheck(quantizer, qm.model, ids, settings.crosscheck_tokens)
+                    crosscheck["shared_bytes"] = share_identical_tensors(qm.model, base.model)
                     exact = True
                 elif settings.kernels == "exact":
                     notes.append(f"{label} ran on its library's kernels: {problem}")
+            # Calibrated and exactly simulated models give their layers' stored tensors; others quantize again.
+            errors = layer_errors(base.model, quantizer, progress=report, cancel=cancel, quantized=qm)
             errors.insert(0, "scheme", label)
             quantized[label] = (config, qm, errors, time.perf_counter() - t0, exact, crosscheck)
             step[0] += 1

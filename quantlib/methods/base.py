@@ -278,6 +278,10 @@ class Quantizer:
         return []
 
     # ----- exact simulation of a library's kernels ----------------------------------------
+    #: The method's library layers can be swapped for an exact plain-speed simulation (which then holds
+    #: dequantized weights: a comparison budgets such a model like a simulated one).
+    has_exact_simulation: ClassVar[bool] = False
+
     def exact_simulation_problem(self, model: Any) -> str | None:
         """Why this quantized `model` (as `quantize_model` returned it) cannot have its library layers
         swapped for an exact plain-speed simulation, or None when it can (see `to_exact_simulation`)."""
@@ -552,6 +556,28 @@ def _py(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{_py(k)}: {_py(v)}" for k, v in value.items()) + "}"
     return repr(value)
+
+
+@torch.no_grad()
+def share_identical_tensors(model: torch.nn.Module, reference: torch.nn.Module) -> int:
+    """Point every parameter of `model` that equals the parameter of the same name in `reference` (same
+    dtype, shape, device and values) at the reference's tensor; returns the bytes freed. A quantized model
+    loaded from disk keeps its own copies of embeddings and norms; sharing them costs nothing as both
+    models only read them."""
+    ref_params = dict(reference.named_parameters(remove_duplicate=False))
+    freed, seen = 0, set()
+    for module_name, module in model.named_modules():
+        for name, param in list(module._parameters.items()):
+            full = f"{module_name}.{name}" if module_name else name
+            other = ref_params.get(full)
+            if param is None or other is None or other is param or param.dtype != other.dtype \
+                    or param.shape != other.shape or param.device != other.device or not torch.equal(param, other):
+                continue
+            module._parameters[name] = other
+            if id(param) not in seen:
+                seen.add(id(param))
+                freed += param.numel() * param.element_size()
+    return freed
 
 
 def _copy_sharing_unquantized(model: torch.nn.Module, layers: list[MatrixRef]) -> torch.nn.Module:

@@ -18,15 +18,15 @@ import json
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, ClassVar, Iterator, Literal, Optional
 
 import torch
 
 from quantlib.codebooks import FP4_LEVELS, NF4_LEVELS, dynamic_map
 from quantlib.configs import FieldSpec, QuantConfig, _copy, fmt_num
-from quantlib.errors import FieldError
+from quantlib.errors import Cancelled, FieldError
 from quantlib.formats import QuantizedTensor, block_absmax, check_float
-from quantlib.methods.base import QuantizedModel, Quantizer, register, transformers_skip_rules
+from quantlib.methods.base import LayerWeight, QuantizedModel, Quantizer, register, transformers_skip_rules
 from quantlib.shapes import ModelShapes, WeightShape
 
 #: Place in the registry (the builder's method list, the CLI).
@@ -772,26 +772,34 @@ def _int8_matmul(x: torch.Tensor, codes_w: torch.Tensor, scb: torch.Tensor, thre
     """`int8_decomposed_matmul` from the stored codes and SCB (what `Int8Params` holds); `codes_w_t`
     is the transposed weight codes in the dtype of the accumulation, when precomputed."""
     a = x.reshape(-1, x.shape[-1])
-    a16 = a.to(torch.float16).clone()
+    a16 = a.to(torch.float16)
     cols = None
     if threshold > 0.0:
         outliers = a16.abs() >= threshold
         cols = torch.argwhere(outliers.any(dim=0)).view(-1)
-        a16[outliers] = 0
-    row_stats = torch.max(a16.abs(), dim=1).values.float()
-    codes_x = torch.round(a16 * (127.0 / row_stats.unsqueeze(-1))).to(torch.int8)
-    if a16.shape[0] > 1 and cols is not None:
-        codes_x[:, cols] = 0
-    if _bnb_int_mm_is_exact():
+        if cols.numel():
+            a16 = a16.masked_fill(outliers, 0)
+    row_stats = a16.abs().amax(dim=1).float()
+    codes_x = torch.round_(a16 * (127.0 / row_stats.unsqueeze(-1)))  # fp32, integral values in [-127, 127]
+    if codes_w is None:  # only the transposed codes were kept
+        codes_w = codes_w_t.t()
+    int_mm = _bnb_int_mm_is_exact()
+    if int_mm or not bool((row_stats > 0).all()):  # an all-zero row gives NaN: let the int8 cast decide it
+        codes_x = codes_x.to(torch.int8)
+    if a16.shape[0] > 1 and cols is not None and cols.numel():
+        codes_x.index_fill_(1, cols, 0)
+    if int_mm:
         acc = torch._int_mm(codes_x, codes_w.t() if codes_w_t is None else codes_w_t)
     else:
-        acc = torch.matmul(codes_x.float(), codes_w.float().t() if codes_w_t is None else codes_w_t).to(torch.int32)
+        # bitsandbytes' default kernel: an fp32 matmul truncated to int32. The truncation is done in fp32
+        # (integral fp32 values are exact), which gives the same numbers without the int32 round trip.
+        acc = torch.matmul(codes_x.float(), codes_w.float().t() if codes_w_t is None else codes_w_t).trunc_()
     out = acc * (row_stats.unsqueeze(-1) * scb.reshape(1, -1)) * _MM_DEQUANT
     if bias is not None:
         out += bias.to(x.dtype)
     out = out.to(x.dtype)
     if cols is not None and cols.numel():
-        sub_w = (codes_w[:, cols].contiguous() * scb.view(-1, 1) * _VECTOR_DEQUANT).to(x.dtype).t()
+        sub_w = (codes_w[:, cols].to(torch.int8).contiguous() * scb.view(-1, 1) * _VECTOR_DEQUANT).to(x.dtype).t()
         out = out.addmm(a[:, cols].contiguous(), sub_w)
     return out.reshape(*x.shape[:-1], codes_w.shape[0])
 
@@ -825,6 +833,7 @@ class ExactLinear4bit(torch.nn.Module):
         packed = Blockwise4bitTensor(layer.weight.data.reshape(-1, 1), absmax, dq, qs.quant_type, qs.blocksize,
                                      shape, torch.float32, "torch")
         self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.packed = packed  # the layer's stored tensors, for its weight error and code usage
         self.register_buffer("weight_fp32", dequantize_4bit(packed).reshape(shape), persistent=False)
         self.bias = layer.bias
         self.compute_dtype = layer.compute_dtype
@@ -857,18 +866,27 @@ class ExactLinear8bit(torch.nn.Module):
         super().__init__()
         self.in_features, self.out_features = layer.in_features, layer.out_features
         codes, scb = _int8_state(layer)
-        self.register_buffer("codes", codes, persistent=False)
         self.register_buffer("scb", scb, persistent=False)
         self.threshold = float(layer.state.threshold)
-        t = self.codes.t()
+        # Only the transposed codes are kept, in the accumulation's dtype (fp32 unless _int_mm is exact).
+        t = codes.t()
         self.register_buffer("codes_t", t if _bnb_int_mm_is_exact() else t.float().contiguous(), persistent=False)
         self.bias = layer.bias
+
+    @property
+    def codes(self) -> torch.Tensor:
+        return self.codes_t.t().to(torch.int8)
+
+    def packed(self, dtype: torch.dtype) -> "RowwiseInt8Tensor":
+        """The layer's stored codes and SCB as the tensor format `Bnb8BitQuantizer.quantize_tensor` gives."""
+        codes = self.codes.contiguous()
+        return RowwiseInt8Tensor(codes, self.scb, tuple(codes.shape), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bias is not None and self.bias.dtype != x.dtype:
             self.bias.data = self.bias.data.to(x.dtype)
         with torch.no_grad():
-            return _int8_matmul(x, self.codes, self.scb, self.threshold, self.bias, self.codes_t)
+            return _int8_matmul(x, None, self.scb, self.threshold, self.bias, self.codes_t)
 
 
 def _int8_state(layer: Any) -> tuple[Any, Any]:
@@ -931,6 +949,7 @@ class BnbQuantizer(Quantizer):
     requires = (("bitsandbytes", "bitsandbytes"),)
     simulated = False
     library = "bitsandbytes"
+    has_exact_simulation = True
 
     experts_policy = ("transformers 5.23 replaces only nn.Linear and Conv1D modules with bitsandbytes layers: fused "
                       "3-D expert tensors (Mixtral, Qwen-MoE, DeepSeek...) stay in 16/32 bits, per-expert "
@@ -1003,6 +1022,32 @@ class BnbQuantizer(Quantizer):
 
     def exact_simulation_problem(self, model: Any) -> str | None:
         return exact_simulation_problem(model)
+
+    @torch.no_grad()
+    def layer_weights(self, base_model: torch.nn.Module, quantized: Any = None,
+                      cancel: Any = None) -> Iterator[LayerWeight]:
+        """From a model already swapped for its exact simulation: the tensors its layers store (no second
+        quantization); otherwise quantize each base weight (the default)."""
+        model = getattr(quantized, "model", quantized)
+        exact = {name: m for name, m in model.named_modules()
+                 if isinstance(m, (ExactLinear4bit, ExactLinear8bit))} if model is not None else {}
+        if not exact:
+            yield from super().layer_weights(base_model, None, cancel=cancel)
+            return
+        refs = self.quantizable_layers(base_model)
+        missing = [ref.name for ref in refs if ref.name not in exact]
+        if missing:
+            raise ValueError(f"the quantized model has no bitsandbytes layer for {', '.join(missing[:3])}")
+        for ref in refs:
+            if cancel is not None and cancel():
+                raise Cancelled(f"layer errors cancelled at {ref.name}")
+            w = ref.get().contiguous()
+            module = exact[ref.name]
+            if isinstance(module, ExactLinear4bit):
+                packed = dataclasses.replace(module.packed, dtype=w.dtype)
+            else:
+                packed = module.packed(w.dtype)
+            yield LayerWeight(ref.name, w, packed.dequantize(), packed, packed.bits_per_param)
 
     def to_exact_simulation(self, model: Any) -> int:
         return to_exact_simulation(model)
