@@ -321,10 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop once the ranking by mean KL is settled (every adjacent pair >= 2 paired standard "
                         "errors apart, after at least 1,024 tokens); saved as a partial run with its token count")
     p.add_argument("--kernels", default="auto", choices=["auto", "library", "exact"],
-                   help="layers of a library quantlib simulates exactly (the method says so): 'auto' evaluates "
-                        "the exact simulation on CPU, cross-checked against the library's kernels on the first 128 "
-                        "tokens, and the kernels on CUDA; 'library' always runs the kernels; 'exact' the simulation "
-                        "wherever it exists")
+                   help="layers of a library quantlib simulates exactly: 'auto' and 'library' run the library's "
+                        "kernels; 'exact' evaluates the exact simulation of its CPU kernels (the same log-probs, "
+                        "bit for bit), cross-checked against the kernels on the first 128 tokens of the run")
     p.add_argument("--no-baseline-cache", action="store_true",
                    help="recompute the baseline instead of reusing its cached final hidden states")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")

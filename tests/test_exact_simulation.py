@@ -80,7 +80,7 @@ def test_layer_errors_from_the_exact_model_equal_a_second_quantization(tiny_llam
 def test_exact_and_library_kernels_give_the_same_comparison(tiny_llama_dir):
     base = load_model(str(tiny_llama_dir))
     settings = dict(source=str(tiny_llama_dir), max_tokens=512, window=128, device="cpu", baseline_cache=False)
-    exact = run_comparison([NF4, INT8_T1], CompareSettings(**settings), base=base, save=False)
+    exact = run_comparison([NF4, INT8_T1], CompareSettings(kernels="exact", **settings), base=base, save=False)
     library = run_comparison([NF4, INT8_T1], CompareSettings(kernels="library", **settings), base=base, save=False)
     columns = ["perplexity", "perplexity_se", "kl", "kl_se", "top1_agreement", "ln_ppl_ratio", "dp_mean",
                "bits_per_param", "memory_mib", "mean_layer_rel_error"]
@@ -160,7 +160,7 @@ def test_cli_until_settled_prints_running_figures(tiny_llama_dir, tmp_path, caps
     int8 = tmp_path / "int8.json"
     int8.write_text(json.dumps(INT8))
     code = main(["compare", "--model", str(tiny_llama_dir), "--config", str(nf4), "--config", str(int8),
-                 "--tokens", "4096", "--window", "256", "--until-settled", "--json"])
+                 "--tokens", "4096", "--window", "256", "--until-settled", "--kernels", "exact", "--json"])
     out, err = capsys.readouterr()
     assert code == 0
     running = [line for line in err.splitlines() if line.startswith("[running]")]
