@@ -105,13 +105,23 @@ def load(key: str) -> CachedStates | None:
     from safetensors.torch import load_file
     from safetensors import safe_open
 
+    from safetensors import SafetensorError
+
     path = cache_folder() / f"{key}.safetensors"
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         hidden = load_file(str(path))["hidden"]
         os.utime(path)  # recently used: evicted last
-    except (FileNotFoundError, OSError, KeyError, ValueError, RuntimeError):
+    except FileNotFoundError:
+        return None
+    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError):
+        # A damaged entry (a disk full mid-write elsewhere, a stray file) is a miss, and is removed so
+        # the next save replaces it.
+        try:
+            path.unlink()
+        except OSError:
+            pass
         return None
     if meta.get("key") != key:
         return None

@@ -189,3 +189,16 @@ def test_cache_is_bounded_and_atomic_under_concurrent_writers(monkeypatch):
     assert 1 <= len(baseline_cache.entries()) <= 3
     assert not [p for p in baseline_cache.cache_folder().iterdir() if p.name.endswith(".tmp")]
     assert baseline_cache.clear() >= 1 and baseline_cache.entries() == []
+
+
+def test_a_damaged_cache_entry_is_a_miss_and_is_replaced(base, models, ids):
+    counting = Counting(base)
+    perplexity_and_kl(counting, models, ids, window=64, baseline_cache=True)
+    [entry] = baseline_cache.entries()
+    entry["path"].write_bytes(b"not a safetensors file" * 10)
+    counting.calls = 0
+    report = perplexity_and_kl(counting, models, ids, window=64, baseline_cache=True)
+    assert counting.calls == 8 and report.baseline_source == "forward"  # recomputed, no traceback
+    counting.calls = 0
+    perplexity_and_kl(counting, models, ids, window=64, baseline_cache=True)
+    assert counting.calls == 0  # the entry was written again
