@@ -242,6 +242,7 @@ def run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compar
                            _resident_budget(device),
                            exact=settings.kernels == "exact")
     done: dict[str, dict[str, Any]] = {}  # label -> row, errors, memory, details, kl tokens
+    environment = environment_info()  # once: partial results are assembled after every window
     notes: list[str] = []
     baseline: Any = None
     eval_info: dict[str, Any] = {}
@@ -258,7 +259,7 @@ def run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compar
                                         evaluation.comparison[label])
         base_result = baseline if evaluation is None else evaluation.base
         return _assemble(entries, labels, parsed, settings, dtype, base_mem, base_result, base, ids, batches,
-                         started, notes, eval_info, stop_reason, partial)
+                         started, notes, eval_info, stop_reason, partial, environment)
 
     def _run_batch(batch: list[int], quantized: dict[str, tuple[Any, ...]]) -> Any:
         for index in batch:
@@ -347,7 +348,8 @@ def _entry(label: str, qm: Any, errors: pd.DataFrame, quant_seconds: float, exac
 def _assemble(entries: dict[str, dict[str, Any]], labels: list[str], parsed: list[QuantConfig],
               settings: CompareSettings, dtype: torch.dtype, base_mem: Any, baseline: Any, base: LoadedModel,
               ids: torch.Tensor, batches: list[list[int]], started: float, notes: list[str],
-              eval_info: dict[str, Any], stop_reason: str, partial: bool) -> ComparisonResult:
+              eval_info: dict[str, Any], stop_reason: str, partial: bool,
+              environment: dict[str, Any]) -> ComparisonResult:
     order = {label: i for i, label in enumerate(labels)}
     present = sorted(entries, key=order.get)
     rows = [entries[label]["row"] for label in present]
@@ -373,7 +375,7 @@ def _assemble(entries: dict[str, dict[str, Any]], labels: list[str], parsed: lis
               settings={**settings.to_dict(), "backend": baseline.backend if baseline is not None else "",
                         "n_tokens": n_tokens, "tokens_planned": int(ids.numel()),
                         "baseline_passes": len(batches), "seconds": time.perf_counter() - started},
-              environment=environment_info(), tables={"summary": table, "layers": layers, "ranking": ranking},
+              environment=environment, tables={"summary": table, "layers": layers, "ranking": ranking},
               status="partial" if partial else "complete",
               extra={"memory": {"baseline": base_mem.to_dict(), **{k: entries[k]["memory"] for k in present}},
                      "details": {k: entries[k]["details"] for k in present},

@@ -305,7 +305,12 @@ def _logprobs(model: Any, inputs: torch.Tensor, n_scored: int) -> torch.Tensor:
     kwargs: dict[str, Any] = {"input_ids": inputs, "attention_mask": torch.ones_like(inputs)}
     if _accepts_logits_to_keep(model):
         kwargs["logits_to_keep"] = n_scored  # skip the lm_head on unscored positions
-    logits = model(**kwargs).logits[:, -n_scored:, :]
+    return _log_softmax(model(**kwargs).logits[:, -n_scored:, :])
+
+
+def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """fp32 log-probs from logits: the one place they are computed, so a baseline rebuilt from cached
+    hidden states goes through exactly the same operations as a forward pass."""
     return torch.log_softmax(logits.float(), dim=-1)
 
 
@@ -583,7 +588,6 @@ class _Baseline:
         self.hidden: list[torch.Tensor] = []  # every window's scored hidden states so far, in order
         self.windows_cached = self.windows_computed = 0
         self.verified = False
-        self.saved_path = ""
         if self.use_cache:
             from quantlib import baseline_cache
 
@@ -612,7 +616,7 @@ class _Baseline:
             self.windows_cached += n_windows
             self.hidden.append(h.reshape(rows, -1))
             device = _model_device(self.model)
-            return torch.log_softmax(self.head(h.to(device)).float(), dim=-1)
+            return _log_softmax(self.head(h.to(device)))
         if not self.use_cache:
             self.windows_computed += n_windows
             return _logprobs(self.model, inputs, n_scored)
@@ -629,7 +633,7 @@ class _Baseline:
         h = captured[0][:, -n_scored:, :].contiguous()
         if not self.verified:
             # Exact reuse or none: the head applied to the captured states must give the same log-probs.
-            if not torch.equal(torch.log_softmax(self.head(h).float(), dim=-1), lp):
+            if not torch.equal(_log_softmax(self.head(h)), lp):
                 self._give_up("not cached: this model changes its output head's logits (soft-capping or "
                               "scaling), so the head alone would not reproduce them")
                 return lp
@@ -657,7 +661,6 @@ class _Baseline:
             return
         path = baseline_cache.save(self.key, hidden, windows_done,
                                    {"windows": windows_done, "planned": len(self.plan.windows)})
-        self.saved_path = str(path or "")
         self.note = (f"cached {windows_done} windows' final hidden states" if path else
                      "not cached: larger than the cache bound (QUANTLIB_BASELINE_CACHE_MB)")
 
