@@ -232,6 +232,53 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from quantlib import recommend as rc
+    from quantlib.compare import CompareSettings
+    from quantlib.models import load_model
+    from quantlib.runs import atomic_write_text
+
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CliError(f"{args.out}: exists and is not a directory")
+    method = args.method or next(iter(rc.families()))
+    rc.family_class(method)  # unknown or mix-less methods fail before loading
+    loaded = load_model(args.model, dtype=getattr(__import__("torch"), args.dtype), device="cpu",
+                        trust_remote_code=args.trust_remote_code, progress=_progress(not args.quiet))
+    sens = rc.measure_sensitivity(loaded, method, dtype=args.dtype, calib_tokens=args.calib_tokens,
+                                  proxy=args.proxy, use_cache=not args.no_cache, progress=_progress(not args.quiet))
+    rec = rc.recommend(sens, loaded.model.config.to_dict(), budget_gib=args.budget_gib, bits=args.bits,
+                       shapes=rc.describe_model(loaded.model))
+    out = rec.to_dict()
+    out["sensitivity"] = {"source": sens.source, "seconds": sens.seconds, "calib_tokens": sens.calib_tokens,
+                          "proxy": args.proxy}
+    verification = None
+    if args.verify:
+        settings = CompareSettings(source=args.model, max_tokens=args.tokens, dtype=args.dtype, device="cpu",
+                                   trust_remote_code=args.trust_remote_code)
+        verification = rc.verify(rec, settings, base=loaded, progress=_progress(not args.quiet))
+        out["verification"] = {"verdict": verification.verdict, "run_id": verification.comparison.run.run_id,
+                               "table": verification.table.to_dict(orient="records")}
+    if args.out:
+        folder = Path(args.out)
+        atomic_write_text(folder / "recommendation.json", json.dumps(out, indent=1, default=str))
+        atomic_write_text(folder / "quantization_config.json", json.dumps(rec.export(), indent=1))
+        atomic_write_text(folder / "layers.csv", rec.layers.to_csv(index=False))
+        if verification is not None:
+            atomic_write_text(folder / "verification.csv", verification.table.to_csv(index=False))
+        print(f"wrote {folder}/recommendation.json, quantization_config.json, layers.csv"
+              + (", verification.csv" if verification is not None else ""), file=sys.stderr)
+    if args.json:
+        print(json.dumps(out, indent=1, default=str))
+        return EXIT_OK
+    for line in rc.summary_lines(rec):
+        print(line)
+    if verification is not None:
+        for line in rc.verdict_lines(verification.verdict):
+            print(line)
+    print(json.dumps(rec.export(), indent=1))
+    return EXIT_OK
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from quantlib.apply import layer_detail
     from quantlib.models import load_model
@@ -329,6 +376,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     common(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("recommend", help="the per-layer mix with the least predicted damage under a memory budget")
+    p.add_argument("--model", default="default", help=model_help)
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget-gib", type=float, help="total weight memory to fit, in GiB (as the planner counts)")
+    budget.add_argument("--bits", type=float, help="average bits per parameter over the whole model")
+    p.add_argument("--method", default=None, help="method family (quant_method) whose config can mix settings "
+                   "per layer (default: the first in the registry's order)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the model and of the layers kept unquantized (default float32)")
+    p.add_argument("--calib-tokens", type=_positive_int, default=512, help="calibration tokens (default 512)")
+    p.add_argument("--proxy", default="fisher", choices=["fisher", "relative"],
+                   help="error the optimizer sums: the predicted KL from the output's Fisher information (default), "
+                        "or the relative output error")
+    p.add_argument("--no-cache", action="store_true", help="measure again instead of reading the sensitivity cache")
+    p.add_argument("--verify", action="store_true",
+                   help="quantize the recommended mix and every uniform setting, and evaluate them (a comparison run)")
+    p.add_argument("--tokens", type=_positive_int, default=2048, help="evaluation tokens of --verify (default 2048)")
+    p.add_argument("--out", metavar="DIR", help="write recommendation.json, quantization_config.json, layers.csv")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow models whose code lives in their repository (off by default)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    common(p)
+    p.set_defaults(func=cmd_recommend)
 
     p = sub.add_parser("inspect", help="statistics and histogram data of one layer under a config")
     p.add_argument("--model", default="default", help=model_help)

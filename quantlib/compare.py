@@ -150,7 +150,10 @@ def plan_batches(configs: Sequence[QuantConfig], model_config: dict[str, Any], b
 
 def _scheme_row(label: str, qm: Any, errors: pd.DataFrame, comparison: Any, quant_seconds: float,
                 backend_note: str) -> dict[str, Any]:
-    worst = errors.loc[errors["rel_fro_error"].idxmax()]
+    if len(errors) and "rel_fro_error" in errors:
+        worst = errors.loc[errors["rel_fro_error"].idxmax()]
+    else:  # a config that leaves every layer unquantized (e.g. a mix under a budget that holds the whole model)
+        worst = pd.Series({"rel_fro_error": float("nan"), "layer": "none quantized"})
     return {"scheme": label, "backend": comparison.backend + backend_note,
             "bits_per_param": qm.memory.quantized_bits_per_param,
             "memory_mib": qm.memory.total_bytes / 2**20, "n_tokens": comparison.n_tokens,
@@ -159,7 +162,7 @@ def _scheme_row(label: str, qm: Any, errors: pd.DataFrame, comparison: Any, quan
             "top1_se": comparison.top1_se, "ln_ppl_ratio": comparison.ln_ppl_ratio,
             "ln_ppl_ratio_se": comparison.ln_ppl_ratio_se, "dp_mean": comparison.dp_mean,
             "dp_rms": comparison.dp_rms,
-            "mean_layer_rel_error": float(errors["rel_fro_error"].mean()),
+            "mean_layer_rel_error": float(errors["rel_fro_error"].mean()) if len(errors) else float("nan"),
             "worst_layer_rel_error": float(worst["rel_fro_error"]), "worst_layer": str(worst["layer"]),
             "seconds": quant_seconds + comparison.seconds,
             "calibration_seconds": qm.calibration_seconds}

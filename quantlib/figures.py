@@ -119,3 +119,52 @@ def outlier_figure(table: pd.DataFrame, threshold: float) -> go.Figure:
     fig.update_layout(title=f"Outlier dimensions at threshold {threshold:g} (share run in fp16)",
                       xaxis={"showticklabels": False}, yaxis_title="share of input dims", xaxis_title="layer")
     return fig
+
+
+def mix_frontier_figure(table: pd.DataFrame, mix_label: str, verdict: dict | None = None) -> go.Figure:
+    """Memory against mean KL: the uniform settings joined in memory order, the recommended mix as a star
+    (bars ±2 SE), so it shows whether the mix lies on a better frontier."""
+    fig = go.Figure()
+    uniform = table[table["scheme"] != mix_label].sort_values("memory_mib")
+    mix = table[table["scheme"] == mix_label]
+
+    def bars(rows: pd.DataFrame) -> dict | None:
+        if "kl_se" not in rows or not rows["kl_se"].notna().any():
+            return None
+        return {"type": "data", "array": [2 * v if pd.notna(v) else 0.0 for v in rows["kl_se"]], "visible": True}
+
+    fig.add_trace(go.Scatter(x=list(uniform["memory_mib"]), y=list(uniform["kl"]), mode="lines+markers+text",
+                             text=list(uniform["scheme"]), textposition="top right", name="uniform settings",
+                             marker={"size": 10, "color": "#1f77b4"}, line={"dash": "dot"}, error_y=bars(uniform)))
+    fig.add_trace(go.Scatter(x=list(mix["memory_mib"]), y=list(mix["kl"]), mode="markers+text",
+                             text=list(mix["scheme"]), textposition="bottom left", name="recommended mix",
+                             marker={"size": 16, "symbol": "star", "color": "#d62728"}, error_y=bars(mix)))
+    if verdict and verdict.get("line_kl") is not None:
+        fig.add_trace(go.Scatter(x=[verdict["mix_mib"]], y=[verdict["line_kl"]], mode="markers",
+                                 name="line between the uniform neighbours",
+                                 marker={"size": 9, "symbol": "x", "color": "#7f7f7f"}))
+    fig.update_layout(title="Memory vs mean KL: recommended mix against uniform settings (bars ±2 SE)",
+                      xaxis_title="memory (MiB)", yaxis_title="mean KL (nats/token, log scale)",
+                      legend={"orientation": "h", "y": -0.2})
+    fig.update_yaxes(type="log")
+    return fig
+
+
+def mix_depth_figure(layers: pd.DataFrame) -> go.Figure:
+    """The chosen setting of every layer by depth (block) and role: colour is bits per weight code, text the
+    setting."""
+    roles = list(dict.fromkeys(layers["layer"].str.split(".").str[-1]))
+    blocks = sorted(layers["block"].unique())
+    z = [[None] * len(blocks) for _ in roles]
+    text = [[""] * len(blocks) for _ in roles]
+    col = {b: i for i, b in enumerate(blocks)}
+    for row in layers.itertuples(index=False):
+        r = roles.index(row.layer.split(".")[-1])
+        z[r][col[row.block]] = row.bits
+        text[r][col[row.block]] = row.setting
+    fig = go.Figure(go.Heatmap(z=z, x=[str(b) for b in blocks], y=roles, text=text,
+                               hovertemplate="block %{x} %{y}: %{text}<extra></extra>", colorscale="Viridis",
+                               colorbar={"title": "bits"}))
+    fig.update_layout(title="Chosen setting per layer (by block and projection)", xaxis_title="block",
+                      yaxis_title="projection")
+    return fig

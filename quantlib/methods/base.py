@@ -208,6 +208,36 @@ class MatrixRef:
         dst.copy_(value.to(dst.dtype))
 
 
+@dataclass(frozen=True)
+class MixChoice:
+    """One setting a group of layers may take in a per-layer mix: the uniform config that quantizes a
+    layer this way, or None where the layer stays unquantized in the model's dtype."""
+
+    key: str
+    label: str
+    config: QuantConfig | None
+    bits: float  # code bits per weight (16 for a layer kept unquantized), for ordering and charts
+
+
+@dataclass(frozen=True)
+class MixSpace:
+    """A per-layer mix a method's config can express: the choices, how layers are grouped (one choice per
+    group, as the exported config addresses them) and how an assignment becomes one config.
+
+    `group_of(module)` names a layer's group; `build({group: choice key})` returns the config (which must
+    plan to exactly the per-group sizes); `uniform` is the config with every layer at `choices[0]`.
+    """
+
+    name: str
+    choices: tuple[MixChoice, ...]
+    grouping: str  # how groups are formed, in words ("module", "linear tag")
+    group_of: Callable[[str], str]
+    build: Callable[[dict[str, str]], QuantConfig]
+    uniform: QuantConfig
+    export: str  # what the exported config is, in words
+    limits: str = ""  # what the format cannot mix, in words
+
+
 class ShapeError(QuantlibError, ValueError):
     """Some layers cannot be quantized with this config (group or block size does not divide)."""
 
@@ -377,6 +407,23 @@ class Quantizer:
             "model = AutoModelForCausalLM.from_pretrained(model_id, quantization_config=quantization_config, "
             "device_map=\"auto\")",
         ])
+
+    # ----- per-layer mixes (quantlib.recommend) -------------------------------------------------
+    @classmethod
+    def mix_spaces(cls, shapes: ModelShapes) -> list[MixSpace]:
+        """The per-layer mixes this method's config can express for a model, one space per setting that the
+        config must share across layers; [] where it has none (`mix_unsupported` says why)."""
+        return []
+
+    @classmethod
+    def mix_unsupported(cls) -> str:
+        return (f"{cls.config_class.quant_method}: its config has no per-layer setting that quantlib can "
+                "export and load back")
+
+    def layer_output(self, x: torch.Tensor, packed: QuantizedTensor) -> torch.Tensor:
+        """What the quantized layer computes from inputs `x` (rows x in), bias aside: `x @ W_q.T` by
+        default; methods that also quantize activations override it."""
+        return x @ packed.dequantize().to(x.dtype).t()
 
     # ----- modules ----------------------------------------------------------------------
     @classmethod

@@ -26,7 +26,8 @@ from quantlib.codebooks import FP4_LEVELS, NF4_LEVELS, dynamic_map
 from quantlib.configs import FieldSpec, QuantConfig, _copy, fmt_num
 from quantlib.errors import Cancelled, FieldError
 from quantlib.formats import QuantizedTensor, block_absmax, check_float
-from quantlib.methods.base import LayerWeight, QuantizedModel, Quantizer, register, transformers_skip_rules
+from quantlib.methods.base import (LayerWeight, MixChoice, MixSpace, QuantizedModel, Quantizer, default_skip_rules,
+                                   register, transformers_skip_rules)
 from quantlib.shapes import ModelShapes, WeightShape
 
 #: Place in the registry (the builder's method list, the CLI).
@@ -190,9 +191,12 @@ class BitsAndBytesQuantConfig(QuantConfig):
     @property
     def label(self) -> str:
         if self.load_in_8bit:
-            return f"INT8 (t={fmt_num(self.llm_int8_threshold)})"
-        name = self.bnb_4bit_quant_type.upper()
-        return f"{name}+DQ" if self.bnb_4bit_use_double_quant else name
+            name = f"INT8 (t={fmt_num(self.llm_int8_threshold)})"
+        else:
+            name = self.bnb_4bit_quant_type.upper()
+            name = f"{name}+DQ" if self.bnb_4bit_use_double_quant else name
+        skip = self.llm_int8_skip_modules
+        return f"{name}, {len(skip)} skipped" if skip and skip != ["lm_head"] else name
 
 
 
@@ -1019,6 +1023,41 @@ class BnbQuantizer(Quantizer):
         loaded.model.eval()
         return QuantizedModel(loaded.model, loaded.tokenizer, self.config, self.backend, memory,
                               time.perf_counter() - started, loaded.description.to_dict())
+
+    @classmethod
+    def mix_spaces(cls, shapes: ModelShapes) -> list[MixSpace]:
+        """A BitsAndBytesConfig quantizes every converted layer one way (one 4-bit type with or without double
+        quant, or LLM.int8()); per layer it can only keep a module unquantized (`llm_int8_skip_modules`).
+        One space per way; the exported skip list repeats transformers' defaults, which a list replaces."""
+        defaults = [p for p, why in default_skip_rules(shapes) if not why.startswith("kept in fp32")]
+        keep = MixChoice("keep", "kept unquantized", None, 16.0)
+        ways = [("nf4+dq", "NF4 + double quant", {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                                  "bnb_4bit_use_double_quant": True}, 4.0),
+                ("nf4", "NF4", {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}, 4.0),
+                ("fp4+dq", "FP4 + double quant", {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4",
+                                                  "bnb_4bit_use_double_quant": True}, 4.0),
+                ("fp4", "FP4", {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"}, 4.0),
+                ("int8", "LLM.int8()", {"load_in_8bit": True}, 8.0)]
+        spaces = []
+        for key, label, values, bits in ways:
+            uniform = BitsAndBytesQuantConfig(**values)
+
+            def build(assignment: dict[str, str], values: dict[str, Any] = values) -> QuantConfig:
+                kept = sorted(g for g, choice in assignment.items() if choice == "keep")
+                return BitsAndBytesQuantConfig(**values, llm_int8_skip_modules=[*defaults, *kept] if kept else None)
+
+            spaces.append(MixSpace(
+                f"{label}, some modules unquantized", (MixChoice(key, label, uniform, bits), keep), "module",
+                lambda module: module, build, uniform,
+                "BitsAndBytesConfig with llm_int8_skip_modules (the kept modules plus transformers' defaults)",
+                "one BitsAndBytesConfig cannot mix 4-bit and 8-bit layers or two 4-bit types: each is its own space"))
+        return spaces
+
+    def layer_output(self, x: torch.Tensor, packed: QuantizedTensor) -> torch.Tensor:
+        if isinstance(packed, RowwiseInt8Tensor) and not self.config.llm_int8_has_fp16_weight:
+            codes = packed.codes.reshape(packed.shape[0], -1)
+            return _int8_matmul(x, codes, packed.row_absmax, self.config.llm_int8_threshold, None)
+        return super().layer_output(x, packed)
 
     def exact_simulation_problem(self, model: Any) -> str | None:
         return exact_simulation_problem(model)

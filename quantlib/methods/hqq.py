@@ -31,8 +31,8 @@ import torch
 from quantlib.configs import FieldSpec, QuantConfig
 from quantlib.errors import _MISSING, FieldError
 from quantlib.formats import QuantizedTensor, check_float
-from quantlib.methods.base import Quantizer, register
-from quantlib.shapes import ROLE_LABELS, WeightShape
+from quantlib.methods.base import MixChoice, MixSpace, Quantizer, register
+from quantlib.shapes import ROLE_LABELS, ModelShapes, WeightShape
 
 #: Place in the registry (the builder's method list, the CLI).
 DISPLAY_ORDER = 30
@@ -348,6 +348,28 @@ class HqqQuantizer(Quantizer):
             f"AutoHQQHFModel.quantize_model(model, quant_config={_py(quant_config)}, compute_dtype=torch.float16, "
             "device=\"cpu\")",
         ])
+
+    #: (nbits, group_size) a per-layer mix chooses from: the widths transformers documents, groups of 64.
+    MIX_SETTINGS: ClassVar[tuple[tuple[int, int], ...]] = ((4, 64), (8, 64), (3, 64), (2, 64))
+
+    @classmethod
+    def mix_spaces(cls, shapes: ModelShapes) -> list[MixSpace]:
+        """HqqConfig's `dynamic_config` sets nbits/group_size per linear tag (transformers' `name_to_linear_tag`:
+        the same setting for that projection in every block); a tag it does not name stays unquantized."""
+        choices = [MixChoice(f"int{n}-g{g}", f"int{n} g{g}", HqqQuantConfig(nbits=n, group_size=g), float(n))
+                   for n, g in cls.MIX_SETTINGS]
+        settings = {c.key: {"nbits": n, "group_size": g} for c, (n, g) in zip(choices, cls.MIX_SETTINGS)}
+
+        def build(assignment: dict[str, str]) -> QuantConfig:
+            dynamic = {tag: dict(settings[key]) for tag, key in sorted(assignment.items()) if key != "keep"}
+            if not dynamic:
+                return HqqQuantConfig(skip_modules=["lm_head", *sorted(assignment)])
+            return HqqQuantConfig(dynamic_config=dynamic, skip_modules=["lm_head"])
+
+        return [MixSpace("HQQ, nbits and group size per linear tag",
+                         (*choices, MixChoice("keep", "kept unquantized", None, 16.0)), "linear tag", linear_tag,
+                         build, choices[0].config, "HqqConfig with dynamic_config (one entry per linear tag)",
+                         "transformers' HQQ sets one setting per linear tag, shared by every block")]
 
     @classmethod
     def treatment(cls, config: QuantConfig, w: WeightShape, rules: list[tuple[str, str]]) -> str | None:
