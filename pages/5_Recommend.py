@@ -98,6 +98,9 @@ def show_recommendation(choice: ModelChoice, sens) -> None:
                                                   else "HuggingFaceTB/SmolLM2-135M-Instruct")
     if snippet:
         st.code(snippet, language="python")
+    for tool, text in rec.commands.items():
+        st.caption(f"{tool}: the command that writes this mix")
+        st.code(text, language="bash")
 
 
 @st.cache_data(show_spinner=False, max_entries=4)

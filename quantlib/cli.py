@@ -263,6 +263,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         atomic_write_text(folder / "recommendation.json", json.dumps(out, indent=1, default=str))
         atomic_write_text(folder / "quantization_config.json", json.dumps(rec.export(), indent=1))
         atomic_write_text(folder / "layers.csv", rec.layers.to_csv(index=False))
+        for tool, text in rec.commands.items():
+            atomic_write_text(folder / f"{tool}.sh", text + "\n")
         if verification is not None:
             atomic_write_text(folder / "verification.csv", verification.table.to_csv(index=False))
         print(f"wrote {folder}/recommendation.json, quantization_config.json, layers.csv"
@@ -276,6 +278,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         for line in rc.verdict_lines(verification.verdict):
             print(line)
     print(json.dumps(rec.export(), indent=1))
+    for text in rec.commands.values():
+        print(text)
     return EXIT_OK
 
 

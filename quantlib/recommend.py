@@ -452,6 +452,8 @@ class Recommendation:
     check: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     algorithm: str = ALGORITHM
+    #: the method's own tools' commands that produce the mix (tool -> shell text), e.g. llama-quantize
+    commands: dict[str, str] = field(default_factory=dict)
 
     @property
     def bits_per_param(self) -> float:
@@ -473,7 +475,7 @@ class Recommendation:
                 "assignment": self.assignment, "config": self.export(), "label": self.config.label,
                 "reachable_bytes": list(self.reachable), "algorithm": self.algorithm, "grouping": self.grouping,
                 "export_kind": self.export_kind, "limits": self.limits, "seconds": self.seconds,
-                "proxy_check": self.check, "notes": self.notes,
+                "proxy_check": self.check, "notes": self.notes, "commands": self.commands,
                 "layers": self.layers.to_dict(orient="records"), "spaces": self.spaces.to_dict(orient="records")}
 
 
@@ -658,10 +660,11 @@ def recommend(sens: Sensitivity, model_config: dict[str, Any], *, budget_gib: fl
     notes = []
     if budget >= hi:
         notes.append("the budget holds the whole model unquantized: nothing needs quantizing")
+    commands = cls.tool_commands(config, model_config, shapes, sens.dtype)
     return Recommendation(sens.family, space.name, budget, total, sens.n_params, error, bound, assignment, config,
                           layers.reset_index(drop=True), pd.DataFrame(results), (lo, hi),
                           time.perf_counter() - started, space.grouping, space.export, space.limits, sens.check,
-                          notes)
+                          notes, commands=commands)
 
 
 def uniform_configs(family: str, shapes: ModelShapes) -> list[QuantConfig]:

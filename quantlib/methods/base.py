@@ -420,6 +420,13 @@ class Quantizer:
         return (f"{cls.config_class.quant_method}: its config has no per-layer setting that quantlib can "
                 "export and load back")
 
+    @classmethod
+    def tool_commands(cls, config: QuantConfig, model_config: dict[str, Any], shapes: ModelShapes,
+                      dtype: str = "float32") -> dict[str, str]:
+        """Commands of the method's own tools that produce this config (tool name -> shell text), where its
+        config is not what the tool reads (llama.cpp's llama-quantize for GGUF); {} where none."""
+        return {}
+
     def layer_output(self, x: torch.Tensor, packed: QuantizedTensor) -> torch.Tensor:
         """What the quantized layer computes from inputs `x` (rows x in), bias aside: `x @ W_q.T` by
         default; methods that also quantize activations override it."""

@@ -5,14 +5,15 @@ not how fast llama.cpp runs it)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
 import numpy as np
 import torch
 
 from quantlib.configs import FieldSpec, QuantConfig
 from quantlib.formats import QuantizedTensor, check_float
-from quantlib.methods.base import Quantizer, register
+from quantlib.methods.base import MixChoice, MixSpace, Quantizer, default_skip_rules, register
+from quantlib.shapes import ModelShapes, WeightShape
 
 #: Place in the registry (the builder's method list, the CLI).
 DISPLAY_ORDER = 20
@@ -20,6 +21,17 @@ DISPLAY_ORDER = 20
 
 #: Block types the `gguf` package can quantize in numpy (others it can only read).
 GGUF_TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "MXFP4", "BF16", "F16")
+
+
+def _tensor_types_rule(value: Any) -> str | None:
+    if not value:
+        return "must name at least one module (or be null)"
+    for module, qtype in value.items():
+        if not isinstance(module, str) or not module:
+            return "every key must be a module name, e.g. model.layers.3.mlp.down_proj"
+        if qtype not in GGUF_TYPES:
+            return f"{module!r}: {qtype!r} is not one of {', '.join(GGUF_TYPES)}"
+    return None
 
 
 class GGUFQuantConfig(QuantConfig):
@@ -36,11 +48,24 @@ class GGUFQuantConfig(QuantConfig):
         FieldSpec("modules_to_not_convert", list, None,
                   "Module names left unquantized (default: the output head, as transformers does).",
                   nullable=True, title="Skip modules"),
+        FieldSpec("tensor_types", dict, None, "Per-layer block types: module name -> GGUF type, as llama-quantize's "
+                  "--tensor-type overrides; other layers use the block type above.", nullable=True,
+                  validator=_tensor_types_rule, allowed="an object of module name -> GGUF block type",
+                  title="Per-layer types"),
     )
+
+    def type_of(self, module: str) -> str:
+        """The block type of layer `module` (its override, else `quant_type`)."""
+        return (self.tensor_types or {}).get(module, self.quant_type)
 
     @property
     def label(self) -> str:
-        return f"GGUF {self.quant_type}"
+        label = f"GGUF {self.quant_type}"
+        if self.tensor_types:
+            label += f" + {len(self.tensor_types)} overrides"
+        if self.modules_to_not_convert and self.tensor_types:
+            label += f", {len(self.modules_to_not_convert)} skipped"
+        return label
 
 
 
@@ -193,23 +218,110 @@ class GGUFQuantizer(Quantizer):
     def quantize_tensor(self, weight: torch.Tensor) -> Any:
         return quantize_gguf(weight, qtype=self.config.quant_type)
 
+    def quantize_layer(self, name: str, weight: torch.Tensor) -> Any:
+        return quantize_gguf(weight, qtype=self.config.type_of(name))
+
     @classmethod
     def code_bits(cls, config: QuantConfig) -> float:
-        return float(GGUF_CODE_BITS[config.quant_type])
+        return float(min(GGUF_CODE_BITS[t] for t in {config.quant_type, *(config.tensor_types or {}).values()}))
 
     @classmethod
     def storage_bytes(cls, config: QuantConfig, out_features: int, in_features: int) -> dict[str, float]:
-        block, type_bytes = gguf_block_geometry(config.quant_type)
-        total = out_features * in_features / block * type_bytes
-        # A GGUF block interleaves scale(s) and codes; split it by the codes' share for the chart.
-        code_bits = GGUF_CODE_BITS[config.quant_type]
-        codes = out_features * in_features * code_bits / 8
-        return {"codes": codes, "scales": total - codes, "dq_constants": 0.0, "code_tables": 0.0}
+        return _type_storage(config.quant_type, out_features, in_features)
+
+    @classmethod
+    def layer_storage_bytes(cls, config: QuantConfig, w: WeightShape, dtype: str = "float32") -> dict[str, float]:
+        return _type_storage(config.type_of(w.module), w.out_features, w.in_features)
 
     @classmethod
     def check_shape(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
-        block, _ = gguf_block_geometry(config.quant_type)
-        if shape[-1] % block:
-            return f"{name}: input width {shape[-1]} is not a multiple of the {config.quant_type} block ({block})"
-        return None
+        return _type_shape_problem(config.quant_type, name, shape)
 
+    @classmethod
+    def layer_check_shape(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
+        return _type_shape_problem(config.type_of(name.split("[")[0]), name, shape)
+
+    #: Block types a per-layer mix chooses from (what the gguf package quantizes; the first is the uniform one).
+    MIX_TYPES: ClassVar[tuple[tuple[str, float], ...]] = (("Q4_0", 4.0), ("Q4_1", 4.0), ("Q5_0", 5.0),
+                                                          ("Q5_1", 5.0), ("Q8_0", 8.0))
+
+    @classmethod
+    def mix_spaces(cls, shapes: ModelShapes) -> list[MixSpace]:
+        """llama.cpp sets a block type per tensor (llama-quantize --tensor-type): every layer chooses its own.
+        The exported config names the commonest type as `quant_type`, the others in `tensor_types`, the layers
+        kept unquantized in `modules_to_not_convert` (with transformers' default skips, which a list replaces)."""
+        defaults = [p for p, why in default_skip_rules(shapes) if not why.startswith("kept in fp32")]
+        choices = [MixChoice(t, t, GGUFQuantConfig(quant_type=t), bits) for t, bits in cls.MIX_TYPES]
+
+        def build(assignment: dict[str, str]) -> QuantConfig:
+            quantized = {m: t for m, t in assignment.items() if t != "keep"}
+            kept = sorted(m for m, t in assignment.items() if t == "keep")
+            counts = {t: list(quantized.values()).count(t) for t in dict.fromkeys(quantized.values())}
+            base = max(counts, key=counts.get) if counts else cls.MIX_TYPES[0][0]
+            overrides = {m: t for m, t in sorted(quantized.items()) if t != base}
+            return GGUFQuantConfig(quant_type=base, tensor_types=overrides or None,
+                                   modules_to_not_convert=[*defaults, *kept] if kept else None)
+
+        return [MixSpace("GGUF, a block type per tensor", (*choices, MixChoice("keep", "kept unquantized", None, 16.0)),
+                         "module", lambda module: module, build, choices[0].config,
+                         "quantlib's GGUF config with tensor_types, and the llama-quantize command with one "
+                         "--tensor-type per tensor")]
+
+    @classmethod
+    def tool_commands(cls, config: QuantConfig, model_config: dict[str, Any], shapes: ModelShapes,
+                      dtype: str = "float32") -> dict[str, str]:
+        """The llama-quantize command that writes this config's types: one anchored --tensor-type per quantized
+        tensor (no llama.cpp mixture rule is left to choose; --pure would ignore the overrides), the layers kept
+        unquantized at the model's float type, output and embeddings as the planner counts them."""
+        import gguf
+
+        model_type = model_config.get("model_type", "")
+        arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == model_type), None)
+        if arch is None:
+            return {"llama-quantize": f"# gguf {_gguf_version()} has no architecture named {model_type!r}: the "
+                                      "tensor names llama.cpp uses for this model are unknown, so no command is "
+                                      "written (the JSON config above still holds the per-layer types)"}
+        names = gguf.get_tensor_name_map(arch, int(model_config.get("num_hidden_layers", 0)))
+        float_type = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[dtype]
+        decisions = cls.classify(config, shapes)
+        lines, unmapped = [], []
+        for w in shapes.weights:
+            if not w.is_matmul or w.role in ("head", "embedding"):
+                continue
+            gname = names.get_name(w.name, try_suffixes=(".weight", ".bias"))
+            if gname is None:
+                unmapped.append(w.name)
+                continue
+            qtype = config.type_of(w.module).lower() if decisions[w.name] is None else float_type
+            lines.append(f"  --tensor-type '^{gname.replace('.', chr(92) + '.')}$={qtype}' \\")
+        head = [f"# llama.cpp: convert, then quantize with these per-tensor types (gguf {_gguf_version()} names)",
+                f"python convert_hf_to_gguf.py MODEL_DIR --outtype {float_type} --outfile model-{float_type}.gguf",
+                "llama-quantize \\", f"  --output-tensor-type {float_type} --token-embedding-type {float_type} \\"]
+        tail = [f"  model-{float_type}.gguf model-mix.gguf {config.quant_type}"]
+        if unmapped:
+            tail.append(f"# not mapped to a GGUF tensor name (check them by hand): {', '.join(unmapped[:5])}")
+        return {"llama-quantize": "\n".join(head + lines + tail)}
+
+
+def _gguf_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("gguf")
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+def _type_storage(quant_type: str, out_features: int, in_features: int) -> dict[str, float]:
+    block, type_bytes = gguf_block_geometry(quant_type)
+    total = out_features * in_features / block * type_bytes
+    # A GGUF block interleaves scale(s) and codes; split it by the codes' share for the chart.
+    codes = out_features * in_features * GGUF_CODE_BITS[quant_type] / 8
+    return {"codes": codes, "scales": total - codes, "dq_constants": 0.0, "code_tables": 0.0}
+
+
+def _type_shape_problem(quant_type: str, name: str, shape: tuple[int, ...]) -> str | None:
+    block, _ = gguf_block_geometry(quant_type)
+    if shape[-1] % block:
+        return f"{name}: input width {shape[-1]} is not a multiple of the {quant_type} block ({block})"
+    return None
