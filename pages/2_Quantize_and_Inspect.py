@@ -305,6 +305,52 @@ def main() -> None:
     elif was_cancelled(NS):
         st.warning("Run cancelled. Earlier results (if any) are kept below.", icon=":material/stop:")
     show_results(choice, run_key)
+    st.divider()
+    with guard("analyze the checkpoint"):
+        streamed_section(choice, cfg)
+
+
+STREAM_NS = Namespace("inspect.stream")
+
+
+def streamed_section(choice: ModelChoice, cfg: dict) -> None:
+    """Every layer, read one tensor at a time from the checkpoint's safetensors: weight error, storage, outlier
+    statistics and histograms for models bigger than this machine's memory (no evaluation)."""
+    import hashlib
+
+    from quantlib import figures
+    from quantlib.checkpoint import analyze_checkpoint, flat_rows
+    from quantlib.models import cache_dir
+
+    st.header("Every layer, streamed from the checkpoint")
+    st.caption("Reads the model's safetensors one tensor at a time (memory: the largest tensor and its quantized "
+               "copy, never the model), so it works on checkpoints bigger than this machine. Finished layers are "
+               "kept on disk: a cancelled or interrupted analysis resumes where it stopped.")
+    key = hashlib.blake2b(json.dumps([choice.source, cfg]).encode(), digest_size=10).hexdigest()
+    out = cache_dir() / "checkpoint-analysis" / key
+    if run_buttons(STREAM_NS, disabled=False, label="Analyze every layer"):
+        progress = Progress(STREAM_NS, "Reading the checkpoint…")
+        result = analyze_checkpoint(choice.source, cfg, out=out, trust_remote_code=choice.trust_remote_code,
+                                    progress=progress, cancel=progress.cancel)
+        progress.done(f"{len(result.layers)} layers, {result.bytes_read / 1e9:.2f} GB read in {result.seconds:.1f} s")
+        STREAM_NS.set({"key": key, "result": result}, "result")
+    elif was_cancelled(STREAM_NS):
+        st.warning("Stopped; the finished layers are kept and the next run resumes from them.", icon=":material/stop:")
+    stored = STREAM_NS.get("result")
+    if not stored or stored["key"] != key:
+        return
+    result = stored["result"]
+    state = "complete" if result.complete else "stopped early (finished layers kept)"
+    st.caption(f"{result.label}: {len(result.layers)} layers, {state}; "
+               f"{result.bytes_read / 1e9:.2f} GB read at {result.gb_per_second:.3f} GB/s · " + " · ".join(result.notes))
+    for p in result.problems:
+        st.error(f"{p['layer']} ({p['tensor']}): {p['problem']}", icon=":material/error:")
+    table = flat_rows(result.layers)
+    if len(table):
+        st.plotly_chart(figures.layer_error_figure(table.assign(scheme=result.label)), key=STREAM_NS.key("chart"))
+        st.dataframe(table, hide_index=True, width="stretch")
+        st.download_button("Per-layer table (CSV)", table.to_csv(index=False), file_name="layers.csv",
+                           mime="text/csv", key=STREAM_NS.key("csv"), icon=":material/download:")
 
 
 def show_results(choice: ModelChoice | None, run_key: str | None = None) -> None:

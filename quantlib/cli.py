@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -283,12 +283,63 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_inspect_all(args: argparse.Namespace, config: Any) -> int:
+    """Every layer, streamed tensor by tensor from the checkpoint's safetensors (models bigger than memory)."""
+    import signal
+
+    from quantlib.checkpoint import analyze_checkpoint, flat_rows
+    from quantlib.runs import atomic_write_text
+
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CliError(f"{args.out}: exists and is not a directory")
+    interrupted = [False]
+
+    def on_sigint(signum, frame) -> None:
+        if interrupted[0]:
+            raise KeyboardInterrupt
+        interrupted[0] = True
+        _err("stopping after this tensor; finished layers are kept (Ctrl-C again to abort)")
+
+    try:
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:
+        previous = None
+    try:
+        result = analyze_checkpoint(args.model, config, out=args.out, dtype=args.dtype,
+                                    trust_remote_code=args.trust_remote_code, progress=_progress(not args.quiet),
+                                    cancel=lambda: interrupted[0])
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    table = flat_rows(result.layers)
+    if args.out:
+        atomic_write_text(Path(args.out) / "layers.csv", table.to_csv(index=False))
+        print(f"wrote {args.out}/layers.jsonl, layers.csv, summary.json", file=sys.stderr)
+    for p in result.problems:
+        print(f"problem: {p['layer']} ({p['tensor']}): {p['problem']}", file=sys.stderr)
+    for note in result.notes:
+        print(note, file=sys.stderr)
+    if args.json:
+        print(json.dumps({**result.summary(), "layers": table.to_dict(orient="records")}, indent=1, default=str))
+        return EXIT_OK if result.complete else EXIT_INTERRUPTED
+    state = "complete" if result.complete else "INTERRUPTED (finished layers kept)"
+    print(f"{config.label}: {len(result.layers)} layers analyzed, {len(result.problems)} problem(s), {state}; "
+          f"{result.bytes_read / 1e9:.2f} GB read in {result.seconds:.1f} s ({result.gb_per_second:.3f} GB/s)")
+    if len(table):
+        cols = [c for c in ("layer", "rel_fro_error", "sqnr_db", "bits_per_param", "packed_bytes", "w_kurtosis",
+                            "w_max_over_sigma") if c in table]
+        print(table[cols].to_string(index=False))
+    return EXIT_OK if result.complete else EXIT_INTERRUPTED
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from quantlib.apply import layer_detail
     from quantlib.models import load_model
     from quantlib.methods import get_quantizer
 
     config = _read_config_file(args.config)
+    if args.all_layers:
+        return cmd_inspect_all(args, config)
     quantizer = get_quantizer(config, device=args.device)
     loaded = load_model(args.model, progress=_progress(not args.quiet))
     detail = layer_detail(loaded.model, quantizer, args.layer)
@@ -405,10 +456,22 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_recommend)
 
-    p = sub.add_parser("inspect", help="statistics and histogram data of one layer under a config")
+    p = sub.add_parser("inspect", help="statistics and histogram data of one layer, or of every layer streamed "
+                                       "tensor by tensor from the checkpoint (--all-layers), under a config")
     p.add_argument("--model", default="default", help=model_help)
     p.add_argument("--config", required=True, metavar="FILE")
-    p.add_argument("--layer", required=True, help="e.g. model.layers.0.mlp.down_proj")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--layer", help="e.g. model.layers.0.mlp.down_proj")
+    which.add_argument("--all-layers", action="store_true",
+                       help="every layer the config quantizes, read one tensor at a time from the model folder's "
+                            "safetensors (memory: the largest tensor and its quantized copy, never the model); "
+                            "rows are written as they finish and a rerun resumes")
+    p.add_argument("--out", metavar="DIR", help="--all-layers: write layers.jsonl (as they come), layers.csv, "
+                                                 "summary.json here")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="--all-layers: cast each tensor to this dtype (default: analyze in the stored dtype)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow models whose code lives in their repository (off by default)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--quiet", action="store_true")
     common(p)

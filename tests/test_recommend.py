@@ -160,6 +160,21 @@ def test_a_mix_keeps_the_layers_it_says_and_the_defaults(tiny, cache_dir):
     assert "lm_head" in unquantized  # the default skip survived the list
 
 
+def test_cancel_stops_the_measurement_and_caches_nothing(tiny, tmp_path, monkeypatch):
+    from quantlib.errors import Cancelled
+
+    monkeypatch.setenv("QUANTLIB_CACHE", str(tmp_path))
+    calls = []
+
+    def cancel() -> bool:
+        calls.append(1)
+        return len(calls) > 5  # a few layers in
+
+    with pytest.raises(Cancelled):
+        rc.measure_sensitivity(tiny, next(iter(rc.families())), calib_tokens=64, check_layers=0, cancel=cancel)
+    assert not list(tmp_path.rglob("*.json"))
+
+
 def test_unknown_family_and_bad_proxy_are_refused(tiny):
     with pytest.raises(rc.RecommendError, match="no per-layer mix.*allowed"):
         rc.measure_sensitivity(tiny, "gptq")
@@ -253,8 +268,10 @@ def test_the_verified_mix_beats_uniform_points_on_the_default_model(default_mode
     shapes = describe_model(default_model.model)
     cfg = default_model.model.config.to_dict()
     uniform = rc.uniform_configs(family, shapes)
-    sizes = {c.label: plan_memory(cfg, c, "float32", shapes=shapes).total_bytes for c in uniform}
-    four, eight = min(sizes.values()), max(sizes.values())
+    sizes = [(quantizer_class(c).code_bits(c), plan_memory(cfg, c, "float32", shapes=shapes).total_bytes)
+             for c in uniform]
+    four = min(size for bits, size in sizes if bits == 4)  # uniform NF4+DQ
+    eight = min(size for bits, size in sizes if bits == 8)  # uniform INT8
     mid = rc.recommend(sens, cfg, budget_gib=(four + eight) / 2 / rc.GIB, shapes=shapes)
     plus10 = rc.recommend(sens, cfg, budget_gib=four * 1.10 / rc.GIB, shapes=shapes)
     configs = [mid.config, plus10.config, *uniform]
