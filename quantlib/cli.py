@@ -175,6 +175,30 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_compare_offloaded(args: argparse.Namespace, configs: list) -> int:
+    """compare --offload: every model through accelerate's offload (models bigger than memory)."""
+    from quantlib.offload import OffloadSettings, compare_offloaded
+    from quantlib.runs import atomic_write_text
+
+    if args.text:
+        raise CliError("--offload evaluates on the built-in text; --text is not supported with it yet")
+    settings = OffloadSettings(max_memory_gib=args.max_memory_gib, folder=args.offload_folder)
+
+    def estimate(seconds: float, basis: str) -> None:
+        print(f"estimated evaluation time: about {seconds / 60:.1f} min ({basis})", file=sys.stderr, flush=True)
+
+    result = compare_offloaded(configs, source=args.model, settings=settings, dtype=args.dtype, max_tokens=args.tokens,
+                               window=args.window, progress=_progress(not args.quiet), on_estimate=estimate)
+    for note in result.notes:
+        print(note, file=sys.stderr)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(args.out) / "summary.csv", result.table.to_csv(index=False))
+    print(f"ran offloaded in {result.seconds:.1f} s (estimated {result.estimate_seconds:.1f} s)", file=sys.stderr)
+    _print_table(result.table, args.json)
+    return EXIT_OK
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from quantlib.compare import CompareSettings, run_comparison
     from quantlib.reports import crosscheck_text, format_summary, partial_text, ranking_text, running_text, write_outputs
@@ -186,6 +210,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise CliError(f"{args.text}: no such text file")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise CliError(f"{args.out}: exists and is not a directory")
+    if args.offload:
+        return cmd_compare_offloaded(args, configs)
     settings = CompareSettings(source=args.model, text_path=args.text, max_tokens=args.tokens, window=args.window,
                                stride=args.stride, device=args.device, until_settled=args.until_settled,
                                baseline_cache=not args.no_baseline_cache, kernels=args.kernels)
@@ -428,6 +454,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "bit for bit), cross-checked against the kernels on the first 128 tokens of the run")
     p.add_argument("--no-baseline-cache", action="store_true",
                    help="recompute the baseline instead of reusing its cached final hidden states")
+    p.add_argument("--offload", action="store_true",
+                   help="models bigger than memory: load every model with accelerate's device_map='auto' within "
+                        "--max-memory-gib, the rest on disk (schemes from a streamed checkpoint of their dequantized "
+                        "weights); slow, and every result says it ran offloaded")
+    p.add_argument("--max-memory-gib", type=float, default=2.0, help="--offload: memory per model (default 2)")
+    p.add_argument("--offload-folder", metavar="DIR",
+                   help="--offload: where offloaded and simulated weights go (default: a temporary folder)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="--offload: the models' dtype (default float32)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     common(p)
     p.set_defaults(func=cmd_compare)

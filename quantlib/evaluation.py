@@ -232,6 +232,11 @@ def _batches(windows: Sequence[Window], batch_size: int) -> Iterator[list[Window
 def _model_device(model: Any) -> torch.device:
     """Where inputs must go: the model's own notion (device_map aware), else its first weight."""
     device = getattr(model, "device", None)
+    if isinstance(device, torch.device) and device.type == "meta":
+        # offloaded to disk (accelerate): inputs go where the hooks execute, the first accelerator in the map, else CPU
+        placed = [d for d in (getattr(model, "hf_device_map", None) or {}).values() if d not in ("cpu", "disk")]
+        return torch.device(f"cuda:{placed[0]}" if placed and isinstance(placed[0], int) else placed[0]) \
+            if placed else torch.device("cpu")
     if isinstance(device, torch.device):
         return device
     try:

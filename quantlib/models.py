@@ -185,7 +185,9 @@ def _check_memory(config_dict: dict[str, Any], dtype: Any, what: str, factor: fl
         raise ModelSourceError(
             f"Not enough memory to load {what}: needs about {_gib(needed)} "
             f"({count_params_from_config(config_dict):,} parameters as {_dtype_name(dtype)}), "
-            f"but only {_gib(available)} is available. Close other models or pick a smaller dtype."
+            f"but only {_gib(available)} is available. Close other models or pick a smaller dtype, or evaluate it "
+            "offloaded (quantlib compare --offload --max-memory-gib N: accelerate's device_map='auto', the rest on "
+            "disk; slow)."
         )
 
 

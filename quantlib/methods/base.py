@@ -421,6 +421,15 @@ class Quantizer:
                 "export and load back")
 
     @classmethod
+    def offload_problem(cls, config: QuantConfig, dtype: str) -> str | None:
+        """Why a model quantized with `config` cannot be evaluated offloaded (`quantlib.offload`: from a checkpoint
+        of its dequantized weights in `dtype`), or None where those weights give the method's numbers."""
+        if cls.calibrated or not cls.simulated:
+            return (f"{cls.library} computes with its own layers, which a checkpoint of dequantized weights does not "
+                    "reproduce")
+        return None
+
+    @classmethod
     def tool_commands(cls, config: QuantConfig, model_config: dict[str, Any], shapes: ModelShapes,
                       dtype: str = "float32") -> dict[str, str]:
         """Commands of the method's own tools that produce this config (tool name -> shell text), where its
@@ -705,6 +714,11 @@ class CalibratedQuantizer(Quantizer):
             f"which {self.library} does and quantlib does not imitate",
             f"Quantize the model with {self.library} and load the saved checkpoint; quantlib can plan its "
             "memory and check its shapes without it.")
+
+    @classmethod
+    def offload_problem(cls, config: QuantConfig, dtype: str) -> str | None:
+        return ("calibration-based: it quantizes from the activations of the whole model, which an offloaded "
+                "evaluation streams one module at a time")
 
     def quantize_model(self, **kwargs: Any) -> QuantizedModel:
         self.quantize_tensor(torch.empty(0))  # raises with the reason

@@ -1053,6 +1053,19 @@ class BnbQuantizer(Quantizer):
                 "one BitsAndBytesConfig cannot mix 4-bit and 8-bit layers or two 4-bit types: each is its own space"))
         return spaces
 
+    @classmethod
+    def offload_problem(cls, config: QuantConfig, dtype: str) -> str | None:
+        """4-bit layers compute `x @ dequantize(W).T` in the compute dtype: a checkpoint of the dequantized weights
+        (bit-identical to bitsandbytes' own dequantization) in that dtype gives the same numbers. LLM.int8()
+        quantizes activations at run time, which no weight checkpoint does."""
+        if config.load_in_8bit:
+            return ("LLM.int8() quantizes the activations at run time (outlier columns in 16 bits): a checkpoint of "
+                    "dequantized weights would not reproduce it, and bitsandbytes offloads only to a CUDA device")
+        if config.bnb_4bit_compute_dtype != dtype:
+            return (f"its layers compute in {config.bnb_4bit_compute_dtype} while the model is {dtype}; set "
+                    "bnb_4bit_compute_dtype to the model's dtype to evaluate it offloaded")
+        return None
+
     def layer_output(self, x: torch.Tensor, packed: QuantizedTensor) -> torch.Tensor:
         if isinstance(packed, RowwiseInt8Tensor) and not self.config.llm_int8_has_fp16_weight:
             codes = packed.codes.reshape(packed.shape[0], -1)
