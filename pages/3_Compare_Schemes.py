@@ -267,9 +267,12 @@ def main() -> None:
              "apart on its paired per-token difference (after at least 1,024 tokens). The run is saved as a "
              "partial run with its token count.")
     baseline_cache_caption()
+    offload = offload_controls(choice, configs, text_path) if choice is not None else None
     clicked = run_buttons(NS, disabled=bool(problems) or choice is None, label="Run comparison",
-                          keep=keep_partial_run)
-    if clicked and choice is not None:
+                          keep=None if offload else keep_partial_run)
+    if clicked and choice is not None and offload is not None:
+        run_offloaded_now(choice, configs, int(tokens), int(window), offload)
+    elif clicked and choice is not None:
         estimate = estimate_seconds(n_params(choice), int(tokens), configs, resolve(choice.device))
         run_comparison_now(choice, configs, text_path, int(tokens), int(window), estimate, until_settled)
     elif NS.get("kept") is not None:
@@ -277,6 +280,13 @@ def main() -> None:
     elif was_cancelled(NS):
         st.warning("Comparison cancelled; nothing was saved. Earlier results are kept.", icon=":material/stop:")
 
+    offloaded = NS.get("offloaded")
+    if offloaded is not None:
+        st.divider()
+        st.header("Results (offloaded)")
+        st.caption(" · ".join(offloaded.notes) + f" · ran in {format_seconds(offloaded.seconds)} (estimated "
+                   f"{format_seconds(offloaded.estimate_seconds)}, {offloaded.estimate_basis})")
+        st.table(offloaded.table)
     result = NS.get("result")
     if result is not None:
         st.divider()
@@ -332,6 +342,66 @@ def show_live(placeholder, result, count: int) -> None:
             (st.success if result.run.extra.get("ranking_settled") else st.info)(verdict)
         if len(result.table) > 1:
             st.plotly_chart(figures.kl_figure(result.table.iloc[1:]), width="stretch", key=NS.key("live", count))
+
+
+def offload_controls(choice: ModelChoice, configs: list[dict], text_path: str | None):
+    """When the model does not fit in memory (or on request): accelerate offload settings, else None."""
+    import psutil
+
+    from quantlib.configs import parse_config
+    from quantlib.models import estimate_load_bytes, read_model_config
+    from quantlib.offload import OffloadSettings, offload_problems
+
+    try:
+        needed = estimate_load_bytes(read_model_config(choice.source), getattr(__import__("torch"), choice.dtype))
+    except Exception:  # noqa: BLE001 - the model picker already reported an unreadable config
+        return None
+    available = psutil.virtual_memory().available
+    fits = needed <= available
+    if not fits:
+        st.warning(f"This model needs about {needed / 2**30:.1f} GiB in {choice.dtype}, but only "
+                   f"{available / 2**30:.1f} GiB is available: it cannot be loaded whole. Evaluate it offloaded "
+                   "below (slow, but real).", icon=":material/memory:")
+    on = st.checkbox("Evaluate offloaded (accelerate: device_map='auto', the rest on disk)", value=not fits,
+                     key=NS.key("offload", "on"),
+                     help="Every model is loaded within the memory limit below and the rest stays on disk; each "
+                          "scheme is evaluated from a checkpoint of its dequantized weights written beside it. "
+                          "Slow: every window reads the offloaded weights again.")
+    if not on:
+        return None
+    limit = st.number_input("Memory per model (GiB)", min_value=0.01, max_value=4096.0,
+                            value=float(min(max(available / 2**30 / 4, 0.5), 64.0)), step=0.5,
+                            key=NS.key("offload", "gib"))
+    bad = offload_problems([parse_config(c) for c in configs], choice.dtype)
+    for p in bad:
+        st.error(f"Cannot run offloaded: {p}", icon=":material/block:")
+    if text_path:
+        st.error("Offloaded evaluation uses the built-in text; choose it above.", icon=":material/block:")
+    if bad or text_path:
+        return None
+    return OffloadSettings(max_memory_gib=float(limit))
+
+
+def run_offloaded_now(choice: ModelChoice, configs: list[dict], tokens: int, window: int, settings) -> None:
+    from quantlib.errors import Cancelled
+    from quantlib.offload import compare_offloaded
+
+    progress = Progress(NS, "Loading the model offloaded…")
+    note = st.empty()
+    try:
+        result = compare_offloaded(configs, source=choice.source, settings=settings, dtype=choice.dtype,
+                                   max_tokens=tokens, window=window, progress=progress, cancel=progress.cancel,
+                                   on_estimate=lambda s, basis: note.info(
+                                       f"Estimated evaluation time: about {format_seconds(s)} ({basis}).",
+                                       icon=":material/schedule:"))
+    except Cancelled:
+        st.warning("Offloaded comparison cancelled.", icon=":material/stop:")
+        return
+    except Exception as exc:  # noqa: BLE001
+        show_exception(exc, "run the offloaded comparison")
+        return
+    progress.done("Done (offloaded).")
+    NS.set(result, "offloaded")
 
 
 def run_comparison_now(choice: ModelChoice, configs: list[dict], text_path: str | None, tokens: int,

@@ -199,3 +199,21 @@ def test_a_checkpoint_bigger_than_the_budget_streams_under_it(tmp_path):
     assert result["layers"] == 22 * 7 and not result["problems"]
     assert result["peak"] < BUDGET_GB * 1e9, result  # the whole process, torch included
     assert result["read"] > 1.9e9  # every quantized tensor was read (fp16: 2 bytes per weight)
+
+
+def test_inspect_page_streams_every_layer(sharded_fp16, tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("QUANTLIB_CACHE", str(tmp_path))
+    at = AppTest.from_file(str(REPO / "pages" / "2_Quantize_and_Inspect.py"), default_timeout=180)
+    at.run()
+    at.radio(key="inspect.model.kind").set_value("Local folder").run()
+    at.text_input(key="inspect.model.path.Local folder").input(str(sharded_fp16)).run()
+    assert not at.exception, [e.message for e in at.exception]
+    at.button(key="inspect.stream.run").click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    assert any(h.value == "Every layer, streamed from the checkpoint" for h in at.header)
+    assert any("14 layers, complete" in c.value for c in at.caption)
+    assert len(at.dataframe[-1].value) == 14
+    assert list((tmp_path / "checkpoint-analysis").rglob("layers.jsonl"))  # kept on disk as it went

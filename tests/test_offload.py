@@ -84,3 +84,33 @@ def test_cli_compare_offload(tiny_llama_dir, capsys):
     assert "estimated evaluation time" in captured.err and "ran offloaded" in captured.err
     rows = json.loads(captured.out)
     assert [r["scheme"] for r in rows] == ["baseline float32", "NF4"] and all(r["offloaded"] for r in rows)
+
+
+def test_compare_page_runs_offloaded(tiny_llama_dir, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("QUANTLIB_RUNS_DIR", str(tmp_path / "runs"))
+    page = str(Path(__file__).resolve().parents[1] / "pages" / "3_Compare_Schemes.py")
+    at = AppTest.from_file(page, default_timeout=180)
+    at.run()
+    at.radio(key="compare.model.kind").set_value("Local folder").run()
+    at.text_input(key="compare.model.path.Local folder").input(str(tiny_llama_dir)).run()
+    at.multiselect(key="compare.configs").set_value(["NF4", "RTN int8, per channel"])
+    at.number_input(key="compare.tokens").set_value(64)
+    at.number_input(key="compare.window").set_value(64)
+    at.checkbox(key="compare.offload.on").check().run()
+    at.number_input(key="compare.offload.gib").set_value(0.01).run()
+    assert not at.exception, [e.message for e in at.exception]
+    at.button(key="compare.run").click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    assert any(h.value == "Results (offloaded)" for h in at.header)
+    table = at.table[0].value
+    assert list(table["scheme"]) == ["baseline float32", "NF4", "RTN int8 channel"]
+    assert table["offloaded"].all()
+    assert any("Estimated evaluation time" in i.value for i in at.info)
+    # INT8 is refused with the reason before anything runs
+    at.multiselect(key="compare.configs").set_value(["NF4", "LLM.int8() (threshold 6.0)"]).run()
+    assert any("activations at run time" in e.value for e in at.error)
