@@ -349,8 +349,9 @@ class HqqQuantizer(Quantizer):
             "device=\"cpu\")",
         ])
 
-    #: (nbits, group_size) a per-layer mix chooses from: the widths transformers documents, groups of 64.
-    MIX_SETTINGS: ClassVar[tuple[tuple[int, int], ...]] = ((4, 64), (8, 64), (3, 64), (2, 64))
+    #: (nbits, group_size) a per-layer mix chooses from: the widths transformers documents at groups of 64, and
+    #: 4 bits at groups of 32 and 128 (the first is the uniform setting).
+    MIX_SETTINGS: ClassVar[tuple[tuple[int, int], ...]] = ((4, 64), (8, 64), (3, 64), (2, 64), (4, 32), (4, 128))
 
     @classmethod
     def mix_spaces(cls, shapes: ModelShapes) -> list[MixSpace]:
