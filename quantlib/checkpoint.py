@@ -90,6 +90,41 @@ def read_tensor(path: Path, name: str) -> torch.Tensor:
         return handle.get_tensor(name)
 
 
+class ShardWriter:
+    """Writes tensors into safetensors shards of about `shard_bytes` each, then the index: a checkpoint written
+    tensor by tensor, never whole in memory."""
+
+    def __init__(self, folder: str | Path, prefix: str = "model", shard_bytes: int = 512 * 2**20):
+        self.folder, self.prefix, self.shard_bytes = Path(folder), prefix, shard_bytes
+        self.weight_map: dict[str, str] = {}
+        self.shard: dict[str, torch.Tensor] = {}
+        self.size = self.total = self.n = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self.shard[name] = tensor.contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        self.size += nbytes
+        self.total += nbytes
+        if self.size >= self.shard_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        name = f"{self.prefix}-{self.n:05d}.safetensors"
+        save_file(self.shard, str(self.folder / name), metadata={"format": "pt"})
+        self.weight_map.update({k: name for k in self.shard})
+        self.shard, self.size, self.n = {}, 0, self.n + 1
+
+    def close(self, metadata: dict[str, Any] | None = None) -> int:
+        """Write the last shard and `model.safetensors.index.json`; returns the bytes written."""
+        if self.shard:
+            self._flush()
+        index = {"metadata": {"total_size": self.total, **(metadata or {})}, "weight_map": self.weight_map}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index))
+        return self.total
+
+
 # --------------------------------------------------------------------------------------------
 # The analysis
 # --------------------------------------------------------------------------------------------

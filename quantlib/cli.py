@@ -8,12 +8,13 @@ output, exit 0 on success, 1 when the input is invalid or the work failed, 2 for
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -54,6 +55,31 @@ def _configs(args: argparse.Namespace) -> list:
             raise CliError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
         configs.append(preset(name))
     return configs
+
+
+@contextlib.contextmanager
+def _graceful_sigint(message: str) -> Iterator[list[bool]]:
+    """A first Ctrl-C sets the yielded flag (the work stops at its next step and keeps what it did) and says
+    `message`; a second one interrupts at once. Outside the main thread Ctrl-C is not ours to handle."""
+    import signal
+
+    interrupted = [False]
+
+    def on_sigint(signum, frame) -> None:
+        if interrupted[0]:
+            raise KeyboardInterrupt
+        interrupted[0] = True
+        _err(message)
+
+    try:
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread (embedded use)
+        previous = None
+    try:
+        yield interrupted
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _progress(enabled: bool):
@@ -222,26 +248,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     # Ctrl-C during the evaluation stops at the end of the current window and keeps what was computed
     # (saved as a partial run); a second Ctrl-C interrupts at once.
-    import signal
-
-    interrupted = [False]
-
-    def on_sigint(signum, frame) -> None:
-        if interrupted[0]:
-            raise KeyboardInterrupt
-        interrupted[0] = True
-        _err("stopping after this window (Ctrl-C again to abort without saving)")
-
-    try:
-        previous = signal.signal(signal.SIGINT, on_sigint)
-    except ValueError:  # not the main thread (embedded use): Ctrl-C is not ours to handle
-        previous = None
-    try:
+    with _graceful_sigint("stopping after this window (Ctrl-C again to abort without saving)") as interrupted:
         result = run_comparison(configs, settings, progress=_progress(not args.quiet), on_update=running,
                                 cancel=lambda: interrupted[0], keep_partial=True)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
     partial = partial_text(result.run)
     if partial:
         print(partial, file=sys.stderr)
@@ -311,32 +320,16 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 def cmd_inspect_all(args: argparse.Namespace, config: Any) -> int:
     """Every layer, streamed tensor by tensor from the checkpoint's safetensors (models bigger than memory)."""
-    import signal
-
     from quantlib.checkpoint import analyze_checkpoint, flat_rows
     from quantlib.runs import atomic_write_text
 
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise CliError(f"{args.out}: exists and is not a directory")
-    interrupted = [False]
-
-    def on_sigint(signum, frame) -> None:
-        if interrupted[0]:
-            raise KeyboardInterrupt
-        interrupted[0] = True
-        _err("stopping after this tensor; finished layers are kept (Ctrl-C again to abort)")
-
-    try:
-        previous = signal.signal(signal.SIGINT, on_sigint)
-    except ValueError:
-        previous = None
-    try:
+    with _graceful_sigint("stopping after this tensor; finished layers are kept (Ctrl-C again to abort)") \
+            as interrupted:
         result = analyze_checkpoint(args.model, config, out=args.out, dtype=args.dtype,
                                     trust_remote_code=args.trust_remote_code, progress=_progress(not args.quiet),
                                     cancel=lambda: interrupted[0])
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
     table = flat_rows(result.layers)
     if args.out:
         atomic_write_text(Path(args.out) / "layers.csv", table.to_csv(index=False))

@@ -92,9 +92,7 @@ def write_simulated_checkpoint(source: str, config: QuantConfig | dict | str, ou
     """Stream `source`'s safetensors tensor by tensor into `out` (config.json, tokenizer, shards and index):
     each layer `config` quantizes as quantize->dequantize, everything cast to `dtype`. Written into a
     temporary folder and renamed into place, so `out` is complete or absent. Returns what was written."""
-    from safetensors.torch import save_file
-
-    from quantlib.checkpoint import _items, _locate, checkpoint_files, read_tensor
+    from quantlib.checkpoint import ShardWriter, _items, _locate, checkpoint_files, read_tensor
     from quantlib.methods import get_quantizer, quantizer_class
     from quantlib.models import read_model_config
     from quantlib.shapes import model_shapes
@@ -121,15 +119,7 @@ def write_simulated_checkpoint(source: str, config: QuantConfig | dict | str, ou
         for name in os.listdir(folder):  # config and tokenizer files, never weights
             if name.endswith((".json", ".txt", ".model", ".jinja")) and name != "model.safetensors.index.json":
                 shutil.copy2(folder / name, staging / name)
-        weight_map, shard, size, n, total = {}, {}, 0, 0, 0
-
-        def flush() -> None:
-            nonlocal shard, size, n
-            name = f"model-{n:05d}-simulated.safetensors"
-            save_file(shard, str(staging / name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-            shard, size, n = {}, 0, n + 1
-
+        writer = ShardWriter(staging, "model-simulated", SHARD_BYTES)
         names = list(files)
         for i, key in enumerate(names):
             if cancel is not None and cancel():
@@ -142,18 +132,10 @@ def write_simulated_checkpoint(source: str, config: QuantConfig | dict | str, ou
                 w = (view.t() if item.transposed else view).contiguous()
                 deq = quantizer.quantize_layer(item.name, w).dequantize().to(tensor.dtype)
                 view.copy_(deq.t() if item.transposed else deq)
-            shard[key] = tensor.contiguous()
-            size += tensor.numel() * tensor.element_size()
-            total += tensor.numel() * tensor.element_size()
-            if size >= SHARD_BYTES:
-                flush()
+            writer.add(key, tensor)
             if progress is not None:
                 progress((i + 1) / len(names), f"{config.label}: simulated checkpoint {i + 1}/{len(names)} {key}")
-        if shard:
-            flush()
-        (staging / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total, "quantlib_simulated": json.dumps(config.to_dict())},
-             "weight_map": weight_map}))
+        total = writer.close({"quantlib_simulated": json.dumps(config.to_dict())})
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)

@@ -138,8 +138,9 @@ def write_synthetic_checkpoint(folder: Path, *, hidden: int, intermediate: int, 
                                shard_bytes: int = 600 * 2**20) -> int:
     """A Llama checkpoint of random fp16 weights, written shard by shard (never the whole model in memory);
     returns its parameter count."""
-    from safetensors.torch import save_file
     from transformers import LlamaConfig
+
+    from quantlib.checkpoint import ShardWriter
 
     heads = hidden // 64
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
@@ -157,26 +158,13 @@ def write_synthetic_checkpoint(folder: Path, *, hidden: int, intermediate: int, 
                        p + "mlp.down_proj.weight": (hidden, intermediate), p + "input_layernorm.weight": (hidden,),
                        p + "post_attention_layernorm.weight": (hidden,)})
     generator = torch.Generator().manual_seed(0)
-    weight_map, shard, size, n, total = {}, {}, 0, 0, 0
-
-    def flush() -> None:
-        nonlocal shard, size, n
-        name = f"model-{n:05d}.safetensors"
-        save_file(shard, str(folder / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-        shard, size, n = {}, 0, n + 1
-
+    writer = ShardWriter(folder, "model", shard_bytes)
+    total = 0
     for name, shape in shapes.items():
         t = (torch.randn(shape, generator=generator) * 0.02).to(torch.float16)
         total += t.numel()
-        shard[name] = t
-        size += t.numel() * 2
-        if size >= shard_bytes:
-            flush()
-    if shard:
-        flush()
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total * 2},
-                                                                     "weight_map": weight_map}))
+        writer.add(name, t)
+    writer.close()
     return total
 
 
