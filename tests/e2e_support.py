@@ -57,14 +57,16 @@ def _tail(path: Path, n: int = 40) -> str:
 
 
 @contextlib.contextmanager
-def streamlit_server(script: str = "app.py", timeout: float = 90.0) -> Iterator[str]:
-    """Start the app headless on a free port; yield its base URL; always stop it afterwards."""
+def streamlit_server(script: str = "app.py", timeout: float = 90.0, env_extra: dict | None = None) -> Iterator[str]:
+    """Start the app headless on a free port (with `env_extra` in its environment, e.g. QUANTLIB_RUNS_DIR);
+    yield its base URL; always stop it afterwards."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = ARTIFACTS / f"streamlit-server-{port}.log"
     env = dict(os.environ)
     env.setdefault("QUANTLIB_CACHE", str(REPO / ".cache" / "quantlib"))
     env["PYTHONUNBUFFERED"] = "1"
+    env.update(env_extra or {})
     cmd = [sys.executable, "-m", "streamlit", "run", script, "--server.headless", "true",
            "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
            "--server.fileWatcherType", "none"]

@@ -9,7 +9,6 @@ full-page screenshots of both pages under test-artifacts/screenshots/. About 2-3
 
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
@@ -30,16 +29,8 @@ def runs_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(runs_folder):
-    old = os.environ.get("QUANTLIB_RUNS_DIR")
-    os.environ["QUANTLIB_RUNS_DIR"] = str(runs_folder)  # the server inherits it
-    try:
-        with streamlit_server() as url:
-            yield url
-    finally:
-        if old is None:
-            os.environ.pop("QUANTLIB_RUNS_DIR", None)
-        else:
-            os.environ["QUANTLIB_RUNS_DIR"] = old
+    with streamlit_server(env_extra={"QUANTLIB_RUNS_DIR": str(runs_folder)}) as url:
+        yield url
 
 
 def assert_no_error(page) -> None:

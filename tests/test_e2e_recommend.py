@@ -9,7 +9,6 @@ test-artifacts/screenshots/.
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import pytest
@@ -25,16 +24,8 @@ RUN_TIMEOUT_MS = 420_000
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    old = os.environ.get("QUANTLIB_RUNS_DIR")
-    os.environ["QUANTLIB_RUNS_DIR"] = str(tmp_path_factory.mktemp("runs"))
-    try:
-        with streamlit_server() as url:
-            yield url
-    finally:
-        if old is None:
-            os.environ.pop("QUANTLIB_RUNS_DIR", None)
-        else:
-            os.environ["QUANTLIB_RUNS_DIR"] = old
+    with streamlit_server(env_extra={"QUANTLIB_RUNS_DIR": str(tmp_path_factory.mktemp("runs"))}) as url:
+        yield url
 
 
 def test_recommend_measures_exports_and_verifies_on_the_default_model(server, page):
