@@ -203,9 +203,12 @@ def layer_row(quantizer: Any, name: str, weight: torch.Tensor, *, bins: int = 12
     packed = quantizer.quantize_layer(name, weight)
     counts, entropy = code_usage(packed)
     storage = packed.storage_by_component()
+    bits = packed.bits_per_param
+    metrics = error_metrics(weight, packed.dequantize())
+    del packed  # one copy at a time: the packed tensor, then the histogram's and statistics' temporaries
     hist = block_normalized_histogram(weight, bins=bins)
     return {"layer": name, "out_features": weight.shape[0], "in_features": weight.shape[1],
-            **error_metrics(weight, packed.dequantize()), "bits_per_param": packed.bits_per_param,
+            **metrics, "bits_per_param": bits,
             "code_entropy_bits": entropy, "packed_bytes": float(sum(storage.values())),
             "storage": {k: float(v) for k, v in storage.items()},
             "code_counts": None if counts is None else [int(c) for c in counts],
@@ -264,6 +267,7 @@ def analyze_checkpoint(source: str | Path, config: QuantConfig | dict | str, *, 
     from quantlib.methods.base import CalibratedQuantizer
     from quantlib.models import read_model_config, resolve_source_dir
     from quantlib.runs import atomic_write_text
+    from quantlib.runtime import release_memory
     from quantlib.shapes import model_shapes
 
     started = time.perf_counter()
@@ -344,6 +348,8 @@ def analyze_checkpoint(source: str | Path, config: QuantConfig | dict | str, *, 
             row["dtype"] = str(w.dtype).removeprefix("torch.")
             rows.append(row)
             del w, tensor
+            if cached is None:
+                release_memory()  # hand the tensor's pages and its temporaries back: memory stays flat
             if handle is not None:
                 _append(handle, row)
             if on_layer is not None:
