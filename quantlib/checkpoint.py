@@ -36,6 +36,8 @@ CancelFn = Callable[[], bool]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HEADER_KIND = "quantlib-checkpoint-analysis"
+#: After a tensor whose fp32 copies reach this size, freed heap pages are handed back to the OS at once.
+TRIM_BYTES = 8 * 2**20
 
 
 class CheckpointError(QuantlibError, ValueError):
@@ -267,7 +269,7 @@ def analyze_checkpoint(source: str | Path, config: QuantConfig | dict | str, *, 
     from quantlib.methods.base import CalibratedQuantizer
     from quantlib.models import read_model_config, resolve_source_dir
     from quantlib.runs import atomic_write_text
-    from quantlib.runtime import release_memory
+    from quantlib.runtime import trim_heap
     from quantlib.shapes import model_shapes
 
     started = time.perf_counter()
@@ -347,9 +349,10 @@ def analyze_checkpoint(source: str | Path, config: QuantConfig | dict | str, *, 
             row = layer_row(quantizer, item.name, w, bins=bins)
             row["dtype"] = str(w.dtype).removeprefix("torch.")
             rows.append(row)
+            big = w.numel() * 4 >= TRIM_BYTES
             del w, tensor
-            if cached is None:
-                release_memory()  # hand the tensor's pages and its temporaries back: memory stays flat
+            if cached is None and big:
+                trim_heap()  # hand the tensor's pages and its temporaries back: memory stays flat
             if handle is not None:
                 _append(handle, row)
             if on_layer is not None:

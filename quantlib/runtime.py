@@ -65,13 +65,19 @@ def resolve_device(device: str) -> tuple[str, str]:
 
 
 
-def release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise)."""
+def trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise); no garbage collection."""
     import ctypes
-    import gc
 
-    gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
         pass
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS."""
+    import gc
+
+    gc.collect()
+    trim_heap()
