@@ -4,10 +4,13 @@
    text (the built-in corpus' "calib" half, disjoint from the evaluation text). For every setting a method's
    config can give a layer (`Quantizer.mix_spaces`), the layer is quantized with the method's own tensor
    path and its output recomputed from the captured inputs (`Quantizer.layer_output`, so LLM.int8()'s
-   activation quantization counts). The proxy is the relative output error power
-   ``||X W_q^T - X W^T||^2 / ||X W^T||^2``. On a handful of layers it is checked against the end-to-end KL of
-   quantizing that layer alone, and the rank correlation (Spearman) is reported with the recommendation.
-   Results are cached per model fingerprint, calibration tokens and the settings measured.
+   activation quantization counts). Two errors are recorded: the relative output error power
+   ``||dY||^2 / ||Y||^2``, and the predicted increase of the mean KL per token, ``0.5 * sum_t (g_t . dY_t)^2``
+   with g the gradient of the log-likelihood of next tokens sampled from the model itself (the Fisher
+   information of the output distribution, `_output_scores`); the optimizer sums the second by default. On a
+   handful of layers both are checked against the end-to-end KL of quantizing that layer alone, and their rank
+   correlations (Spearman) are reported with the recommendation. Results are cached per model fingerprint,
+   calibration tokens and the settings measured.
 2. **Optimization** (`recommend`). One choice per group (the unit the exported config can address: a
    module for bitsandbytes, a linear tag for HQQ) minimizing the summed proxy with the total size at most
    the budget, sizes from the planner's per-layer storage so the predicted total is exact (checked against
@@ -57,7 +60,7 @@ PROXIES = ("fisher", "relative")
 #: Sampled next tokens per calibration token for the Fisher estimate.
 SCORE_SAMPLES = 1
 #: Bump when the measurement changes, so cached sensitivities are not reused across versions.
-MEASURE_VERSION = 2
+MEASURE_VERSION = 3
 
 
 class RecommendError(QuantlibError, ValueError):
@@ -111,9 +114,10 @@ class Sensitivity:
     seconds: float = 0.0
     source: str = "measured"  # or "cache"
     notes: list[str] = field(default_factory=list)
+    proxy: str = "fisher"  # which error `rows["error"]` holds (PROXIES)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"family": self.family, "dtype": self.dtype, "fingerprint": self.fingerprint,
+        return {"family": self.family, "dtype": self.dtype, "fingerprint": self.fingerprint, "proxy": self.proxy,
                 "calib_tokens": self.calib_tokens, "rows": self.rows.to_dict(orient="list"),
                 "fixed_bytes": self.fixed_bytes, "n_params": self.n_params, "check": self.check,
                 "seconds": self.seconds, "notes": self.notes, "version": MEASURE_VERSION}
@@ -122,7 +126,7 @@ class Sensitivity:
     def from_dict(cls, data: dict[str, Any]) -> "Sensitivity":
         return cls(data["family"], data["dtype"], data["fingerprint"], int(data["calib_tokens"]),
                    pd.DataFrame(data["rows"]), float(data["fixed_bytes"]), int(data["n_params"]), data["check"],
-                   float(data["seconds"]), "cache", list(data.get("notes", [])))
+                   float(data["seconds"]), "cache", list(data.get("notes", [])), data.get("proxy", "fisher"))
 
 
 def _block_of(module: str) -> int:
@@ -413,7 +417,7 @@ def measure_sensitivity(base: Any, family: str, *, dtype: str = "float32", calib
         check = _proxy_check(model, layer_refs, quantizers, pairs, errors, eval_ids,
                              lambda f, m: report(0.8 + 0.2 * f, m))
     result = Sensitivity(family, dtype, fingerprint, int(ids.numel()), frame, fixed, plan.total_params, check,
-                         time.perf_counter() - started)
+                         time.perf_counter() - started, proxy=proxy)
     if use_cache:
         atomic_write_text(path, json.dumps(result.to_dict()))
     report(1.0, f"measured {n} layers x {len(choices)} settings in {result.seconds:.1f} s")
@@ -454,6 +458,7 @@ class Recommendation:
     algorithm: str = ALGORITHM
     #: the method's own tools' commands that produce the mix (tool -> shell text), e.g. llama-quantize
     commands: dict[str, str] = field(default_factory=dict)
+    proxy: str = "fisher"
 
     @property
     def bits_per_param(self) -> float:
@@ -475,7 +480,7 @@ class Recommendation:
                 "assignment": self.assignment, "config": self.export(), "label": self.config.label,
                 "reachable_bytes": list(self.reachable), "algorithm": self.algorithm, "grouping": self.grouping,
                 "export_kind": self.export_kind, "limits": self.limits, "seconds": self.seconds,
-                "proxy_check": self.check, "notes": self.notes, "commands": self.commands,
+                "proxy_check": self.check, "notes": self.notes, "commands": self.commands, "proxy": self.proxy,
                 "layers": self.layers.to_dict(orient="records"), "spaces": self.spaces.to_dict(orient="records")}
 
 
@@ -664,7 +669,7 @@ def recommend(sens: Sensitivity, model_config: dict[str, Any], *, budget_gib: fl
     return Recommendation(sens.family, space.name, budget, total, sens.n_params, error, bound, assignment, config,
                           layers.reset_index(drop=True), pd.DataFrame(results), (lo, hi),
                           time.perf_counter() - started, space.grouping, space.export, space.limits, sens.check,
-                          notes, commands=commands)
+                          notes, commands=commands, proxy=sens.proxy)
 
 
 def uniform_configs(family: str, shapes: ModelShapes) -> list[QuantConfig]:
@@ -743,7 +748,9 @@ def summary_lines(rec: Recommendation) -> list[str]:
              f"size {size_text(rec.total_bytes)}, {rec.bits_per_param:.3f} bits/param (budget "
              f"{size_text(rec.budget_bytes)}; planned exactly; reachable {size_text(rec.reachable[0])} to "
              f"{size_text(rec.reachable[1])})",
-             f"predicted error {rec.predicted_error:.5g} (lower bound {rec.lower_bound:.5g}, gap {100 * rec.gap:.2f}%)",
+             (f"predicted mean KL {rec.predicted_error:.5g} nats/token" if rec.proxy == "fisher" else
+              f"predicted summed relative output error {rec.predicted_error:.5g}")
+             + f" (optimizer's lower bound {rec.lower_bound:.5g}, gap {100 * rec.gap:.2f}%)",
              "layers: " + ", ".join(f"{n} x {setting} ({p / 1e6:.1f}M params)"
                                     for setting, (n, p) in kept.iterrows()),
              f"one setting per {rec.grouping}; export: {rec.export_kind}"]
