@@ -29,17 +29,19 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 STREAMED = """
-import json, resource, sys, time
+import json, sys, time
+from quantlib.runtime import vm_hwm
 from quantlib.checkpoint import analyze_checkpoint
 from quantlib.presets import preset
 folder, method = sys.argv[1], sys.argv[2]
 r = analyze_checkpoint(folder, preset(method))
 print(json.dumps({"seconds": r.seconds, "bytes": r.bytes_read, "layers": len(r.layers), "problems": r.problems,
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "peak_rss": vm_hwm()}))
 """
 
 IN_MEMORY = """
-import json, resource, sys, time
+import json, sys, time
+from quantlib.runtime import vm_hwm
 from safetensors.torch import load_file
 from quantlib.checkpoint import _items, checkpoint_files, layer_row
 from quantlib.methods import get_quantizer
@@ -61,7 +63,7 @@ for name, w in wanted:
     layer_row(quantizer, name, w.contiguous())
 seconds = time.perf_counter() - started
 print(json.dumps({"seconds": seconds, "bytes": nbytes, "layers": len(wanted),
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "peak_rss": vm_hwm()}))
 """
 
 

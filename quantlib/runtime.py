@@ -65,6 +65,22 @@ def resolve_device(device: str) -> tuple[str, str]:
 
 
 
+def vm_hwm() -> int:
+    """Peak resident set size of this process in bytes (Linux `VmHWM`), 0 where unknown.
+
+    Unlike `getrusage(RUSAGE_SELF).ru_maxrss`, it is the process's own: Linux carries the parent's peak into
+    ru_maxrss across the fork and exec that start a subprocess, so a child of a large process reports at least
+    the parent's size."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def trim_heap() -> None:
     """Hand freed heap pages back to the OS (glibc keeps them otherwise); no garbage collection."""
     import ctypes
