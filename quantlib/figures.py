@@ -133,9 +133,18 @@ def mix_frontier_figure(table: pd.DataFrame, mix_label: str, verdict: dict | Non
             return None
         return {"type": "data", "array": [2 * v if pd.notna(v) else 0.0 for v in rows["kl_se"]], "visible": True}
 
-    fig.add_trace(go.Scatter(x=list(uniform["memory_mib"]), y=list(uniform["kl"]), mode="lines+markers+text",
+    fig.add_trace(go.Scatter(x=list(uniform["memory_mib"]), y=list(uniform["kl"]), mode="markers+text",
                              text=list(uniform["scheme"]), textposition="top right", name="uniform settings",
-                             marker={"size": 10, "color": "#1f77b4"}, line={"dash": "dot"}, error_y=bars(uniform)))
+                             marker={"size": 10, "color": "#1f77b4"}, error_y=bars(uniform)))
+    # the uniform frontier: each point with less KL than every uniform setting of its size or smaller
+    best, frontier = float("inf"), []
+    for _, row in uniform.sort_values(["memory_mib", "kl"]).iterrows():
+        if row["kl"] < best:
+            best = row["kl"]
+            frontier.append(row)
+    if len(frontier) > 1:
+        fig.add_trace(go.Scatter(x=[r["memory_mib"] for r in frontier], y=[r["kl"] for r in frontier], mode="lines",
+                                 name="uniform frontier", line={"dash": "dot", "color": "#1f77b4"}))
     fig.add_trace(go.Scatter(x=list(mix["memory_mib"]), y=list(mix["kl"]), mode="markers+text",
                              text=list(mix["scheme"]), textposition="bottom left", name="recommended mix",
                              marker={"size": 16, "symbol": "star", "color": "#d62728"}, error_y=bars(mix)))

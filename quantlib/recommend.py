@@ -696,8 +696,9 @@ def judge(table: pd.DataFrame, mix_label: str) -> dict[str, Any]:
                                "beats_smaller": bool((mix["kl"] < smaller["kl"]).all()) if len(smaller) else None,
                                "line_kl": None, "below_line": None, "neighbours": None}
     if len(smaller) and len(larger):
-        lo = smaller.loc[smaller["memory_mib"].idxmax()]
-        hi = larger.loc[larger["memory_mib"].idxmin()]
+        # the nearest uniform size on either side; of settings the same size, the better one
+        lo = smaller[smaller["memory_mib"] == smaller["memory_mib"].max()].sort_values("kl").iloc[0]
+        hi = larger[larger["memory_mib"] == larger["memory_mib"].min()].sort_values("kl").iloc[0]
         t = (mix["memory_mib"] - lo["memory_mib"]) / (hi["memory_mib"] - lo["memory_mib"])
         line = float(lo["kl"] + t * (hi["kl"] - lo["kl"]))
         verdict.update(line_kl=line, below_line=bool(mix["kl"] < line), neighbours=[lo["scheme"], hi["scheme"]],

@@ -34,14 +34,16 @@ def test_recommend_measures_exports_and_verifies_on_the_default_model(server, pa
     assert_no_traceback(page)
     page.get_by_role("button", name="Measure sensitivity").click()
     page.get_by_role("heading", name="3 · Budget and recommendation").wait_for(timeout=RUN_TIMEOUT_MS)
+    page.get_by_role("heading", name="4 · Verify").wait_for(timeout=RUN_TIMEOUT_MS)  # the whole section drawn
+    page.get_by_test_id("stCode").filter(has_text='"quant_method"').first.wait_for(timeout=RUN_TIMEOUT_MS)
+    page.locator(".js-plotly-plot").first.wait_for(timeout=RUN_TIMEOUT_MS)
     wait_until_idle(page, timeout_ms=RUN_TIMEOUT_MS)
     assert_no_traceback(page)
     assert page.get_by_test_id("stAlertContentError").count() == 0
     body = page.inner_text("body")
     assert re.search(r"recommended: NF4\+DQ, \d+ skipped", body), body[:3000]
     assert "planned exactly" in body and "Spearman rank correlation" in body
-    code = page.get_by_test_id("stCode").first.inner_text()
-    exported = json.loads(code)
+    exported = json.loads(page.get_by_test_id("stCode").filter(has_text='"quant_method"').first.inner_text())
     assert exported["quant_method"] == "bitsandbytes" and "lm_head" in exported["llm_int8_skip_modules"]
     assert page.locator(".js-plotly-plot").count() == 1  # the layer-by-depth chart
     full_page_screenshot(page, SCREENSHOTS / "recommend_after_measure.png")
@@ -51,6 +53,7 @@ def test_recommend_measures_exports_and_verifies_on_the_default_model(server, pa
     wait_until_idle(page)
     page.get_by_role("button", name="Verify the recommendation").click()
     page.get_by_text(re.compile(r"measured: NF4\+DQ, \d+ skipped KL")).first.wait_for(timeout=RUN_TIMEOUT_MS)
+    page.locator(".js-plotly-plot").nth(1).wait_for(timeout=RUN_TIMEOUT_MS)
     wait_until_idle(page, timeout_ms=RUN_TIMEOUT_MS)
     assert_no_traceback(page)
     assert page.locator(".js-plotly-plot").count() == 2  # + memory vs KL

@@ -285,3 +285,18 @@ def test_the_verified_mix_beats_uniform_points_on_the_default_model(default_mode
         assert verdict["beats_smaller"] is True, verdict
     verdict = rc.judge(table[table["scheme"].isin([labels[0], *labels[2:]])], labels[0])
     assert verdict["below_line"] is True, verdict
+
+
+def test_judge_takes_the_better_of_two_uniform_settings_of_the_same_size_and_the_figure_draws_the_frontier():
+    import pandas as pd
+
+    from quantlib.figures import mix_frontier_figure
+
+    table = pd.DataFrame({"scheme": ["mix", "fp4", "nf4", "int8"], "memory_mib": [180.0, 165.0, 165.0, 210.0],
+                          "kl": [0.15, 0.50, 0.28, 0.02], "kl_se": [0.01, 0.02, 0.01, 0.002]})
+    v = rc.judge(table, "mix")
+    assert v["neighbours"] == ["nf4", "int8"]
+    assert v["line_kl"] == pytest.approx(0.28 + (180 - 165) / 45 * (0.02 - 0.28))
+    fig = mix_frontier_figure(table, "mix", v)
+    frontier = next(t for t in fig.data if t.name == "uniform frontier")
+    assert list(frontier.x) == [165.0, 210.0] and list(frontier.y) == [0.28, 0.02]
