@@ -493,9 +493,12 @@ class ReferenceLogprobs:
         if self.stored:
             yield from self.logprobs or []
             return
-        with torch.inference_mode():
-            for _, inputs, targets in _run(self.plan, None, None, "baseline"):
-                yield _logprobs(self.model, inputs, targets.shape[1])
+        for _, inputs, targets in _run(self.plan, None, None, "baseline"):
+            # inference mode only around the computation: a generator suspended inside `with inference_mode()`
+            # leaves the mode on in its caller's thread (for good, if the caller stops early)
+            with torch.inference_mode():
+                lp = _logprobs(self.model, inputs, targets.shape[1])
+            yield lp
 
 
 def _vocab_size(model: Any) -> int:

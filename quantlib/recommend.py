@@ -227,7 +227,7 @@ def _output_scores(model: torch.nn.Module, names: list[str], ids: torch.Tensor, 
         handles.append(modules[name].register_forward_hook(hook(name)))
     generator = torch.Generator().manual_seed(seed)
     try:
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():
             logits = model(ids.reshape(1, -1)).logits[0].float()
             logp = torch.log_softmax(logits, dim=-1)
             probs = logp.detach().exp()

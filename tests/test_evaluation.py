@@ -265,3 +265,18 @@ def test_default_model_perplexity_on_builtin_eval(default_model):
     print(f"default fp32 ppl on 4x1024 eval tokens: {result.ppl:.2f} in {result.seconds:.1f} s ({result.backend})")
     assert result.n_tokens == 4096 and result.n_windows == 4
     assert 10 < result.ppl < 60
+
+
+def test_a_recomputed_reference_abandoned_midway_leaves_no_inference_mode_behind(tiny_model, perturbed, ids):
+    """A cancelled comparison against a recomputed (not stored) reference stops its baseline generator between
+    batches; inference mode must not stay on in the caller's thread (it silently broke later backward passes)."""
+    from quantlib.evaluation import compare_logits, reference_logprobs
+
+    ref = reference_logprobs(tiny_model, ids, window=32, max_bytes=0)  # recompute the baseline batch by batch
+    calls = iter([False, False, True, True, True])
+    with pytest.raises(Cancelled):
+        compare_logits(ref, perturbed, cancel=lambda: next(calls))
+    assert not torch.is_inference_mode_enabled()
+    x = torch.ones(2, requires_grad=True)
+    (x * 3).sum().backward()
+    assert x.grad is not None
