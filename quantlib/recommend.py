@@ -353,7 +353,8 @@ def measure_sensitivity(base: Any, family: str, *, dtype: str = "float32", calib
                 raise RecommendError(f"{ref.name}: fused expert tensors are not measured per layer yet; "
                                      "a per-layer mix of a model with fused experts is refused")
             layer_refs.setdefault(ref.name, ref)
-    order = [w.module for w in shapes.weights if w.module in layer_refs]
+    # each layer once, in model order (a module's bias is a weight of the same module)
+    order = list(dict.fromkeys(w.module for w in shapes.weights if w.is_matmul and w.module in layer_refs))
     if not order:
         raise RecommendError(f"{family}: no layer of this model is quantizable by its mix")
 
