@@ -300,3 +300,27 @@ def test_judge_takes_the_better_of_two_uniform_settings_of_the_same_size_and_the
     fig = mix_frontier_figure(table, "mix", v)
     frontier = next(t for t in fig.data if t.name == "uniform frontier")
     assert list(frontier.x) == [165.0, 210.0] and list(frontier.y) == [0.28, 0.02]
+
+
+def test_gpt2_conv1d_layers_with_biases_are_measured_once_and_planned_exactly(tiny_tokenizer, tmp_path, cache_dir):
+    """Reach: GPT-2's Conv1D modules (stored in x out, with a bias) are measured once each, and the mix's
+    predicted size equals the planner's; HQQ, which replaces only nn.Linear, is refused with a reason."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from quantlib.models import load_model
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=len(tiny_tokenizer), n_positions=512,
+                               bos_token_id=1, eos_token_id=2)).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    gpt2 = load_model(str(tmp_path))
+    shapes = describe_model(gpt2.model)
+    cfg = gpt2.model.config.to_dict()
+    for family in ("bitsandbytes", "gguf"):
+        sens = rc.measure_sensitivity(gpt2, family, calib_tokens=64, check_layers=0)
+        assert sens.rows["layer"].nunique() == 8 and (sens.rows["choice"] == "keep").sum() == 8
+        lo, hi = rc.reachable_range(sens, rc.family_class(family).mix_spaces(shapes))
+        rec = rc.recommend(sens, cfg, budget_gib=(lo + 0.3 * (hi - lo)) / rc.GIB, shapes=shapes)
+        assert plan_memory(cfg, rec.config, "float32", shapes=shapes).total_bytes == pytest.approx(rec.total_bytes)
+    with pytest.raises(rc.RecommendError, match="no layer of this model is quantizable"):
+        rc.measure_sensitivity(gpt2, "hqq", calib_tokens=64, check_layers=0)
