@@ -50,7 +50,7 @@ from quantlib.presets import preset
 from quantlib.shapes import model_shapes
 folder, method = sys.argv[1], sys.argv[2]
 config = preset(method)
-items, _ = _items(config, model_shapes(read_model_config(folder)))
+items = _items(config, model_shapes(read_model_config(folder)))
 files = checkpoint_files(folder)
 tensors = {}
 for path in sorted(set(files.values())):

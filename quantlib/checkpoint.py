@@ -168,7 +168,9 @@ class _Item:
     expert: int | None
 
 
-def _items(config: QuantConfig, shapes: Any) -> tuple[list[_Item], type]:
+def _items(config: QuantConfig, shapes: Any) -> list[_Item]:
+    """Every matrix `config` quantizes in the model `shapes` describes (expert slices of fused tensors apart),
+    by the planner's rules."""
     from quantlib.methods import quantizer_class
 
     cls = quantizer_class(config)
@@ -181,7 +183,7 @@ def _items(config: QuantConfig, shapes: Any) -> tuple[list[_Item], type]:
             items += [_Item(f"{w.name}[{e}]", w.name, tuple(w.shape), w.transposed, e) for e in range(w.n_matrices)]
         else:
             items.append(_Item(w.module, w.name, tuple(w.shape), w.transposed, None))
-    return items, cls
+    return items
 
 
 def _locate(name: str, files: dict[str, Path]) -> str | None:
@@ -297,7 +299,7 @@ def analyze_checkpoint(source: str | Path, config: QuantConfig | dict | str, *, 
     files = checkpoint_files(folder)
     shapes = model_shapes(read_model_config(str(source)), trust_remote_code,
                           str(folder) if trust_remote_code else None)
-    items, _ = _items(config, shapes)
+    items = _items(config, shapes)
     if not items:
         raise CheckpointError(f"{config.label} quantizes no layer of this model")
 

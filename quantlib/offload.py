@@ -104,7 +104,7 @@ def write_simulated_checkpoint(source: str, config: QuantConfig | dict | str, ou
     quantizer = get_quantizer(config, device="cpu")
     folder = _source_folder(source)
     files = checkpoint_files(folder)
-    items, _ = _items(config, model_shapes(read_model_config(source)))
+    items = _items(config, model_shapes(read_model_config(source)))
     by_tensor: dict[str, list[Any]] = {}
     for item in items:
         key = _locate(item.tensor, files)
