@@ -127,13 +127,21 @@ def verify_section(choice: ModelChoice) -> None:
                "against the baseline as a comparison run does (saved with the comparison runs).")
     tokens = st.number_input("Evaluation tokens", min_value=256, max_value=16384, value=1024, step=256,
                              key=VERIFY_NS.key("tokens"))
+    calib_tokens = rc.VERIFY_CALIB_TOKENS
+    if rec is not None and rc.family_class(rec.family).calibrated:
+        calib_tokens = st.number_input(
+            "Calibration tokens per config", min_value=256, max_value=65536, value=rc.VERIFY_CALIB_TOKENS, step=512,
+            key=VERIFY_NS.key("calib_tokens"),
+            help="Every config (the mix and each uniform setting) is calibrated on the same built-in text. About "
+                 "a minute and a half per config for the default model on 2 CPU cores at 4,096 tokens.")
     if run_buttons(VERIFY_NS, disabled=rec is None, label="Verify the recommendation"):
         progress = Progress(VERIFY_NS, "Loading the model…")
         base = load_base(choice)
         settings = CompareSettings(source=choice.source, max_tokens=int(tokens), window=min(1024, int(tokens)),
                                    dtype=choice.dtype, device="cpu", trust_remote_code=choice.trust_remote_code,
                                    allow_pickle=choice.allow_pickle)
-        verification = rc.verify(rec, settings, base=base, progress=progress, cancel=progress.cancel)
+        verification = rc.verify(rec, settings, base=base, progress=progress, cancel=progress.cancel,
+                                 calib_tokens=int(calib_tokens))
         progress.done(f"Verified: run {verification.comparison.run.run_id}")
         NS.set(verification, "verification")
     elif was_cancelled(VERIFY_NS):

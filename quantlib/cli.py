@@ -290,7 +290,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     if args.verify:
         settings = CompareSettings(source=args.model, max_tokens=args.tokens, dtype=args.dtype, device="cpu",
                                    trust_remote_code=args.trust_remote_code)
-        verification = rc.verify(rec, settings, base=loaded, progress=_progress(not args.quiet))
+        verification = rc.verify(rec, settings, base=loaded, progress=_progress(not args.quiet),
+                                 calib_tokens=args.verify_calib_tokens)
         out["verification"] = {"verdict": verification.verdict, "run_id": verification.comparison.run.run_id,
                                "table": verification.table.to_dict(orient="records")}
     if args.out:
@@ -470,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="dtype of the model and of the layers kept unquantized (default float32)")
     p.add_argument("--calib-tokens", type=_positive_int, default=512, help="calibration tokens (default 512)")
+    p.add_argument("--verify-calib-tokens", type=_positive_int, default=4096,
+                   help="with --verify, for a family that calibrates: calibration tokens of every config "
+                        "(default 4096)")
     p.add_argument("--proxy", default="fisher", choices=["fisher", "relative"],
                    help="error the optimizer sums: the predicted KL from the output's Fisher information (default), "
                         "or the relative output error")

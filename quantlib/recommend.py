@@ -59,6 +59,9 @@ CHECK_TOKENS = 512
 PROXIES = ("fisher", "relative")
 #: Sampled next tokens per calibration token for the Fisher estimate.
 SCORE_SAMPLES = 1
+#: Calibration tokens of each config a verification quantizes, for families that calibrate (GPTQ): 8 windows of
+#: 512 (the library default, 128 x 512, takes about 14 minutes per config for the default model on this CPU).
+VERIFY_CALIB_TOKENS = 4096
 #: Bump when the measurement changes, so cached sensitivities are not reused across versions.
 MEASURE_VERSION = 3
 
@@ -264,7 +267,7 @@ def _check_layers(layers: list[str], k: int) -> list[str]:
 
 
 @torch.no_grad()
-def _proxy_check(model: torch.nn.Module, refs: dict[str, Any], quantizers: dict[str, Any],
+def _proxy_check(model: torch.nn.Module, packed_layers: dict[tuple[str, str], Any], quantizers: dict[str, Any],
                  pairs: list[tuple[str, str]], errors: dict[tuple[str, str], tuple[float, float]], ids: torch.Tensor,
                  report: Callable[[float, str], None]) -> dict[str, Any]:
     """End-to-end mean KL(base || quantized) with one layer quantized at a time (the layer's output replaced
@@ -278,8 +281,7 @@ def _proxy_check(model: torch.nn.Module, refs: dict[str, Any], quantizers: dict[
     for i, (layer, key) in enumerate(pairs):
         report(i / max(len(pairs), 1), f"proxy check: {layer} at {key} ({i + 1}/{len(pairs)})")
         module = modules[layer]
-        packed = quantizers[key].quantize_layer(layer, refs[layer].get().contiguous())
-        q = quantizers[key]
+        packed, q = packed_layers[(layer, key)], quantizers[key]
 
         def replace(mod: Any, args: tuple, output: torch.Tensor, packed: Any = packed, q: Any = q) -> torch.Tensor:
             x = args[0]
@@ -367,6 +369,8 @@ def measure_sensitivity(base: Any, family: str, *, dtype: str = "float32", calib
 
     rows: list[dict[str, Any]] = []
     errors: dict[tuple[str, str], tuple[float, float]] = {}  # (layer, choice) -> (fisher, relative)
+    picked = set(_check_layers(order, check_layers))
+    packed_layers: dict[tuple[str, str], Any] = {}  # the checked layers' quantized weights, for the proxy check
     n = len(order)
     with torch.no_grad():
         for i, name in enumerate(order):
@@ -386,7 +390,9 @@ def measure_sensitivity(base: Any, family: str, *, dtype: str = "float32", calib
                 problem = type(q).layer_check_shape(choice.config, name, tuple(weight.shape))
                 if problem is not None or name not in quantized_by[key]:
                     continue
-                packed = q.quantize_layer(name, weight)
+                packed = q.quantize_layer_calibrated(name, weight, x)
+                if name in picked:
+                    packed_layers[(name, key)] = packed
                 d = q.layer_output(x, packed).float() - y
                 rel = float(d.square().sum()) / energy if energy > 0 else 0.0
                 fisher = float(0.5 * (g * d).sum(-1).square().sum() / (g.shape[0] * g.shape[1]))
@@ -412,10 +418,9 @@ def measure_sensitivity(base: Any, family: str, *, dtype: str = "float32", calib
         # the family's default setting and the one that hurts most in total: a spread of errors to rank
         totals = frame[frame["choice"] != "keep"].groupby("choice")["error"].sum()
         keys = list(dict.fromkeys([spaces[0].choices[0].key, str(totals.idxmax())]))
-        picked = _check_layers(order, check_layers)
-        pairs = [(layer, k) for layer in picked for k in keys if (layer, k) in errors]
+        pairs = [(layer, k) for layer in _check_layers(order, check_layers) for k in keys if (layer, k) in errors]
         eval_ids = tokenize_for_eval(base.tokenizer, builtin_text("eval"), check_tokens)
-        check = _proxy_check(model, layer_refs, quantizers, pairs, errors, eval_ids,
+        check = _proxy_check(model, packed_layers, quantizers, pairs, errors, eval_ids,
                              lambda f, m: report(0.8 + 0.2 * f, m))
     result = Sensitivity(family, dtype, fingerprint, int(ids.numel()), frame, fixed, plan.total_params, check,
                          time.perf_counter() - started, proxy=proxy)
@@ -460,6 +465,8 @@ class Recommendation:
     #: the method's own tools' commands that produce the mix (tool -> shell text), e.g. llama-quantize
     commands: dict[str, str] = field(default_factory=dict)
     proxy: str = "fisher"
+    #: False where transformers' own config class drops part of the exported mix (`MixSpace.transformers_keeps`)
+    transformers_keeps: bool = True
 
     @property
     def bits_per_param(self) -> float:
@@ -482,6 +489,7 @@ class Recommendation:
                 "reachable_bytes": list(self.reachable), "algorithm": self.algorithm, "grouping": self.grouping,
                 "export_kind": self.export_kind, "limits": self.limits, "seconds": self.seconds,
                 "proxy_check": self.check, "notes": self.notes, "commands": self.commands, "proxy": self.proxy,
+                "transformers_keeps": self.transformers_keeps,
                 "layers": self.layers.to_dict(orient="records"), "spaces": self.spaces.to_dict(orient="records")}
 
 
@@ -670,7 +678,7 @@ def recommend(sens: Sensitivity, model_config: dict[str, Any], *, budget_gib: fl
     return Recommendation(sens.family, space.name, budget, total, sens.n_params, error, bound, assignment, config,
                           layers.reset_index(drop=True), pd.DataFrame(results), (lo, hi),
                           time.perf_counter() - started, space.grouping, space.export, space.limits, sens.check,
-                          notes, commands=commands, proxy=sens.proxy)
+                          notes, commands=commands, proxy=sens.proxy, transformers_keeps=space.transformers_keeps)
 
 
 def uniform_configs(family: str, shapes: ModelShapes) -> list[QuantConfig]:
@@ -717,13 +725,21 @@ class Verification:
 
 def verify(rec: Recommendation, settings: Any = None, *, uniform: Sequence[QuantConfig] | None = None,
            base: Any = None, progress: ProgressFn | None = None, cancel: CancelFn | None = None,
-           save: bool = True, runs_folder: Any = None) -> Verification:
+           save: bool = True, runs_folder: Any = None, calib_tokens: int = VERIFY_CALIB_TOKENS) -> Verification:
     """Quantize with the recommended mix and with every uniform setting of the family, evaluate them as every
-    comparison does (`run_comparison`: perplexity, KL, top-1 with standard errors) and judge the mix."""
+    comparison does (`run_comparison`: perplexity, KL, top-1 with standard errors) and judge the mix. A family
+    that calibrates (GPTQ) calibrates every config on the same `calib_tokens` of the built-in calibration text,
+    unless `settings.calibration` says otherwise."""
+    import dataclasses
+
     from quantlib.compare import CompareSettings, run_comparison, unique_labels
     from quantlib.shapes import model_shapes
 
     settings = settings or CompareSettings()
+    if settings.calibration is None:
+        calibration = family_class(rec.family).calibration_settings(calib_tokens)
+        if calibration is not None:
+            settings = dataclasses.replace(settings, calibration=calibration)
     if uniform is None:
         shapes = describe_model(base.model) if base is not None else model_shapes(_model_config(settings))
         uniform = uniform_configs(rec.family, shapes)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -96,6 +97,47 @@ def _activation_rule(value: Any) -> str | None:
     return "must be a mode name or a JSON object"
 
 
+#: The `dynamic` override keys that change what a layer stores (the planner models these); others are kept.
+DYNAMIC_STORAGE_KEYS = ("bits", "group_size")
+
+
+def dynamic_override(dynamic: dict[str, Any] | None, module: str) -> dict[str, Any] | bool | None:
+    """What gptqmodel's `dynamic` says about `module` (its full name, e.g. "model.layers.3.mlp.up_proj"):
+    the overrides of the first pattern that matches, False where that pattern is negative ("-:" prefix:
+    the module stays unquantized), None where none matches. gptqmodel's rule
+    (`quantization.config.dynamic_get`): patterns are tried in order, "+:" or no prefix is positive, and a
+    pattern matches when the regex matches at the start of the name (anchor with "$" for a full match)."""
+    for pattern, overrides in (dynamic or {}).items():
+        negative = pattern.startswith("-:")
+        raw = pattern[2:] if pattern.startswith(("-:", "+:")) else pattern
+        if re.match(raw, module):
+            return False if negative else dict(overrides)
+    return None
+
+
+def _dynamic_rule(value: Any) -> str | None:
+    if not isinstance(value, dict):
+        return "must be an object of module regex -> overrides"
+    for pattern, overrides in value.items():
+        raw = pattern[2:] if pattern.startswith(("-:", "+:")) else pattern
+        try:
+            re.compile(raw)
+        except re.error as exc:
+            return f"pattern {pattern!r} is not a regular expression ({exc})"
+        if not isinstance(overrides, dict):
+            return f"pattern {pattern!r}: overrides must be an object such as {{\"bits\": 8}}"
+        bits = overrides.get("bits", 4)
+        if isinstance(bits, bool) or bits not in (2, 3, 4, 8):
+            return f"pattern {pattern!r}: bits {bits!r} is not one of 2, 3, 4, 8"
+        group = overrides.get("group_size", 128)
+        if isinstance(group, bool) or not isinstance(group, int) or group == 0 or group < -1:
+            return f"pattern {pattern!r}: group_size {group!r} must be a positive integer or -1"
+        problem = _json_problem(overrides)
+        if problem:
+            return f"pattern {pattern!r}: {problem}"
+    return None
+
+
 def _gptq_family_fields(*, bits: tuple[int, ...], bits_default: int, formats: tuple[str, ...], format_default: str,
                         backends: tuple[str, ...], backend_nullable: bool, method: str) -> tuple[FieldSpec, ...]:
     """The keys transformers' GPTQConfig writes (AwqConfig inherits all of them)."""
@@ -161,8 +203,10 @@ _TOOL_EXTRAS = (
     _extra("pack_dtype", str, "gptqmodel: integer type the codes are packed into (storage plan uses it).",
            choices=PACK_DTYPES),
     _extra("lm_head", bool, "gptqmodel: whether the output head is quantized too."),
-    _extra("dynamic", dict, "gptqmodel: per-module overrides (regex -> settings); kept, not modelled.",
-           nullable=True),
+    _extra("dynamic", dict, "gptqmodel: per-module overrides, module regex -> settings (bits, group_size, ...); "
+           "a \"-:\" pattern leaves the module unquantized. The first matching pattern wins.",
+           nullable=True, validator=_dynamic_rule, allowed='an object such as {"-:^model\\\\.layers\\\\.0\\\\.": {}, '
+           '"+:.*down_proj$": {"bits": 8}}'),
     _extra("rotation", str, "gptqmodel: rotation preprocessing name.", nullable=True),
     _extra("activation", object, "gptqmodel 7.x: activation stream mode.", nullable=True,
            validator=_activation_rule, allowed="a mode name or a JSON object", json_type=["string", "object"]),
@@ -197,6 +241,8 @@ class _GPTQFamilyConfig(QuantConfig):
     #: Keys of `to_dict()` that only mirror `format` (written for older readers).
     FORMAT_MIRRORS: ClassVar[tuple[str, ...]] = ()
     FORMATS: ClassVar[tuple[str, ...]] = ()
+    #: What the warnings say about a non-empty `dynamic`.
+    DYNAMIC_NOTE: ClassVar[str] = "dynamic per-module overrides are kept but not modelled by the memory planner"
 
     def __init__(self, **values: Any):
         object.__setattr__(self, "_values", self._validate(self._normalise(dict(values))))
@@ -246,6 +292,11 @@ class _GPTQFamilyConfig(QuantConfig):
             raw.update({m: changes["format"] for m in self.FORMAT_MIRRORS if raw.get(m) is not None})
         return type(self)(**{**raw, **changes})
 
+    @property
+    def dynamic(self) -> dict[str, Any] | None:
+        """gptqmodel's per-module overrides (an extra key: None where the file has none)."""
+        return self._values.get("dynamic")
+
     def extras(self) -> dict[str, Any]:
         """The checkpoint-file keys beyond transformers' own that this config carries."""
         return {f.name: _copy(self._values[f.name]) for f in self.EXTRA_FIELDS if f.name in self._values}
@@ -262,7 +313,7 @@ class _GPTQFamilyConfig(QuantConfig):
     def warnings(self) -> list[str]:
         notes = super().warnings()
         if self._values.get("dynamic"):
-            notes.append("dynamic per-module overrides are kept but not modelled by the memory planner")
+            notes.append(self.DYNAMIC_NOTE)
         if self._values.get("lm_head"):
             notes.append("lm_head is quantized in this checkpoint; the memory planner counts it unquantized")
         if self._values.get("modules_in_block_to_quantize") or self._values.get("block_name_to_quantize"):
@@ -446,6 +497,12 @@ class GptqmodelQuantizer(CalibratedQuantizer):
     def environment_notes(self, device: str) -> list[str]:
         return [f"{self.method_name} calibrates with gptqmodel on the CPU (GPTQMODEL_CPU_WORKERS=2) and runs with its "
                 "pure-torch kernel; calibration takes minutes, not seconds"]
+
+    @classmethod
+    def calibration_settings(cls, n_tokens: int) -> "CalibrationSettings":
+        """Windows of up to 512 tokens, as many as `n_tokens` fill (at least one)."""
+        seq_len = max(16, min(DEFAULT_SEQ_LEN, int(n_tokens)))
+        return CalibrationSettings(n_samples=max(1, int(n_tokens) // seq_len), seq_len=seq_len)
 
     @classmethod
     def calibration_seconds(cls, config: QuantConfig, n_params: int, n_tokens: int) -> float:

@@ -236,6 +236,8 @@ class MixSpace:
     uniform: QuantConfig
     export: str  # what the exported config is, in words
     limits: str = ""  # what the format cannot mix, in words
+    #: False where transformers' own config class drops part of the mix (its loader is the method's library)
+    transformers_keeps: bool = True
 
 
 class ShapeError(QuantlibError, ValueError):
@@ -332,6 +334,11 @@ class Quantizer:
         """Quantize the matrix of layer `name` (methods with per-layer settings override this)."""
         return self.quantize_tensor(weight)
 
+    def quantize_layer_calibrated(self, name: str, weight: torch.Tensor, inputs: torch.Tensor) -> QuantizedTensor:
+        """Quantize layer `name` given its calibration inputs (rows x in), as the method would in a model:
+        methods whose rounding uses activations (GPTQ) override this; the others ignore the inputs."""
+        return self.quantize_layer(name, weight)
+
     def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
         """quantize→dequantize, in the weight's dtype: what the model computes with."""
         return self.quantize_tensor(weight).dequantize()
@@ -382,6 +389,12 @@ class Quantizer:
         return None
 
     # ----- costs, notes, snippet ------------------------------------------------------------
+    @classmethod
+    def calibration_settings(cls, n_tokens: int) -> Any:
+        """The method's calibration settings for about `n_tokens` of the built-in calibration text (what
+        `quantize_model(calibration=...)` takes), or None for a method that does not calibrate."""
+        return None
+
     @classmethod
     def calibration_seconds(cls, config: QuantConfig, n_params: int, n_tokens: int) -> float:
         """Estimated CPU seconds of calibration for a model of `n_params` on `n_tokens` (0: none)."""

@@ -3,17 +3,22 @@ quantizer that calibrates here, and the checkpoint's tensor layout (qweight, qze
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
 from quantlib.errors import _MISSING, FieldError
-from quantlib.methods._gptqmodel import (GPTQ_BACKENDS, GPTQ_EXTRA_FIELDS, GPTQ_FORMATS, GptqmodelQuantizer,
-                                         _gptq_family_fields, _GPTQFamilyConfig, allow_fp32, as_out_in,
-                                         pack_word_bits)
+from quantlib.methods._gptqmodel import (DYNAMIC_STORAGE_KEYS, GPTQ_BACKENDS, GPTQ_EXTRA_FIELDS, GPTQ_FORMATS,
+                                         GptqmodelQuantizer, _gptq_family_fields, _GPTQFamilyConfig, allow_fp32,
+                                         as_out_in, dynamic_override, pack_word_bits)
 from quantlib.methods._gptqmodel import groups as group_count
 from quantlib.configs import QuantConfig
-from quantlib.methods.base import TensorShapes, register
+from quantlib.formats import QuantizedTensor
+from quantlib.methods.base import MixChoice, MixSpace, TensorShapes, _py, register
+from quantlib.shapes import ModelShapes, WeightShape
 
 #: Place in the registry (the builder's method list, the CLI).
 DISPLAY_ORDER = 60
@@ -63,6 +68,25 @@ class GPTQQuantConfig(_GPTQFamilyConfig):
 
     TRANSFORMERS_CLASS = "GPTQConfig"
     TRANSFORMERS_MIRROR = "checkpoint_format"
+    DYNAMIC_NOTE = ("dynamic per-module overrides: planned per layer (bits, group_size; \"-:\" keeps a module "
+                    "unquantized) and honoured by gptqmodel's quantize and load (and vLLM); transformers' GPTQConfig "
+                    "drops the key, so load such a checkpoint with GPTQModel.load")
+
+    def layer_config(self, module: str) -> "GPTQQuantConfig | None":
+        """The uniform config that quantizes `module` as this config does (its `dynamic` override of bits and
+        group size applied), or None where a negative `dynamic` pattern leaves it unquantized."""
+        dynamic = self._values.get("dynamic")
+        if not dynamic:
+            return self
+        found = dynamic_override(dynamic, module)
+        if found is False:
+            return None
+        changes = {k: found[k] for k in DYNAMIC_STORAGE_KEYS if found and k in found}
+        cache = self.__dict__.setdefault("_layer_configs", {})
+        key = tuple(sorted(changes.items()))
+        if key not in cache:
+            cache[key] = self.replace(dynamic=None, **changes)
+        return cache[key]
 
     @property
     def label(self) -> str:
@@ -70,7 +94,12 @@ class GPTQQuantConfig(_GPTQFamilyConfig):
         text = f"GPTQ int{self.bits} {group}"
         if self.desc_act:
             text += " act-order"
-        return text + ("" if self.sym else " asym")
+        text += "" if self.sym else " asym"
+        dynamic = self._values.get("dynamic")
+        if dynamic:
+            kept = sum(1 for k in dynamic if k.startswith("-:"))
+            text += f" + dynamic ({len(dynamic) - kept} overridden, {kept} unquantized)"
+        return text
 
 
 
@@ -137,7 +166,7 @@ class GPTQQuantizer(GptqmodelQuantizer):
         """gptqmodel's QuantizeConfig (offload to disk off: it is 3x slower on CPU)."""
         c = self.config
         return QuantizeConfig(bits=c.bits, group_size=c.group_size, desc_act=bool(c.desc_act), offload_to_disk=False,
-                              sym=bool(c.sym), damp_percent=c.damp_percent)
+                              sym=bool(c.sym), damp_percent=c.damp_percent, dynamic=c.dynamic or None)
 
     def gptqmodel_backends(self, BACKEND: Any) -> tuple[Any, Any, torch.dtype, torch.dtype]:
         """gptqmodel's pure-torch kernel, calibrated and run in fp32 like the baseline."""
@@ -151,3 +180,150 @@ class GPTQQuantizer(GptqmodelQuantizer):
 
     def dequantize_module(self, module: torch.nn.Module) -> torch.Tensor:
         return as_out_in(module, module.dequantize_weight().float())
+
+    # ----- per-layer settings: gptqmodel's `dynamic` ---------------------------------------------
+    @classmethod
+    def layer_storage_bytes(cls, config: QuantConfig, w: WeightShape, dtype: str = "float32") -> dict[str, float]:
+        layer = config.layer_config(w.module)
+        return cls.storage_bytes(layer if layer is not None else config, w.out_features, w.in_features)
+
+    @classmethod
+    def layer_check_shape(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
+        layer = config.layer_config(name.split("[")[0])
+        return None if layer is None else cls.check_shape(layer, name, shape)
+
+    @classmethod
+    def matmul_treatment(cls, config: QuantConfig, w: WeightShape) -> str | None:
+        if config.layer_config(w.module) is None:
+            pattern = next(p for p in config.dynamic if p.startswith("-:") and dynamic_override({p: {}}, w.module) is False)
+            return f"excluded by dynamic ({pattern!r})"
+        return super().matmul_treatment(config, w)
+
+    @classmethod
+    def snippet(cls, config: QuantConfig, model_id: str) -> str | None:
+        """transformers' GPTQConfig drops `dynamic`: a config with per-module overrides is quantized and loaded
+        with GPTQModel itself (vLLM reads the same `dynamic` from the checkpoint)."""
+        if not config.dynamic:
+            return super().snippet(config, model_id)
+        keys = ("bits", "group_size", "sym", "desc_act", "damp_percent", "dynamic")
+        values = ", ".join(f"{k}={_py(config.to_dict()[k])}" for k in keys)
+        return "\n".join([
+            "from gptqmodel import GPTQModel, QuantizeConfig",
+            "",
+            f"quant_config = QuantizeConfig({values})",
+            f"model = GPTQModel.load({json.dumps(model_id)}, quant_config)",
+            "model.quantize(calibration_texts)  # a list of strings, e.g. 128 x 512 tokens",
+            "model.save(\"out\")",
+            "model = GPTQModel.load(\"out\")  # honours dynamic; transformers' GPTQConfig drops it",
+        ])
+
+    #: (bits, group size) of the per-layer mix; group size 0 stands for the largest that fits the model (<= 128)
+    #: and -1 for half of it.
+    MIX_SETTINGS: ClassVar[tuple[tuple[int, int], ...]] = ((4, 0), (8, 0), (3, 0), (2, 0), (4, -1))
+
+    @classmethod
+    def mix_spaces(cls, shapes: ModelShapes) -> list[MixSpace]:
+        """gptqmodel's `dynamic` sets bits and group size per module (an anchored full-name pattern each) and
+        leaves modules unquantized with "-:" patterns; the top-level bits/group_size are the most common
+        setting, so the dict names only the exceptions. GPTQ rounds with each layer's inputs, so a setting's
+        error is measured by gptqmodel's own GPTQ on the layer's captured calibration inputs
+        (`quantize_layer_calibrated`)."""
+        widths = {w.in_features for w in shapes.weights if w.is_matmul}
+        group = next((g for g in (128, 64, 32) if all(n % g == 0 for n in widths)), None)
+        if group is None:
+            return []
+        settings = []
+        for bits, g in cls.MIX_SETTINGS:
+            g = group if g == 0 else group // 2
+            if g >= 16 and (bits, g) not in settings:
+                settings.append((bits, g))
+        choices = [MixChoice(f"int{b}-g{g}", f"int{b} g{g}", GPTQQuantConfig(bits=b, group_size=g), float(b))
+                   for b, g in settings]
+        by_key = dict(zip((c.key for c in choices), settings))
+
+        def build(assignment: dict[str, str]) -> QuantConfig:
+            quantized = [k for k in assignment.values() if k != "keep"]
+            base_key = max(by_key, key=lambda k: (quantized.count(k), k == choices[0].key))
+            bits, group_size = by_key[base_key]
+            dynamic: dict[str, dict[str, Any]] = {}
+            for module, key in assignment.items():
+                anchored = "^" + re.escape(module) + "$"
+                if key == "keep":
+                    dynamic["-:" + anchored] = {}
+                elif key != base_key:
+                    b, g = by_key[key]
+                    dynamic["+:" + anchored] = {"bits": b, "group_size": g}
+            return GPTQQuantConfig(bits=bits, group_size=group_size, dynamic=dynamic or None)
+
+        return [MixSpace("GPTQ, bits and group size per module", (*choices, MixChoice("keep", "kept unquantized", None,
+                                                                                        16.0)),
+                         "module", lambda module: module, build, choices[0].config,
+                         "GPTQConfig keys plus gptqmodel's dynamic (one anchored pattern per module that differs from "
+                         "the top-level setting; \"-:\" for the kept ones): GPTQModel.load and vLLM honour it, "
+                         "transformers' GPTQConfig drops it",
+                         "sensitivity is GPTQ of each layer on the unquantized model's inputs; the real calibration "
+                         "quantizes blocks in sequence, each on the already-quantized model's activations",
+                         transformers_keeps=False)]
+
+    def quantize_layer_calibrated(self, name: str, weight: torch.Tensor, inputs: torch.Tensor) -> QuantizedTensor:
+        """gptqmodel's own GPTQ (`gptqmodel.quantization.gptq.GPTQ`, configured as its GPTQProcessor does) on
+        one layer, with the Hessian from `inputs` (rows x in): what a calibration of this layer alone gives."""
+        from gptqmodel.quantization.config import QuantizeConfig
+        from gptqmodel.quantization.gptq import GPTQ
+
+        config = self.config.layer_config(name)
+        if config is None:
+            raise ValueError(f"{name}: this config leaves the layer unquantized")
+        layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        layer.weight.data = weight.detach().float().clone()
+        task = GPTQ(layer, GPTQQuantizer(config, device="cpu").gptqmodel_config(QuantizeConfig))
+        task.quantizer.configure(perchannel=True)
+        task.add_batch(inputs.detach().float().unsqueeze(0), None)
+        q, scale, zero, g_idx, *_ = task.quantize()
+        return GPTQLayerTensor(q.to(weight.dtype), scale.float(), zero.float(), g_idx.long(), config.bits,
+                               _layer_bits(config, weight.shape), tuple(weight.shape), weight.dtype)
+
+
+def _layer_bits(config: QuantConfig, shape: tuple[int, ...]) -> dict[str, int]:
+    """Stored bits of each buffer of one layer (the checkpoint's qweight, qzeros, scales, g_idx)."""
+    shapes = GPTQQuantizer.tensor_shapes(config, shape[0], shape[-1])
+    out = {}
+    for name, (dims, width) in shapes.items():
+        n = 1
+        for d in dims:
+            n *= int(d)
+        out[name] = n * width
+    return out
+
+
+@dataclass
+class GPTQLayerTensor(QuantizedTensor):
+    """One layer as gptqmodel's GPTQ quantizes it: the dequantized weight it returns (scale x (code - zero),
+    per group), the per-group scale and zero (out x groups) and the group of each input column."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    g_idx: torch.Tensor
+    bits: int
+    stored: dict[str, int]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    COMPONENT_OF: ClassVar[dict[str, str]] = {"qweight": "codes", "qzeros": "scales", "scales": "scales",
+                                              "g_idx": "scales"}
+
+    @property
+    def storage_bits(self) -> dict[str, int]:
+        return dict(self.stored)
+
+    @property
+    def n_codes(self) -> int:
+        return 2 ** self.bits
+
+    def codes_unpacked(self) -> torch.Tensor:
+        codes = torch.round(self.weight.float() / self.scale[:, self.g_idx] + self.zero[:, self.g_idx])
+        return codes.clamp(0, self.n_codes - 1).long().reshape(-1)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.to(self.dtype)
+
