@@ -9,7 +9,9 @@ Measures (does not assert), for each family:
   4-bit size plus 10%, quantized and evaluated with every uniform setting of the family on --tokens tokens
   (a comparison run), judged by `quantlib.recommend.judge`.
 
-    python3 benchmarks/bench_recommend.py [--families bitsandbytes,gguf,hqq] [--tokens 2048] [--json FILE]
+    python3 benchmarks/bench_recommend.py [--families bitsandbytes,gguf,hqq,gptq] [--tokens 2048] [--json FILE]
+
+A family that calibrates (GPTQ) calibrates every config of the verification on `rc.VERIFY_CALIB_TOKENS` tokens.
 """
 
 from __future__ import annotations
@@ -95,8 +97,10 @@ def main() -> None:
             labels = unique_labels(configs)
             with tempfile.TemporaryDirectory() as runs:
                 t0 = time.perf_counter()
-                result = run_comparison(configs, CompareSettings(max_tokens=args.tokens), base=base, save=False,
-                                        runs_folder=runs)
+                # a family that calibrates calibrates every config on the same text, as `rc.verify` does
+                calibration = rc.family_class(family).calibration_settings(rc.VERIFY_CALIB_TOKENS)
+                result = run_comparison(configs, CompareSettings(max_tokens=args.tokens, calibration=calibration),
+                                        base=base, save=False, runs_folder=runs)
                 verify = time.perf_counter() - t0
             table = result.table
             row["verify_seconds"] = verify

@@ -79,6 +79,12 @@ class AwqQuantizer(GptqmodelQuantizer):
     calibration = ("AWQ searches per-channel scales on activations of calibration text (quantlib would feed "
                    "its built-in corpus) and needs gptqmodel to search, pack and run them.")
 
+    @classmethod
+    def mix_unsupported(cls) -> str:
+        return ("awq: its per-channel scales come from a search over each block's activations, so a layer's error at "
+                "a setting needs that search per setting (minutes per block here); not measured. GPTQ mixes per "
+                "module through gptqmodel's dynamic")
+
     def environment_notes(self, device: str) -> list[str]:
         return [*super().environment_notes(device),
                 "AWQ calibrates in bf16 (gptqmodel 7.6.0's AWQ breaks in fp32), which CPUs without bf16 instructions "

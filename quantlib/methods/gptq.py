@@ -274,9 +274,10 @@ class GPTQQuantizer(GptqmodelQuantizer):
         config = self.config.layer_config(name)
         if config is None:
             raise ValueError(f"{name}: this config leaves the layer unquantized")
-        layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        layer = torch.nn.utils.skip_init(torch.nn.Linear, weight.shape[1], weight.shape[0], bias=False)
         layer.weight.data = weight.detach().float().clone()
-        task = GPTQ(layer, GPTQQuantizer(config, device="cpu").gptqmodel_config(QuantizeConfig))
+        quantizer = self if config is self.config else GPTQQuantizer(config, device="cpu")
+        task = GPTQ(layer, quantizer.gptqmodel_config(QuantizeConfig))
         task.quantizer.configure(perchannel=True)
         task.add_batch(inputs.detach().float().unsqueeze(0), None)
         q, scale, zero, g_idx, *_ = task.quantize()
