@@ -14,9 +14,11 @@ keeps the latest in session state; its *Stop and keep results* button saves that
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import streamlit as st
+from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
 
 from app_support.state import Namespace
 
@@ -65,16 +67,25 @@ class Progress:
         self.ns = ns
         self.bar = st.progress(0.0, text=text)
         self.lo, self.hi = 0.0, 1.0
+        self._ctx = get_script_run_ctx(suppress_warning=True)
+
+    def _attach(self) -> None:
+        """Libraries may report from their own worker threads (gptqmodel's layer callback does): give such a
+        thread this script run's context, or Streamlit refuses the update (NoSessionContext) and the run fails."""
+        if self._ctx is not None and get_script_run_ctx(suppress_warning=True) is None:
+            add_script_run_ctx(threading.current_thread(), self._ctx)
 
     def stage(self, lo: float, hi: float) -> "Progress":
         self.lo, self.hi = lo, hi
         return self
 
     def __call__(self, fraction: float, message: str) -> None:
+        self._attach()
         overall = self.lo + (self.hi - self.lo) * min(max(float(fraction), 0.0), 1.0)
         self.bar.progress(min(max(overall, 0.0), 1.0), text=f"{overall:.0%} · {message}")
 
     def cancelled(self) -> bool:
+        self._attach()
         return was_cancelled(self.ns)
 
     @property

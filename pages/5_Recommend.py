@@ -90,6 +90,9 @@ def show_recommendation(choice: ModelChoice, sens) -> None:
 
             st.dataframe(pd.DataFrame(rec.check["pairs"]), hide_index=True, width="stretch")
     st.subheader("Export")
+    if not rec.transformers_keeps:
+        st.info(f"transformers' own config class drops part of this mix: {rec.export_kind}. Quantize and load it "
+                "with the method's library, as the snippet below does.", icon=":material/info:")
     exported = json.dumps(rec.export(), indent=1)
     st.code(exported, language="json")
     st.download_button("quantization_config.json", exported, file_name="quantization_config.json",
@@ -129,6 +132,9 @@ def verify_section(choice: ModelChoice) -> None:
                              key=VERIFY_NS.key("tokens"))
     calib_tokens = rc.VERIFY_CALIB_TOKENS
     if rec is not None and rc.family_class(rec.family).calibrated:
+        st.caption("This family calibrates: every config the verification quantizes (the mix and "
+                   f"{len(rc.uniform_configs(rec.family, _shapes(choice.source)))} uniform settings) is calibrated "
+                   "in turn, a minute or two each for the default model on this CPU.")
         calib_tokens = st.number_input(
             "Calibration tokens per config", min_value=256, max_value=65536, value=rc.VERIFY_CALIB_TOKENS, step=512,
             key=VERIFY_NS.key("calib_tokens"),

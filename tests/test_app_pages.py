@@ -432,3 +432,41 @@ def test_planner_plans_the_added_methods(preset):
     assert not at.exception and not errors(at)
     table = at.dataframe[0].value
     assert preset in [str(v) for v in table.index], table.index
+
+
+def test_progress_takes_reports_from_a_library_worker_thread():
+    """gptqmodel calls its layer callback from a worker thread: Progress gives that thread the script's context,
+    so the bar moves and cancel is read instead of Streamlit raising NoSessionContext (which failed GPTQ runs)."""
+    from streamlit.testing.v1 import AppTest
+
+    def script(root):
+        import sys
+        import threading
+
+        import streamlit as st
+
+        sys.path.insert(0, root)
+        from app_support.runner import Progress
+        from app_support.state import Namespace
+
+        progress = Progress(Namespace("worker"), "starting")
+        errors = []
+
+        def work():
+            try:
+                progress(0.5, "halfway, from a worker thread")
+                progress.cancelled()
+            except Exception as exc:  # noqa: BLE001 - the test reports whatever Streamlit raised
+                errors.append(type(exc).__name__)
+
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+        st.write("errors: [" + ", ".join(errors) + "]")
+
+    from pathlib import Path
+
+    at = AppTest.from_function(script, args=(str(Path(__file__).resolve().parents[1]),))
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert at.markdown[0].value == "errors: []"

@@ -127,3 +127,40 @@ def test_a_gptq_mix_is_calibrated_by_gptqmodel_exactly_as_planned(tiny, tiny_lla
     assert stored == planned.bytes_by_component["codes"] + planned.bytes_by_component["scales"]
     assert planned.total_bytes == pytest.approx(sum(
         sens.rows.set_index(["layer", "choice"]).loc[list(assignment.items()), "bytes"]) + sens.fixed_bytes, abs=0.5)
+
+
+def test_recommend_page_with_the_gptq_family_measures_exports_and_verifies(tiny_llama_dir, tmp_path, monkeypatch):
+    """The page on a tiny model with the GPTQ family: the export carries `dynamic`, the page says transformers'
+    class drops it and gives GPTQModel code, and the verification calibrates every config for real."""
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("QUANTLIB_RUNS_DIR", str(tmp_path / "runs"))
+    page = str(Path(__file__).resolve().parents[1] / "pages" / "5_Recommend.py")
+    at = AppTest.from_file(page, default_timeout=300)
+    at.run()
+    at.radio(key="recommend.model.kind").set_value("Local folder").run()
+    at.text_input(key="recommend.model.path.Local folder").input(str(tiny_llama_dir)).run()
+    at.selectbox(key="recommend.family").set_value("gptq").run()
+    at.number_input(key="recommend.calib").set_value(64).run()
+    at.button(key="recommend.run").click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    slider = at.slider(key="recommend.budget_gib")
+    slider.set_value(slider.min + 0.4 * (slider.max - slider.min)).run()
+    exported = json.loads(at.code[0].value)
+    assert parse_config(exported).to_dict() == exported and exported["dynamic"]
+    assert any("drops part of this mix" in i.value for i in at.info)
+    assert "GPTQModel.load" in at.code[1].value and "dynamic=" in at.code[1].value
+    at.number_input(key="recommend.verify.tokens").set_value(256).run()
+    at.number_input(key="recommend.verify.calib_tokens").set_value(256).run()
+    at.button(key="recommend.verify.run").click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    text = " ".join(m.value for m in at.markdown)
+    assert "measured:" in text and "KL" in text
+    runs = list((tmp_path / "runs").glob("*.run.json"))
+    assert len(runs) == 1
+    run = json.loads(runs[0].read_text())
+    assert "dynamic" in json.dumps(run)  # the mix was calibrated with its dynamic config
