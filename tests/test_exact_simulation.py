@@ -66,15 +66,26 @@ def test_exact_4bit_weights_are_what_bitsandbytes_dequantizes(tiny_llama_dir):
             assert torch.equal(ours[name], theirs[name].float()), name
 
 
-def test_layer_errors_from_the_exact_model_equal_a_second_quantization(tiny_llama_dir):
+def test_layer_errors_from_the_exact_model_equal_a_second_quantization(tiny_llama_dir, monkeypatch):
+    """Read from the library's layers or from their exact simulation, the layer errors equal those of quantizing
+    every base weight again, and neither reading quantizes anything."""
+    import bitsandbytes.functional as bnbf
+
     base = load_model(str(tiny_llama_dir))
     for config in (NF4, FP4_DQ, INT8):
         quantizer = get_quantizer(parse_config(config), device="cpu")
         again = layer_errors(base.model, quantizer)
         qm = quantize_model(config, source=str(tiny_llama_dir), device="cpu")
-        quantizer.to_exact_simulation(qm.model)
-        stored = layer_errors(base.model, quantizer, quantized=qm)
-        assert stored.equals(again), config
+        with monkeypatch.context() as m:
+            for name in ("quantize_4bit", "int8_vectorwise_quant"):
+                m.setattr(bnbf, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError("quantized again")))
+            m.setattr(type(quantizer), "quantize_tensor", lambda *a, **k: (_ for _ in ()).throw(
+                AssertionError("quantized again")))
+            from_library = layer_errors(base.model, quantizer, quantized=qm)
+            quantizer.to_exact_simulation(qm.model)
+            from_exact = layer_errors(base.model, quantizer, quantized=qm)
+        assert from_library.equals(again), config
+        assert from_exact.equals(again), config
 
 
 def test_exact_and_library_kernels_give_the_same_comparison(tiny_llama_dir):

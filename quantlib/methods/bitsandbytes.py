@@ -18,7 +18,7 @@ import json
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, ClassVar, Iterator, Literal, Optional
+from typing import Any, Callable, ClassVar, Iterator, Literal, Optional
 
 import torch
 
@@ -813,6 +813,48 @@ def _int8_matmul(x: torch.Tensor, codes_w: torch.Tensor, scb: torch.Tensor, thre
 # --------------------------------------------------------------------------------------------
 
 
+def stored_4bit(layer: Any, dtype: torch.dtype = torch.float32) -> "Blockwise4bitTensor":
+    """The tensors a `bnb.nn.Linear4bit` stores (packed codes, absmax or its double quantization), as the format
+    `Bnb4BitQuantizer.quantize_tensor` gives: read, not quantized again."""
+    qs = layer.weight.quant_state
+    dq = None
+    absmax = qs.absmax
+    if qs.nested:
+        dq = DoubleQuantState(codes=qs.absmax, absmax=qs.state2.absmax, offset=qs.offset,
+                              blocksize=qs.state2.blocksize)
+        absmax = None
+    return Blockwise4bitTensor(layer.weight.data.reshape(-1, 1), absmax, dq, qs.quant_type, qs.blocksize,
+                               tuple(qs.shape), dtype, "torch")
+
+
+def stored_8bit(layer: Any, dtype: torch.dtype) -> "RowwiseInt8Tensor":
+    """The int8 codes and per-row SCB a `bnb.nn.Linear8bitLt` (no fp16 weights) stores, as the format
+    `Bnb8BitQuantizer.quantize_tensor` gives."""
+    codes, scb = _int8_state(layer)
+    codes = codes.contiguous()
+    return RowwiseInt8Tensor(codes, scb, tuple(codes.shape), dtype)
+
+
+def stored_layers(model: torch.nn.Module) -> dict[str, Callable[[torch.dtype], QuantizedTensor]]:
+    """Module name -> a reader of the stored tensors, for every bitsandbytes layer of `model` (library or exact
+    simulation) whose stored form is the plain one (not repacked for a CPU kernel, no fp16 training weights)."""
+    import bitsandbytes as bnb
+
+    out: dict[str, Callable[[torch.dtype], QuantizedTensor]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, ExactLinear4bit):
+            out[name] = lambda dtype, m=m: dataclasses.replace(m.packed, dtype=dtype)
+        elif isinstance(m, ExactLinear8bit):
+            out[name] = m.packed
+        elif isinstance(m, bnb.nn.Linear4bit) and getattr(m.weight, "quant_state", None) is not None \
+                and not getattr(m.weight.quant_state, "packing_format_for_cpu", False):
+            out[name] = lambda dtype, m=m: stored_4bit(m, dtype)
+        elif isinstance(m, bnb.nn.Linear8bitLt) and not m.state.has_fp16_weights \
+                and _int8_state(m)[1] is not None and _int8_state(m)[0].dtype == torch.int8:
+            out[name] = lambda dtype, m=m: stored_8bit(m, dtype)
+    return out
+
+
 class ExactLinear4bit(torch.nn.Module):
     """What `bnb.nn.Linear4bit` computes on a CPU without AVX512-BF16, with the dequantization done once.
 
@@ -826,16 +868,8 @@ class ExactLinear4bit(torch.nn.Module):
 
     def __init__(self, layer: Any):
         super().__init__()
-        qs = layer.weight.quant_state
-        dq = None
-        absmax = qs.absmax
-        if qs.nested:
-            dq = DoubleQuantState(codes=qs.absmax, absmax=qs.state2.absmax, offset=qs.offset,
-                                  blocksize=qs.state2.blocksize)
-            absmax = None
-        shape = tuple(qs.shape)
-        packed = Blockwise4bitTensor(layer.weight.data.reshape(-1, 1), absmax, dq, qs.quant_type, qs.blocksize,
-                                     shape, torch.float32, "torch")
+        packed = stored_4bit(layer)
+        shape = packed.shape
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.packed = packed  # the layer's stored tensors, for its weight error and code usage
         self.register_buffer("weight_fp32", dequantize_4bit(packed).reshape(shape), persistent=False)
@@ -1078,27 +1112,20 @@ class BnbQuantizer(Quantizer):
     @torch.no_grad()
     def layer_weights(self, base_model: torch.nn.Module, quantized: Any = None,
                       cancel: Any = None) -> Iterator[LayerWeight]:
-        """From a model already swapped for its exact simulation: the tensors its layers store (no second
-        quantization); otherwise quantize each base weight (the default)."""
+        """From the quantized model (bitsandbytes' layers or their exact simulation): the tensors its layers store,
+        with no second quantization; where there is none, quantize each base weight (the default)."""
         model = getattr(quantized, "model", quantized)
-        exact = {name: m for name, m in model.named_modules()
-                 if isinstance(m, (ExactLinear4bit, ExactLinear8bit))} if model is not None else {}
-        if not exact:
+        stored = stored_layers(model) if model is not None else {}
+        refs = self.quantizable_layers(base_model)
+        if not stored or any(ref.name not in stored for ref in refs):
+            # a layer repacked for a CPU kernel, or a model without bitsandbytes layers: quantize again
             yield from super().layer_weights(base_model, None, cancel=cancel)
             return
-        refs = self.quantizable_layers(base_model)
-        missing = [ref.name for ref in refs if ref.name not in exact]
-        if missing:
-            raise ValueError(f"the quantized model has no bitsandbytes layer for {', '.join(missing[:3])}")
         for ref in refs:
             if cancel is not None and cancel():
                 raise Cancelled(f"layer errors cancelled at {ref.name}")
             w = ref.get().contiguous()
-            module = exact[ref.name]
-            if isinstance(module, ExactLinear4bit):
-                packed = dataclasses.replace(module.packed, dtype=w.dtype)
-            else:
-                packed = module.packed(w.dtype)
+            packed = stored[ref.name](w.dtype)
             yield LayerWeight(ref.name, w, packed.dequantize(), packed, packed.bits_per_param)
 
     def to_exact_simulation(self, model: Any) -> int:
