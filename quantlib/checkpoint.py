@@ -173,17 +173,8 @@ def _items(config: QuantConfig, shapes: Any) -> list[_Item]:
     by the planner's rules."""
     from quantlib.methods import quantizer_class
 
-    cls = quantizer_class(config)
-    decisions = cls.classify(config, shapes)
-    items = []
-    for w in shapes.weights:
-        if decisions[w.name] is not None:
-            continue
-        if w.kind == "experts":
-            items += [_Item(f"{w.name}[{e}]", w.name, tuple(w.shape), w.transposed, e) for e in range(w.n_matrices)]
-        else:
-            items.append(_Item(w.module, w.name, tuple(w.shape), w.transposed, None))
-    return items
+    return [_Item(name, w.name, tuple(w.shape), w.transposed, e)
+            for name, w, e in quantizer_class(config).quantized_matrices(config, shapes)]
 
 
 def _locate(name: str, files: dict[str, Path]) -> str | None:

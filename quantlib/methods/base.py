@@ -489,20 +489,27 @@ class Quantizer:
             return "MoE routers / gates (kept in full precision, as llama.cpp and gptqmodel do)"
         return None
 
-    def quantizable_layers(self, model: torch.nn.Module) -> list[MatrixRef]:
-        """Every matrix this quantizer quantizes in `model`, by the same rules the planner uses."""
-        shapes = describe_model(model)
-        decisions = type(self).classify(self.config, shapes)
-        params = dict(model.named_parameters())
-        refs = []
+    @classmethod
+    def quantized_matrices(cls, config: QuantConfig, shapes: ModelShapes) -> list[tuple[str, WeightShape, int | None]]:
+        """Every matrix `config` quantizes in the model `shapes` describes, by the planner's rules: (name, weight,
+        expert index), the name being the module, or `param[e]` for expert e of a fused expert tensor. The one
+        place a loaded model (`quantizable_layers`) and a checkpoint streamed from disk find their matrices."""
+        decisions = cls.classify(config, shapes)
+        out: list[tuple[str, WeightShape, int | None]] = []
         for w in shapes.weights:
             if decisions[w.name] is not None:
                 continue
             if w.kind == "experts":
-                refs += [MatrixRef(f"{w.name}[{e}]", params[w.name], w, e) for e in range(w.n_matrices)]
+                out += [(f"{w.name}[{e}]", w, e) for e in range(w.n_matrices)]
             else:
-                refs.append(MatrixRef(w.module, params[w.name], w))
-        return refs
+                out.append((w.module, w, None))
+        return out
+
+    def quantizable_layers(self, model: torch.nn.Module) -> list[MatrixRef]:
+        """Every matrix this quantizer quantizes in `model`, by the same rules the planner uses."""
+        params = dict(model.named_parameters())
+        return [MatrixRef(name, params[w.name], w, e)
+                for name, w, e in type(self).quantized_matrices(self.config, describe_model(model))]
 
     def check_model_shapes(self, model: torch.nn.Module, refs: list[MatrixRef] | None = None) -> None:
         """Refuse before any work when a layer's width does not fit the scheme's groups or blocks
