@@ -286,8 +286,10 @@ def run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compar
                     exact = True
                 elif settings.kernels == "exact":
                     notes.append(f"{label} ran on its library's kernels: {problem}")
-            # Calibrated and exactly simulated models give their layers' stored tensors; others quantize again.
+            # Every model gives its layers' stored tensors (calibrated checkpoints, bitsandbytes' layers, the packed
+            # tensors simulation kept): no weight is quantized twice.
             errors = layer_errors(base.model, quantizer, progress=report, cancel=cancel, quantized=qm)
+            qm.release_packed()  # read: the packed copies would otherwise stay resident for the whole run
             errors.insert(0, "scheme", label)
             quantized[label] = (config, qm, errors, time.perf_counter() - t0, exact, crosscheck)
             step[0] += 1

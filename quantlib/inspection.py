@@ -29,7 +29,7 @@ ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
 
 #: Share of the overall progress bar each step takes (they add up to 1).
-STEPS = (("layer errors", 0.25), ("quantize", 0.15), ("baseline", 0.2), ("compare", 0.25), ("outliers", 0.15))
+STEPS = (("quantize", 0.3), ("layer errors", 0.1), ("baseline", 0.2), ("compare", 0.25), ("outliers", 0.15))
 
 
 @dataclass
@@ -79,14 +79,13 @@ def inspect_scheme(base: LoadedModel, config: QuantConfig | dict | str, *, sourc
     stage = _staged(progress)
     config = parse_config(config)
     quantizer = get_quantizer(config, device=device)
-    calibrated = quantizer.calibrated
-    if not calibrated:  # layer by layer from the baseline's weights, before the quantized model exists
-        errors = layer_errors(base.model, quantizer, progress=stage("layer errors"), cancel=cancel)
     qm = quantize_model(config, base=base, source=source, device=quantizer.backend.device, dtype=dtype,
                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                         progress=stage("quantize"), cancel=cancel, calibration=calibration)
-    if calibrated:  # compare the calibrated model's dequantized layers with the baseline
-        errors = layer_errors(base.model, quantizer, progress=stage("layer errors"), cancel=cancel, quantized=qm)
+    # the layers as the quantized model stores them (calibrated checkpoints, bitsandbytes' layers, the packed
+    # tensors simulation kept): nothing is quantized twice
+    errors = layer_errors(base.model, quantizer, progress=stage("layer errors"), cancel=cancel, quantized=qm)
+    qm.release_packed()
     try:
         if reference is None:
             ids = tokenize_for_eval(base.tokenizer, builtin_text("eval"), tokens)

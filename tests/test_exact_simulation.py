@@ -181,3 +181,30 @@ def test_cli_until_settled_prints_running_figures(tiny_llama_dir, tmp_path, caps
     rows = json.loads(out)
     assert {r["scheme"] for r in rows} == {"baseline float32", "NF4", "INT8 (t=6)"}
     assert len({r["n_tokens"] for r in rows}) == 1 and rows[0]["n_tokens"] < 4096
+
+
+def test_a_comparison_quantizes_each_simulated_layer_once(tiny_llama_dir, monkeypatch):
+    """Simulated methods keep the packed tensors `simulate` made, and the layer errors read them: every layer is
+    quantized once per scheme, with the same errors as quantizing again."""
+    from quantlib.methods.gguf import GGUFQuantizer
+    from quantlib.methods.rtn import RTNQuantizer
+
+    base = load_model(str(tiny_llama_dir))
+    configs = [{"quant_method": "rtn", "bits": 4, "granularity": "group", "group_size": 32},
+               {"quant_method": "gguf", "quant_type": "Q4_0"}]
+    again = {c["quant_method"]: layer_errors(base.model, get_quantizer(parse_config(c), device="cpu")) for c in configs}
+    calls = []
+    for cls in (RTNQuantizer, GGUFQuantizer):
+        original = cls.quantize_layer
+
+        def counted(self, name, weight, original=original):
+            calls.append((type(self).__name__, name))
+            return original(self, name, weight)
+
+        monkeypatch.setattr(cls, "quantize_layer", counted)
+    result = run_comparison(configs, CompareSettings(source=str(tiny_llama_dir), max_tokens=256, window=128,
+                                                     device="cpu", baseline_cache=False), base=base, save=False)
+    assert len(calls) == len(set(calls)) == 2 * 14  # 2 schemes x 14 layers, each once
+    for config, label in zip(configs, [parse_config(c).label for c in configs]):
+        errors = result.layers[result.layers["scheme"] == label].drop(columns="scheme").reset_index(drop=True)
+        assert errors.equals(again[config["quant_method"]]), label

@@ -171,6 +171,12 @@ class QuantizedModel:
     description: dict[str, Any] = field(default_factory=dict)
     calibration_seconds: float = 0.0  # calibrated methods: the library's calibration alone
     checkpoint_dir: str | None = None  # calibrated methods: where the quantized checkpoint was saved
+    #: simulated methods: each layer's packed tensor from `simulate`, so layer errors read it instead of quantizing
+    #: every weight a second time (drop it with `release_packed` once read: it holds the packed model)
+    packed_layers: dict[str, QuantizedTensor] | None = None
+
+    def release_packed(self) -> None:
+        self.packed_layers = None
 
     @property
     def simulated(self) -> bool:
@@ -536,16 +542,17 @@ class Quantizer:
             base = load_model(source, dtype=dtype, device=self.backend.device, trust_remote_code=trust_remote_code,
                               allow_pickle=allow_pickle, progress=progress)
         model = _copy_sharing_unquantized(base.model, self.quantizable_layers(base.model)).to(self.backend.device)
-        memory = self.simulate(model, progress=progress, cancel=cancel)
+        packed: dict[str, QuantizedTensor] = {}
+        memory = self.simulate(model, progress=progress, cancel=cancel, keep=packed)
         model.eval()
         return QuantizedModel(model, base.tokenizer, self.config, self.backend, memory,
-                              time.perf_counter() - started, base.description.to_dict())
+                              time.perf_counter() - started, base.description.to_dict(), packed_layers=packed)
 
     @torch.no_grad()
     def simulate(self, model: torch.nn.Module, progress: ProgressFn | None = None,
-                 cancel: CancelFn | None = None) -> Any:
+                 cancel: CancelFn | None = None, keep: dict[str, QuantizedTensor] | None = None) -> Any:
         """Replace each quantizable matrix in place by quantize→dequantize; return the packed size
-        (a `quantlib.memory.MemoryBreakdown`)."""
+        (a `quantlib.memory.MemoryBreakdown`). `keep` receives each layer's packed tensor by name."""
         from quantlib.memory import MemoryBreakdown
 
         layers = self.quantizable_layers(model)
@@ -558,6 +565,8 @@ class Quantizer:
                 raise Cancelled(f"quantization cancelled at layer {ref.name}")
             packed = self.quantize_layer(ref.name, ref.get().contiguous())
             ref.set(packed.dequantize())
+            if keep is not None:
+                keep[ref.name] = packed
             for comp, nbytes in packed.storage_by_component().items():
                 parts[comp] += nbytes
             quantized_ids.add(id(ref.param))
@@ -585,17 +594,21 @@ class Quantizer:
                       cancel: CancelFn | None = None) -> Iterator[LayerWeight]:
         """The base and dequantized weight of every layer this method quantizes, one at a time.
 
-        Default: quantize each base weight with `quantize_tensor` (the method's own tensor path), so
-        peak memory is the model plus one layer's packed and dequantized copies. `quantized` (the
-        `QuantizedModel`) is needed only by methods whose layers come from a calibrated model.
+        Default: the packed tensors `quantize_model` kept (`QuantizedModel.packed_layers`, when `quantized` is
+        given and has every layer), else quantize each base weight with the method's own tensor path, so peak
+        memory is the model plus one layer's packed and dequantized copies. Methods whose layers come from a
+        calibrated model need `quantized`.
         """
         refs = self.quantizable_layers(base_model)
         self.check_model_shapes(base_model, refs)
+        kept = getattr(quantized, "packed_layers", None) or {}
+        if any(ref.name not in kept for ref in refs):
+            kept = {}
         for ref in refs:
             if cancel is not None and cancel():
                 raise Cancelled(f"layer errors cancelled at {ref.name}")
             w = ref.get().contiguous()
-            packed = self.quantize_layer(ref.name, w)
+            packed = kept[ref.name] if ref.name in kept else self.quantize_layer(ref.name, w)
             yield LayerWeight(ref.name, w, packed.dequantize(), packed, packed.bits_per_param)
 
     def count_layers(self, base_model: torch.nn.Module, quantized: Any = None) -> int:
