@@ -18,6 +18,7 @@ import psutil
 import torch
 
 from quantlib.apply import layer_errors, quantize_model, release_memory
+from quantlib.runtime import trim_heap
 from quantlib.configs import QuantConfig, parse_config
 from quantlib.corpus import builtin_text, load_text
 from quantlib.errors import Cancelled
@@ -286,10 +287,13 @@ def run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compar
                     exact = True
                 elif settings.kernels == "exact":
                     notes.append(f"{label} ran on its library's kernels: {problem}")
+            if not qm.simulated and not exact:  # loaded from disk: its embeddings and norms equal the baseline's
+                share_identical_tensors(qm.model, base.model)
             # Every model gives its layers' stored tensors (calibrated checkpoints, bitsandbytes' layers, the packed
             # tensors simulation kept): no weight is quantized twice.
             errors = layer_errors(base.model, quantizer, progress=report, cancel=cancel, quantized=qm)
             qm.release_packed()  # read: the packed copies would otherwise stay resident for the whole run
+            trim_heap()  # quantizing and the layer errors free ~1 GB of per-layer copies: give the pages back
             errors.insert(0, "scheme", label)
             quantized[label] = (config, qm, errors, time.perf_counter() - t0, exact, crosscheck)
             step[0] += 1

@@ -191,14 +191,10 @@ def test_a_checkpoint_bigger_than_the_budget_streams_under_it(tmp_path):
 
 
 def test_inspect_page_streams_every_layer(sharded_fp16, tmp_path, monkeypatch):
-    from streamlit.testing.v1 import AppTest
+    from tests.apptest_support import page_on_folder
 
     monkeypatch.setenv("QUANTLIB_CACHE", str(tmp_path))
-    at = AppTest.from_file(str(REPO / "pages" / "2_Quantize_and_Inspect.py"), default_timeout=180)
-    at.run()
-    at.radio(key="inspect.model.kind").set_value("Local folder").run()
-    at.text_input(key="inspect.model.path.Local folder").input(str(sharded_fp16)).run()
-    assert not at.exception, [e.message for e in at.exception]
+    at = page_on_folder("2_Quantize_and_Inspect.py", "inspect", sharded_fp16)
     at.button(key="inspect.stream.run").click().run()
     assert not at.exception, [e.message for e in at.exception]
     assert not at.error, [e.value for e in at.error]

@@ -280,3 +280,19 @@ def test_a_recomputed_reference_abandoned_midway_leaves_no_inference_mode_behind
     x = torch.ones(2, requires_grad=True)
     (x * 3).sum().backward()
     assert x.grad is not None
+
+
+def test_log_softmax_in_place_is_bit_identical_to_torch():
+    """`_log_softmax` overwrites fp32 logits in place (one vocabulary-sized tensor per window instead of two): the
+    values are bit for bit torch's out-of-place log-softmax, and fp16 logits are converted, not overwritten."""
+    from quantlib.evaluation import _log_softmax
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 37, 1000) * 7
+    expected = torch.log_softmax(logits, dim=-1)
+    work = logits.clone()
+    out = _log_softmax(work)
+    assert torch.equal(out, expected) and out.data_ptr() == work.data_ptr()
+    half = logits.half()
+    out16 = _log_softmax(half)
+    assert torch.equal(out16, torch.log_softmax(half.float(), dim=-1)) and torch.equal(half, logits.half())

@@ -87,16 +87,10 @@ def test_cli_compare_offload(tiny_llama_dir, capsys):
 
 
 def test_compare_page_runs_offloaded(tiny_llama_dir, tmp_path, monkeypatch):
-    from pathlib import Path
-
-    from streamlit.testing.v1 import AppTest
+    from tests.apptest_support import page_on_folder
 
     monkeypatch.setenv("QUANTLIB_RUNS_DIR", str(tmp_path / "runs"))
-    page = str(Path(__file__).resolve().parents[1] / "pages" / "3_Compare_Schemes.py")
-    at = AppTest.from_file(page, default_timeout=180)
-    at.run()
-    at.radio(key="compare.model.kind").set_value("Local folder").run()
-    at.text_input(key="compare.model.path.Local folder").input(str(tiny_llama_dir)).run()
+    at = page_on_folder("3_Compare_Schemes.py", "compare", tiny_llama_dir)
     at.multiselect(key="compare.configs").set_value(["NF4", "RTN int8, per channel"])
     at.number_input(key="compare.tokens").set_value(64)
     at.number_input(key="compare.window").set_value(64)

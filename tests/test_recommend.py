@@ -223,17 +223,10 @@ def test_cli_recommend_writes_the_export_and_refuses_an_infeasible_budget(tiny_l
 
 def test_recommend_page_measures_recommends_and_verifies_on_a_tiny_model(tiny_llama_dir, tmp_path, monkeypatch,
                                                                          cache_dir):
-    from pathlib import Path
-
-    from streamlit.testing.v1 import AppTest
+    from tests.apptest_support import page_on_folder
 
     monkeypatch.setenv("QUANTLIB_RUNS_DIR", str(tmp_path / "runs"))
-    page = str(Path(__file__).resolve().parents[1] / "pages" / "5_Recommend.py")
-    at = AppTest.from_file(page, default_timeout=180)
-    at.run()
-    assert not at.exception, [e.message for e in at.exception]
-    at.radio(key="recommend.model.kind").set_value("Local folder").run()
-    at.text_input(key="recommend.model.path.Local folder").input(str(tiny_llama_dir)).run()
+    at = page_on_folder("5_Recommend.py", "recommend", tiny_llama_dir)
     at.number_input(key="recommend.calib").set_value(64).run()
     at.button(key="recommend.run").click().run()
     assert not at.exception, [e.message for e in at.exception]

@@ -132,16 +132,10 @@ def test_a_gptq_mix_is_calibrated_by_gptqmodel_exactly_as_planned(tiny, tiny_lla
 def test_recommend_page_with_the_gptq_family_measures_exports_and_verifies(tiny_llama_dir, tmp_path, monkeypatch):
     """The page on a tiny model with the GPTQ family: the export carries `dynamic`, the page says transformers'
     class drops it and gives GPTQModel code, and the verification calibrates every config for real."""
-    from pathlib import Path
-
-    from streamlit.testing.v1 import AppTest
+    from tests.apptest_support import page_on_folder
 
     monkeypatch.setenv("QUANTLIB_RUNS_DIR", str(tmp_path / "runs"))
-    page = str(Path(__file__).resolve().parents[1] / "pages" / "5_Recommend.py")
-    at = AppTest.from_file(page, default_timeout=300)
-    at.run()
-    at.radio(key="recommend.model.kind").set_value("Local folder").run()
-    at.text_input(key="recommend.model.path.Local folder").input(str(tiny_llama_dir)).run()
+    at = page_on_folder("5_Recommend.py", "recommend", tiny_llama_dir, timeout=300)
     at.selectbox(key="recommend.family").set_value("gptq").run()
     at.number_input(key="recommend.calib").set_value(64).run()
     at.button(key="recommend.run").click().run()
