@@ -330,6 +330,8 @@ def measure_sensitivity(base: Any, family: str, *, dtype: str = "float32", calib
     model = base.model
     shapes = describe_model(model)
     spaces = cls.mix_spaces(shapes)
+    if not spaces:
+        raise RecommendError(f"{family}: no per-layer mix fits this model ({cls.mix_unsupported()})")
     choices = _choices(spaces)
     report(0.0, "fingerprinting the model")
     fingerprint = model_fingerprint(model)

@@ -158,3 +158,21 @@ def test_recommend_page_with_the_gptq_family_measures_exports_and_verifies(tiny_
     assert len(runs) == 1
     run = json.loads(runs[0].read_text())
     assert "dynamic" in json.dumps(run)  # the mix was calibrated with its dynamic config
+
+
+def test_a_model_no_group_size_fits_is_refused_with_the_reason(tiny_tokenizer, tmp_path):
+    """Input widths of 48: no group of 128, 64 or 32 divides them, so there is no GPTQ mix, and the refusal says
+    why instead of failing later."""
+    from transformers import LlamaForCausalLM
+
+    from quantlib.models import load_model
+    from tests.conftest import tiny_llama_config
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(len(tiny_tokenizer), hidden_size=48, intermediate_size=96,
+                                       num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    base = load_model(str(tmp_path))
+    assert rc.family_class("gptq").mix_spaces(describe_model(base.model)) == []
+    with pytest.raises(rc.RecommendError, match="no per-layer mix fits this model.*128, 64 or 32"):
+        rc.measure_sensitivity(base, "gptq", calib_tokens=32, check_layers=0)

@@ -217,6 +217,11 @@ class GPTQQuantizer(GptqmodelQuantizer):
             "model = GPTQModel.load(\"out\")  # honours dynamic; transformers' GPTQConfig drops it",
         ])
 
+    @classmethod
+    def mix_unsupported(cls) -> str:
+        return ("gptq: a per-module mix uses one group size for its settings, 128, 64 or 32, which must divide every "
+                "quantized layer's input width")
+
     #: (bits, group size) of the per-layer mix; group size 0 stands for the largest that fits the model (<= 128)
     #: and -1 for half of it.
     MIX_SETTINGS: ClassVar[tuple[tuple[int, int], ...]] = ((4, 0), (8, 0), (3, 0), (2, 0), (4, -1))
