@@ -849,9 +849,10 @@ def stored_layers(model: torch.nn.Module) -> dict[str, Callable[[torch.dtype], Q
         elif isinstance(m, bnb.nn.Linear4bit) and getattr(m.weight, "quant_state", None) is not None \
                 and not getattr(m.weight.quant_state, "packing_format_for_cpu", False):
             out[name] = lambda dtype, m=m: stored_4bit(m, dtype)
-        elif isinstance(m, bnb.nn.Linear8bitLt) and not m.state.has_fp16_weights \
-                and _int8_state(m)[1] is not None and _int8_state(m)[0].dtype == torch.int8:
-            out[name] = lambda dtype, m=m: stored_8bit(m, dtype)
+        elif isinstance(m, bnb.nn.Linear8bitLt) and not m.state.has_fp16_weights:
+            codes, scb = _int8_state(m)
+            if scb is not None and codes.dtype == torch.int8:
+                out[name] = lambda dtype, m=m: stored_8bit(m, dtype)
     return out
 
 
