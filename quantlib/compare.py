@@ -328,6 +328,7 @@ def run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compar
         baseline = baseline or evaluation.base
         eval_info.setdefault("baseline_source", evaluation.baseline_source)
         eval_info.setdefault("baseline_cache_note", evaluation.baseline_cache_note)
+        eval_info.setdefault("output_head", {}).update(evaluation.output_head)
         for label, (config, qm, errors, quant_seconds, exact, crosscheck) in quantized.items():
             done[label] = _entry(label, qm, errors, quant_seconds, exact, crosscheck, evaluation.comparison[label])
         quantized.clear()

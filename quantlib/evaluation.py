@@ -18,9 +18,13 @@ Baseline reuse and memory
     8-bit model's whole KL - so we never store fp16. Two ways avoid recomputing the baseline:
 
     * :func:`perplexity_and_kl` runs the baseline and N models window by window together:
-      one baseline forward per window whatever N is; peak extra memory is about three
-      ``batch x window x vocab`` fp32 tensors, independent of N and of the text length
-      (the models themselves must all be resident).
+      one baseline forward per window whatever N is. Each forward skips its output head and
+      keeps the head's input (``window x hidden`` floats); the head then runs on slices of
+      HEAD_CHUNK_BYTES, and log-softmax, KL, top-1 and the target's log-prob are taken slice by
+      slice, the baseline's probabilities once for all N models. Peak extra memory is about four
+      such slices, independent of N, of the window and of the text length (the models
+      themselves must all be resident). A model whose logits are not its head's output alone
+      (soft-capping, scaling; checked on its first window) is read as full log-probs.
     * :func:`reference_logprobs` runs the baseline once and keeps its log-probs when they fit
       in ``max_bytes`` (default 1 GiB, enough for 4k tokens); otherwise it keeps the model and
       recomputes per window (still correct, one extra forward per comparison). Use this when
@@ -55,6 +59,16 @@ AUTO_BATCH_LOGIT_BYTES = 512 * 2**20
 KL_PERCENTILES = (99.9, 99, 95, 90, 50, 10, 5, 1)
 #: Positions per slice when computing KL, so temporaries stay small next to the log-probs themselves.
 KL_CHUNK = 128
+#: Vocabulary-sized work (output head, log-softmax, KL, top-1, target gather) runs on this many bytes of fp32
+#: log-probs per model at a time: 512 positions of SmolLM2's 49,152-token vocabulary. The head's matmul keeps
+#: its speed down to about this size on a CPU (256 positions cost 20% more, 128 positions 35%).
+HEAD_CHUNK_BYTES = 96 * 2**20
+#: Positions on which each model's own forward output is compared with its output head applied to the captured
+#: final hidden states, once per evaluation (its first window); the head path is used only where they agree.
+HEAD_CHECK_ROWS = 32
+#: Largest |delta log p| (nats) the check allows: float32 matmuls of other shapes may round differently on some
+#: backends (identical on this project's CPU); soft-capping or scaling a model applies after its head is far above.
+HEAD_TOLERANCE = 1e-4
 
 __all__ = [
     "Cancelled",
@@ -164,6 +178,10 @@ class EvaluationReport:
     baseline_source: str = "forward"
     #: Why the baseline was not cached, or where it was ("" when caching was not asked for).
     baseline_cache_note: str = ""
+    #: Per model ("baseline" included): how its log-probs were read, "sliced" (its output head on the captured
+    #: final hidden states, slice by slice; ``max_abs_logprob_diff`` against its own forward output on the
+    #: checked positions) or "full" (the forward's logits, with ``note`` saying why).
+    output_head: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -177,6 +195,7 @@ class EvaluationReport:
             "windows_done": self.windows_done, "windows_planned": self.windows_planned,
             "complete": self.complete, "stop_reason": self.stop_reason,
             "baseline_source": self.baseline_source, "baseline_cache_note": self.baseline_cache_note,
+            "output_head": self.output_head,
         }
 
 
@@ -304,14 +323,19 @@ def _window_inputs(ids: torch.Tensor, batch: list[Window], bos: int) -> tuple[to
     return torch.stack(rows), torch.stack(targets)
 
 
-def _logprobs(model: Any, inputs: torch.Tensor, n_scored: int) -> torch.Tensor:
-    """fp32 log-probs (B, n_scored, V) of the last n_scored positions (the scored suffix)."""
+def _forward_logits(model: Any, inputs: torch.Tensor, n_scored: int) -> torch.Tensor:
+    """The model's logits for (at least) the last n_scored positions."""
     device = _model_device(model)
     inputs = inputs.to(device)
     kwargs: dict[str, Any] = {"input_ids": inputs, "attention_mask": torch.ones_like(inputs)}
     if _accepts_logits_to_keep(model):
         kwargs["logits_to_keep"] = n_scored  # skip the lm_head on unscored positions
-    return _log_softmax(model(**kwargs).logits[:, -n_scored:, :])
+    return model(**kwargs).logits
+
+
+def _logprobs(model: Any, inputs: torch.Tensor, n_scored: int) -> torch.Tensor:
+    """fp32 log-probs (B, n_scored, V) of the last n_scored positions (the scored suffix)."""
+    return _log_softmax(_forward_logits(model, inputs, n_scored)[:, -n_scored:, :])
 
 
 def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
@@ -364,17 +388,91 @@ class _KlStats:
     same_top1: list[torch.Tensor] = field(default_factory=list)
 
     def add(self, base_lp: torch.Tensor, quant_lp: torch.Tensor, targets: torch.Tensor) -> None:
-        base_lp = base_lp.to(quant_lp.device)
-        # In slices of positions: two more (B, n, vocab) temporaries would double the peak memory.
-        kl = torch.cat([(b.exp() * (b - q)).sum(-1) for b, q in zip(base_lp.split(KL_CHUNK, dim=1),
-                                                                   quant_lp.split(KL_CHUNK, dim=1))], dim=1)
-        kl = kl.clamp_min(0.0)
-        self.kl.append(kl.flatten().cpu())
-        same = (base_lp.argmax(-1) == quant_lp.argmax(-1)).flatten()
+        """Add one batch of windows from full log-probs (B, n, V) of both models."""
+        vocab = base_lp.shape[-1]
+        base = _ModelRows(logprobs=base_lp.to(quant_lp.device).reshape(-1, vocab))
+        base_nll, per_model = _window_stats(base, {"q": _ModelRows(logprobs=quant_lp.reshape(-1, vocab))},
+                                            targets.reshape(-1))
+        self.add_window(*per_model["q"], base_nll)
+
+    def add_window(self, kl: torch.Tensor, same: torch.Tensor, nll: torch.Tensor, base_nll: torch.Tensor) -> None:
+        """Add one batch of windows' per-token values (from `_window_stats`), in text order."""
+        self.kl.append(kl.clamp_min(0.0).flatten().cpu())
+        same = same.flatten()
         self.same_top1.append(same.cpu())
         self.agree += int(same.sum().item())
-        self.nll.add(_target_nll(quant_lp, targets))
-        self.base_nll.add(_target_nll(base_lp, targets))
+        self.nll.add(nll)
+        self.base_nll.add(base_nll)
+
+
+class _ModelRows:
+    """One model's scored positions in one batch of windows, flattened to rows: final hidden states that its
+    output head turns into log-probs slice by slice (so no window-by-vocabulary tensor is ever made), or, for a
+    model whose logits are not its head's output alone, the full log-probs (sliced)."""
+
+    def __init__(self, *, hidden: Optional[torch.Tensor] = None, head: Any = None,
+                 logprobs: Optional[torch.Tensor] = None):
+        self.hidden, self.head, self.full = hidden, head, logprobs
+
+    @property
+    def rows(self) -> int:
+        return int((self.full if self.full is not None else self.hidden).shape[0])
+
+    def vocab(self) -> int:
+        if self.full is not None:
+            return int(self.full.shape[-1])
+        return int(self.head.weight.shape[0]) if hasattr(self.head, "weight") else int(self.logprobs(0, 1).shape[-1])
+
+    def logprobs(self, start: int, stop: int) -> torch.Tensor:
+        if self.full is not None:
+            return self.full[start:stop]
+        return _log_softmax(self.head(self.hidden[start:stop]))
+
+
+def _window_stats(base: _ModelRows, models: Mapping[str, _ModelRows], targets: torch.Tensor,
+                  times: Optional[dict[str, float]] = None
+                  ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """Per-token baseline NLL and, per model, per-token KL(base || model), same top-1 and NLL, for one batch of
+    windows, computed HEAD_CHUNK_BYTES of log-probs at a time. The baseline's probabilities and top-1 are
+    computed once per slice for every model. ``times`` (if given) gets each model's seconds added, and the
+    baseline's under "". KL is ``sum(exp(b) * (b - q))`` per position, in float32, exactly as before slicing."""
+    n_rows, vocab = base.rows, base.vocab()
+    step = max(1, HEAD_CHUNK_BYTES // (4 * vocab))
+    targets = targets.reshape(-1)
+    base_nll: list[torch.Tensor] = []
+    out: dict[str, list[list[torch.Tensor]]] = {name: [[], [], []] for name in models}
+    scratch: Optional[torch.Tensor] = None
+    clock = time.perf_counter
+    for start in range(0, n_rows, step):
+        stop = min(n_rows, start + step)
+        t0 = clock()
+        b = base.logprobs(start, stop)
+        target = targets[start:stop].to(b.device)
+        p = b.exp()
+        top = b.argmax(-1)
+        base_nll.append(_target_nll(b, target))
+        if scratch is None or scratch.device != b.device:
+            scratch = torch.empty((min(KL_CHUNK, step), vocab), dtype=b.dtype, device=b.device)
+        if times is not None:
+            times[""] = times.get("", 0.0) + clock() - t0
+        for name, rows in models.items():
+            t0 = clock()
+            q = rows.logprobs(start, stop)
+            if q.device != b.device:
+                q = q.to(b.device)
+            kl = torch.empty(stop - start, dtype=b.dtype, device=b.device)
+            for s in range(0, stop - start, KL_CHUNK):  # (b - q) * p in a small scratch slice, summed per row
+                e = min(stop - start, s + KL_CHUNK)
+                d = torch.sub(b[s:e], q[s:e], out=scratch[:e - s])
+                kl[s:e] = d.mul_(p[s:e]).sum(-1)
+            out[name][0].append(kl)
+            out[name][1].append(q.argmax(-1) == top)
+            out[name][2].append(_target_nll(q, target))
+            del q
+            if times is not None:
+                times[name] = times.get(name, 0.0) + clock() - t0
+        del b, p
+    return torch.cat(base_nll), {name: (torch.cat(v[0]), torch.cat(v[1]), torch.cat(v[2])) for name, v in out.items()}
 
 
 def _percentiles(values: torch.Tensor) -> dict[str, float]:
@@ -586,20 +684,82 @@ def _compare_with_reference(ref: ReferenceLogprobs, quant_model: Any, progress: 
                        backend_name(quant_model), recomputed=not ref.stored)
 
 
+class _HeadPath:
+    """How one model's scored positions are read: its final hidden states, captured at its output head's input
+    while the head itself is skipped in the forward pass (the head then runs slice by slice in
+    `_window_stats`), wherever that gives the model's own log-probs. On the model's first window the head still
+    runs on HEAD_CHECK_ROWS positions inside the forward, and the model's output there must match the head
+    applied to the captured states (within HEAD_TOLERANCE); a model that soft-caps or rescales its logits after
+    the head, or has no head module, or runs it more than once, is read as full log-probs instead."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.head = head if isinstance(head, torch.nn.Module) else None
+        self.usable: Optional[bool] = None if self.head is not None else False  # None: not checked yet
+        self.note = "" if self.head is not None else "the model has no output head module"
+        self.max_diff: Optional[float] = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"path": "sliced" if self.usable else "full" if self.usable is False else "unchecked",
+                "max_abs_logprob_diff": self.max_diff, "note": self.note}
+
+    def rows(self, inputs: torch.Tensor, n_scored: int) -> _ModelRows:
+        if not self.usable and self.usable is not None:
+            return _ModelRows(logprobs=_flat(_logprobs(self.model, inputs, n_scored)))
+        checking = self.usable is None
+        keep = min(n_scored, HEAD_CHECK_ROWS)
+        captured: list[torch.Tensor] = []
+
+        def pre_hook(_module: Any, args: tuple) -> tuple:
+            captured.append(args[0])
+            x = args[0][:, -n_scored:, :]
+            return (x[:, :keep] if checking else x[:, :0],) + tuple(args[1:])
+
+        handle = self.head.register_forward_pre_hook(pre_hook)
+        try:
+            logits = _forward_logits(self.model, inputs, n_scored)
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            return self._give_up(f"its output head ran {len(captured)} times in one forward pass", inputs, n_scored)
+        hidden = captured[0][:, -n_scored:, :]
+        if checking:
+            # The model's own log-probs on the first `keep` positions of each window against its head alone.
+            own = _log_softmax(logits[:, -keep:, :]) if logits.shape[1] >= keep else None
+            mine = _log_softmax(self.head(hidden[:, :keep, :]))
+            if own is None or own.shape != mine.shape:
+                return self._give_up("its logits are not its output head's output", inputs, n_scored)
+            self.max_diff = float((own - mine.to(own.device)).abs().max())
+            if not self.max_diff <= HEAD_TOLERANCE:
+                return self._give_up("it changes its output head's logits (soft-capping or scaling), so the head "
+                                     "alone would not reproduce them", inputs, n_scored)
+            self.usable = True
+        del logits
+        return _ModelRows(hidden=hidden.reshape(-1, hidden.shape[-1]), head=self.head)
+
+    def _give_up(self, reason: str, inputs: torch.Tensor, n_scored: int) -> _ModelRows:
+        self.usable, self.note = False, reason
+        return _ModelRows(logprobs=_flat(_logprobs(self.model, inputs, n_scored)))  # this window again, in full
+
+
+def _flat(logprobs: torch.Tensor) -> torch.Tensor:
+    return logprobs.reshape(-1, logprobs.shape[-1])
+
+
 class _Baseline:
-    """The baseline's log-probs window by window: from cached final hidden states when the cache has
-    them (one output-head matmul), else from a forward pass whose output-head input is captured, so
-    it can be cached for the next run (see `quantlib.baseline_cache`)."""
+    """The baseline's scored positions window by window: from cached final hidden states when the cache has
+    them (no forward pass), else from a forward pass (`_HeadPath`), whose captured states are cached for the
+    next run when the head alone gives the model's log-probs (see `quantlib.baseline_cache`)."""
 
     def __init__(self, model: Any, plan: _Plan, use_cache: bool):
         self.model, self.plan = model, plan
-        self.head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        self.use_cache = bool(use_cache) and isinstance(self.head, torch.nn.Module)
+        self.path = _HeadPath(model)
+        self.use_cache = bool(use_cache) and self.path.head is not None
         self.note = "" if not use_cache or self.use_cache else "not cached: the model has no output head module"
         self.key, self.cached, self.offset = "", None, 0
         self.hidden: list[torch.Tensor] = []  # every window's scored hidden states so far, in order
         self.windows_cached = self.windows_computed = 0
-        self.verified = False
         if self.use_cache:
             from quantlib import baseline_cache
 
@@ -618,41 +778,28 @@ class _Baseline:
             return "cache+forward"
         return "cache" if self.windows_cached else "forward"
 
-    def logprobs(self, inputs: torch.Tensor, n_scored: int, n_windows: int, windows_before: int) -> torch.Tensor:
+    def rows(self, inputs: torch.Tensor, n_scored: int, n_windows: int, windows_before: int) -> _ModelRows:
         rows = inputs.shape[0] * n_scored
         cached = self.cached
         if cached is not None and windows_before + n_windows <= cached.windows \
                 and self.offset + rows <= cached.hidden.shape[0]:
-            h = cached.hidden[self.offset:self.offset + rows].reshape(inputs.shape[0], n_scored, -1)
+            # Written only by a run whose head check passed on this very model (the key holds its fingerprint).
+            h = cached.hidden[self.offset:self.offset + rows]
             self.offset += rows
             self.windows_cached += n_windows
-            self.hidden.append(h.reshape(rows, -1))
-            device = _model_device(self.model)
-            return _log_softmax(self.head(h.to(device)))
-        if not self.use_cache:
-            self.windows_computed += n_windows
-            return _logprobs(self.model, inputs, n_scored)
-        captured: list[torch.Tensor] = []
-        handle = self.head.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
-        try:
-            lp = _logprobs(self.model, inputs, n_scored)
-        finally:
-            handle.remove()
+            self.hidden.append(h)
+            if self.path.usable is None:
+                self.path.usable, self.path.note = True, "checked by the run that cached these states"
+            return _ModelRows(hidden=h.to(_model_device(self.model)), head=self.path.head)
+        result = self.path.rows(inputs, n_scored)
         self.windows_computed += n_windows
-        if len(captured) != 1:
-            self._give_up(f"not cached: the output head ran {len(captured)} times in one forward pass")
-            return lp
-        h = captured[0][:, -n_scored:, :].contiguous()
-        if not self.verified:
-            # Exact reuse or none: the head applied to the captured states must give the same log-probs.
-            if not torch.equal(_log_softmax(self.head(h)), lp):
-                self._give_up("not cached: this model changes its output head's logits (soft-capping or "
-                              "scaling), so the head alone would not reproduce them")
-                return lp
-            self.verified = True
-        self.offset += rows
-        self.hidden.append(h.reshape(rows, -1).detach().cpu())
-        return lp
+        if self.use_cache:
+            if result.hidden is None:
+                self._give_up(f"not cached: {self.path.note}")
+            else:
+                self.offset += rows
+                self.hidden.append(result.hidden.detach().cpu())
+        return result
 
     def _give_up(self, note: str) -> None:
         self.use_cache, self.note, self.hidden, self.cached = False, note, [], None
@@ -715,6 +862,7 @@ def perplexity_and_kl(
     stats = {name: _KlStats() for name in models}
     times = {name: 0.0 for name in models}
     baseline = _Baseline(base_model, plan, baseline_cache)
+    paths = {name: _HeadPath(model) for name, model in models.items()}
     done, reason = 0, ""
 
     def report() -> EvaluationReport:
@@ -726,22 +874,32 @@ def perplexity_and_kl(
                  for name, m in models.items()}
         return EvaluationReport(base=base, perplexity=ppls, comparison=comps, windows_done=done,
                                 windows_planned=len(plan.windows), stop_reason=reason,
-                                baseline_source=baseline.source, baseline_cache_note=baseline.note)
+                                baseline_source=baseline.source, baseline_cache_note=baseline.note,
+                                output_head={"baseline": baseline.path.describe(),
+                                             **{name: path.describe() for name, path in paths.items()}})
 
     try:
         with torch.inference_mode():
             for _, inputs, targets in _run(plan, progress, cancel, "evaluation"):
+                n_scored = targets.shape[1]
                 t0 = time.perf_counter()
-                base_lp = baseline.logprobs(inputs, targets.shape[1], inputs.shape[0], done)
-                base_nll.add(_target_nll(base_lp, targets))
+                base_rows = baseline.rows(inputs, n_scored, inputs.shape[0], done)
                 base_time += time.perf_counter() - t0
+                rows = {}
                 for name, model in models.items():
                     t0 = time.perf_counter()
-                    stats[name].add(base_lp, _logprobs(model, inputs, targets.shape[1]), targets)
-                    trim_heap()  # each model's window frees ~0.5 GB of vocabulary-sized tensors; glibc keeps pages
+                    rows[name] = paths[name].rows(inputs, n_scored)
+                    trim_heap()  # a forward pass leaves up to 0.5 GB of freed pages (LLM.int8() on CPU)
                     times[name] += time.perf_counter() - t0
-                del base_lp
-                trim_heap()
+                spent: dict[str, float] = {}
+                window_nll, per_model = _window_stats(base_rows, rows, targets, spent)
+                base_nll.add(window_nll)
+                base_time += spent.pop("", 0.0)
+                for name, values in per_model.items():
+                    stats[name].add_window(*values, window_nll)
+                    times[name] += spent.get(name, 0.0)
+                del base_rows, rows, per_model
+                trim_heap()  # a window frees hundreds of MB of vocabulary-sized slices; glibc keeps the pages
                 done += inputs.shape[0]
                 if done < len(plan.windows) and (on_update is not None or stop is not None):
                     partial = report()

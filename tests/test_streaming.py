@@ -202,3 +202,67 @@ def test_a_damaged_cache_entry_is_a_miss_and_is_replaced(base, models, ids):
     counting.calls = 0
     perplexity_and_kl(counting, models, ids, window=64, baseline_cache=True)
     assert counting.calls == 0  # the entry was written again
+
+
+def _head_calls(model, monkeypatch):
+    """Row counts of every call of the model's output head."""
+    head, calls = model.get_output_embeddings(), []
+    original = head.forward
+    monkeypatch.setattr(head, "forward", lambda x: calls.append(tuple(x.shape)) or original(x))
+    return calls
+
+
+def test_vocabulary_work_runs_in_slices_from_the_output_head(base, models, ids, monkeypatch):
+    """No window-by-vocabulary tensor is made: the forward passes skip their head (after checking it on the first
+    window's first positions), and the head runs on slices of captured hidden states; the figures do not depend
+    on the slice size and equal the full-logits path."""
+    import quantlib.evaluation as ev
+    from quantlib.evaluation import compare_logits, reference_logprobs
+
+    whole = perplexity_and_kl(base, models, ids, window=64)
+    monkeypatch.setattr(ev, "HEAD_CHUNK_BYTES", 24 * VOCAB * 4)  # 24 positions per slice
+    calls = _head_calls(base, monkeypatch)
+    sliced = perplexity_and_kl(base, models, ids, window=64)
+    hidden = base.config.hidden_size
+    in_forward = [c for c in calls if len(c) == 3]
+    # The check, on the first window only: the forward's head and the head alone, on the same positions.
+    assert in_forward[:2] == [(1, ev.HEAD_CHECK_ROWS, hidden)] * 2
+    assert set(in_forward[2:]) == {(1, 0, hidden)} and len(in_forward) == 2 + 7  # later forwards skip it
+    slices = [c for c in calls if len(c) == 2]
+    assert slices and max(rows for rows, _ in slices) == 24 and sum(rows for rows, _ in slices) == len(ids)
+    assert sliced.output_head["baseline"]["path"] == "sliced"
+    assert sliced.output_head["large"]["max_abs_logprob_diff"] <= ev.HEAD_TOLERANCE
+    full = compare_logits(reference_logprobs(base, ids, window=64), models["large"])  # full log-probs per window
+    for report in (whole, sliced):
+        assert report.comparison["large"].kl_mean == pytest.approx(full.kl_mean, rel=1e-6)
+        assert report.comparison["large"].top1_agreement == full.top1_agreement
+        assert report.perplexity["large"].ppl == pytest.approx(full.quant_ppl, rel=1e-9)
+        assert report.base.ppl == pytest.approx(full.base_ppl, rel=1e-9)
+    assert torch.allclose(sliced.comparison["large"].kl_tokens, whole.comparison["large"].kl_tokens, atol=1e-7)
+
+
+def test_models_whose_head_is_not_the_whole_story_are_read_in_full(base, models, ids):
+    """A compared model that soft-caps after its head, or runs its head twice, gets full log-probs (with the
+    reason), and its figures equal those of the full-logits path."""
+    from quantlib.evaluation import compare_logits, reference_logprobs
+
+    class Capped(Counting):
+        def forward(self, **kwargs):
+            out = super().forward(**kwargs)
+            out.logits = 3.0 * torch.tanh(out.logits / 3.0)
+            return out
+
+    class Twice(Counting):
+        def forward(self, **kwargs):
+            self.inner(**kwargs)
+            return super().forward(**kwargs)
+
+    odd = {"capped": Capped(models["large"]), "twice": Twice(models["small"])}
+    report = perplexity_and_kl(base, odd, ids, window=64)
+    assert report.output_head["capped"]["path"] == "full" and "soft-capping" in report.output_head["capped"]["note"]
+    assert report.output_head["twice"]["path"] == "full" and "2 times" in report.output_head["twice"]["note"]
+    reference = reference_logprobs(base, ids, window=64)
+    for name, model in odd.items():
+        full = compare_logits(reference, model)
+        assert report.comparison[name].kl_mean == pytest.approx(full.kl_mean, rel=1e-6), name
+        assert report.perplexity[name].ppl == pytest.approx(full.quant_ppl, rel=1e-9), name
