@@ -7,10 +7,14 @@ run (the machine's speed drifts; ratios within one run do not). The fp32 GEMM pe
 Phases
   gemm     fp32 GEMM GFLOP/s on this machine (2048^3, best of 5)
   plain    one plain forward pass over the tokens (window by window, full logits)
-  cold     the comparison with an empty baseline cache (exact simulation of bitsandbytes on CPU)
+  cold     the comparison as a user runs it (the default --kernels auto: bitsandbytes' own CPU kernels), with an
+           empty baseline cache
   cached   the same comparison again: the baseline comes from its cached final hidden states
   settled  the same with --until-settled (cached baseline): when does the ranking settle, is it the same
-  kernels  the same on the library's kernels (cached baseline): how close is the exact simulation
+  exact    the same with --kernels exact (cached baseline): bitsandbytes' layers swapped for their exact
+           simulation, each cross-checked against the kernels on its first tokens; its figures against `cached`
+           show how close the simulation is over all the tokens
+  kernels  --kernels library named explicitly (cached baseline): the same path as `cached`
 
 Run:  python3 benchmarks/bench_compare.py [--tokens 8192] [--window 1024] [--phases ...] [--json out.json]
 Measures, never asserts; figures go to benchmarks/RESULTS.md by hand with the load average printed here.
@@ -148,12 +152,16 @@ def phase_settled(args) -> dict:
     return _compare(args, until_settled=True)
 
 
+def phase_exact(args) -> dict:
+    return _compare(args, kernels="exact")
+
+
 def phase_kernels(args) -> dict:
     return _compare(args, kernels="library")
 
 
 PHASES = {"gemm": phase_gemm, "plain": phase_plain, "cold": phase_cold, "cached": phase_cached,
-          "settled": phase_settled, "kernels": phase_kernels}
+          "settled": phase_settled, "exact": phase_exact, "kernels": phase_kernels}
 
 
 def run_child(args) -> None:
@@ -193,7 +201,7 @@ def main() -> None:
         print(f"\none plain pass: {plain:.1f} s over {results['plain']['tokens']} tokens "
               f"({results['plain']['gflops']:.1f} GFLOP/s"
               + (f" of a {results['gemm']['gflops']:.1f} GFLOP/s GEMM peak" if "gemm" in results else "") + ")")
-        for name in ("cold", "cached", "settled", "kernels"):
+        for name in ("cold", "cached", "settled", "exact", "kernels"):
             r = results.get(name)
             if not r:
                 continue
@@ -203,6 +211,18 @@ def main() -> None:
                   + ", ".join(f"{k} {v / plain:4.2f}" for k, v in r["evaluate_seconds"].items())
                   + f", other {r['other_seconds'] / plain:4.2f}; peak RSS {r['peak_rss_gib']:.2f} GiB; "
                   f"{r['n_tokens']} tokens, settled={r['ranking_settled']}")
+        if "cached" in results and "exact" in results:  # the same tokens on the kernels and on the simulation
+            kernel_rows = {row["scheme"]: row for row in results["cached"]["table"]}
+            for row in results["exact"]["table"][1:]:
+                k = kernel_rows.get(row["scheme"])
+                if k:
+                    print(f"exact vs kernels, {row['scheme']}: perplexity {row['perplexity']:.6f} vs "
+                          f"{k['perplexity']:.6f}, KL {row['kl']:.6f} vs {k['kl']:.6f}, top-1 "
+                          f"{row['top1_agreement']:.6f} vs {k['top1_agreement']:.6f}")
+            for label, check in results["exact"]["crosscheck"].items():
+                if check:
+                    print(f"cross-check {label}: {check['tokens']} tokens, max |d log p| "
+                          f"{check['max_abs_logprob_diff']:.3g}, top-1 agreement {check['top1_agreement']:.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
 
