@@ -61,8 +61,8 @@ class CompareSettings:
     baseline_cache: bool = True
     #: Library layers with an exact simulation: "library" (and "auto") run the library's kernels; "exact"
     #: evaluates the exact simulation where it exists (CPU), cross-checked against the kernels in every run.
-    #: "auto" is the library: benchmarks/bench_compare.py measured bitsandbytes 0.50's CPU kernels as fast as
-    #: the simulation, in 1.5 GiB less memory (benchmarks/RESULTS.md).
+    #: "auto" is the library: benchmarks/bench_compare.py measured bitsandbytes 0.50's CPU kernels about as fast as
+    #: the simulation (within the machine's drift), in 0.6 GiB less peak memory (benchmarks/RESULTS.md).
     kernels: str = "auto"
     #: Tokens on which the kernels and the exact simulation are compared, in every run that uses it.
     crosscheck_tokens: int = 128

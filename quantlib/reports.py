@@ -113,6 +113,13 @@ def crosscheck_text(run: Run) -> list[str]:
     return out
 
 
+def output_head_text(run: Run) -> list[str]:
+    """One sentence per model (baseline included) whose log-probs came from its full logits, not from its output
+    head run slice by slice on its final hidden states (see `quantlib.evaluation`), with the reason."""
+    return [f"{label}: log-probs read from its full logits, window by window ({info.get('note', '')})."
+            for label, info in (run.extra.get("output_head") or {}).items() if info.get("path") == "full"]
+
+
 def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
     """The summary table with numbers rounded for reading (the CSV keeps full precision)."""
     shown = summary.copy()
@@ -153,7 +160,7 @@ def render_html(run: Run) -> str:
     partial = partial_text(run)
     if partial:
         ranking_html = f"<p><strong>{html.escape(partial)}</strong></p>" + ranking_html
-    checks = crosscheck_text(run) + [str(n) for n in run.extra.get("notes", [])]
+    checks = crosscheck_text(run) + output_head_text(run) + [str(n) for n in run.extra.get("notes", [])]
     if checks:
         ranking_html += "<ul>" + "".join(f"<li>{html.escape(c)}</li>" for c in checks) + "</ul>"
     return f"""<!DOCTYPE html>

@@ -261,6 +261,12 @@ def test_models_whose_head_is_not_the_whole_story_are_read_in_full(base, models,
     report = perplexity_and_kl(base, odd, ids, window=64)
     assert report.output_head["capped"]["path"] == "full" and "soft-capping" in report.output_head["capped"]["note"]
     assert report.output_head["twice"]["path"] == "full" and "2 times" in report.output_head["twice"]["note"]
+    from types import SimpleNamespace
+
+    from quantlib.reports import output_head_text
+
+    lines = output_head_text(SimpleNamespace(extra={"output_head": report.output_head}))
+    assert [line.split(":")[0] for line in lines] == ["capped", "twice"]  # the baseline was sliced: not listed
     reference = reference_logprobs(base, ids, window=64)
     for name, model in odd.items():
         full = compare_logits(reference, model)
