@@ -421,7 +421,11 @@ class _ModelRows:
     def vocab(self) -> int:
         if self.full is not None:
             return int(self.full.shape[-1])
-        return int(self.head.weight.shape[0]) if hasattr(self.head, "weight") else int(self.logprobs(0, 1).shape[-1])
+        weight = getattr(self.head, "weight", None)
+        if isinstance(self.head, torch.nn.Linear) and isinstance(weight, torch.Tensor) and weight.dim() == 2 \
+                and weight.shape[1] == self.hidden.shape[-1]:
+            return int(weight.shape[0])
+        return int(self.logprobs(0, 1).shape[-1])  # a packed or unusual head: ask it
 
     def logprobs(self, start: int, stop: int) -> torch.Tensor:
         if self.full is not None:
