@@ -159,8 +159,9 @@ def show_run(run, where: str) -> None:
                "token; layer error is ‖W − Ŵ‖_F / ‖W‖_F of the linear weights; bits/param counts codes and scales "
                "of the quantized layers. Rows marked “(simulated)” replaced weights by their quantize→dequantize "
                "result; their memory is the packed size. Rows marked “(exact simulation)” computed what the "
-               "library's kernels compute, bit for bit, with weights dequantized once (cross-checked against the "
-               "kernels in every run, as noted above); their memory is the library's packed size. ± is one standard error from batch means over 64-token "
+               "library's kernels compute, bit for bit (4-bit weights dequantized once; LLM.int8() from its int8 "
+               "codes), cross-checked against the kernels in every run, as noted above; their memory is the "
+               "library's packed size. ± is one standard error from batch means over 64-token "
                "blocks (neighbouring tokens are correlated); ln(PPL/PPL base) and Δp (the quantized model's "
                "probability of the actual next token minus the baseline's) are paired on the same tokens. The CSV "
                "download keeps full precision.")

@@ -444,9 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop once the ranking by mean KL is settled (every adjacent pair >= 2 paired standard "
                         "errors apart, after at least 1,024 tokens); saved as a partial run with its token count")
     p.add_argument("--kernels", default="auto", choices=["auto", "library", "exact"],
-                   help="layers of a library quantlib simulates exactly: 'auto' and 'library' run the library's "
-                        "kernels; 'exact' evaluates the exact simulation of its CPU kernels (the same log-probs, "
-                        "bit for bit), cross-checked against the kernels on the first 128 tokens of the run")
+                   help="layers of a library quantlib simulates exactly: 'library' runs the library's kernels; "
+                        "'exact' evaluates the exact simulation of its CPU kernels (the same log-probs, bit for "
+                        "bit), cross-checked against the kernels on the first 128 tokens of the run; 'auto' (the "
+                        "default) is the simulation for LLM.int8() on CPU (faster, same memory), else the kernels")
     p.add_argument("--no-baseline-cache", action="store_true",
                    help="recompute the baseline instead of reusing its cached final hidden states")
     p.add_argument("--offload", action="store_true",

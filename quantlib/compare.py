@@ -59,10 +59,10 @@ class CompareSettings:
     until_settled: bool = False
     #: Read and write the baseline's final hidden states in the cache (quantlib.baseline_cache).
     baseline_cache: bool = True
-    #: Library layers with an exact simulation: "library" (and "auto") run the library's kernels; "exact"
-    #: evaluates the exact simulation where it exists (CPU), cross-checked against the kernels in every run.
-    #: "auto" is the library: benchmarks/bench_compare.py measured bitsandbytes 0.50's CPU kernels about as fast as
-    #: the simulation (within the machine's drift), in 0.6 GiB less peak memory (benchmarks/RESULTS.md).
+    #: Library layers with an exact simulation: "library" runs the library's kernels; "exact" evaluates the exact
+    #: simulation where it exists (CPU), cross-checked against the kernels in every run. "auto" is the simulation
+    #: where the method sets `exact_simulation_by_default` (LLM.int8(): faster in the same memory) and the
+    #: kernels elsewhere (bitsandbytes 4-bit: as fast, where the simulation would hold fp32 weights).
     kernels: str = "auto"
     #: Tokens on which the kernels and the exact simulation are compared, in every run that uses it.
     crosscheck_tokens: int = 128
@@ -278,7 +278,9 @@ def run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compar
                                     trust_remote_code=settings.trust_remote_code, allow_pickle=settings.allow_pickle,
                                     progress=report, cancel=cancel)
             exact, crosscheck = False, None
-            if not qm.simulated and settings.kernels == "exact":
+            wants_exact = settings.kernels == "exact" or (settings.kernels == "auto"
+                                                          and quantizer.exact_simulation_by_default)
+            if not qm.simulated and wants_exact:
                 problem = quantizer.exact_simulation_problem(qm.model)
                 if problem is None:
                     report(0.9, f"{label}: cross-checking the exact simulation against the library's kernels")

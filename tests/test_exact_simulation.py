@@ -47,6 +47,9 @@ def test_exact_simulation_is_the_kernels_bit_for_bit(tiny_llama_dir, config, dty
         exact = qm.model(input_ids=ids).logits
     assert exact.dtype == kernels.dtype
     assert torch.equal(exact, kernels), (exact.float() - kernels.float()).abs().max()
+    for module in qm.model.modules():  # LLM.int8() keeps its int8 codes: no fp32 copy of the weights
+        if isinstance(module, ExactLinear8bit):
+            assert module.codes_t.dtype == torch.int8
 
 
 def test_exact_4bit_weights_are_what_bitsandbytes_dequantizes(tiny_llama_dir):
@@ -109,6 +112,12 @@ def test_exact_and_library_kernels_give_the_same_comparison(tiny_llama_dir):
 
     lines = crosscheck_text(exact.run)
     assert len(lines) == 2 and all("identical log-probs" in line for line in lines)
+    # The default: LLM.int8() through its simulation (faster, the same int8 codes), 4-bit on the kernels.
+    auto = run_comparison([NF4, INT8_T1], CompareSettings(**settings), base=base, save=False)
+    assert auto.table[columns].equals(library.table[columns])
+    assert list(auto.table["backend"])[1:] == ["cpu", "cpu (exact simulation)"]
+    [nf4, int8] = auto.details.values()
+    assert "crosscheck" not in nf4 and int8["crosscheck"]["identical"]
 
 
 def test_until_settled_stops_with_the_same_ranking_and_saves_a_partial_run(tiny_llama_dir, tmp_path):

@@ -319,6 +319,10 @@ class Quantizer:
     #: The method's library layers can be swapped for an exact plain-speed simulation (which then holds
     #: dequantized weights: a comparison budgets such a model like a simulated one).
     has_exact_simulation: ClassVar[bool] = False
+    #: A comparison's default (``kernels="auto"``) evaluates through the exact simulation, where it can (CPU),
+    #: instead of the kernels: set only where the simulation measured faster than the library's kernels in no
+    #: more memory (benchmarks/RESULTS.md). Every such run still cross-checks the two.
+    exact_simulation_by_default: ClassVar[bool] = False
 
     def exact_simulation_problem(self, model: Any) -> str | None:
         """Why this quantized `model` (as `quantize_model` returned it) cannot have its library layers

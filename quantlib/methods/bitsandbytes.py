@@ -774,7 +774,7 @@ def int8_decomposed_matmul(x: torch.Tensor, w: torch.Tensor, threshold: float = 
 def _int8_matmul(x: torch.Tensor, codes_w: torch.Tensor, scb: torch.Tensor, threshold: float,
                  bias: Optional[torch.Tensor], codes_w_t: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`int8_decomposed_matmul` from the stored codes and SCB (what `Int8Params` holds); `codes_w_t`
-    is the transposed weight codes in the dtype of the accumulation, when precomputed."""
+    is the transposed weight codes (int8, or already in the accumulation's dtype), when precomputed."""
     a = x.reshape(-1, x.shape[-1])
     a16 = a.to(torch.float16)
     cols = None
@@ -797,7 +797,7 @@ def _int8_matmul(x: torch.Tensor, codes_w: torch.Tensor, scb: torch.Tensor, thre
     else:
         # bitsandbytes' default kernel: an fp32 matmul truncated to int32. The truncation is done in fp32
         # (integral fp32 values are exact), which gives the same numbers without the int32 round trip.
-        acc = torch.matmul(codes_x.float(), codes_w.float().t() if codes_w_t is None else codes_w_t).trunc_()
+        acc = torch.matmul(codes_x.float(), codes_w.float().t() if codes_w_t is None else codes_w_t.float()).trunc_()
     out = acc * (row_stats.unsqueeze(-1) * scb.reshape(1, -1)) * _MM_DEQUANT
     if bias is not None:
         out += bias.to(x.dtype)
@@ -907,9 +907,10 @@ class ExactLinear8bit(torch.nn.Module):
         codes, scb = _int8_state(layer)
         self.register_buffer("scb", scb, persistent=False)
         self.threshold = float(layer.state.threshold)
-        # Only the transposed codes are kept, in the accumulation's dtype (fp32 unless _int_mm is exact).
+        # Only the transposed codes are kept, as int8 (the layer's own bytes): the fp32 accumulation casts one
+        # layer's codes per call, which costs little next to the matmul and keeps the model 4x smaller.
         t = codes.t()
-        self.register_buffer("codes_t", t if _bnb_int_mm_is_exact() else t.float().contiguous(), persistent=False)
+        self.register_buffer("codes_t", t if _bnb_int_mm_is_exact() else t.contiguous(), persistent=False)
         self.bias = layer.bias
 
     @property
@@ -1173,6 +1174,9 @@ class Bnb4BitQuantizer(BnbQuantizer):
 
 @register("bitsandbytes_8bit")
 class Bnb8BitQuantizer(BnbQuantizer):
+    # LLM.int8() on this project's AVX2 CPU: the simulation's forward took 1.35-1.40 plain passes against the
+    # kernels' 1.65-1.86, keeping the same int8 codes (benchmarks/RESULTS.md, "LLM.int8() through its simulation").
+    exact_simulation_by_default = True
     """LLM.int8(): row-wise int8 weights, fp16 matmul for activation outlier columns."""
 
     #: A comparison's evaluation of this scheme on CPU against one plain fp32 pass (benchmarks/bench_compare.py,
