@@ -6,7 +6,7 @@ run (the machine's speed drifts; ratios within one run do not). The fp32 GEMM pe
 
 Phases
   gemm     fp32 GEMM GFLOP/s on this machine (2048^3, best of 5)
-  plain    one plain forward pass over the tokens (window by window, full logits)
+  plain    one plain forward pass over the tokens (window by window, full logits; the faster of two)
   cold     the comparison as a user runs it (the default --kernels auto: bitsandbytes' own CPU kernels), with an
            empty baseline cache
   cached   the same comparison again: the baseline comes from its cached final hidden states
@@ -98,13 +98,16 @@ def phase_plain(args) -> dict:
     with torch.inference_mode():
         x = torch.cat([torch.tensor([bos]), ids[:63]]).unsqueeze(0)
         base.model(input_ids=x)  # warm-up
-        t0 = time.perf_counter()
-        for w in windows:
-            x = torch.cat([torch.tensor([bos]), ids[w.start:w.end - 1]]).unsqueeze(0)
-            base.model(input_ids=x).logits.float()
-        seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "tokens": int(len(ids)), "windows": len(windows), "n_params": n_params,
-            "gflops": 2 * n_params * len(ids) / seconds / 1e9}
+        passes = []
+        for _ in range(2):  # the faster of two passes: the floor, and the larger (conservative) ratios
+            t0 = time.perf_counter()
+            for w in windows:
+                x = torch.cat([torch.tensor([bos]), ids[w.start:w.end - 1]]).unsqueeze(0)
+                base.model(input_ids=x).logits.float()
+            passes.append(time.perf_counter() - t0)
+        seconds = min(passes)
+    return {"seconds": seconds, "passes_seconds": passes, "tokens": int(len(ids)), "windows": len(windows),
+            "n_params": n_params, "gflops": 2 * n_params * len(ids) / seconds / 1e9}
 
 
 def _compare(args, **settings) -> dict:
