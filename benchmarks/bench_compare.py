@@ -7,14 +7,14 @@ run (the machine's speed drifts; ratios within one run do not). The fp32 GEMM pe
 Phases
   gemm     fp32 GEMM GFLOP/s on this machine (2048^3, best of 5)
   plain    one plain forward pass over the tokens (window by window, full logits; the faster of two)
-  cold     the comparison as a user runs it (the default --kernels auto: bitsandbytes' own CPU kernels), with an
-           empty baseline cache
+  cold     the comparison as a user runs it (the default --kernels auto: 4-bit on bitsandbytes' CPU kernels,
+           LLM.int8() through its exact simulation), with an empty baseline cache
   cached   the same comparison again: the baseline comes from its cached final hidden states
   settled  the same with --until-settled (cached baseline): when does the ranking settle, is it the same
   exact    the same with --kernels exact (cached baseline): bitsandbytes' layers swapped for their exact
-           simulation, each cross-checked against the kernels on its first tokens; its figures against `cached`
+           simulation, each cross-checked against the kernels on its first tokens; its figures against `kernels`
            show how close the simulation is over all the tokens
-  kernels  --kernels library named explicitly (cached baseline): the same path as `cached`
+  kernels  --kernels library (cached baseline): every scheme on bitsandbytes' kernels
 
 Run:  python3 benchmarks/bench_compare.py [--tokens 8192] [--window 1024] [--phases ...] [--json out.json]
 Measures, never asserts; figures go to benchmarks/RESULTS.md by hand with the load average printed here.
@@ -214,8 +214,9 @@ def main() -> None:
                   + ", ".join(f"{k} {v / plain:4.2f}" for k, v in r["evaluate_seconds"].items())
                   + f", other {r['other_seconds'] / plain:4.2f}; peak RSS {r['peak_rss_gib']:.2f} GiB; "
                   f"{r['n_tokens']} tokens, settled={r['ranking_settled']}")
-        if "cached" in results and "exact" in results:  # the same tokens on the kernels and on the simulation
-            kernel_rows = {row["scheme"]: row for row in results["cached"]["table"]}
+        kernels = "kernels" if "kernels" in results else "cached"  # `cached` runs LLM.int8() simulated (auto)
+        if kernels in results and "exact" in results:  # the same tokens on the kernels and on the simulation
+            kernel_rows = {row["scheme"]: row for row in results[kernels]["table"]}
             for row in results["exact"]["table"][1:]:
                 k = kernel_rows.get(row["scheme"])
                 if k:
