@@ -715,7 +715,10 @@ class _HeadPath:
         keep = min(n_scored, HEAD_CHECK_ROWS)
         captured: list[torch.Tensor] = []
 
-        def pre_hook(_module: Any, args: tuple) -> tuple:
+        def pre_hook(_module: Any, args: tuple) -> Optional[tuple]:
+            if not isinstance(args[0], torch.Tensor) or args[0].dim() != 3:
+                captured.append(None)  # not (batch, positions, hidden): leave the head alone
+                return None
             captured.append(args[0])
             x = args[0][:, -n_scored:, :]
             return (x[:, :keep] if checking else x[:, :0],) + tuple(args[1:])
@@ -727,6 +730,8 @@ class _HeadPath:
             handle.remove()
         if len(captured) != 1:
             return self._give_up(f"its output head ran {len(captured)} times in one forward pass", inputs, n_scored)
+        if captured[0] is None:
+            return self._give_up("its output head's input is not (batch, positions, hidden)", inputs, n_scored)
         hidden = captured[0][:, -n_scored:, :]
         if checking:
             # The model's own log-probs on the first `keep` positions of each window against its head alone.

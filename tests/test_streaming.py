@@ -257,7 +257,15 @@ def test_models_whose_head_is_not_the_whole_story_are_read_in_full(base, models,
             self.inner(**kwargs)
             return super().forward(**kwargs)
 
-    odd = {"capped": Capped(models["large"]), "twice": Twice(models["small"])}
+    class Flat(Counting):  # calls its head on (positions, hidden) rows
+        def forward(self, **kwargs):
+            from types import SimpleNamespace
+
+            self.calls += 1
+            h = self.inner.model(**kwargs).last_hidden_state
+            return SimpleNamespace(logits=self.inner.lm_head(h.reshape(-1, h.shape[-1])).reshape(*h.shape[:2], -1))
+
+    odd = {"capped": Capped(models["large"]), "twice": Twice(models["small"]), "flat": Flat(models["large"])}
     report = perplexity_and_kl(base, odd, ids, window=64)
     assert report.output_head["capped"]["path"] == "full" and "soft-capping" in report.output_head["capped"]["note"]
     assert report.output_head["twice"]["path"] == "full" and "2 times" in report.output_head["twice"]["note"]
@@ -266,7 +274,8 @@ def test_models_whose_head_is_not_the_whole_story_are_read_in_full(base, models,
     from quantlib.reports import output_head_text
 
     lines = output_head_text(SimpleNamespace(extra={"output_head": report.output_head}))
-    assert [line.split(":")[0] for line in lines] == ["capped", "twice"]  # the baseline was sliced: not listed
+    assert report.output_head["flat"]["path"] == "full" and "not (batch" in report.output_head["flat"]["note"]
+    assert [line.split(":")[0] for line in lines] == ["capped", "twice", "flat"]  # the baseline was sliced: not listed
     reference = reference_logprobs(base, ids, window=64)
     for name, model in odd.items():
         full = compare_logits(reference, model)
