@@ -129,8 +129,7 @@ def show_run(run, where: str) -> None:
     """The summary table, figures and downloads of a run (fresh or reopened)."""
     import pandas as pd
 
-    from quantlib.reports import (crosscheck_text, format_summary, output_head_text, partial_text, ranking_text,
-                                  render_html, run_figures)
+    from quantlib.reports import check_lines, format_summary, partial_text, ranking_text, render_html, run_figures
 
     summary = run.tables.get("summary", pd.DataFrame())
     settings, model = run.settings, run.model
@@ -149,7 +148,7 @@ def show_run(run, where: str) -> None:
     ranking = ranking_text(run)
     if ranking:
         (st.success if run.extra.get("ranking_settled") else st.warning)(ranking)
-    for line in crosscheck_text(run) + output_head_text(run) + [str(n) for n in run.extra.get("notes", [])]:
+    for line in check_lines(run):
         st.caption(f":material/verified: {line}")
     if run.extra.get("baseline_source") in ("cache", "cache+forward"):
         st.caption(":material/cached: The baseline's log-probs came from its cached final hidden states "

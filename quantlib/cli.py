@@ -227,8 +227,7 @@ def cmd_compare_offloaded(args: argparse.Namespace, configs: list) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from quantlib.compare import CompareSettings, run_comparison
-    from quantlib.reports import (crosscheck_text, format_summary, output_head_text, partial_text, ranking_text,
-                                  running_text, write_outputs)
+    from quantlib.reports import check_lines, format_summary, partial_text, ranking_text, running_text, write_outputs
 
     configs = _configs(args)
     if not configs:
@@ -255,7 +254,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     partial = partial_text(result.run)
     if partial:
         print(partial, file=sys.stderr)
-    for line in crosscheck_text(result.run) + output_head_text(result.run) + list(result.run.extra.get("notes", [])):
+    for line in check_lines(result.run):
         print(line, file=sys.stderr)
     if args.out:
         paths = write_outputs(result.run, args.out)

@@ -709,8 +709,8 @@ class _HeadPath:
                 "max_abs_logprob_diff": self.max_diff, "note": self.note}
 
     def rows(self, inputs: torch.Tensor, n_scored: int) -> _ModelRows:
-        if not self.usable and self.usable is not None:
-            return _ModelRows(logprobs=_flat(_logprobs(self.model, inputs, n_scored)))
+        if self.usable is False:
+            return self._full(inputs, n_scored)
         checking = self.usable is None
         keep = min(n_scored, HEAD_CHECK_ROWS)
         captured: list[torch.Tensor] = []
@@ -749,11 +749,11 @@ class _HeadPath:
 
     def _give_up(self, reason: str, inputs: torch.Tensor, n_scored: int) -> _ModelRows:
         self.usable, self.note = False, reason
-        return _ModelRows(logprobs=_flat(_logprobs(self.model, inputs, n_scored)))  # this window again, in full
+        return self._full(inputs, n_scored)  # this window again, in full
 
-
-def _flat(logprobs: torch.Tensor) -> torch.Tensor:
-    return logprobs.reshape(-1, logprobs.shape[-1])
+    def _full(self, inputs: torch.Tensor, n_scored: int) -> _ModelRows:
+        logprobs = _logprobs(self.model, inputs, n_scored)
+        return _ModelRows(logprobs=logprobs.reshape(-1, logprobs.shape[-1]))
 
 
 class _Baseline:

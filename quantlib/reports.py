@@ -120,6 +120,12 @@ def output_head_text(run: Run) -> list[str]:
             for label, info in (run.extra.get("output_head") or {}).items() if info.get("path") == "full"]
 
 
+def check_lines(run: Run) -> list[str]:
+    """What a reader should know about how the run's numbers were made: cross-checks of exact simulations, models
+    read from full logits, and the run's notes (shown by the CLI, the HTML report and the Compare page)."""
+    return crosscheck_text(run) + output_head_text(run) + [str(n) for n in run.extra.get("notes", [])]
+
+
 def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
     """The summary table with numbers rounded for reading (the CSV keeps full precision)."""
     shown = summary.copy()
@@ -160,7 +166,7 @@ def render_html(run: Run) -> str:
     partial = partial_text(run)
     if partial:
         ranking_html = f"<p><strong>{html.escape(partial)}</strong></p>" + ranking_html
-    checks = crosscheck_text(run) + output_head_text(run) + [str(n) for n in run.extra.get("notes", [])]
+    checks = check_lines(run)
     if checks:
         ranking_html += "<ul>" + "".join(f"<li>{html.escape(c)}</li>" for c in checks) + "</ul>"
     return f"""<!DOCTYPE html>
