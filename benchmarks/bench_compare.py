@@ -16,7 +16,12 @@ Phases
            show how close the simulation is over all the tokens
   kernels  --kernels library (cached baseline): every scheme on bitsandbytes' kernels
 
-Run:  python3 benchmarks/bench_compare.py [--tokens 8192] [--window 1024] [--phases ...] [--json out.json]
+On CUDA (--device cuda) the plain pass and the comparisons run on the GPU (bitsandbytes' CUDA kernels; the exact
+simulation is CPU-only, so `exact` refuses there), timings synchronise the device, `gemm` is the GPU's fp32 GEMM
+(TF32 off) and each phase also reports its peak GPU memory.
+
+Run:  python3 benchmarks/bench_compare.py [--tokens 8192] [--window 1024] [--device cpu|cuda|auto] [--phases ...]
+                                          [--json out.json]
 Measures, never asserts; figures go to benchmarks/RESULTS.md by hand with the load average printed here.
 """
 
@@ -63,18 +68,28 @@ class PeakRss:
         self._thread.join()
 
 
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
 def phase_gemm(args) -> dict:
     import torch
 
-    n = 2048
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    n = 2048 if args.device == "cpu" else 8192
+    torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 peak on the GPU, as the evaluation runs
+    a, b = torch.randn(n, n, device=args.device), torch.randn(n, n, device=args.device)
     torch.mm(a, b)
+    _sync(args.device)
     best = float("inf")
     for _ in range(5):
         t0 = time.perf_counter()
         torch.mm(a, b)
+        _sync(args.device)
         best = min(best, time.perf_counter() - t0)
-    return {"gflops": 2 * n ** 3 / best / 1e9, "threads": torch.get_num_threads()}
+    return {"gflops": 2 * n ** 3 / best / 1e9, "threads": torch.get_num_threads(), "device": args.device}
 
 
 def _ids(model_tokenizer, tokens):
@@ -90,20 +105,23 @@ def phase_plain(args) -> dict:
     from quantlib.evaluation import plan_windows
     from quantlib.models import load_model
 
-    base = load_model("default")
-    ids = _ids(base.tokenizer, args.tokens)
+    base = load_model("default", device=args.device)
+    ids = _ids(base.tokenizer, args.tokens).to(args.device)
     bos = base.model.config.bos_token_id
     windows = plan_windows(len(ids), args.window)
     n_params = sum(p.numel() for p in base.model.parameters())
     with torch.inference_mode():
-        x = torch.cat([torch.tensor([bos]), ids[:63]]).unsqueeze(0)
+        bos_t = torch.tensor([bos], device=args.device)
+        x = torch.cat([bos_t, ids[:63]]).unsqueeze(0)
         base.model(input_ids=x)  # warm-up
+        _sync(args.device)
         passes = []
         for _ in range(2):  # the faster of two passes: the floor, and the larger (conservative) ratios
             t0 = time.perf_counter()
             for w in windows:
-                x = torch.cat([torch.tensor([bos]), ids[w.start:w.end - 1]]).unsqueeze(0)
+                x = torch.cat([bos_t, ids[w.start:w.end - 1]]).unsqueeze(0)
                 base.model(input_ids=x).logits.float()
+            _sync(args.device)
             passes.append(time.perf_counter() - t0)
         seconds = min(passes)
     return {"seconds": seconds, "passes_seconds": passes, "tokens": int(len(ids)), "windows": len(windows),
@@ -117,7 +135,8 @@ def _compare(args, **settings) -> dict:
     started = time.perf_counter()
     updates = []
     result = run_comparison([preset(p) for p in PRESETS],
-                            CompareSettings(max_tokens=args.tokens, window=args.window, **settings), save=False,
+                            CompareSettings(max_tokens=args.tokens, window=args.window, device=args.device,
+                                            **settings), save=False,
                             on_update=lambda r: updates.append((time.perf_counter() - started,
                                                                 r.run.settings["n_tokens"],
                                                                 bool(r.run.extra["ranking_settled"]))))
@@ -168,9 +187,14 @@ PHASES = {"gemm": phase_gemm, "plain": phase_plain, "cold": phase_cold, "cached"
 
 
 def run_child(args) -> None:
+    import torch
+
     with PeakRss() as rss:
         out = PHASES[args.child](args)
     out["peak_rss_gib"] = rss.peak / 2**30
+    if args.device == "cuda":
+        out["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["gpu"] = torch.cuda.get_device_name(0)
     print("RESULT " + json.dumps(out, default=str))
 
 
@@ -178,23 +202,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                        help="where the plain pass and the comparisons run (auto: CUDA when visible)")
     parser.add_argument("--phases", nargs="+", default=list(PHASES), choices=list(PHASES))
     parser.add_argument("--json", metavar="FILE", help="also write every phase's figures here")
     parser.add_argument("--child", choices=list(PHASES), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.child:
         run_child(args)
         return
     results = {}
-    print(f"load average at start: {os.getloadavg()}", flush=True)
+    print(f"load average at start: {os.getloadavg()}; device {args.device}", flush=True)
     for name in args.phases:
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, __file__, "--child", name, "--tokens", str(args.tokens),
-                               "--window", str(args.window)], capture_output=True, text=True)
+                               "--window", str(args.window), "--device", args.device], capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
+        if line is None:  # say why, and go on with the next phase
             print(proc.stdout[-2000:], proc.stderr[-4000:])
-            raise SystemExit(f"phase {name} failed")
+            print(f"phase {name} failed", flush=True)
+            continue
         results[name] = json.loads(line[len("RESULT "):])
         results[name]["process_seconds"] = time.perf_counter() - t0
         print(f"{name}: {json.dumps(results[name], default=str)[:600]}", flush=True)
@@ -213,7 +244,8 @@ def main() -> None:
                   f"quantize+check {sum(r['quantize_seconds'].values()) / plain:4.2f}, evaluate "
                   + ", ".join(f"{k} {v / plain:4.2f}" for k, v in r["evaluate_seconds"].items())
                   + f", other {r['other_seconds'] / plain:4.2f}; peak RSS {r['peak_rss_gib']:.2f} GiB; "
-                  f"{r['n_tokens']} tokens, settled={r['ranking_settled']}")
+                  f"{r['n_tokens']} tokens, settled={r['ranking_settled']}"
+                  + (f"; peak GPU {r['peak_gpu_gib']:.2f} GiB" if "peak_gpu_gib" in r else ""))
         kernels = "kernels" if "kernels" in results else "cached"  # `cached` runs LLM.int8() simulated (auto)
         if kernels in results and "exact" in results:  # the same tokens on the kernels and on the simulation
             kernel_rows = {row["scheme"]: row for row in results[kernels]["table"]}

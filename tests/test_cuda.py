@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -21,16 +23,130 @@ def test_factory_picks_cuda_and_says_why() -> None:
     assert quantizer.backend.device_name == torch.cuda.get_device_name(0)
 
 
+# --- bitsandbytes' CUDA kernels, rule by rule (csrc/kernels.cu), as test oracles ------------------------------
+# The CPU backend rounds to the nearest level (ties down); the CUDA kernels use decision trees with decimal
+# thresholds. NF4's thresholds are exactly our fp32 midpoints, so NF4 codes agree for every input. FP4's differ
+# from the midpoints by up to 6 ulp (0.583333f), and the sign of zero is flipped: the CPU gives (0, 0.0026] the
+# code of -0 and (-0.0026, 0] the code of +0, CUDA the other way round (both mean 0).
+NF4_CUDA_THRESHOLDS = torch.tensor([  # dQuantizeNF4: code = number of thresholds x exceeds
+    -0.8480964004993439, -0.6106329262256622, -0.4599952697753906, -0.33967943489551544, -0.23460740596055984,
+    -0.13791173323988914, -0.045525018125772476, 0.03979014977812767, 0.1202552504837513, 0.2035212516784668,
+    0.2920137718319893, 0.3893125355243683, 0.5016634166240692, 0.6427869200706482, 0.8614784181118011])
+FP4_CUDA_THRESHOLDS = torch.tensor([0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333])
+FP4_CUDA_RANK_CODE = torch.tensor([0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011])  # dQuantizeFP4
+
+
+def _cuda_rule_codes(w: torch.Tensor, quant_type: str, blocksize: int) -> torch.Tensor:
+    """Unpacked 4-bit codes as kQuantizeBlockwise computes them: x * (1 / absmax) in fp32, then the tree."""
+    flat = w.reshape(-1).float()
+    pad = (-flat.numel()) % blocksize
+    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, blocksize)  # the kernel loads 0 past the end
+    scaled = (blocks * (1.0 / blocks.abs().amax(1, keepdim=True))).reshape(-1)[: flat.numel()]
+    if quant_type == "nf4":
+        return torch.bucketize(scaled, NF4_CUDA_THRESHOLDS)  # count of thresholds strictly below x
+    sign = (scaled < 0).long() * 0b1000
+    return FP4_CUDA_RANK_CODE[torch.bucketize(scaled.abs(), FP4_CUDA_THRESHOLDS)] + sign
+
+
+def _cuda_rule_dynamic(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """dQuantize<0>: binary search over the 256-entry map, then the nearer neighbour by fp32 midpoint."""
+    pivot = torch.full(x.shape, 127, dtype=torch.long)
+    upper_pivot, lower_pivot = torch.full_like(pivot, 255), torch.zeros_like(pivot)
+    upper, lower = torch.ones_like(x), -torch.ones_like(x)
+    val = code[pivot]
+    step = 64
+    while step:
+        up = x > val
+        lower_pivot, lower = torch.where(up, pivot, lower_pivot), torch.where(up, val, lower)
+        upper_pivot, upper = torch.where(up, upper_pivot, pivot), torch.where(up, upper, val)
+        pivot = pivot + torch.where(up, step, -step)
+        val = code[pivot]
+        step >>= 1
+    upper = torch.where(upper_pivot == 255, code[255], upper)
+    lower = torch.where(lower_pivot == 0, code[0], lower)
+    above = torch.where(x > (upper + val) * 0.5, upper_pivot, pivot)
+    below = torch.where(x < (lower + val) * 0.5, lower_pivot, pivot)
+    return torch.where(x > val, above, below).to(torch.uint8)
+
+
+def _cuda_rule_blockwise(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from quantlib.codebooks import dynamic_map
+
+    pad = (-flat.numel()) % blocksize
+    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, blocksize)
+    absmax = blocks.abs().amax(1)
+    scaled = (blocks * (1.0 / absmax).unsqueeze(1)).reshape(-1)[: flat.numel()]
+    return _cuda_rule_dynamic(scaled, dynamic_map().float()), absmax
+
+
+def _nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
+    flat = packed.reshape(-1).long()
+    return torch.stack([flat >> 4, flat & 15], 1).reshape(-1)[:n]
+
+
+SHAPES = [(576, 576), (1536, 576), (100, 33)]
+dq_steps: dict = {}  # (absmax codes one step from the reference's, of all)
+at_ties: dict = {}  # (values within 2 ulp of a threshold, of which the kernel put on the other side)
+
+
+def levels_of(q) -> torch.Tensor:
+    return q.levels.float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-@pytest.mark.parametrize("shape", [(576, 576), (1536, 576), (100, 33)])
-def test_cuda_kernels_give_the_reference_codes(quant_type: str, shape: tuple[int, int]) -> None:
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cuda_kernels_follow_their_rules_and_give_the_reference_values(quant_type, shape, dtype) -> None:
+    torch.manual_seed(0)
+    w = torch.randn(*shape).to(dtype)
+    ref = quantize_4bit(w, quant_type, 64, False, backend="torch")
+    cuda = quantize_4bit(w.cuda(), quant_type, 64, False, backend="bitsandbytes")
+    assert torch.equal(cuda.absmax.cpu(), ref.absmax)
+    got, ours = _nibbles(cuda.packed.cpu(), w.numel()), _nibbles(ref.packed, w.numel())
+    # The kernel's 1.0f / absmax need not be IEEE (fast math): a scaled value within 2 ulp of a threshold may
+    # fall on either side of it. Everywhere else the codes are the kernel's rules exactly.
+    thresholds = NF4_CUDA_THRESHOLDS if quant_type == "nf4" else FP4_CUDA_THRESHOLDS
+    scaled = (w.reshape(-1).float() * (1.0 / ref.absmax).repeat_interleave(64)[: w.numel()])
+    near = ((scaled.abs() if quant_type == "fp4" else scaled).unsqueeze(1) - thresholds).abs() \
+        <= 2 * torch.finfo(torch.float32).eps * thresholds.abs()
+    near = near.any(1)
+    rule = _cuda_rule_codes(w, quant_type, 64)
+    assert torch.equal(got[~near], rule[~near])
+    at_ties[quant_type, shape, dtype] = (int(near.sum()), int((got[near] != rule[near]).sum()))
+    if quant_type == "nf4":
+        assert torch.equal(got, ours)  # the same thresholds: bit-identical codes
+    else:  # codes differ only for zero's sign bit or within a few ulp of a threshold
+        moved = (levels_of(ref)[got] != levels_of(ref)[ours]).nonzero().view(-1)
+        scaled = (w.reshape(-1).float() / ref.absmax.repeat_interleave(64)[: w.numel()])[moved].abs()
+        assert ((scaled.unsqueeze(1) - FP4_CUDA_THRESHOLDS).abs().amin(1) < 1e-6).all()
+    same = torch.ones(w.numel(), dtype=torch.bool)
+    same[(levels_of(ref)[got] != levels_of(ref)[ours]).nonzero().view(-1)] = False
+    assert torch.equal(cuda.dequantize().cpu().reshape(-1)[same], ref.dequantize().reshape(-1)[same])
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cuda_double_quant_follows_its_rules(quant_type, shape) -> None:
     torch.manual_seed(0)
     w = torch.randn(*shape, dtype=torch.float16)
-    ref = quantize_4bit(w, quant_type, 64, True, backend="torch")
+    raw = quantize_4bit(w, quant_type, 64, False, backend="torch").absmax  # equal to CUDA's (test above)
     cuda = quantize_4bit(w.cuda(), quant_type, 64, True, backend="bitsandbytes")
-    assert torch.equal(cuda.packed.cpu().flatten(), ref.packed.flatten())
-    assert torch.equal(cuda.dq.codes.cpu(), ref.dq.codes)
-    assert torch.allclose(cuda.dequantize().cpu().float(), ref.dequantize().float(), rtol=0, atol=1e-3)
+    offset = cuda.dq.offset.float().cpu()
+    assert abs(float(offset) - float(raw.double().mean())) <= 1e-6 * float(raw.max())  # the mean, summed otherwise
+    codes, absmax2 = _cuda_rule_blockwise(raw - offset, 256)
+    assert torch.equal(cuda.dq.absmax.cpu(), absmax2)
+    assert torch.equal(cuda.dq.codes.cpu(), codes)
+    # Our dequantization of the kernel's state is the kernel's dequantization, bit for bit.
+    state = dataclasses.replace(cuda, packed=cuda.packed.cpu(), backend="torch",
+                                dq=dataclasses.replace(cuda.dq, codes=cuda.dq.codes.cpu(),
+                                                       absmax=cuda.dq.absmax.cpu(), offset=cuda.dq.offset.cpu()))
+    assert torch.equal(state.dequantize(), cuda.dequantize().cpu())
+    # Against the CPU reference (nearest code, ties down, its own mean) each block's absmax code is the same or a
+    # neighbour of the 8-bit map: the kernel's binary search and its mean move a value across a midpoint only.
+    ref = quantize_4bit(w, quant_type, 64, True, backend="torch")
+    steps = (cuda.dq.codes.cpu().long() - ref.dq.codes.long()).abs()
+    assert steps.max() <= 1
+    dq_steps[quant_type, shape] = (int((steps > 0).sum()), steps.numel())
 
 
 @pytest.mark.slow

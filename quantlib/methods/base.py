@@ -611,7 +611,7 @@ class Quantizer:
         for ref in refs:
             if cancel is not None and cancel():
                 raise Cancelled(f"layer errors cancelled at {ref.name}")
-            w = ref.get().contiguous()
+            w = ref.get().contiguous().cpu()  # the reference formats compute on the CPU, wherever the model is
             packed = kept[ref.name] if ref.name in kept else self.quantize_layer(ref.name, w)
             yield LayerWeight(ref.name, w, packed.dequantize(), packed, packed.bits_per_param)
 

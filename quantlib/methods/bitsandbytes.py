@@ -818,12 +818,12 @@ def stored_4bit(layer: Any, dtype: torch.dtype = torch.float32) -> "Blockwise4bi
     `Bnb4BitQuantizer.quantize_tensor` gives: read, not quantized again."""
     qs = layer.weight.quant_state
     dq = None
-    absmax = qs.absmax
+    absmax = qs.absmax.cpu()  # read to the CPU, where the reference formats compute (the layer may be on CUDA)
     if qs.nested:
-        dq = DoubleQuantState(codes=qs.absmax, absmax=qs.state2.absmax, offset=qs.offset,
+        dq = DoubleQuantState(codes=qs.absmax.cpu(), absmax=qs.state2.absmax.cpu(), offset=qs.offset.cpu(),
                               blocksize=qs.state2.blocksize)
         absmax = None
-    return Blockwise4bitTensor(layer.weight.data.reshape(-1, 1), absmax, dq, qs.quant_type, qs.blocksize,
+    return Blockwise4bitTensor(layer.weight.data.reshape(-1, 1).cpu(), absmax, dq, qs.quant_type, qs.blocksize,
                                tuple(qs.shape), dtype, "torch")
 
 
@@ -831,8 +831,8 @@ def stored_8bit(layer: Any, dtype: torch.dtype) -> "RowwiseInt8Tensor":
     """The int8 codes and per-row SCB a `bnb.nn.Linear8bitLt` (no fp16 weights) stores, as the format
     `Bnb8BitQuantizer.quantize_tensor` gives."""
     codes, scb = _int8_state(layer)
-    codes = codes.contiguous()
-    return RowwiseInt8Tensor(codes, scb, tuple(codes.shape), dtype)
+    codes = codes.contiguous().cpu()  # to the CPU, where the reference formats compute
+    return RowwiseInt8Tensor(codes, scb.cpu(), tuple(codes.shape), dtype)
 
 
 def stored_layers(model: torch.nn.Module) -> dict[str, Callable[[torch.dtype], QuantizedTensor]]:
@@ -1126,7 +1126,7 @@ class BnbQuantizer(Quantizer):
         for ref in refs:
             if cancel is not None and cancel():
                 raise Cancelled(f"layer errors cancelled at {ref.name}")
-            w = ref.get().contiguous()
+            w = ref.get().contiguous().cpu()  # the stored tensors are read to the CPU (stored_4bit)
             packed = stored[ref.name](w.dtype)
             yield LayerWeight(ref.name, w, packed.dequantize(), packed, packed.bits_per_param)
 
