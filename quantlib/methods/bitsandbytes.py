@@ -1,10 +1,21 @@
 """bitsandbytes: the config, the 4-bit (NF4/FP4, double quant) and 8-bit (LLM.int8()) quantizers, and
-their tensor formats with a pure-torch reference that reproduces bitsandbytes bit for bit.
+their tensor formats with a pure-torch reference that reproduces bitsandbytes' CPU backend bit for bit.
 
 Why a torch reference next to bitsandbytes: the app shows *what* a format does to a weight (codes,
 scales, error, honest storage) and must work where a library kernel is missing or buggy. The
-reference reproduces bitsandbytes bit for bit (same packed codes, same absmax, same
+reference reproduces bitsandbytes' CPU backend bit for bit (same packed codes, same absmax, same
 double-quantization state; the tests check it), so either backend can be shown and compared.
+
+bitsandbytes' CUDA kernels round by other rules (csrc/kernels.cu; tests/test_cuda.py states each rule and
+checks it on a GPU): NF4's decision tree has exactly our midpoints, so NF4 codes agree; FP4's thresholds are
+decimal literals a few ulp from the midpoints, a tie rounds up there, and zero takes the other sign bit;
+double quantization's 8-bit codes come from a binary search and a mean summed in another order, so a block's
+absmax code can be the neighbouring one. On the default model's weights (fp32) the CUDA kernels change 1 NF4
+value in 106 million and 0.011% of FP4 values (0.03% from fp16, 0.07% from bf16 weights: their ratios hit the
+thresholds exactly); with double quantization about 0.1% of absmax codes move one step and the offset differs
+in its last bits, so most values move by a few ulp. The weights' squared error stays within 2e-6 (relative) of
+the reference's. Numbers a model gives on CUDA come from the CUDA kernels themselves (benchmarks/RESULTS.md,
+"On a GPU").
 Constant code tables shared by every tensor of a format (the 16 NF4/FP4 levels, the 256-entry
 dynamic map) are not counted as a tensor's storage. (bitsandbytes' serialised state does repeat the
 1 KiB dynamic map per tensor as `nested_quant_map`; we treat that as a serialisation overhead, not
@@ -635,7 +646,8 @@ def quantize_4bit(
     Blocks are ``blocksize`` consecutive elements of the flattened tensor (any shape; the last
     block may be partial). Each element becomes the index of the level nearest to
     ``x / absmax(block)``. ``backend="torch"`` is the pure-torch reference, bit-identical to
-    ``backend="bitsandbytes"`` in packed codes, absmax and double-quant state.
+    ``backend="bitsandbytes"`` on the CPU in packed codes, absmax and double-quant state (on CUDA the kernels
+    round FP4 ties, zero's sign and double quant's codes by their own rules: see the module docstring).
 
     Storage at blocksize 64: 4 + 32/64 = 4.5 bits/param; with double quant
     4 + 8/64 + 32/(64*256) (+ 32 bits per tensor for the offset) ~= 4.127.
