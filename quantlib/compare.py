@@ -18,7 +18,7 @@ import psutil
 import torch
 
 from quantlib.apply import layer_errors, quantize_model, release_memory
-from quantlib.runtime import trim_heap
+from quantlib.runtime import objects_frozen, trim_heap
 from quantlib.configs import QuantConfig, parse_config
 from quantlib.corpus import builtin_text, load_text
 from quantlib.errors import Cancelled
@@ -215,8 +215,18 @@ def run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compar
     ranking and run with `extra["partial"]`). `settings.until_settled` stops once the ranking by mean
     KL is settled (at least `MIN_SETTLE_TOKENS` tokens). With `keep_partial`, `cancel()` during the
     evaluation ends the run with what was computed, saved and marked partial with its token count,
-    instead of raising `Cancelled`.
+    instead of raising `Cancelled`. The objects alive before the run are frozen for the garbage collector
+    meanwhile (`objects_frozen`): each model dropped during the run costs a collection of its own objects only.
     """
+    with objects_frozen():
+        return _run_comparison(configs, settings, progress=progress, cancel=cancel, save=save, base=base,
+                               runs_folder=runs_folder, on_update=on_update, keep_partial=keep_partial)
+
+
+def _run_comparison(configs: Sequence[QuantConfig | dict | str], settings: CompareSettings | None, *,
+                    progress: ProgressFn | None, cancel: CancelFn | None, save: bool, base: LoadedModel | None,
+                    runs_folder: Any, on_update: Callable[[ComparisonResult], None] | None,
+                    keep_partial: bool) -> ComparisonResult:
     settings = settings or CompareSettings()
     if settings.kernels not in KERNEL_CHOICES:
         raise ValueError(f"kernels: got {settings.kernels!r}; allowed: {', '.join(KERNEL_CHOICES)}")

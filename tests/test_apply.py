@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from quantlib.errors import Cancelled
 from quantlib.models import load_model
 from quantlib.methods.bitsandbytes import quantize_4bit
 from quantlib.runs import list_runs, load_run
+from quantlib.runtime import objects_frozen
 from quantlib.methods import get_quantizer
 
 NF4_DQ = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
@@ -108,6 +111,24 @@ def test_cancelled_comparison_writes_nothing(tiny_llama_dir, tiny_base, tmp_path
         run_comparison([NF4_DQ], CompareSettings(source=str(tiny_llama_dir), max_tokens=300, window=64, device="cpu"),
                        base=tiny_base, runs_folder=tmp_path, cancel=cancel)
     assert list(tmp_path.iterdir()) == []
+    assert gc.get_freeze_count() == 0  # the garbage collector's freeze is lifted on the way out
+
+
+def test_objects_frozen_during_a_run_skips_old_objects_and_collects_new_cycles() -> None:
+    class Node:
+        pass
+
+    old = Node()
+    with objects_frozen():
+        assert gc.get_freeze_count() > 0
+        new = Node()
+        new.me = new  # a reference cycle made inside
+        ref = weakref.ref(new)
+        del new
+        gc.collect()
+        assert ref() is None  # collected, though the objects from before were not scanned
+        assert any(o is old for o in gc.get_objects()) is False  # frozen: not tracked by collections
+    assert gc.get_freeze_count() == 0 and any(o is old for o in gc.get_objects())
 
 
 @pytest.mark.parametrize("quant_type", ["Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "MXFP4", "BF16", "F16"])
