@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -161,3 +162,57 @@ def test_cuda_perplexity_agrees_with_cpu_within_one_percent(default_model) -> No
     cuda = perplexity(gpu_model.model, ids, window=512)
     assert cuda.backend.startswith("cuda")
     assert abs(cuda.ppl / cpu.ppl - 1) < 0.01
+
+
+# --- every screen's engine on a CUDA model: the tiny Llama, compared with the same run on the CPU ----------------
+SMOKE_CONFIGS = [NF4_DQ,
+                 {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
+                 {"quant_method": "bitsandbytes", "load_in_8bit": True},
+                 {"quant_method": "rtn", "bits": 4, "granularity": "group", "group_size": 64},
+                 {"quant_method": "gguf", "quant_type": "Q4_0"}]
+
+
+def _comparison(folder, device: str, config: dict):
+    from quantlib.compare import CompareSettings, run_comparison
+
+    settings = CompareSettings(source=str(folder), max_tokens=256, window=64, device=device, baseline_cache=False)
+    return run_comparison([config], settings, save=False).table.set_index("scheme")
+
+
+def _inspection(folder, device: str):
+    from quantlib.inspection import inspect_scheme
+    from quantlib.models import load_model
+
+    base = load_model(str(folder), device=device)
+    result, _ = inspect_scheme(base, NF4_DQ, source=str(folder), device=device, tokens=256, window=64,
+                               outlier_tokens=128)
+    return result
+
+
+def _layer_detail(folder, device: str):
+    from quantlib.apply import layer_detail
+    from quantlib.models import load_model
+
+    base = load_model(str(folder), device=device)
+    return layer_detail(base.model, get_quantizer(NF4_DQ, device=device), "model.layers.0.mlp.down_proj")
+
+
+@pytest.mark.parametrize("config", SMOKE_CONFIGS, ids=lambda c: json.dumps(c, sort_keys=True))
+def test_cuda_comparison_agrees_with_the_cpu(tiny_llama_dir, config) -> None:
+    cuda, cpu = _comparison(tiny_llama_dir, "cuda", config), _comparison(tiny_llama_dir, "cpu", config)
+    assert list(cuda.index) == list(cpu.index)
+    assert all("cuda" in str(b) for b in cuda["backend"])
+    for scheme in cuda.index:
+        assert cuda.loc[scheme, "perplexity"] == pytest.approx(cpu.loc[scheme, "perplexity"], rel=0.01)
+        assert cuda.loc[scheme, "kl"] == pytest.approx(cpu.loc[scheme, "kl"], rel=0.05, abs=1e-5)
+    assert cuda["memory_mib"].tolist() == pytest.approx(cpu["memory_mib"].tolist(), rel=0.02)
+
+
+def test_cuda_inspection_and_layer_detail_run_and_agree_with_the_cpu(tiny_llama_dir) -> None:
+    cuda, cpu = _inspection(tiny_llama_dir, "cuda"), _inspection(tiny_llama_dir, "cpu")
+    assert "cuda" in str(cuda.backend)
+    assert cuda.baseline.ppl == pytest.approx(cpu.baseline.ppl, rel=0.01)
+    assert list(cuda.layers["layer"]) == list(cpu.layers["layer"])
+    detail_cuda, detail_cpu = _layer_detail(tiny_llama_dir, "cuda"), _layer_detail(tiny_llama_dir, "cpu")
+    assert detail_cuda["metrics"] == detail_cpu["metrics"]  # the same weights through the same reference
+    assert detail_cuda["code_counts"] == detail_cpu["code_counts"]
