@@ -561,15 +561,15 @@ class Quantizer:
 
         layers = self.quantizable_layers(model)
         self.check_model_shapes(model, layers)
-        # Quantized on the CPU, where the reference formats compute, and written back to the model's device.
         parts = {c: 0.0 for c in (*MEMORY_COMPONENTS, "unquantized")}
         quantized_ids: set[int] = set()
         quantized_params = 0
         for i, ref in enumerate(layers):
             if cancel is not None and cancel():
                 raise Cancelled(f"quantization cancelled at layer {ref.name}")
+            # quantized on the CPU, where the reference formats compute; `set` copies it onto the model's device
             packed = self.quantize_layer(ref.name, ref.get().contiguous().cpu())
-            ref.set(packed.dequantize())  # a copy into the parameter, on its device
+            ref.set(packed.dequantize())
             if keep is not None:
                 keep[ref.name] = packed
             for comp, nbytes in packed.storage_by_component().items():

@@ -16,6 +16,7 @@ thresholds exactly); with double quantization about 0.1% of absmax codes move on
 in its last bits, so most values move by a few ulp. The weights' squared error stays within 2e-6 (relative) of
 the reference's. Numbers a model gives on CUDA come from the CUDA kernels themselves (benchmarks/RESULTS.md,
 "On a GPU").
+
 Constant code tables shared by every tensor of a format (the 16 NF4/FP4 levels, the 256-entry
 dynamic map) are not counted as a tensor's storage. (bitsandbytes' serialised state does repeat the
 1 KiB dynamic map per tensor as `nested_quant_map`; we treat that as a serialisation overhead, not
