@@ -36,3 +36,16 @@ def test_dynamic_map_equals_bitsandbytes():
     signed_map = dynamic_map()
     assert torch.all(signed_map[1:] >= signed_map[:-1])
     assert signed_map.max() == 1.0 and (signed_map == 0).any()
+
+
+def test_nf4_midpoints_are_the_cuda_kernels_thresholds() -> None:
+    """bitsandbytes' CUDA NF4 tree (csrc/kernels.cu, dQuantizeNF4) splits at exactly our fp32 midpoints, so NF4
+    codes agree on CUDA for every input; FP4's literals sit a few ulp off (tests/test_cuda.py checks the kernels)."""
+    from quantlib.methods.bitsandbytes import _bucket_table
+    from tests.test_cuda import FP4_CUDA_THRESHOLDS, NF4_CUDA_THRESHOLDS
+
+    assert torch.equal(_bucket_table("nf4")[0], NF4_CUDA_THRESHOLDS)
+    fp4 = _bucket_table("fp4")[0]
+    positive = fp4[fp4 > 0]
+    ulp = torch.nextafter(positive, torch.tensor(float("inf"))) - positive
+    assert ((positive - FP4_CUDA_THRESHOLDS).abs() / ulp).max() == 14  # 0.00260417f against 0.0026041667

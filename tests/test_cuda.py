@@ -27,7 +27,7 @@ def test_factory_picks_cuda_and_says_why() -> None:
 # --- bitsandbytes' CUDA kernels, rule by rule (csrc/kernels.cu), as test oracles ------------------------------
 # The CPU backend rounds to the nearest level (ties down); the CUDA kernels use decision trees with decimal
 # thresholds. NF4's thresholds are exactly our fp32 midpoints, so NF4 codes agree for every input. FP4's differ
-# from the midpoints by up to 6 ulp (0.583333f), and the sign of zero is flipped: the CPU gives (0, 0.0026] the
+# from the midpoints by up to 14 ulp (0.00260417f; 0.583333f is 6 ulp off), and the sign of zero is flipped: the CPU gives (0, 0.0026] the
 # code of -0 and (-0.0026, 0] the code of +0, CUDA the other way round (both mean 0).
 NF4_CUDA_THRESHOLDS = torch.tensor([  # dQuantizeNF4: code = number of thresholds x exceeds
     -0.8480964004993439, -0.6106329262256622, -0.4599952697753906, -0.33967943489551544, -0.23460740596055984,

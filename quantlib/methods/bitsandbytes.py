@@ -8,7 +8,8 @@ double-quantization state; the tests check it), so either backend can be shown a
 
 bitsandbytes' CUDA kernels round by other rules (csrc/kernels.cu; tests/test_cuda.py states each rule and
 checks it on a GPU): NF4's decision tree has exactly our midpoints, so NF4 codes agree; FP4's thresholds are
-decimal literals a few ulp from the midpoints, a tie rounds up there, and zero takes the other sign bit;
+decimal literals up to 14 ulp from the midpoints (a value between the two rounds the other way), and zero
+takes the other sign bit;
 double quantization's 8-bit codes come from a binary search and a mean summed in another order, so a block's
 absmax code can be the neighbouring one. On the default model's weights (fp32) the CUDA kernels change 1 NF4
 value in 106 million and 0.011% of FP4 values (0.03% from fp16, 0.07% from bf16 weights: their ratios hit the
