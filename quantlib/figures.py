@@ -5,6 +5,7 @@ The app and the HTML report draw the same figures; nothing here imports Streamli
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import pandas as pd
@@ -156,6 +157,18 @@ def mix_frontier_figure(table: pd.DataFrame, mix_label: str, verdict: dict | Non
                       xaxis_title="memory (MiB)", yaxis_title="mean KL (nats/token, log scale)",
                       legend={"orientation": "h", "y": -0.2})
     fig.update_yaxes(type="log")
+    # Room for the labels: they sit beside the points (right of the uniform ones, left of the mix), so the axes
+    # reach a fifth of the span past the outermost points instead of ending on them.
+    xs = [float(v) for v in table["memory_mib"] if pd.notna(v)]
+    if xs:
+        lo, hi = min(xs), max(xs)
+        pad = 0.2 * (hi - lo) if hi > lo else max(abs(hi) * 0.1, 1.0)
+        fig.update_xaxes(range=[lo - pad, hi + pad])
+    ys = [math.log10(float(v)) for v in table["kl"] if pd.notna(v) and float(v) > 0]
+    if ys:
+        lo, hi = min(ys), max(ys)
+        pad = 0.2 * (hi - lo) if hi > lo else 0.5
+        fig.update_yaxes(range=[lo - pad, hi + pad])  # log axis: the range is in decades
     return fig
 
 

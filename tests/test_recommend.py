@@ -296,6 +296,11 @@ def test_judge_takes_the_better_of_two_uniform_settings_of_the_same_size_and_the
     fig = mix_frontier_figure(table, "mix", v)
     frontier = next(t for t in fig.data if t.name == "uniform frontier")
     assert list(frontier.x) == [165.0, 210.0] and list(frontier.y) == [0.28, 0.02]
+    # the axes leave room for the labels beside the outermost points (the log axis's range is in decades)
+    x_lo, x_hi = fig.layout.xaxis.range
+    assert x_lo < 165.0 - 5 and x_hi > 210.0 + 5
+    y_lo, y_hi = fig.layout.yaxis.range
+    assert 10 ** y_lo < 0.02 * 0.8 and 10 ** y_hi > 0.50 * 1.2
 
 
 def test_gpt2_conv1d_layers_with_biases_are_measured_once_and_planned_exactly(tiny_tokenizer, tmp_path, cache_dir):
