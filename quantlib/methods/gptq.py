@@ -267,7 +267,9 @@ class GPTQQuantizer(GptqmodelQuantizer):
                          "the top-level setting; \"-:\" for the kept ones): GPTQModel.load and vLLM honour it, "
                          "transformers' GPTQConfig drops it",
                          "sensitivity is GPTQ of each layer on the unquantized model's inputs; the real calibration "
-                         "quantizes blocks in sequence, each on the already-quantized model's activations",
+                         "quantizes blocks in sequence, each on the already-quantized model's activations, so errors "
+                         "compound: the predicted KL is optimistic (whole mixes of the default model measured about "
+                         "4x it, benchmarks/RESULTS.md) while its ranking of layers holds; verify to read the KL",
                          transformers_keeps=False)]
 
     def quantize_layer_calibrated(self, name: str, weight: torch.Tensor, inputs: torch.Tensor) -> QuantizedTensor:
