@@ -95,7 +95,7 @@ def layer_detail(base_model: torch.nn.Module, quantizer: Quantizer, layer: str) 
         names = list(refs)
         raise QuantlibError(f"no layer named {layer!r} that {quantizer.config.label} quantizes; e.g. "
                             f"{', '.join(names[:3])} ({len(names)} in all)")
-    w = refs[layer].get().contiguous().cpu()  # the reference formats compute on the CPU
+    w = refs[layer].read()
     packed = quantizer.quantize_layer(layer, w)
     counts, entropy = code_usage(packed)
     return {

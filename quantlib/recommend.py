@@ -378,7 +378,7 @@ def measure_sensitivity(base: Any, family: str, *, dtype: str = "float32", calib
         for i, name in enumerate(order):
             report(0.05 + 0.75 * i / n, f"layer {i + 1}/{n} {name}")
             ref, w = layer_refs[name], by_module[name]
-            weight = ref.get().contiguous()
+            weight = ref.read()
             x = inputs[name]
             y = x @ weight.float().t()
             energy = float(y.square().sum())

@@ -209,8 +209,13 @@ class MatrixRef:
         t = self.param.data if self.index is None else self.param.data[self.index]
         return t.t() if self.shape.transposed else t
 
+    def read(self) -> torch.Tensor:
+        """The matrix, contiguous, on the CPU where the reference formats compute (a copy when the model is on
+        another device): what quantizing and measuring a layer start from."""
+        return self.get().contiguous().cpu()
+
     def set(self, value: torch.Tensor) -> None:
-        dst = self.get()  # a view: writes go into the parameter
+        dst = self.get()  # a view: writes go into the parameter (`set` copies onto the model's device)
         dst.copy_(value.to(dst.dtype))
 
 
@@ -567,8 +572,7 @@ class Quantizer:
         for i, ref in enumerate(layers):
             if cancel is not None and cancel():
                 raise Cancelled(f"quantization cancelled at layer {ref.name}")
-            # quantized on the CPU, where the reference formats compute; `set` copies it onto the model's device
-            packed = self.quantize_layer(ref.name, ref.get().contiguous().cpu())
+            packed = self.quantize_layer(ref.name, ref.read())
             ref.set(packed.dequantize())
             if keep is not None:
                 keep[ref.name] = packed
@@ -612,7 +616,7 @@ class Quantizer:
         for ref in refs:
             if cancel is not None and cancel():
                 raise Cancelled(f"layer errors cancelled at {ref.name}")
-            w = ref.get().contiguous().cpu()  # the reference formats compute on the CPU, wherever the model is
+            w = ref.read()
             packed = kept[ref.name] if ref.name in kept else self.quantize_layer(ref.name, w)
             yield LayerWeight(ref.name, w, packed.dequantize(), packed, packed.bits_per_param)
 

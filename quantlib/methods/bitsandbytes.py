@@ -1141,7 +1141,7 @@ class BnbQuantizer(Quantizer):
         for ref in refs:
             if cancel is not None and cancel():
                 raise Cancelled(f"layer errors cancelled at {ref.name}")
-            w = ref.get().contiguous().cpu()  # the stored tensors are read to the CPU (stored_4bit)
+            w = ref.read()
             packed = stored[ref.name](w.dtype)
             yield LayerWeight(ref.name, w, packed.dequantize(), packed, packed.bits_per_param)
 
