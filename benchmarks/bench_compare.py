@@ -208,10 +208,12 @@ def main() -> None:
     parser.add_argument("--json", metavar="FILE", help="also write every phase's figures here")
     parser.add_argument("--child", choices=list(PHASES), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.device == "auto":
-        import torch
+    import torch
 
+    if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch here; use --device cpu (or auto)")
     if args.child:
         run_child(args)
         return
