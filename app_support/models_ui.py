@@ -67,10 +67,18 @@ class ModelChoice:
 
 @st.cache_resource(show_spinner=False)
 def backend() -> tuple[str, str]:
-    """("cuda", GPU name) or ("cpu", "CPU (n cores)"): where every number on these pages comes from."""
+    """("cuda", GPU name) or ("cpu", "CPU (n cores; its kernel-picking features) · the kernels bitsandbytes takes
+    on it"): where every number on these pages comes from."""
     from quantlib.runtime import cuda_available, device_name
 
     kind = "cuda" if cuda_available() else "cpu"
+    if kind == "cpu":
+        try:
+            from quantlib.methods._bnb_cpu import paths_summary
+
+            return kind, f"{device_name(kind)} · {paths_summary()}"
+        except ImportError:  # bitsandbytes missing: the CPU alone
+            pass
     return kind, device_name(kind)
 
 

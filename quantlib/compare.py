@@ -358,7 +358,10 @@ def _run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compa
 
 def _entry(label: str, qm: Any, errors: pd.DataFrame, quant_seconds: float, exact: bool, crosscheck: Any,
            comparison: Any) -> dict[str, Any]:
+    from quantlib.methods import get_quantizer
+
     detail = {"backend": qm.backend.to_dict(), "kl": comparison.to_dict(), "quantize_seconds": quant_seconds,
+              "kernel_path": get_quantizer(qm.config, device=qm.backend.device).kernel_paths(qm.model),
               "evaluated_with": ("exact simulation of the library's kernels" if exact else
                                  "quantize→dequantize simulation" if qm.simulated else "the library's kernels")}
     if crosscheck is not None:

@@ -218,7 +218,10 @@ def compare_offloaded(configs: Sequence[QuantConfig | dict | str], *, source: st
         estimate = per_window * n_windows * (1 + len(parsed))
         if on_estimate is not None:
             on_estimate(estimate, basis)
+        from quantlib.methods import quantizer_class
+
         models, notes = {}, [base.description.notes[-1]]
+        notes += [n for c in parsed if (n := quantizer_class(c).offload_kernel_note(c, dtype)) is not None]
         for i, config in enumerate(parsed):
             written = write_simulated_checkpoint(source, config, root / f"simulated-{i}", dtype=dtype,
                                                  progress=progress, cancel=cancel)

@@ -120,10 +120,23 @@ def output_head_text(run: Run) -> list[str]:
             for label, info in (run.extra.get("output_head") or {}).items() if info.get("path") == "full"]
 
 
+def kernel_path_text(run: Run) -> list[str]:
+    """The CPU the run ran on (its kernel-picking features) and, per scheme, which kernels computed its layers."""
+    from quantlib.runtime import cpu_features_text
+
+    lines = [cpu_features_text(run.environment["cpu_features"])] if "cpu_features" in run.environment else []
+    for label, detail in run.extra.get("details", {}).items():
+        if detail.get("kernel_path"):
+            lines.append(f"{label}: computed by {'; '.join(detail['kernel_path'])}.")
+    return lines
+
+
 def check_lines(run: Run) -> list[str]:
-    """What a reader should know about how the run's numbers were made: cross-checks of exact simulations, models
-    read from full logits, and the run's notes (shown by the CLI, the HTML report and the Compare page)."""
-    return crosscheck_text(run) + output_head_text(run) + [str(n) for n in run.extra.get("notes", [])]
+    """What a reader should know about how the run's numbers were made: the CPU and each scheme's kernels,
+    cross-checks of exact simulations, models read from full logits, and the run's notes (shown by the CLI, the
+    HTML report and the Compare page)."""
+    return (kernel_path_text(run) + crosscheck_text(run) + output_head_text(run)
+            + [str(n) for n in run.extra.get("notes", [])])
 
 
 def format_summary(summary: pd.DataFrame) -> pd.DataFrame:

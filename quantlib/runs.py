@@ -58,6 +58,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 def environment_info() -> dict[str, Any]:
     """Versions and hardware that produced a result, stored with every run."""
     from quantlib.methods.base import method_libraries
+    from quantlib.runtime import cpu_features
 
     import importlib.metadata as md
 
@@ -76,6 +77,7 @@ def environment_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cuda": cuda,
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "cpu_features": cpu_features(),
         "versions": {p: version(p) for p in dict.fromkeys(("torch", "transformers", "accelerate",
                                                             *method_libraries()))},
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Any, Iterator
 
 import torch
@@ -48,7 +49,9 @@ def device_name(device: str) -> str:
         return torch.cuda.get_device_name(0)
 
 
-    return f"CPU ({os.cpu_count()} cores)"
+    flags = _cpu_flags()[1] or ()
+    have = [flag for flag in CPU_FEATURE_FLAGS if flag in flags]
+    return f"CPU ({os.cpu_count()} cores{'; ' + ', '.join(have) if have else ''})"
 
 
 def resolve_device(device: str) -> tuple[str, str]:
@@ -64,6 +67,61 @@ def resolve_device(device: str) -> tuple[str, str]:
                                       "Use --device cpu (or auto), or run on a machine with an NVIDIA GPU.")
     return device, f"device={device} was asked for"
 
+
+
+#: CPU features that change which kernel bitsandbytes and torch run (and so their numbers), as /proc/cpuinfo
+#: names them.
+CPU_FEATURE_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")
+
+
+@lru_cache(maxsize=1)
+def _cpu_flags() -> tuple[Any, Any]:
+    """(model name, set of flags) from /proc/cpuinfo; None for what the OS does not say."""
+    model, flags = None, None
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model is None:
+                    model = value.strip()
+                elif key in ("flags", "Features") and flags is None:
+                    flags = frozenset(value.split())
+                if model is not None and flags is not None:
+                    break
+    except OSError:
+        pass
+    return model, flags
+
+
+def cpu_features() -> dict[str, Any]:
+    """The CPU's model and the features that pick kernels (each True/False, None where the OS does not say),
+    torch's own CPU capability, and bitsandbytes' own AVX512-BF16 check (None where bitsandbytes is absent).
+    Stored with every run and printed first by CI, so a number or a failure on another CPU explains itself."""
+    model, flags = _cpu_flags()
+    info: dict[str, Any] = {"model": model}
+    info.update({flag: (flag in flags) if flags is not None else None for flag in CPU_FEATURE_FLAGS})
+    info["torch_capability"] = torch.backends.cpu.get_cpu_capability()
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+    except ImportError:
+        info["bitsandbytes_avx512bf16"] = None
+    else:
+        info["bitsandbytes_avx512bf16"] = bool(has_avx512bf16())
+    return info
+
+
+def cpu_features_text(info: dict[str, Any]) -> str:
+    """One line: the CPU, the kernel-picking features it has, torch's capability and bitsandbytes' check."""
+    if not info:
+        return "CPU features: not recorded"
+    have = [flag for flag in CPU_FEATURE_FLAGS if info.get(flag)]
+    known = any(info.get(flag) is not None for flag in CPU_FEATURE_FLAGS)
+    bnb = info.get("bitsandbytes_avx512bf16")
+    return (f"CPU: {info.get('model') or 'unknown model'}; features: "
+            f"{', '.join(have) if have else ('none of ' + ', '.join(CPU_FEATURE_FLAGS)) if known else 'unknown'}; "
+            f"torch capability {info.get('torch_capability', '?')}; bitsandbytes' AVX512-BF16 check: "
+            f"{'n/a' if bnb is None else 'yes' if bnb else 'no'}")
 
 
 def vm_hwm() -> int:

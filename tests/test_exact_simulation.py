@@ -3,6 +3,7 @@ and comparisons that stream, settle and keep partial runs (tiny Llama, seconds).
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -12,8 +13,11 @@ from quantlib.apply import layer_errors, quantize_model
 from quantlib.compare import CompareSettings, run_comparison
 from quantlib.configs import parse_config
 from quantlib.methods import get_quantizer
-from quantlib.methods.bitsandbytes import ExactLinear4bit, ExactLinear8bit
+from quantlib.methods import _bnb_cpu
+from quantlib.methods._bnb_cpu import has_avx512bf16
+from quantlib.methods.bitsandbytes import ExactLinear4bit, ExactLinear8bit, kernel_paths
 from quantlib.models import load_model
+from quantlib.runtime import cpu_features
 
 NF4 = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
 FP4_DQ = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "fp4",
@@ -23,17 +27,44 @@ INT8_T1 = {"quant_method": "bitsandbytes", "load_in_8bit": True, "llm_int8_thres
 INT8_T0 = {"quant_method": "bitsandbytes", "load_in_8bit": True, "llm_int8_threshold": 0.0}
 
 
+#: bitsandbytes' own check, which picks its fused AVX512-BF16 4-bit kernel on this CPU.
+FUSED_HERE = has_avx512bf16()
+NO_FUSED_REASON = ("this CPU has no AVX512-BF16 (bitsandbytes.functional.has_avx512bf16() is False), so bitsandbytes "
+                   "cannot run its fused 4-bit kernel here; the path's logic is tested with the check monkeypatched")
+#: The 4-bit kernel paths a test can run for real here: the dequantize path everywhere (a layer whose
+#: `support_avx512bf16_for_cpu` is False takes it, whatever the CPU), the fused one where bitsandbytes has it.
+PATHS = [pytest.param(False, id="dequantize-path"),
+         pytest.param(True, id="fused-bf16-path", marks=pytest.mark.skipif(not FUSED_HERE, reason=NO_FUSED_REASON))]
+
+
 @pytest.fixture(autouse=True)
 def own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("QUANTLIB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("QUANTLIB_RUNS_DIR", str(tmp_path / "runs"))
 
 
-@pytest.mark.parametrize("config", [NF4, FP4_DQ, INT8, INT8_T1, INT8_T0], ids=["nf4", "fp4-dq", "int8", "int8-t1",
-                                                                               "int8-t0"])
+def on_path(model, fused: bool):
+    """Put every Linear4bit of `model` on one kernel path, by bitsandbytes' own per-layer flag."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = fused
+    return model
+
+
+#: 4-bit configs on both paths; LLM.int8() has one path per CPU (torch's capability picks it, tested below).
+CONFIGS = [pytest.param(config, *path.values, id=f"{name}-{path.id}", marks=path.marks)
+           for name, config in (("nf4", NF4), ("fp4-dq", FP4_DQ)) for path in PATHS] + \
+          [pytest.param(config, False, id=name) for name, config in (("int8", INT8), ("int8-t1", INT8_T1),
+                                                                      ("int8-t0", INT8_T0))]
+
+
+@pytest.mark.parametrize("config, fused", CONFIGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_exact_simulation_is_the_kernels_bit_for_bit(tiny_llama_dir, config, dtype):
+def test_exact_simulation_is_the_kernels_bit_for_bit(tiny_llama_dir, config, dtype, fused):
     qm = quantize_model(config, source=str(tiny_llama_dir), device="cpu", dtype=dtype)
+    on_path(qm.model, fused)
     quantizer = get_quantizer(parse_config(config), device="cpu")
     torch.manual_seed(0)
     ids = torch.randint(3, 60, (2, 48))
@@ -43,6 +74,9 @@ def test_exact_simulation_is_the_kernels_bit_for_bit(tiny_llama_dir, config, dty
     assert quantizer.to_exact_simulation(qm.model) == 14
     kinds = {type(m) for m in qm.model.modules()}
     assert (ExactLinear4bit if config.get("load_in_4bit") else ExactLinear8bit) in kinds
+    expected_path = (_bnb_cpu.FUSED_4BIT if fused else _bnb_cpu.DEQUANT_4BIT) if config.get("load_in_4bit") \
+        else _bnb_cpu.int8_path()
+    assert kernel_paths(qm.model) == [expected_path]
     with torch.no_grad():
         exact = qm.model(input_ids=ids).logits
     assert exact.dtype == kernels.dtype
@@ -52,26 +86,43 @@ def test_exact_simulation_is_the_kernels_bit_for_bit(tiny_llama_dir, config, dty
             assert module.codes_t.dtype == torch.int8
 
 
-def test_exact_4bit_weights_are_what_bitsandbytes_dequantizes(tiny_llama_dir):
-    """The weight each ExactLinear4bit keeps (quantlib's reference) equals bitsandbytes' own dequantize_4bit
-    of the layer it replaced, bit for bit, plain and double-quantized."""
+@pytest.mark.parametrize("fused", PATHS)
+def test_exact_4bit_weights_are_what_bitsandbytes_computes_with(tiny_llama_dir, fused):
+    """Dequantize path: the weight each ExactLinear4bit keeps equals bitsandbytes' own dequantize_4bit of the layer it
+    replaced, bit for bit, plain and double-quantized. Fused path: its codes and bf16 absmax equal what bitsandbytes'
+    own repacking (`_convert_weight_packed_for_cpu`) made of the layer, read back by bitsandbytes' own inverse."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
 
     for config in (NF4, FP4_DQ):
         qm = quantize_model(config, source=str(tiny_llama_dir), device="cpu")
-        theirs = {name: bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state)
-                  for name, m in qm.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+        on_path(qm.model, fused)
+        layers = {name: m for name, m in qm.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+        if fused:
+            theirs = {}
+            for name, m in layers.items():
+                packed, state = bnbf._convert_weight_packed_for_cpu(m.weight.data.clone(), copy.deepcopy(m.weight.quant_state))
+                theirs[name] = (state.absmax.t(), bnbf._convert_weight_packed_for_cpu_inverse(packed, state)[0])
+        else:
+            theirs = {name: bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state) for name, m in layers.items()}
         get_quantizer(parse_config(config), device="cpu").to_exact_simulation(qm.model)
-        ours = {name: m.weight_fp32 for name, m in qm.model.named_modules() if isinstance(m, ExactLinear4bit)}
+        ours = {name: m for name, m in qm.model.named_modules() if isinstance(m, ExactLinear4bit)}
         assert set(ours) == set(theirs) and len(ours) == 14
-        for name in ours:
-            assert torch.equal(ours[name], theirs[name].float()), name
+        for name, m in ours.items():
+            if fused:
+                absmax, packed_codes = theirs[name]
+                assert m.weight_fp32 is None and torch.equal(m.absmax_bf16, absmax), name
+                flat = packed_codes.reshape(-1)
+                assert torch.equal(m.codes.reshape(-1), torch.stack([flat >> 4, flat & 0xF], 1).reshape(-1)), name
+            else:
+                assert torch.equal(m.weight_fp32, theirs[name].float()), name
 
 
-def test_layer_errors_from_the_exact_model_equal_a_second_quantization(tiny_llama_dir, monkeypatch):
+@pytest.mark.parametrize("fused", PATHS)
+def test_layer_errors_from_the_exact_model_equal_a_second_quantization(tiny_llama_dir, monkeypatch, fused):
     """Read from the library's layers or from their exact simulation, the layer errors equal those of quantizing
-    every base weight again, and neither reading quantizes anything."""
+    every base weight again, and neither reading quantizes anything; on the fused path also after bitsandbytes
+    repacked its layers for the kernel (the stored tensors were kept)."""
     import bitsandbytes.functional as bnbf
 
     base = load_model(str(tiny_llama_dir))
@@ -79,6 +130,9 @@ def test_layer_errors_from_the_exact_model_equal_a_second_quantization(tiny_llam
         quantizer = get_quantizer(parse_config(config), device="cpu")
         again = layer_errors(base.model, quantizer)
         qm = quantize_model(config, source=str(tiny_llama_dir), device="cpu")
+        on_path(qm.model, fused)
+        with torch.no_grad():
+            qm.model(input_ids=torch.randint(3, 60, (1, 16)))  # the fused path repacks on this first forward
         with monkeypatch.context() as m:
             for name in ("quantize_4bit", "int8_vectorwise_quant"):
                 m.setattr(bnbf, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError("quantized again")))
@@ -92,6 +146,8 @@ def test_layer_errors_from_the_exact_model_equal_a_second_quantization(tiny_llam
 
 
 def test_exact_and_library_kernels_give_the_same_comparison(tiny_llama_dir):
+    """On this CPU's own kernel paths (bitsandbytes' check decides, as for a user): identical figures, and the run
+    records the CPU's features and each scheme's kernel path."""
     base = load_model(str(tiny_llama_dir))
     settings = dict(source=str(tiny_llama_dir), max_tokens=512, window=128, device="cpu", baseline_cache=False)
     exact = run_comparison([NF4, INT8_T1], CompareSettings(kernels="exact", **settings), base=base, save=False)
@@ -101,6 +157,10 @@ def test_exact_and_library_kernels_give_the_same_comparison(tiny_llama_dir):
     assert exact.table[columns].equals(library.table[columns])
     assert list(exact.table["backend"])[1:] == ["cpu (exact simulation)"] * 2
     assert list(library.table["backend"])[1:] == ["cpu"] * 2
+    four_bit = _bnb_cpu.FUSED_4BIT if FUSED_HERE else _bnb_cpu.DEQUANT_4BIT
+    for result in (exact, library):
+        assert [d["kernel_path"] for d in result.details.values()] == [[four_bit], [_bnb_cpu.int8_path()]]
+        assert result.run.environment["cpu_features"] == cpu_features()
     for label, detail in exact.details.items():
         check = detail["crosscheck"]
         assert check["identical"] and check["max_abs_logprob_diff"] == 0.0 and check["top1_agreement"] == 1.0
@@ -118,6 +178,138 @@ def test_exact_and_library_kernels_give_the_same_comparison(tiny_llama_dir):
     assert list(auto.table["backend"])[1:] == ["cpu", "cpu (exact simulation)"]
     [nf4, int8] = auto.details.values()
     assert "crosscheck" not in nf4 and int8["crosscheck"]["identical"]
+
+
+# ------------------------------------------------------------------ the CPU-feature dispatch, both branches anywhere
+
+
+@pytest.mark.parametrize("bf16, community, expected", [
+    (False, False, _bnb_cpu.DEQUANT_4BIT), (True, False, _bnb_cpu.FUSED_4BIT),
+    (True, True, _bnb_cpu.KERNELS_COMMUNITY_4BIT), (False, True, _bnb_cpu.DEQUANT_4BIT)])
+def test_the_4bit_path_is_what_bitsandbytes_would_choose(monkeypatch, bf16, community, expected):
+    import bitsandbytes.functional as bnbf
+    from bitsandbytes.backends.cpu import ops
+
+    monkeypatch.setattr(bnbf, "has_avx512bf16", lambda: bf16)
+    monkeypatch.setattr(ops, "gemm_4bit_forward_kernel", object() if community else None, raising=False)
+    assert _bnb_cpu.has_avx512bf16() is bf16
+    assert _bnb_cpu.four_bit_path() == expected
+
+
+@pytest.mark.parametrize("capability, expected", [("AVX512", _bnb_cpu.INT_MM_8BIT), ("AVX2", _bnb_cpu.FP32_8BIT),
+                                                  ("DEFAULT", _bnb_cpu.FP32_8BIT)])
+def test_the_int8_path_is_what_bitsandbytes_would_choose(monkeypatch, capability, expected):
+    from quantlib.methods.bitsandbytes import _bnb_int_mm_is_exact
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert _bnb_cpu.int8_path() == expected
+    assert _bnb_int_mm_is_exact() is (capability == "AVX512")
+
+
+def test_a_path_not_mirrored_is_refused_with_its_reason_and_runs_on_the_kernels(tiny_llama_dir, monkeypatch):
+    """Where bitsandbytes would run the kernels-community kernel: the simulation is refused with the reason, `exact`
+    and `auto` run the library's kernels, the backend label and the recorded kernel path say so."""
+    from bitsandbytes.backends.cpu import ops
+
+    base = load_model(str(tiny_llama_dir))
+    qm = quantize_model(NF4, source=str(tiny_llama_dir), device="cpu")
+    on_path(qm.model, True)
+    monkeypatch.setattr(ops, "gemm_4bit_forward_kernel", object(), raising=False)
+    quantizer = get_quantizer(parse_config(NF4), device="cpu")
+    problem = quantizer.exact_simulation_problem(qm.model)
+    assert problem and "kernels-community" in problem and "does not mirror" in problem
+    with pytest.raises(ValueError, match="cannot simulate bitsandbytes exactly: .*kernels-community"):
+        quantizer.to_exact_simulation(qm.model)
+    # The comparison's own models: every new Linear4bit asks bitsandbytes, whose check is patched here too; no forward
+    # runs the (absent) kernel, since a refused simulation is never cross-checked and the evaluation is not reached.
+    monkeypatch.setattr(type(quantizer), "exact_simulation_problem", lambda self, model: problem)
+    import quantlib.compare as compare
+
+    seen = {}
+
+    def stop_before_evaluation(*args, **kwargs):
+        seen["models"] = args[1]
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(compare, "perplexity_and_kl", stop_before_evaluation)
+    for kernels in ("exact", "auto"):
+        with pytest.raises(RuntimeError, match="stop"):
+            run_comparison([NF4], CompareSettings(source=str(tiny_llama_dir), max_tokens=128, window=64, device="cpu",
+                                                  kernels=kernels, baseline_cache=False), base=base, save=False)
+        [model] = seen["models"].values()
+        assert not any(isinstance(m, ExactLinear4bit) for m in model.modules())
+        assert kernel_paths(model) == [_bnb_cpu.KERNELS_COMMUNITY_4BIT]
+
+
+def test_a_comparison_that_falls_back_says_why_and_labels_the_kernels(tiny_llama_dir, monkeypatch):
+    """`--kernels exact` where the simulation is refused: the run's note gives the reason, the backend is the
+    kernels' ("cpu", not "exact simulation") and the recorded path is the one bitsandbytes ran."""
+    base = load_model(str(tiny_llama_dir))
+    reason = "a refusal for this test"
+    quantizer_class = type(get_quantizer(parse_config(NF4), device="cpu"))
+    monkeypatch.setattr(quantizer_class, "exact_simulation_problem", lambda self, model: reason)
+    result = run_comparison([NF4], CompareSettings(source=str(tiny_llama_dir), max_tokens=128, window=64, device="cpu",
+                                                   kernels="exact", baseline_cache=False), base=base, save=False)
+    assert list(result.table["backend"]) [1:] == ["cpu"]
+    assert f"NF4 ran on its library's kernels: {reason}" in result.run.extra["notes"]
+    [detail] = result.details.values()
+    assert detail["evaluated_with"] == "the library's kernels" and "crosscheck" not in detail
+    assert detail["kernel_path"] == [_bnb_cpu.FUSED_4BIT if FUSED_HERE else _bnb_cpu.DEQUANT_4BIT]
+
+
+def test_the_fused_kernel_needs_its_shapes():
+    assert _bnb_cpu.fused_shape_problem(64, 128, 64) is None
+    assert "divisible by 32" in _bnb_cpu.fused_shape_problem(48, 128, 64)
+    assert "blocksize 64" in _bnb_cpu.fused_shape_problem(64, 96, 64)
+
+
+def _fused_cases():
+    torch.manual_seed(3)
+    n, k = 64, 256
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    absmax = (torch.rand(n, k // 64) + 0.01).to(torch.bfloat16)
+    x = torch.randn(9, k)
+    yield "random", x, codes, absmax, 64
+    yield "blocksize 128", x, codes, absmax.view(n, -1, 2)[..., 0].contiguous(), 128
+    wide = x.clone()
+    wide[0, ::3] *= 1e-30  # products near the denormals
+    wide[1, 1::2] *= 1e4  # large and small products in one block: roundings everywhere
+    wide[2] = 0.0  # an all-zero row
+    wide[3, :5] = torch.tensor([1e-39, -2e-39, 3e-40, 1e-45, 0.0])  # denormal inputs, flushed
+    yield "edge values", wide, codes, absmax, 64
+    yield "zero blocks", x, codes, absmax.masked_fill(torch.rand(absmax.shape) < 0.3, 0.0), 64
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_the_fused_mirror_equals_its_exact_rounding_sequence_everywhere(quant_type):
+    """Any CPU: the matmul-speed mirror (exact float64 value, error bound, exact sequence near a bf16 boundary) equals
+    the kernel's sequence of fp32 roundings computed for every output."""
+    for name, x, codes, absmax, blocksize in _fused_cases():
+        n, k = codes.shape
+        fast = _bnb_cpu.fused_4bit_matmul(x, codes, absmax, quant_type, blocksize)
+        rows, cols = torch.meshgrid(torch.arange(x.shape[0]), torch.arange(n), indexing="ij")
+        xb = _bnb_cpu._flush(x.to(torch.bfloat16).float())
+        every = _bnb_cpu._exact_outputs(xb[rows.reshape(-1)], codes[cols.reshape(-1)], absmax.float()[cols.reshape(-1)],
+                                        _bnb_cpu.bf16_levels(quant_type), blocksize, True)
+        assert torch.equal(fast.float(), every.to(torch.bfloat16).float().view(x.shape[0], n)), name
+
+
+@pytest.mark.skipif(not FUSED_HERE, reason=NO_FUSED_REASON)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_the_fused_mirror_is_bitsandbytes_kernel_on_edge_values(quant_type):
+    """This CPU has the kernel: the mirror gives its bits on the same cases, called as Linear4bit calls it."""
+    import bitsandbytes.functional as bnbf
+
+    for name, x, codes, absmax, blocksize in _fused_cases():
+        n, k = codes.shape
+        flat = codes.reshape(-1)
+        state = bnbf.QuantState(absmax=absmax.float().reshape(-1), shape=torch.Size((n, k)), blocksize=blocksize,
+                                code=bnbf.get_4bit_type(quant_type, device="cpu"), quant_type=quant_type,
+                                dtype=torch.float32)
+        packed, state = bnbf._convert_weight_packed_for_cpu(((flat[0::2] << 4) | flat[1::2]).reshape(-1, 1), state)
+        kernel = bnbf.gemv_4bit(x, packed, state=state)
+        mirror = _bnb_cpu.fused_4bit_matmul(x, codes, absmax, quant_type, blocksize).to(x.dtype)
+        assert torch.equal(mirror, kernel), (name, int((mirror != kernel).sum()))
 
 
 def test_until_settled_stops_with_the_same_ranking_and_saves_a_partial_run(tiny_llama_dir, tmp_path):

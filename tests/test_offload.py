@@ -18,7 +18,14 @@ TINY_LIMIT_GIB = 40_000 / 2**30  # 40 kB: almost every module of the tiny model 
 
 
 def test_offloaded_comparison_equals_the_in_memory_one(tiny_llama_dir, tmp_path, monkeypatch):
+    """An offloaded NF4 model computes `x @ dequantize(W).T` in the model's dtype: bitsandbytes' dequantize path.
+    Where bitsandbytes takes its fused AVX512-BF16 kernel instead (its own check says so), the run says which path
+    its figures are, and the in-memory comparison it must equal is the one on that same path (each Linear4bit asks
+    `has_avx512bf16` when it is built; answering no puts it on the dequantize path on any CPU)."""
+    import bitsandbytes.nn.modules
+
     from quantlib.compare import CompareSettings, run_comparison
+    from quantlib.methods import _bnb_cpu
 
     monkeypatch.setenv("QUANTLIB_RUNS_DIR", str(tmp_path / "runs"))
     configs = [preset("nf4"), preset("rtn-int4-g64-asym")]
@@ -28,6 +35,12 @@ def test_offloaded_comparison_equals_the_in_memory_one(tiny_llama_dir, tmp_path,
     assert estimates and estimates[0][0] > 0 and "decoder blocks timed" in estimates[0][1]
     assert result.table["offloaded"].all()
     assert any("on disk" in n and not n.split("; ")[-1].startswith("0 of") for n in result.notes), result.notes
+    path_notes = [n for n in result.notes if n.startswith("NF4: evaluated offloaded as")]
+    if _bnb_cpu.four_bit_path() == _bnb_cpu.DEQUANT_4BIT:
+        assert path_notes == []
+    else:
+        assert len(path_notes) == 1 and f"its own layers run the {_bnb_cpu.four_bit_path()}" in path_notes[0]
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: False)
     memory = run_comparison(configs, CompareSettings(source=str(tiny_llama_dir), max_tokens=128, window=64,
                                                      baseline_cache=False), save=False)
     for label in ("NF4", "RTN int4 g64 asym"):
@@ -108,3 +121,22 @@ def test_compare_page_runs_offloaded(tiny_llama_dir, tmp_path, monkeypatch):
     # INT8 is refused with the reason before anything runs
     at.multiselect(key="compare.configs").set_value(["NF4", "LLM.int8() (threshold 6.0)"]).run()
     assert any("activations at run time" in e.value for e in at.error)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_offload_note_follows_bitsandbytes_own_check(monkeypatch, bf16):
+    """Both branches on any CPU: only where bitsandbytes would take its fused kernel do 4-bit rows say that the
+    offloaded figures are its dequantize path's; LLM.int8() is refused offloaded anyway."""
+    import bitsandbytes.functional as bnbf
+
+    from quantlib.methods import quantizer_class
+
+    monkeypatch.setattr(bnbf, "has_avx512bf16", lambda: bf16)
+    nf4, int8 = preset("nf4"), preset("int8")
+    note = quantizer_class(nf4).offload_kernel_note(nf4, "float32")
+    if bf16:
+        assert note.startswith("NF4: evaluated offloaded as bitsandbytes dequantize_4bit + F.linear")
+        assert "fused AVX512-BF16" in note
+    else:
+        assert note is None
+    assert quantizer_class(int8).offload_kernel_note(int8, "float32") is None

@@ -340,6 +340,12 @@ class Quantizer:
         bit, at plain-matmul speed; returns how many. Only where `exact_simulation_problem` is None."""
         raise NotImplementedError(self.exact_simulation_problem(model) or "no exact simulation")
 
+    def kernel_paths(self, model: Any) -> list[str]:
+        """Which kernels compute this scheme's layers in `model` (as evaluated), for the run's record."""
+        if self.simulated:
+            return ["quantlib's simulation: F.linear on the dequantized weights in the model's dtype"]
+        return [f"{self.library}'s own layers on {self.backend.device}"]
+
     # ----- tensors ----------------------------------------------------------------------
     def quantize_tensor(self, weight: torch.Tensor) -> QuantizedTensor:
         """Quantize one weight matrix (out x in); returns the method's packed tensor format."""
@@ -455,6 +461,12 @@ class Quantizer:
         if cls.calibrated or not cls.simulated:
             return (f"{cls.library} computes with its own layers, which a checkpoint of dequantized weights does not "
                     "reproduce")
+        return None
+
+    @classmethod
+    def offload_kernel_note(cls, config: QuantConfig, dtype: str) -> str | None:
+        """Where an offloaded evaluation (dequantized weights, `F.linear` in `dtype`) is the method's numbers on
+        another kernel path than the one its library takes on this machine: which, and why they differ."""
         return None
 
     @classmethod

@@ -754,7 +754,9 @@ _VECTOR_DEQUANT = 7.874015718698502e-3
 def _bnb_int_mm_is_exact() -> bool:
     """bitsandbytes 0.50's CPU backend accumulates int8 products exactly (torch._int_mm) only on AVX-512
     CPUs; elsewhere its default kernel multiplies in fp32 and truncates to int32 (`_int8_linear_matmul_impl`)."""
-    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+    from quantlib.methods._bnb_cpu import INT_MM_8BIT, int8_path
+
+    return int8_path() == INT_MM_8BIT
 
 
 @torch.no_grad()
@@ -830,8 +832,16 @@ def _int8_matmul(x: torch.Tensor, codes_w: torch.Tensor, scb: torch.Tensor, thre
 
 def stored_4bit(layer: Any, dtype: torch.dtype = torch.float32) -> "Blockwise4bitTensor":
     """The tensors a `bnb.nn.Linear4bit` stores (packed codes, absmax or its double quantization), as the format
-    `Bnb4BitQuantizer.quantize_tensor` gives: read, not quantized again."""
+    `Bnb4BitQuantizer.quantize_tensor` gives: read, not quantized again. A layer that bitsandbytes repacked for its
+    fused AVX512-BF16 kernel (absmax rounded to bf16, double quantization undone) is read from the copy
+    `keep_stored_4bit` took before; without one it has no stored form left, and this raises."""
     qs = layer.weight.quant_state
+    if getattr(qs, "packing_format_for_cpu", False):
+        kept = getattr(layer, "_quantlib_stored", None)
+        if kept is None:
+            raise ValueError("bitsandbytes repacked this layer for its fused AVX512-BF16 kernel (absmax in bf16): "
+                             "its stored tensors are gone")
+        return dataclasses.replace(kept, dtype=dtype)
     dq = None
     absmax = qs.absmax.cpu()  # read to the CPU, where the reference formats compute (the layer may be on CUDA)
     if qs.nested:
@@ -840,6 +850,22 @@ def stored_4bit(layer: Any, dtype: torch.dtype = torch.float32) -> "Blockwise4bi
         absmax = None
     return Blockwise4bitTensor(layer.weight.data.reshape(-1, 1).cpu(), absmax, dq, qs.quant_type, qs.blocksize,
                                tuple(qs.shape), dtype, "torch")
+
+
+def keep_stored_4bit(model: torch.nn.Module) -> int:
+    """Keep a reference to the stored tensors of every `Linear4bit` that bitsandbytes will repack on its first CPU
+    forward (its fused AVX512-BF16 path), so weight errors and the exact simulation still read them afterwards.
+    No copy: repacking assigns new tensors and leaves these alone. Returns how many layers."""
+    import bitsandbytes as bnb
+
+    kept = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False) \
+                and module.weight.device.type == "cpu" and getattr(module.weight, "quant_state", None) is not None \
+                and not getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+            module._quantlib_stored = stored_4bit(module)
+            kept += 1
+    return kept
 
 
 def stored_8bit(layer: Any, dtype: torch.dtype) -> "RowwiseInt8Tensor":
@@ -857,12 +883,13 @@ def stored_layers(model: torch.nn.Module) -> dict[str, Callable[[torch.dtype], Q
 
     out: dict[str, Callable[[torch.dtype], QuantizedTensor]] = {}
     for name, m in model.named_modules():
-        if isinstance(m, ExactLinear4bit):
+        if isinstance(m, ExactLinear4bit) and m.packed is not None:
             out[name] = lambda dtype, m=m: dataclasses.replace(m.packed, dtype=dtype)
         elif isinstance(m, ExactLinear8bit):
             out[name] = m.packed
         elif isinstance(m, bnb.nn.Linear4bit) and getattr(m.weight, "quant_state", None) is not None \
-                and not getattr(m.weight.quant_state, "packing_format_for_cpu", False):
+                and (not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+                     or getattr(m, "_quantlib_stored", None) is not None):
             out[name] = lambda dtype, m=m: stored_4bit(m, dtype)
         elif isinstance(m, bnb.nn.Linear8bitLt) and not m.state.has_fp16_weights:
             codes, scb = _int8_state(m)
@@ -872,23 +899,45 @@ def stored_layers(model: torch.nn.Module) -> dict[str, Callable[[torch.dtype], Q
 
 
 class ExactLinear4bit(torch.nn.Module):
-    """What `bnb.nn.Linear4bit` computes on a CPU without AVX512-BF16, with the dequantization done once.
+    """What `bnb.nn.Linear4bit` computes on a CPU, on either of bitsandbytes' kernel paths, at matmul speed.
 
-    bitsandbytes 0.50's default `gemm_4bit` dequantizes the whole weight to the input's dtype on every
-    call (fp32 math, then cast) and runs `F.linear`; `Linear4bit.forward` first casts the input to its
-    compute dtype (which becomes the input's dtype on the first fp32/bf16 call) and the output back.
-    Here the weight is dequantized once, by quantlib's reference (bit-identical to bitsandbytes'
-    `dequantize_4bit`, tested), kept in fp32 and cast to the compute dtype on first use; the
-    forward is then one `F.linear`, so a model runs at plain-matmul speed with the kernels' numbers.
+    Without AVX512-BF16, bitsandbytes 0.50's default `gemm_4bit` dequantizes the whole weight to the input's dtype on
+    every call (fp32 math, then cast) and runs `F.linear`; `Linear4bit.forward` first casts the input to its compute
+    dtype (which becomes the input's dtype on the first fp32/bf16 call) and the output back. Here the weight is
+    dequantized once, by quantlib's reference (bit-identical to bitsandbytes' `dequantize_4bit`, tested), kept in
+    fp32 and cast to the compute dtype on first use; the forward is then one `F.linear`.
+
+    With AVX512-BF16, bitsandbytes runs its fused bf16 kernel (inference: eval mode, no gradient), mirrored bit for
+    bit by `quantlib.methods._bnb_cpu.fused_4bit_matmul`, which keeps the bf16 levels times the bf16 absmax in fp32
+    and the codes.
     """
 
     def __init__(self, layer: Any):
         super().__init__()
-        packed = stored_4bit(layer)
-        shape = packed.shape
+        from quantlib.methods import _bnb_cpu
+
+        qs = layer.weight.quant_state
+        shape = tuple(int(d) for d in qs.shape)
         self.in_features, self.out_features = layer.in_features, layer.out_features
-        self.packed = packed  # the layer's stored tensors, for its weight error and code usage
-        self.register_buffer("weight_fp32", dequantize_4bit(packed).reshape(shape), persistent=False)
+        self.quant_type, self.blocksize = qs.quant_type, int(qs.blocksize)
+        self.kernel_path = _bnb_cpu.four_bit_path(layer)
+        self.fused = self.kernel_path == _bnb_cpu.FUSED_4BIT
+        self.repacked = bool(getattr(qs, "packing_format_for_cpu", False))  # from now on always the fused kernel
+        try:  # the layer's stored tensors, for its weight error and code usage
+            self.packed: Optional[Blockwise4bitTensor] = stored_4bit(layer)
+        except ValueError:
+            self.packed = None
+        if self.fused:
+            codes, absmax = _bnb_cpu.fused_codes_and_absmax(layer)
+            levels = _bnb_cpu.bf16_levels(self.quant_type)
+            weight = levels.index_select(0, codes.reshape(-1).int()).view(shape[0], -1, self.blocksize)
+            self.register_buffer("codes", codes, persistent=False)
+            self.register_buffer("absmax_bf16", absmax, persistent=False)
+            self.register_buffer("fused_weight", (weight * absmax.float().unsqueeze(-1)).view(shape),
+                                 persistent=False)
+            self.weight_fp32 = None
+        else:
+            self.register_buffer("weight_fp32", dequantize_4bit(self.packed).reshape(shape), persistent=False)
         self.bias = layer.bias
         self.compute_dtype = layer.compute_dtype
         self.compute_type_is_set = layer.compute_type_is_set
@@ -902,13 +951,26 @@ class ExactLinear4bit(torch.nn.Module):
         inp_dtype = x.dtype
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
-        if self._weight is None or self._weight.dtype != x.dtype:
-            self._weight = self.weight_fp32 if x.dtype == torch.float32 else self.weight_fp32.to(x.dtype)
         bias = self.bias
         if bias is not None:
             if bias.dtype != x.dtype:
                 bias.data = bias.data.to(x.dtype)
             bias = bias.to(self.compute_dtype) if self.compute_dtype is not None else bias
+        if self.fused and (self.repacked or (not self.training and not x.requires_grad)):
+            from quantlib.methods._bnb_cpu import fused_4bit_matmul
+
+            self.repacked = True  # Linear4bit.forward repacks here, and matmul_4bit then always takes gemv_4bit
+            out = fused_4bit_matmul(x, self.codes, self.absmax_bf16, self.quant_type, self.blocksize,
+                                    weight=self.fused_weight).to(x.dtype)
+            if bias is not None:
+                out += bias
+            return out.to(inp_dtype)
+        if self._weight is None or self._weight.dtype != x.dtype:
+            if self.weight_fp32 is None:  # the fused path's layer, trained before its first inference
+                if self.packed is None:
+                    raise ValueError("this layer's stored tensors are gone (repacked): it cannot be dequantized")
+                self.weight_fp32 = dequantize_4bit(self.packed).float().reshape(self.out_features, -1)
+            self._weight = self.weight_fp32 if x.dtype == torch.float32 else self.weight_fp32.to(x.dtype)
         return torch.nn.functional.linear(x, self._weight, bias).to(inp_dtype)
 
 
@@ -956,19 +1018,46 @@ def exact_simulation_problem(model: torch.nn.Module) -> str | None:
     """Why the bitsandbytes layers of `model` cannot be simulated exactly here, or None."""
     import bitsandbytes as bnb
 
+    from quantlib.methods import _bnb_cpu
+
     for name, module in model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
             if module.weight.device.type != "cpu":
                 return f"{name} is on {module.weight.device}: the exact simulation mirrors bitsandbytes' CPU kernels"
-            if getattr(module, "support_avx512bf16_for_cpu", False) or \
-                    getattr(module.weight.quant_state, "packing_format_for_cpu", False):
-                return "this CPU has AVX512-BF16, where bitsandbytes runs its fused bf16 kernel instead"
+            path = _bnb_cpu.four_bit_path(module)
+            if path == _bnb_cpu.KERNELS_COMMUNITY_4BIT:
+                return ("bitsandbytes runs the kernels-community gemm_4bit_forward kernel here (the `kernels` package "
+                        "loaded it), which quantlib does not mirror")
+            if path == _bnb_cpu.FUSED_4BIT:
+                problem = _bnb_cpu.fused_shape_problem(module.out_features, module.in_features,
+                                                       int(module.weight.quant_state.blocksize))
+                if problem:
+                    return f"{name}: {problem}"
         elif isinstance(module, bnb.nn.Linear8bitLt):
             if module.weight.device.type != "cpu":
                 return f"{name} is on {module.weight.device}: the exact simulation mirrors bitsandbytes' CPU kernels"
             if module.state.has_fp16_weights or _int8_state(module)[1] is None:
                 return f"{name} keeps fp16 weights (llm_int8_has_fp16_weight), a training setup not mirrored"
     return None
+
+
+def kernel_paths(model: torch.nn.Module) -> list[str]:
+    """The kernel paths bitsandbytes' layers (or their exact simulation) in `model` take, each once."""
+    import bitsandbytes as bnb
+
+    from quantlib.methods import _bnb_cpu
+
+    paths: dict[str, None] = {}
+    for module in model.modules():
+        if isinstance(module, ExactLinear4bit):
+            paths[module.kernel_path] = None
+        elif isinstance(module, bnb.nn.Linear4bit):
+            paths[_bnb_cpu.four_bit_path(module) if module.weight.device.type == "cpu" else
+                  "bitsandbytes CUDA 4-bit kernels"] = None
+        elif isinstance(module, (ExactLinear8bit, bnb.nn.Linear8bitLt)):
+            on_cpu = isinstance(module, ExactLinear8bit) or module.weight.device.type == "cpu"
+            paths[_bnb_cpu.int8_path() if on_cpu else "bitsandbytes CUDA LLM.int8() kernels"] = None
+    return list(paths)
 
 
 @torch.no_grad()
@@ -1070,6 +1159,7 @@ class BnbQuantizer(Quantizer):
                             allow_pickle=allow_pickle, quantization_config=self.config.to_transformers(),
                             progress=progress)
         _own_unquantized_tensors(loaded.model)
+        keep_stored_4bit(loaded.model)  # before a CPU forward repacks them for the fused kernel
         memory = measure_footprint(loaded.model)
         loaded.model.eval()
         return QuantizedModel(loaded.model, loaded.tokenizer, self.config, self.backend, memory,
@@ -1117,6 +1207,17 @@ class BnbQuantizer(Quantizer):
                     "bnb_4bit_compute_dtype to the model's dtype to evaluate it offloaded")
         return None
 
+    @classmethod
+    def offload_kernel_note(cls, config: QuantConfig, dtype: str) -> str | None:
+        from quantlib.methods import _bnb_cpu
+
+        path = _bnb_cpu.four_bit_path()
+        if config.load_in_8bit or path == _bnb_cpu.DEQUANT_4BIT:
+            return None
+        return (f"{config.label}: evaluated offloaded as {_bnb_cpu.DEQUANT_4BIT} ({dtype}), the path bitsandbytes "
+                f"takes on CPUs without AVX512-BF16; on this CPU its own layers run the {path}, so a comparison in "
+                "memory here differs slightly (bf16 rounding)")
+
     def layer_output(self, x: torch.Tensor, packed: QuantizedTensor) -> torch.Tensor:
         if isinstance(packed, RowwiseInt8Tensor) and not self.config.llm_int8_has_fp16_weight:
             codes = packed.codes.reshape(packed.shape[0], -1)
@@ -1147,6 +1248,9 @@ class BnbQuantizer(Quantizer):
 
     def to_exact_simulation(self, model: Any) -> int:
         return to_exact_simulation(model)
+
+    def kernel_paths(self, model: Any) -> list[str]:
+        return kernel_paths(model)
 
     @classmethod
     def storage_bytes(cls, config: QuantConfig, out_features: int, in_features: int) -> dict[str, float]:
