@@ -84,6 +84,20 @@ def is_visible(prop: dict[str, Any], values: dict[str, Any]) -> bool:
     return cond is None or values.get(cond["field"]) == cond["equals"]
 
 
+def range_text(prop: dict[str, Any]) -> str:
+    """The allowed range of a numeric property in words ("Allowed: 0 or more."), or ""."""
+    lo, hi = prop.get("minimum", prop.get("exclusiveMinimum")), prop.get("maximum", prop.get("exclusiveMaximum"))
+    above = "more than" if "exclusiveMinimum" in prop else "or more"
+    below = "less than" if "exclusiveMaximum" in prop else "or less"
+    if lo is not None and hi is not None:
+        return f"Allowed: from {lo:g} to {hi:g}."
+    if lo is not None:
+        return f"Allowed: {above} {lo:g}." if above == "more than" else f"Allowed: {lo:g} or more."
+    if hi is not None:
+        return f"Allowed: {below} {hi:g}." if below == "less than" else f"Allowed: {hi:g} or less."
+    return ""
+
+
 def format_list(value: list[str] | None) -> str:
     if value is None:
         return ""
@@ -93,13 +107,14 @@ def format_list(value: list[str] | None) -> str:
 def parse_list(text: str) -> list[str] | None:
     """Comma-separated names -> list; empty text -> None (the default); "[]" -> empty list.
 
-    Empty entries are kept (as "") so the config's validation reports them next to the field."""
+    Empty entries (a trailing comma, two commas in a row) are dropped: in a config file an empty entry would make
+    transformers skip every module, and nobody means that by a stray comma. Text of commas alone is the default."""
     text = (text or "").strip()
     if not text:
         return None
     if text == "[]":
         return []
-    return [part.strip() for part in text.split(",")]
+    return [part.strip() for part in text.split(",") if part.strip()] or None
 
 
 def to_widget_value(prop: dict[str, Any], value: Any) -> Any:
@@ -228,13 +243,13 @@ def render_form(ns_prefix: str, schema: dict[str, Any], method: str,
             options = list(prop["enum"])
             st.selectbox(label, options, format_func=lambda o: NONE_LABEL if o is None else str(o), **common)
         elif kind in ("integer", "number"):
+            # No min_value/max_value: with them, the browser keeps an out-of-range entry in the box ("Press Enter
+            # to apply", the reason only on hover) while the server keeps the old value and exports it. Without
+            # them the entry reaches the config's validation, whose error shows under the field and blocks export.
             cast = int if kind == "integer" else float
-            lo = prop.get("minimum")
-            hi = prop.get("maximum")
-            st.number_input(label, min_value=None if lo is None else cast(lo),
-                            max_value=None if hi is None else cast(hi),
-                            step=cast(1) if kind == "integer" else 0.5,
-                            format=None if kind == "integer" else "%g", **common)
+            st.number_input(label, step=cast(1) if kind == "integer" else 0.5,
+                            format=None if kind == "integer" else "%g",
+                            **{**common, "help": (help_text + " " + range_text(prop)).strip()})
         elif kind == "list":
             st.text_input(label, placeholder="default (comma-separated module names; [] for none)", **common)
         elif kind == "json":

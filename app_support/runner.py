@@ -15,7 +15,7 @@ keeps the latest in session state; its *Stop and keep results* button saves that
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 import streamlit as st
 from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
@@ -31,24 +31,47 @@ def start_run(ns: Namespace) -> None:
     ns.set(False, "cancel")
 
 
+class RunButtons:
+    """What `run_buttons` drew: true when Run was clicked. `finish()` (call it once the run has ended, however it
+    ended) redraws Cancel and *Stop and keep results* disabled: the script run that did the work would otherwise
+    leave them live beside finished results, where a click only says "cancelled"."""
+
+    def __init__(self, clicked: bool, slot: Any, ns: Namespace, keep: Callable[[Namespace], None] | None):
+        self.clicked, self.slot, self.ns, self.keep = clicked, slot, ns, keep
+
+    def __bool__(self) -> bool:
+        return self.clicked
+
+    def finish(self) -> None:
+        if self.clicked:
+            _stop_buttons(self.slot, self.ns, live=False, keep=self.keep, suffix="_done")
+
+
 def run_buttons(ns: Namespace, *, disabled: bool, label: str = "Run", help: str | None = None,
-                keep: Callable[[Namespace], None] | None = None) -> bool:
-    """Run and Cancel side by side; returns True when Run was clicked (Cancel is live only then).
+                keep: Callable[[Namespace], None] | None = None) -> RunButtons:
+    """Run and Cancel side by side; true when Run was clicked (Cancel is live only then, until `finish()`).
 
     With `keep`, a third button "Stop and keep results" stops the run like Cancel and then calls
     `keep(ns)` (in its on_click callback, before the page reruns), which saves what was computed."""
     with st.container(horizontal=True):
         clicked = st.button(label, key=ns.key("run"), type="primary", disabled=disabled, help=help,
                             on_click=start_run, args=(ns,), icon=":material/play_arrow:")
-        st.button("Cancel", key=ns.key("cancel_button"), disabled=not clicked, on_click=request_cancel, args=(ns,),
-                  help="Stops the run at its next progress step and discards it; results of earlier runs are kept.",
-                  icon=":material/stop:")
+        slot = st.empty()
+    _stop_buttons(slot, ns, live=clicked, keep=keep)
+    return RunButtons(clicked, slot, ns, keep)
+
+
+def _stop_buttons(slot: Any, ns: Namespace, *, live: bool, keep: Callable[[Namespace], None] | None,
+                  suffix: str = "") -> None:
+    with slot.container(horizontal=True):
+        st.button("Cancel", key=ns.key("cancel_button" + suffix), disabled=not live, on_click=request_cancel,
+                  args=(ns,), icon=":material/stop:",
+                  help="Stops the run at its next progress step and discards it; results of earlier runs are kept.")
         if keep is not None:
-            st.button("Stop and keep results", key=ns.key("keep_button"), disabled=not clicked,
+            st.button("Stop and keep results", key=ns.key("keep_button" + suffix), disabled=not live,
                       on_click=_stop_and_keep, args=(ns, keep), icon=":material/save:",
                       help="Stops the run and saves what it has computed so far as a partial run, marked with "
                            "its token count.")
-    return clicked
 
 
 def _stop_and_keep(ns: Namespace, keep: Callable[[Namespace], None]) -> None:

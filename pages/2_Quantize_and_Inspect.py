@@ -302,6 +302,8 @@ def main() -> None:
                 show_exception(exc, "quantize and inspect")
                 st.caption("What to do: check the model source and the config; a model too large for this "
                            "machine needs a smaller model, a smaller dtype or a machine with more memory.")
+        finally:
+            clicked.finish()
     elif was_cancelled(NS):
         st.warning("Run cancelled. Earlier results (if any) are kept below.", icon=":material/stop:")
     show_results(choice, run_key)
@@ -328,12 +330,17 @@ def streamed_section(choice: ModelChoice, cfg: dict) -> None:
                "kept on disk: a cancelled or interrupted analysis resumes where it stopped.")
     key = hashlib.blake2b(json.dumps([choice.source, cfg]).encode(), digest_size=10).hexdigest()
     out = cache_dir() / "checkpoint-analysis" / key
-    if run_buttons(STREAM_NS, disabled=False, label="Analyze every layer"):
-        progress = Progress(STREAM_NS, "Reading the checkpoint…")
-        result = analyze_checkpoint(choice.source, cfg, out=out, trust_remote_code=choice.trust_remote_code,
-                                    progress=progress, cancel=progress.cancel)
-        progress.done(f"{len(result.layers)} layers, {result.bytes_read / 1e9:.2f} GB read in {result.seconds:.1f} s")
-        STREAM_NS.set({"key": key, "result": result}, "result")
+    analyze = run_buttons(STREAM_NS, disabled=False, label="Analyze every layer")
+    if analyze:
+        try:
+            progress = Progress(STREAM_NS, "Reading the checkpoint…")
+            result = analyze_checkpoint(choice.source, cfg, out=out, trust_remote_code=choice.trust_remote_code,
+                                        progress=progress, cancel=progress.cancel)
+            progress.done(f"{len(result.layers)} layers, {result.bytes_read / 1e9:.2f} GB read in "
+                          f"{result.seconds:.1f} s")
+            STREAM_NS.set({"key": key, "result": result}, "result")
+        finally:
+            analyze.finish()
     elif was_cancelled(STREAM_NS):
         st.warning("Stopped; the finished layers are kept and the next run resumes from them.", icon=":material/stop:")
     stored = STREAM_NS.get("result")

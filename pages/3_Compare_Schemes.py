@@ -271,11 +271,15 @@ def main() -> None:
     offload = offload_controls(choice, configs, text_path) if choice is not None else None
     clicked = run_buttons(NS, disabled=bool(problems) or choice is None, label="Run comparison",
                           keep=None if offload else keep_partial_run)
-    if clicked and choice is not None and offload is not None:
-        run_offloaded_now(choice, configs, int(tokens), int(window), offload)
-    elif clicked and choice is not None:
-        estimate = estimate_seconds(n_params(choice), int(tokens), configs, resolve(choice.device))
-        run_comparison_now(choice, configs, text_path, int(tokens), int(window), estimate, until_settled)
+    if clicked and choice is not None:
+        try:
+            if offload is not None:
+                run_offloaded_now(choice, configs, int(tokens), int(window), offload)
+            else:
+                estimate = estimate_seconds(n_params(choice), int(tokens), configs, resolve(choice.device))
+                run_comparison_now(choice, configs, text_path, int(tokens), int(window), estimate, until_settled)
+        finally:
+            clicked.finish()
     elif NS.get("kept") is not None:
         st.success(f"Stopped: the partial run was saved as {NS.get('kept')}.", icon=":material/save:")
     elif was_cancelled(NS):

@@ -272,6 +272,10 @@ def main() -> None:
         table["scheme"] = names
         table = table.set_index("scheme")
         fits = table.get("fits")
+        warnings = {name: text for name, text in table.pop("warning").items() if text}
+        for name, text in warnings.items():
+            st.warning(f"**{name}** {text}: its footprint is close to the unquantized model's.",
+                       icon=":material/warning:")
         st.subheader("Predicted footprint (MiB)")
         names_short = {COMPONENT_LABELS[k]: v for k, v in SHORT.items()}
         display = table.rename(columns=names_short)
@@ -283,6 +287,12 @@ def main() -> None:
         column_config.update({c: st.column_config.NumberColumn(label, format="%.2f", help=h)
                               for c, (label, h) in OTHER_COLUMNS.items()})
         column_config["fits"] = st.column_config.CheckboxColumn("fits", help=f"Total ≤ {budget_text}")
+        if warnings:  # on the row too, where the numbers are read
+            display["mostly unquantized"] = [warnings.get(name, "") for name in display.index]
+            order.append("mostly unquantized")
+            column_config["mostly unquantized"] = st.column_config.TextColumn(
+                "mostly unquantized", help="Configs that leave most of the parameters unquantized, and the largest "
+                                           "part they leave")
         st.dataframe(display[order], width="stretch", column_config=column_config)
         if fits is not None:
             too_big = [n for n, ok in fits.items() if not ok]

@@ -140,16 +140,20 @@ def verify_section(choice: ModelChoice) -> None:
             key=VERIFY_NS.key("calib_tokens"),
             help="Every config (the mix and each uniform setting) is calibrated on the same built-in text. About "
                  "a minute and a half per config for the default model on 2 CPU cores at 4,096 tokens.")
-    if run_buttons(VERIFY_NS, disabled=rec is None, label="Verify the recommendation"):
-        progress = Progress(VERIFY_NS, "Loading the model…")
-        base = load_base(choice)
-        settings = CompareSettings(source=choice.source, max_tokens=int(tokens), window=min(1024, int(tokens)),
-                                   dtype=choice.dtype, device="cpu", trust_remote_code=choice.trust_remote_code,
-                                   allow_pickle=choice.allow_pickle)
-        verification = rc.verify(rec, settings, base=base, progress=progress, cancel=progress.cancel,
-                                 calib_tokens=int(calib_tokens))
-        progress.done(f"Verified: run {verification.comparison.run.run_id}")
-        NS.set(verification, "verification")
+    verify = run_buttons(VERIFY_NS, disabled=rec is None, label="Verify the recommendation")
+    if verify:
+        try:
+            progress = Progress(VERIFY_NS, "Loading the model…")
+            base = load_base(choice)
+            settings = CompareSettings(source=choice.source, max_tokens=int(tokens), window=min(1024, int(tokens)),
+                                       dtype=choice.dtype, device="cpu", trust_remote_code=choice.trust_remote_code,
+                                       allow_pickle=choice.allow_pickle)
+            verification = rc.verify(rec, settings, base=base, progress=progress, cancel=progress.cancel,
+                                     calib_tokens=int(calib_tokens))
+            progress.done(f"Verified: run {verification.comparison.run.run_id}")
+            NS.set(verification, "verification")
+        finally:
+            verify.finish()
     elif was_cancelled(VERIFY_NS):
         st.warning("Verification cancelled; nothing was saved.", icon=":material/stop:")
     verification = NS.get("verification")
@@ -180,8 +184,12 @@ def main() -> None:
                      format_func={"fisher": "predicted KL (Fisher)", "relative": "relative output error"}.get,
                      help="Predicted KL: each layer's output error weighted by how much the output distribution "
                           "depends on it (a backward pass with sampled next tokens). Relative: ||ΔY||²/||Y||².")
-    if run_buttons(NS, disabled=choice is None, label="Measure sensitivity") and choice is not None:
-        measure(choice, family, int(calib), proxy)
+    measuring = run_buttons(NS, disabled=choice is None, label="Measure sensitivity")
+    if measuring and choice is not None:
+        try:
+            measure(choice, family, int(calib), proxy)
+        finally:
+            measuring.finish()
     elif was_cancelled(NS):
         st.warning("Measurement cancelled; nothing was cached.", icon=":material/stop:")
     sens = NS.get("sens")

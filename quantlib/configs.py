@@ -25,6 +25,23 @@ from quantlib.errors import _MISSING, ConfigError, FieldError
 JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}
 
 
+def module_pattern_problem(entry: str) -> str | None:
+    """Why transformers cannot use `entry` of a module list as it does (transformers 5.23's
+    `should_convert_module`: `re.match(rf"(?:{entry})<boundary>", name)`), or None. The entry must compile on its
+    own too: one that compiles only inside transformers' group, like `a)|(b`, escapes it and matches otherwise
+    than it reads."""
+    import re
+
+    for pattern in (entry, rf"(?:{entry})(?:(?<=\.)|(?=\.|$))"):
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            return (f"entry {entry!r} is not a valid pattern: transformers matches each entry as a regular "
+                    f"expression ({error.msg} at position {error.pos}); escape special characters such as [ ( * "
+                    "with a backslash")
+    return None
+
+
 @dataclass(frozen=True)
 class FieldSpec:
     """Declaration of one config key: its type, default, allowed values and how to explain it.
@@ -52,6 +69,9 @@ class FieldSpec:
     validator: Callable[[Any], str | None] | None = None
     json_type: Any = None
     allowed: str = ""
+    #: A list whose entries transformers matches as module-name patterns (`should_convert_module`): each must
+    #: compile the way transformers uses it.
+    patterns: bool = False
 
     def allowed_text(self) -> str:
         """What a user may write here, in words, for error messages."""
@@ -61,6 +81,9 @@ class FieldSpec:
             text = ", ".join(json.dumps(c) for c in self.choices)
         elif self.kind is bool:
             text = "true or false"
+        elif self.kind is list and self.patterns:
+            text = ("a list of module names or regular expressions (transformers matches each from the start of a "
+                    "module's name up to a dot, or as a suffix)")
         elif self.kind is list:
             text = "a list of module-name strings"
         elif self.kind is dict:
@@ -112,7 +135,13 @@ class FieldSpec:
             return None, self._error(value, "must be a list of strings")
         bad = [v for v in value if not isinstance(v, str) or not v.strip()]
         if bad:
-            return None, self._error(value, "every entry must be a non-empty string")
+            return None, self._error(value, "every entry must be a non-empty string" + (
+                " (transformers would skip every module for an empty one: it tests name.endswith(entry))"
+                if self.patterns else ""))
+        if self.patterns:
+            problems = [p for p in map(module_pattern_problem, value) if p]
+            if problems:
+                return None, self._error(value, "; ".join(problems))
         return list(value), None
 
     def _check_object(self, value: Any) -> tuple[Any, FieldError | None]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
@@ -61,32 +62,69 @@ def layer_error_figure(errors: pd.DataFrame, metric: str = "rel_fro_error", sche
     return fig
 
 
-def tradeoff_figure(table: pd.DataFrame, x: str = "memory_mib", y: str = "perplexity") -> go.Figure:
-    """Memory against perplexity, one marker per scheme: the trade-off at a glance."""
+def tradeoff_figure(table: pd.DataFrame, x: str = "memory_mib") -> go.Figure:
+    """Memory against the perplexity increase over the baseline, one marker per scheme.
+
+    The y value is the paired quantity, PPL_q / PPL_base - 1 = exp(mean ln ratio) - 1 on the same tokens, with
+    bars of +-2 standard errors of that paired mean (asymmetric once exponentiated). Each perplexity's own standard
+    error is mostly the text's difficulty, shared by every row: bars drawn from it overlap where the paired
+    difference is many standard errors from zero. Absolute perplexities are in the hover text."""
     fig = go.Figure()
-    se = f"{y}_se"
-    for _, row in table.iterrows():
-        error = row.get(se)
-        bars = {"type": "data", "array": [2 * error], "visible": True} if pd.notna(error) and error > 0 else None
-        fig.add_trace(go.Scatter(x=[row[x]], y=[row[y]], mode="markers+text", text=[row["scheme"]],
-                                 textposition="top center", name=str(row["scheme"]), marker={"size": 12},
-                                 error_y=bars))
-    fig.update_layout(title="Memory vs perplexity (lower-left is better; bars ±2 SE)",
-                      xaxis_title="memory (MiB)", yaxis_title="perplexity", showlegend=False)
-    if len(table):
+    rows = table.reset_index(drop=True)
+    ratio = rows["ln_ppl_ratio"].astype(float) if "ln_ppl_ratio" in rows else pd.Series([float("nan")] * len(rows))
+    ratio_se = rows["ln_ppl_ratio_se"].astype(float) if "ln_ppl_ratio_se" in rows else pd.Series([0.0] * len(rows))
+    pct = 100 * (np.exp(ratio) - 1)
+    hi_pct = 100 * (np.exp(ratio + 2 * ratio_se.fillna(0.0)) - 1)
+    lo_pct = 100 * (np.exp(ratio - 2 * ratio_se.fillna(0.0)) - 1)
+    # Labels above and below in turn, by memory, so neighbours' names do not sit on each other.
+    order = {i: k for k, i in enumerate(rows.sort_values(x).index)}
+    for i, row in rows.iterrows():
+        has_bar = pd.notna(ratio_se[i]) and ratio_se[i] > 0
+        bars = {"type": "data", "symmetric": False, "array": [hi_pct[i] - pct[i]],
+                "arrayminus": [pct[i] - lo_pct[i]], "visible": True} if has_bar else None
+        ppl = row.get("perplexity", float("nan"))
+        ppl_se = row.get("perplexity_se", float("nan"))
+        hover = (f"{row['scheme']}<br>{row[x]:,.1f} MiB<br>perplexity {ppl:.4g} ± {ppl_se:.2g} (its own SE, mostly "
+                 f"the text's)<br>vs baseline: {pct[i]:+.2f}% (paired ±2 SE: {lo_pct[i]:+.2f}% to {hi_pct[i]:+.2f}%)")
+        fig.add_trace(go.Scatter(x=[row[x]], y=[pct[i]], mode="markers+text", text=[row["scheme"]],
+                                 textposition="top center" if order[i] % 2 == 0 else "bottom center",
+                                 name=str(row["scheme"]), marker={"size": 12}, error_y=bars,
+                                 hovertext=[hover], hoverinfo="text"))
+    fig.update_layout(title="Memory vs perplexity increase (lower-left is better)",
+                      xaxis_title="memory (MiB)",
+                      yaxis_title="perplexity vs baseline, % (paired on the same tokens, ±2 SE)", showlegend=False)
+    if len(rows):
         # Pad the axes so the labels of the outermost markers are not clipped.
-        lo, hi = float(table[x].min()), float(table[x].max())
+        lo, hi = float(rows[x].min()), float(rows[x].max())
         pad = max((hi - lo) * 0.15, abs(hi) * 0.05, 1e-9)
         fig.update_xaxes(range=[lo - pad, hi + pad])
-        spread = 2 * table[se].fillna(0.0) if se in table else 0.0
-        ylo, yhi = float((table[y] - spread).min()), float((table[y] + spread).max())
-        ypad = max((yhi - ylo) * 0.15, abs(yhi) * 0.02, 1e-9)
-        fig.update_yaxes(range=[ylo - ypad, yhi + 2 * ypad])
+        finite = [v for v in (*lo_pct, *hi_pct, *pct) if np.isfinite(v)]
+        if finite:
+            ylo, yhi = min(finite), max(finite)
+            ypad = max((yhi - ylo) * 0.15, abs(yhi) * 0.02, 1e-9)
+            fig.update_yaxes(range=[ylo - 2 * ypad, yhi + 2 * ypad])
     return fig
 
 
 #: Colours of the memory beside the weights (KV cache, activations of one forward).
 RUNTIME_COLORS = ("#2ca02c", "#bcbd22")
+
+
+def unquantized_label(breakdowns: dict[str, MemoryBreakdown], most: int = 3) -> str:
+    """The legend name of the unquantized part: what it holds in these plans, largest first (fused MoE experts
+    named where a method leaves them), or the generic label for breakdowns without a plan's detail."""
+    from quantlib.memory import UNQUANTIZED_MODEL, short_reason
+
+    totals: dict[str, float] = {}
+    for plan in breakdowns.values():
+        for part in getattr(plan, "unquantized_detail", None) or []:
+            if part["why"] != UNQUANTIZED_MODEL:
+                key = short_reason(part["why"])
+                totals[key] = totals.get(key, 0.0) + part["bytes"]
+    if not totals:
+        return COMPONENT_LABELS["unquantized"]
+    top = sorted(totals, key=lambda k: -totals[k])
+    return "unquantized: " + ", ".join(top[:most]) + (", …" if len(top) > most else "")
 
 
 def memory_figure(breakdowns: dict[str, MemoryBreakdown], runtime: dict[str, float] | None = None) -> go.Figure:
@@ -95,8 +133,9 @@ def memory_figure(breakdowns: dict[str, MemoryBreakdown], runtime: dict[str, flo
     names = list(breakdowns)
     fig = go.Figure()
     for comp in COMPONENTS:
+        label = unquantized_label(breakdowns) if comp == "unquantized" else COMPONENT_LABELS[comp]
         fig.add_trace(go.Bar(x=names, y=[breakdowns[n].bytes_by_component.get(comp, 0) / 2**20 for n in names],
-                             name=COMPONENT_LABELS[comp], marker_color=COMPONENT_COLORS[comp]))
+                             name=label, marker_color=COMPONENT_COLORS[comp]))
     for (label, nbytes), color in zip((runtime or {}).items(), RUNTIME_COLORS):
         fig.add_trace(go.Bar(x=names, y=[nbytes / 2**20] * len(names), name=label, marker_color=color))
     fig.update_layout(barmode="stack", title="Memory by component", yaxis_title="MiB",

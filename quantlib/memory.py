@@ -178,6 +178,29 @@ class MemoryPlan(MemoryBreakdown):
     def unquantized_frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.unquantized_detail, columns=["why", "tensors", "params", "bytes"])
 
+    def mostly_unquantized(self) -> str | None:
+        """Where a config leaves most of the parameters unquantized: how much, and the largest reason, in words;
+        None where it quantizes most of them (and for the unquantized model itself)."""
+        if not self.total_params or self.quantized_params >= MOSTLY_QUANTIZED * self.total_params:
+            return None
+        top = max(self.unquantized_detail, key=lambda d: d["bytes"], default=None)
+        if top is None or top["why"] == UNQUANTIZED_MODEL:
+            return None
+        share = 1 - self.quantized_params / self.total_params
+        return (f"leaves {share:.0%} of the parameters unquantized; the largest part: {top['why']} "
+                f"({top['params'] / 1e9:,.2f} B parameters, {top['bytes'] / 2**30:,.1f} GiB)")
+
+
+#: A config that quantizes less than this share of the parameters is flagged wherever its plan is shown.
+MOSTLY_QUANTIZED = 0.5
+#: The reason every tensor of the unquantized model carries.
+UNQUANTIZED_MODEL = "unquantized model"
+
+
+def short_reason(why: str) -> str:
+    """A reason without its parenthesised explanation ("fused expert tensors"), for legends."""
+    return why.split(" (", 1)[0]
+
 
 def plan_memory(model_config: dict[str, Any], config: QuantConfig | None, dtype: str = "float32", *,
                 shapes: ModelShapes | None = None, trust_remote_code: bool = False) -> MemoryPlan:
@@ -204,7 +227,7 @@ def plan_memory(model_config: dict[str, Any], config: QuantConfig | None, dtype:
     groups: dict[str, list[int]] = {}
     quantized = 0
     for w in shapes.weights:
-        reason = decisions.get(w.name, "unquantized model") if config is not None else "unquantized model"
+        reason = decisions.get(w.name, UNQUANTIZED_MODEL) if config is not None else UNQUANTIZED_MODEL
         if reason is None:
             per_matrix = quantizer_cls.layer_storage_bytes(config, w, dtype)
             for comp, nbytes in per_matrix.items():
@@ -258,6 +281,7 @@ def plan_table(model_config: dict[str, Any], configs: list[QuantConfig | None], 
         row["bits/param (whole model)"] = plan.model_bits_per_param
         if available_bytes is not None:
             row["fits"] = total <= available_bytes
+        row["warning"] = plan.mostly_unquantized() or ""
         rows.append(row)
     return pd.DataFrame(rows)
 

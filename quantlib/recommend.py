@@ -761,6 +761,21 @@ def _model_config(settings: Any) -> dict[str, Any]:
     return read_model_config(settings.source)
 
 
+def _skip_list_lines(rec: Recommendation) -> list[str]:
+    """Why the exported skip list (and the config's label, which counts it) holds more entries than the layers kept
+    here: a list replaces transformers' default skips, so the export repeats them."""
+    from quantlib.methods import quantizer_class
+
+    skip = quantizer_class(rec.config).skip_modules(rec.config)
+    kept = {group for group, choice in rec.assignment.items() if choice == "keep"}
+    defaults = [entry for entry in skip if entry not in kept]
+    if not skip or not defaults:
+        return []
+    return [f"the exported skip list has {len(skip)} entries: the {len(skip) - len(defaults)} kept unquantized here "
+            f"and transformers' {len(defaults)} default skip{'s' if len(defaults) > 1 else ''} "
+            f"({', '.join(defaults)}), repeated because a list replaces them"]
+
+
 def summary_lines(rec: Recommendation) -> list[str]:
     """The recommendation in words, as the CLI prints it and the page captions it."""
     kept = rec.layers.groupby("setting")["params"].agg(["count", "sum"])
@@ -774,6 +789,7 @@ def summary_lines(rec: Recommendation) -> list[str]:
              "layers: " + ", ".join(f"{n} x {setting} ({p / 1e6:.1f}M params)"
                                     for setting, (n, p) in kept.iterrows()),
              f"one setting per {rec.grouping}; export: {rec.export_kind}"]
+    lines += _skip_list_lines(rec)
     if rec.limits:
         lines.append(f"limits: {rec.limits}")
     check = rec.check or {}

@@ -39,7 +39,7 @@ class ArchitectureError(QuantlibError, ValueError):
 ROLE_LABELS = {
     "layer": "linear layers",
     "expert": "expert layers",
-    "router": "MoE routers / gates",
+    "router": "MoE routers / gates (plain parameters, not nn.Linear: no method's layer replacement takes them)",
     "head": "output head",
     "embedding": "embeddings",
     "norm": "norms",

@@ -74,9 +74,13 @@ def test_inspect_tiny_model(tiny_llama_dir, config):
     at.number_input(key="inspect.window").set_value(128)
     at.run()
     assert any("Preflight" in s.value for s in at.success)
+    assert at.button(key="inspect.cancel_button").disabled  # idle: nothing to cancel
     at.button(key="inspect.run").click().run(timeout=TIMEOUT)
     no_exception(at)
     assert not errors(at)
+    # The run is over: Cancel is drawn disabled again beside the results (it said "Run cancelled" when clicked).
+    assert at.button(key="inspect.cancel_button_done").disabled
+    assert not [b for b in at.button if b.key == "inspect.cancel_button"]
     result = at.session_state["inspect.result"]
     layers = result["layers"]
     assert len(layers) == 14 and (layers["rel_fro_error"] > 0).all()
@@ -156,6 +160,7 @@ def test_compare_tiny_model_and_earlier_runs(tiny_llama_dir, runs_dir):
     at.button(key="compare.run").click().run(timeout=TIMEOUT)
     no_exception(at)
     assert not errors(at)
+    assert at.button(key="compare.cancel_button_done").disabled and at.button(key="compare.keep_button_done").disabled
     table = at.table[0].value
     assert list(table["scheme"]) == ["baseline float32", "NF4", "RTN int8 channel"]
     assert all(" ± " in p and float(p.split(" ± ")[0]) > 1 for p in table["perplexity"]), table["perplexity"]

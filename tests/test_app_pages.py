@@ -123,17 +123,88 @@ def test_builder_eight_bit_greys_out_four_bit_fields_and_warns():
 
 def test_builder_invalid_field_shows_error_next_to_it():
     at = run(BUILDER)
-    at.text_input(key=BNB + "llm_int8_skip_modules").set_value("lm_head, ,mlp").run()
+    at.text_input(key=BNB + "llm_int8_skip_modules").set_value("[lm_head, {{garbage").run()
     assert not at.exception
     msgs = errors(at)
-    # one error under the field, one summary; nothing exported while invalid
-    assert any(m.startswith("**llm_int8_skip_modules**") and "non-empty string" in m for m in msgs), msgs
+    # one error under the field, naming the entry transformers could not compile; one summary; nothing exported
+    assert any(m.startswith("**llm_int8_skip_modules**") and "entry '[lm_head' is not a valid pattern" in m
+               and "regular expression" in m for m in msgs), msgs
+    assert not any("This is a bug" in m for m in msgs), msgs
     assert any("invalid" in m and "llm_int8_skip_modules" in m for m in msgs), msgs
     assert not [c for c in at.code if c.language == "json"]
     assert len(at.get("download_button")) == 0
     at.text_input(key=BNB + "llm_int8_skip_modules").set_value("lm_head, mlp").run()
     assert not errors(at)
     assert json_code(at)["llm_int8_skip_modules"] == ["lm_head", "mlp"]
+    # A stray comma is trimmed, not an error (an empty entry would make transformers skip every module).
+    at.text_input(key=BNB + "llm_int8_skip_modules").set_value("lm_head, ,mlp,").run()
+    assert not errors(at)
+    assert json_code(at)["llm_int8_skip_modules"] == ["lm_head", "mlp"]
+
+
+def test_builder_out_of_range_number_is_shown_invalid_and_not_exported():
+    """A threshold of -3 reaches validation (no browser-side min that would keep the old 6.0 on the server and export
+    it): the error sits under the field and nothing is exported until it is fixed."""
+    at = run(BUILDER)
+    at.radio(key=BNB + "bits").set_value(8).run()
+    field = at.number_input(key=BNB + "llm_int8_threshold")
+    assert field.min is None and "Allowed: 0 or more." in field.help
+    field.set_value(-3.0).run()
+    assert not at.exception
+    msgs = errors(at)
+    assert any(m.startswith("**llm_int8_threshold**") for m in msgs), msgs
+    assert not [c for c in at.code if c.language == "json"] and len(at.get("download_button")) == 0
+    at.number_input(key=BNB + "llm_int8_threshold").set_value(3.0).run()
+    assert not errors(at) and json_code(at)["llm_int8_threshold"] == 3.0
+
+
+@pytest.mark.parametrize("raw, field", [
+    ({"quant_method": "bitsandbytes", "load_in_8bit": True, "llm_int8_skip_modules": ["[lm_head", "{{garbage"]},
+     "llm_int8_skip_modules"),
+    ({"quant_method": "rtn", "bits": 4, "modules_to_not_convert": ["model.layers.(0"]}, "modules_to_not_convert"),
+    ({"quant_method": "gguf", "quant_type": "Q4_0", "modules_to_not_convert": ["*lm_head"]}, "modules_to_not_convert"),
+    ({"quant_method": "torchao", "quant_type": "int8_weight_only", "modules_to_not_convert": ["a)|(b"]},
+     "modules_to_not_convert"),
+    ({"quant_method": "quanto", "weights": "int8", "modules_to_not_convert": ["lm_head", "x["]}, "modules_to_not_convert"),
+    ({"quant_method": "awq", "bits": 4, "modules_to_not_convert": ["(?P<"]}, "modules_to_not_convert"),
+    ({"quant_method": "aqlm", "linear_weights_not_to_quantize": ["lm_head.weight", "+x"]},
+     "linear_weights_not_to_quantize"),
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True, "llm_int8_skip_modules": ["lm_head", ""]},
+     "llm_int8_skip_modules"),
+])
+def test_a_module_list_transformers_cannot_match_is_refused(raw, field):
+    """Every module list that transformers 5.23 matches as regular expressions (`should_convert_module`) is checked
+    the way transformers will use it: a bad entry is an error naming the field and the entry, not a crash later."""
+    import re
+
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from quantlib import parse_config
+    from quantlib.errors import ConfigError
+
+    bad = [e for e in raw[field] if e == "" or _crashes(should_convert_module, e) or _uncompilable(re, e)]
+    assert bad  # each case holds an entry transformers cannot use as written
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    [problem] = info.value.errors
+    assert problem.field == field
+    assert all(repr(e) in problem.message for e in bad if e) or "non-empty" in problem.message
+
+
+def _crashes(match, entry):
+    try:
+        match("model.layers.0.mlp", [entry])
+    except Exception:
+        return True
+    return False
+
+
+def _uncompilable(re, entry):
+    try:
+        re.compile(entry)
+    except re.error:
+        return True
+    return False
 
 
 def test_builder_rtn_group_size_out_of_range_from_paste_is_reported():
@@ -378,6 +449,18 @@ def test_planner_pasted_moe_config_shows_experts_kv_and_what_stays_unquantized()
     assert "KiB per token" in captions
     frame = at.dataframe[1].value  # what stays unquantized for the first scheme
     assert any(str(w).startswith("fused expert tensors") for w in frame["why"]), list(frame["why"])
+    # bitsandbytes leaves the fused experts, most of the model: said at the top, on the row and in the legend.
+    flagged = [w.value for w in at.warning if "of the parameters unquantized" in w.value]
+    assert flagged and all("fused expert tensors" in w and "nn.Linear" in w for w in flagged), flagged
+    assert any(w.startswith("**NF4") for w in flagged), flagged
+    table = at.dataframe[0].value
+    rows = table["mostly unquantized"]
+    assert all(rows[n] for n in table.index if n.startswith("NF4")), rows
+    assert not rows[[n for n in table.index if n.startswith("unquantized")][0]]
+    # The routers: the table and the caption say the same thing (Mixtral's are plain parameters, left alone).
+    assert any("plain parameters" in str(w) for w in frame["why"] if str(w).startswith("MoE routers"))
+    assert "routers held as plain parameters (Mixtral's MixtralTopKRouter) are not" in captions + " ".join(
+        c.value for c in at.caption)
     at.text_area(key="planner.pasted").set_value("{broken").run()
     assert not at.exception and any("not valid JSON" in m for m in errors(at))
 

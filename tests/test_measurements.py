@@ -157,3 +157,43 @@ def test_activation_scan_ignores_forward_passes_of_other_threads(tiny_llama_dir)
         thread.join()
     for name, absmax in alone.dim_absmax.items():
         assert torch.allclose(shared.dim_absmax[name], absmax), name
+
+
+def test_tradeoff_chart_draws_the_paired_interval() -> None:
+    """The issue's run: NF4 33.07 ± 2.97 against a baseline of 27.12 ± 2.55 overlap as perplexities, but the paired
+    ln(PPL ratio) is 0.198 ± 0.022, nine SE from zero: the chart draws the paired quantity and its interval."""
+    import math
+
+    table = pd.DataFrame({"scheme": ["baseline float32", "NF4", "FP4"], "memory_mib": [513.0, 165.0, 166.0],
+                          "perplexity": [27.12, 33.07, 36.0], "perplexity_se": [2.55, 2.97, 3.1],
+                          "ln_ppl_ratio": [0.0, 0.198, 0.28], "ln_ppl_ratio_se": [0.0, 0.022, 0.03]})
+    fig = figures.tradeoff_figure(table)
+    base, nf4, fp4 = fig.data
+    assert base.y[0] == 0.0 and base.error_y.array is None  # the baseline is the reference, no bar
+    assert nf4.y[0] == pytest.approx(100 * (math.exp(0.198) - 1))
+    lower = nf4.y[0] - nf4.error_y.arrayminus[0]
+    assert lower == pytest.approx(100 * (math.exp(0.198 - 2 * 0.022) - 1)) and lower > 0  # clear of the baseline
+    assert nf4.error_y.array[0] == pytest.approx(100 * (math.exp(0.198 + 2 * 0.022) - 1) - nf4.y[0])
+    assert "paired" in fig.layout.yaxis.title.text and "2 SE" in fig.layout.yaxis.title.text
+    assert nf4.textposition != fp4.textposition  # neighbours by memory: labels on opposite sides
+    assert "33.07 ± 2.97" in nf4.hovertext[0] or "33.07 ± 3" in nf4.hovertext[0]
+
+
+def test_memory_chart_names_what_stays_unquantized() -> None:
+    """A MoE under bitsandbytes: the legend's unquantized part names the fused experts (largest first), and the
+    plan itself says the config leaves most of the model unquantized."""
+    from transformers import MixtralConfig
+
+    from quantlib import parse_config
+    from quantlib.memory import plan_memory
+
+    cfg = MixtralConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+                        num_key_value_heads=2, num_local_experts=4, vocab_size=1000).to_dict()
+    nf4 = plan_memory(cfg, parse_config({"quant_method": "bitsandbytes", "load_in_4bit": True}), "bfloat16")
+    base = plan_memory(cfg, None, "bfloat16")
+    assert nf4.mostly_unquantized().startswith("leaves ") and "fused expert tensors" in nf4.mostly_unquantized()
+    assert base.mostly_unquantized() is None
+    names = [t.name for t in figures.memory_figure({"NF4": nf4, "unquantized": base}).data]
+    assert any(n.startswith("unquantized: fused expert tensors") for n in names), names
+    gguf = plan_memory(cfg, parse_config({"quant_method": "gguf", "quant_type": "Q4_0"}), "bfloat16")
+    assert gguf.mostly_unquantized() is None  # GGUF quantizes the experts

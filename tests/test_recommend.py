@@ -112,6 +112,7 @@ def test_measure_recommend_plan_and_export_on_a_tiny_model(tiny, family, cache_d
 
     cfg = tiny.model.config.to_dict()
     lo, hi = rc.reachable_range(sens, rc.family_class(family).mix_spaces(shapes))
+    repeated_defaults = 0
     for budget in (lo, (lo + hi) / 2, lo + 0.3 * (hi - lo), hi * 2):
         rec = rc.recommend(sens, cfg, budget_gib=budget / rc.GIB, shapes=shapes)
         assert rec.total_bytes <= budget + 1e-6
@@ -121,6 +122,18 @@ def test_measure_recommend_plan_and_export_on_a_tiny_model(tiny, family, cache_d
         assert rec.predicted_error == pytest.approx(rec.layers["error"].sum())
         exported = json.loads(json.dumps(rec.export()))
         assert parse_config(exported).to_dict() == exported  # quantlib loads it unchanged
+        # The counts agree: the skip list (and the label counting it) is the kept layers plus the defaults it
+        # repeats, and the summary says so in numbers.
+        skip = quantizer_class(rec.config).skip_modules(rec.config)
+        n_kept = sum(1 for choice in rec.assignment.values() if choice == "keep")
+        explained = [line for line in rc.summary_lines(rec) if line.startswith("the exported skip list")]
+        if skip and len(skip) > n_kept:
+            [line] = explained
+            repeated_defaults += 1
+            assert f"has {len(skip)} entries: the {n_kept} kept" in line
+            assert f"transformers' {len(skip) - n_kept} default skip" in line
+        else:
+            assert explained == []
         name = quantizer_class(rec.config).transformers_class_name()
         if name is not None:
             import transformers
@@ -137,6 +150,8 @@ def test_measure_recommend_plan_and_export_on_a_tiny_model(tiny, family, cache_d
             assert text.count("--tensor-type") == len(rec.layers)
             for row in quantized.itertuples():
                 assert f"={row.choice.lower()}'" in text
+    if family == "bitsandbytes":  # its skip lists repeat transformers' defaults: seen and explained
+        assert repeated_defaults > 0
     assert rc.recommend(sens, cfg, budget_gib=hi * 2 / rc.GIB, shapes=shapes).predicted_error == 0.0
     assert rc.recommend(sens, cfg, budget_gib=lo / rc.GIB, shapes=shapes).total_bytes == pytest.approx(lo)
     with pytest.raises(rc.RecommendError, match="below the smallest size.*reachable"):

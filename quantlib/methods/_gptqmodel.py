@@ -212,7 +212,7 @@ _TOOL_EXTRAS = (
            validator=_activation_rule, allowed="a mode name or a JSON object", json_type=["string", "object"]),
     _extra("adapter", dict, "gptqmodel: EoRA/LoRA adapter settings.", nullable=True),
     _extra("hyb_act", bool, "gptqmodel: hybrid act-order flag."),
-    _extra("modules_to_not_convert", list, "Module names left unquantized.", nullable=True),
+    _extra("modules_to_not_convert", list, "Module names left unquantized.", nullable=True, patterns=True),
 )
 GPTQ_EXTRA_FIELDS = (
     _extra("checkpoint_format", str, "Legacy mirror of `format` (transformers writes both; they must agree).",

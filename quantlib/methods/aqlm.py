@@ -35,7 +35,7 @@ class AqlmQuantConfig(QuantConfig):
         FieldSpec("nbits_per_codebook", int, 16, "Bits per code: each codebook holds 2^bits vectors.",
                   minimum=1, maximum=16, title="Bits per codebook"),
         FieldSpec("linear_weights_not_to_quantize", list, [], "Full parameter names kept in 16 bits, e.g. "
-                  "lm_head.weight.", nullable=True, title="Weights not to quantize"),
+                  "lm_head.weight.", nullable=True, title="Weights not to quantize", patterns=True),
     )
 
     def __init__(self, **values: Any):

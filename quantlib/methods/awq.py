@@ -41,7 +41,7 @@ class AwqQuantConfig(_GPTQFamilyConfig):
     FIELDS = (
         FieldSpec("zero_point", bool, True, "Asymmetric codes with a zero point per group.", title="Zero point"),
         FieldSpec("modules_to_not_convert", list, None, "Module names left unquantized (e.g. vision towers, "
-                  "MoE gates).", nullable=True, title="Skip modules"),
+                  "MoE gates).", nullable=True, title="Skip modules", patterns=True),
         *_gptq_family_fields(bits=(4,), bits_default=4, formats=AWQ_FORMATS, format_default="gemm",
                              backends=AWQ_BACKENDS, backend_nullable=False, method="AWQ (unused by AWQ itself)"),
     )

@@ -96,7 +96,7 @@ class BitsAndBytesQuantConfig(QuantConfig):
                   minimum=0.0, visible_when=("load_in_8bit", True), title="Outlier threshold"),
         FieldSpec("llm_int8_skip_modules", list, None,
                   "Module names kept unquantized (default: transformers skips the output head).",
-                  nullable=True, title="Skip modules"),
+                  nullable=True, title="Skip modules", patterns=True),
         FieldSpec("llm_int8_enable_fp32_cpu_offload", bool, False,
                   "Allow modules offloaded to CPU to stay in fp32 (device_map offloading).",
                   title="fp32 CPU offload"),
@@ -1096,8 +1096,9 @@ class BnbQuantizer(Quantizer):
     has_exact_simulation = True
 
     experts_policy = ("transformers 5.23 replaces only nn.Linear and Conv1D modules with bitsandbytes layers: fused "
-                      "3-D expert tensors (Mixtral, Qwen-MoE, DeepSeek...) stay in 16/32 bits, per-expert "
-                      "nn.Linear lists and linear routers are quantized")
+                      "3-D expert tensors (Mixtral, Qwen-MoE, DeepSeek...) stay in 16/32 bits; per-expert "
+                      "nn.Linear lists and routers that are nn.Linear modules are quantized, routers held as plain "
+                      "parameters (Mixtral's MixtralTopKRouter) are not")
 
     @classmethod
     def skip_modules(cls, config: QuantConfig) -> list[str]:

@@ -47,7 +47,7 @@ class GGUFQuantConfig(QuantConfig):
         FieldSpec("quant_type", str, "Q8_0", "GGUF block type.", choices=GGUF_TYPES, title="Block type"),
         FieldSpec("modules_to_not_convert", list, None,
                   "Module names left unquantized (default: the output head, as transformers does).",
-                  nullable=True, title="Skip modules"),
+                  nullable=True, title="Skip modules", patterns=True),
         FieldSpec("tensor_types", dict, None, "Per-layer block types: module name -> GGUF type, as llama-quantize's "
                   "--tensor-type overrides; other layers use the block type above.", nullable=True,
                   validator=_tensor_types_rule, allowed="an object of module name -> GGUF block type",

@@ -49,7 +49,7 @@ class QuantoQuantConfig(QuantConfig):
                   "load; kept for export).", choices=ACTIVATIONS, nullable=True, title="Activations"),
         FieldSpec("modules_to_not_convert", list, None, "Module names left unquantized (null: transformers' "
                   "defaults, the output head and tied weights; a list replaces them).", nullable=True,
-                  title="Skip modules"),
+                  title="Skip modules", patterns=True),
     )
 
     def to_transformers(self) -> Any:

@@ -36,7 +36,7 @@ class RTNQuantConfig(QuantConfig):
                   title="Symmetric"),
         FieldSpec("modules_to_not_convert", list, None,
                   "Module names left unquantized (default: the output head, as transformers does).",
-                  nullable=True, title="Skip modules"),
+                  nullable=True, title="Skip modules", patterns=True),
     )
 
     @property

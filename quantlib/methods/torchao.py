@@ -81,7 +81,7 @@ class TorchAoQuantConfig(QuantConfig):
                   "row; int4: 32, 64, 128 or 256).", minimum=1, nullable=True, title="Group size"),
         FieldSpec("modules_to_not_convert", list, None, "Module names left unquantized (null: transformers' "
                   "defaults, the output head and tied weights; a list replaces them).", nullable=True,
-                  title="Skip modules"),
+                  title="Skip modules", patterns=True),
         FieldSpec("include_input_output_embeddings", bool, False, "Also quantize the input and output "
                   "embeddings (not modelled by the planner: refused).", title="Quantize embeddings"),
         FieldSpec("untie_embedding_weights", bool, False, "Untie input and output embeddings before quantizing.",
