@@ -221,7 +221,9 @@ def render_output(config: QuantConfig, params: dict[str, str]) -> None:
     st.subheader("Python")
     snippet = transformers_snippet(config)
     if snippet is not None:
-        st.caption("The same config with transformers (only non-default arguments):")
+        from quantlib.methods import quantizer_class
+
+        st.caption(quantizer_class(config).snippet_heading)
         st.code(snippet, language="python", wrap_lines=True)
     else:
         st.info(f"transformers has no quantization config class for `{config.quant_method}`: "

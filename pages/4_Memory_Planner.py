@@ -242,10 +242,14 @@ def main() -> None:
     with right:
         dtypes = list(DTYPE_BYTES)[:3]
         stored_dtype = _majority_dtype(stored_dtypes) or model_config.get("dtype") or model_config.get("torch_dtype")
-        if stored_dtype in dtypes:
-            NS.setdefault(stored_dtype, "dtype")
+        # A config.json that names no dtype: most checkpoints are bf16, so that is assumed, and said.
+        NS.setdefault(stored_dtype if stored_dtype in dtypes else ASSUMED_DTYPE, "dtype")
         dtype = st.selectbox("dtype of unquantized tensors", dtypes, key=NS.key("dtype"),
                              help="Embeddings, norms, skipped layers and biases stay in this dtype.")
+        if stored_dtype not in dtypes and not stored_dtypes:
+            st.caption(f"config.json names no dtype{f' it can use ({stored_dtype})' if stored_dtype else ''}: "
+                       f"{ASSUMED_DTYPE} is assumed, what most checkpoints store; choose float32 for a model kept "
+                       "in full precision.")
         if stored_dtypes:
             st.caption("Stored in the checkpoint: " + ", ".join(f"{n / 1e6:,.1f} M {d}" for d, n in
                                                                sorted(stored_dtypes.items(), key=lambda kv: -kv[1]))
@@ -305,7 +309,7 @@ def main() -> None:
         st.caption(("Weights, KV cache and activations" if runtime is not None else
                     "Weights only: activations and the KV cache come on top") + "; framework overhead (CUDA "
                    "context, allocator slack) is not included. " + "; ".join(notes) + ".")
-        from quantlib.figures import memory_figure
+        from quantlib.figures import add_available_line, memory_figure
 
         extra = None
         if runtime is not None:
@@ -314,10 +318,13 @@ def main() -> None:
         fig = memory_figure(breakdowns, extra)
         largest = max(b.total_bytes for b in breakdowns.values()) + sum((extra or {}).values())
         if budget is not None and budget <= 1.5 * largest:
-            fig.add_hline(y=budget / 2**20, line_dash="dash", line_color="#d62728",
-                          annotation_text=f"available: {gib(budget)}")
+            add_available_line(fig, budget, f"available: {gib(budget)}")
         st.plotly_chart(fig, width="stretch")
         show_unquantized(model_config, names, configs, dtype, shapes)
+
+
+#: The dtype planned when config.json names none (most published checkpoints are bf16).
+ASSUMED_DTYPE = "bfloat16"
 
 
 def _majority_dtype(counts: dict | None) -> str | None:

@@ -76,6 +76,11 @@ def show_recommendation(choice: ModelChoice, sens) -> None:
                          value=min(bits_hi, bits_lo * 1.1), step=(bits_hi - bits_lo) / 200, format="%.3f",
                          key=NS.key("bits"), help=f"Reachable: {bits_lo:.3f} to {bits_hi:.3f} bits/param.")
         rec = rc.recommend(sens, cfg_dict, bits=bits, shapes=shapes)
+        fixed = sens.n_params - int(rec.layers["params"].sum())
+        st.caption(f"The average is over all {sens.n_params / 1e6:,.1f} M parameters. The {fixed / 1e6:,.1f} M "
+                   f"({fixed / sens.n_params:.0%}) that no setting here quantizes (embeddings, norms, the output head "
+                   f"by default) stay in {choice.dtype}, which is why the lowest reachable average is "
+                   f"{bits_lo:.3f} bits and not 4.")
     NS.set(rec, "rec")
     st.markdown("\n".join(f"- {line}" for line in rc.summary_lines(rec)))
     st.caption(f"Optimizer: {rec.algorithm}; {rec.seconds * 1000:.0f} ms.")

@@ -6,7 +6,8 @@ The app and the HTML report draw the same figures; nothing here imports Streamli
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import re
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -50,15 +51,37 @@ def code_usage_figure(counts: Sequence[int], levels: Sequence[float], entropy_bi
     return fig
 
 
+#: One colour per scheme, set on every trace: a figure exported to HTML outside Streamlit keeps them (a trace left
+#: to the template's colour way was drawn black in the report).
+SCHEME_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+_BLOCK = re.compile(r"\.(\d+)\.")
+
+
+def layer_ticks(names: Sequence[str], most: int = 16) -> dict[str, Any]:
+    """x-axis ticks for layers in model order: the decoder block's number at its first layer (every k-th block,
+    at most `most` ticks), so a spike can be matched to its block; the hover text names the layer in full."""
+    firsts: dict[str, str] = {}
+    for name in names:
+        match = _BLOCK.search(name)
+        firsts.setdefault(match.group(1) if match else name.rsplit(".", 1)[-1], name)
+    step = max(1, -(-len(firsts) // most))
+    shown = list(firsts.items())[::step]
+    return {"tickmode": "array", "tickvals": [name for _, name in shown], "ticktext": [block for block, _ in shown],
+            "tickangle": 0}
+
+
 def layer_error_figure(errors: pd.DataFrame, metric: str = "rel_fro_error", scheme_col: str = "scheme") -> go.Figure:
-    """One line per scheme over the linear layers in model order."""
+    """One line per scheme over the linear layers in model order; ticks at decoder blocks, full names on hover."""
     fig = go.Figure()
     groups = errors.groupby(scheme_col, sort=False) if scheme_col in errors else [("", errors)]
-    for scheme, frame in groups:
+    for i, (scheme, frame) in enumerate(groups):
+        color = SCHEME_COLORS[i % len(SCHEME_COLORS)]
         fig.add_trace(go.Scatter(x=list(frame["layer"]), y=list(frame[metric]), mode="lines+markers",
-                                 name=str(scheme), marker={"size": 4}))
-    fig.update_layout(title=f"Per-layer weight error ({metric})", xaxis_title="layer", yaxis_title=metric,
-                      xaxis={"showticklabels": False}, hovermode="x unified")
+                                 name=str(scheme), marker={"size": 4, "color": color}, line={"color": color},
+                                 hovertemplate="%{x}: %{y:.4g}<extra>" + str(scheme) + "</extra>"))
+    fig.update_layout(title=f"Per-layer weight error ({metric})", xaxis_title="decoder block (hover: the layer)",
+                      yaxis_title=metric, xaxis=layer_ticks(list(dict.fromkeys(errors["layer"]))),
+                      hovermode="closest")
     return fig
 
 
@@ -127,20 +150,36 @@ def unquantized_label(breakdowns: dict[str, MemoryBreakdown], most: int = 3) -> 
     return "unquantized: " + ", ".join(top[:most]) + (", …" if len(top) > most else "")
 
 
+def memory_unit(largest_bytes: float) -> tuple[str, float]:
+    """("MiB", 2**20) for footprints up to 4 GiB, ("GiB", 2**30) past them: a 150,000 MiB axis is unreadable."""
+    return ("GiB", 2.0 ** 30) if largest_bytes > 4 * 2**30 else ("MiB", 2.0 ** 20)
+
+
 def memory_figure(breakdowns: dict[str, MemoryBreakdown], runtime: dict[str, float] | None = None) -> go.Figure:
     """Stacked bars of bytes by component, one bar per scheme; `runtime` (label -> bytes, the
-    same for every scheme: KV cache, activations) stacks on top of the weights."""
+    same for every scheme: KV cache, activations) stacks on top of the weights. In MiB, or in GiB past 4 GiB
+    (`fig.layout.meta["unit_bytes"]` says which, for lines drawn on it)."""
     names = list(breakdowns)
+    largest = max((b.total_bytes for b in breakdowns.values()), default=0.0) + sum((runtime or {}).values())
+    unit, scale = memory_unit(largest)
     fig = go.Figure()
     for comp in COMPONENTS:
         label = unquantized_label(breakdowns) if comp == "unquantized" else COMPONENT_LABELS[comp]
-        fig.add_trace(go.Bar(x=names, y=[breakdowns[n].bytes_by_component.get(comp, 0) / 2**20 for n in names],
+        fig.add_trace(go.Bar(x=names, y=[breakdowns[n].bytes_by_component.get(comp, 0) / scale for n in names],
                              name=label, marker_color=COMPONENT_COLORS[comp]))
     for (label, nbytes), color in zip((runtime or {}).items(), RUNTIME_COLORS):
-        fig.add_trace(go.Bar(x=names, y=[nbytes / 2**20] * len(names), name=label, marker_color=color))
-    fig.update_layout(barmode="stack", title="Memory by component", yaxis_title="MiB",
+        fig.add_trace(go.Bar(x=names, y=[nbytes / scale] * len(names), name=label, marker_color=color))
+    fig.update_layout(barmode="stack", title="Memory by component", yaxis_title=unit, meta={"unit_bytes": scale},
                       legend={"orientation": "h", "y": -0.15, "font": {"size": 10}})
     return fig
+
+
+def add_available_line(fig: go.Figure, available_bytes: float, text: str) -> None:
+    """A dashed line at the memory available, labelled above the plot area's right end on a white ground, so no
+    bar hides the label."""
+    fig.add_hline(y=available_bytes / fig.layout.meta["unit_bytes"], line_dash="dash", line_color="#d62728",
+                  annotation_text=text, annotation_position="top right",
+                  annotation={"bgcolor": "rgba(255,255,255,0.85)", "font": {"color": "#d62728"}})
 
 
 def kl_figure(table: pd.DataFrame) -> go.Figure:
@@ -155,9 +194,11 @@ def kl_figure(table: pd.DataFrame) -> go.Figure:
 
 def outlier_figure(table: pd.DataFrame, threshold: float) -> go.Figure:
     """Per layer, the share of input dimensions LLM.int8() would run in 16 bits at `threshold`."""
-    fig = go.Figure(go.Bar(x=list(table["layer"]), y=list(table["fp16_fraction"]), marker_color="#ff7f0e"))
+    fig = go.Figure(go.Bar(x=list(table["layer"]), y=list(table["fp16_fraction"]), marker_color="#ff7f0e",
+                           hovertemplate="%{x}: %{y:.2%}<extra></extra>"))
     fig.update_layout(title=f"Outlier dimensions at threshold {threshold:g} (share run in fp16)",
-                      xaxis={"showticklabels": False}, yaxis_title="share of input dims", xaxis_title="layer")
+                      xaxis=layer_ticks(list(table["layer"])), yaxis_title="share of input dims",
+                      xaxis_title="decoder block (hover: the layer)")
     return fig
 
 

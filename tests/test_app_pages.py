@@ -415,6 +415,10 @@ def test_planner_default_model():
 def test_planner_architecture_numbers_and_custom_budget():
     at = run(PLANNER)
     at.radio(key="planner.source_kind").set_value("Architecture numbers").run()
+    # Numbers name no dtype: bf16 is assumed, and the page says so.
+    assert at.selectbox(key="planner.dtype").value == "bfloat16"
+    assert any("names no dtype" in c.value and "bfloat16 is assumed" in c.value for c in at.caption)
+    at.selectbox(key="planner.dtype").set_value("float32").run()
     at.radio(key="planner.budget_kind").set_value("A number I enter").run()
     at.number_input(key="planner.budget_gib").set_value(0.3).run()
     assert not at.exception and not errors(at)
@@ -499,6 +503,10 @@ def test_builder_hqq_per_layer_config_from_the_form_exports_what_hqqconfig_saves
     assert not at.exception and not errors(at)
     exported = json_code(at)
     assert exported == transformers.HqqConfig(dynamic_config={"mlp.down_proj": {"nbits": 2, "group_size": 16}}).to_dict()
+    # The snippet's heading says what it is: transformers' config plus hqq's API, not "the same with transformers".
+    captions = [c.value for c in at.caption]
+    assert any(c.endswith("cannot load HQQ through from_pretrained:") for c in captions), captions
+    assert not any("same config with transformers" in c for c in captions), captions
     at.text_area(key="builder.f.hqq.dynamic_config").set_value('{"mlp.down_proj": {"nbits": 7}}').run()
     assert not at.exception
     assert any("dynamic_config" in m and "nbits 7" in m for m in errors(at)), errors(at)

@@ -197,3 +197,41 @@ def test_memory_chart_names_what_stays_unquantized() -> None:
     assert any(n.startswith("unquantized: fused expert tensors") for n in names), names
     gguf = plan_memory(cfg, parse_config({"quant_method": "gguf", "quant_type": "Q4_0"}), "bfloat16")
     assert gguf.mostly_unquantized() is None  # GGUF quantizes the experts
+
+
+def test_layer_charts_have_block_ticks_colours_and_hover_names() -> None:
+    names = [f"model.layers.{b}.{r}" for b in range(40) for r in ("self_attn.q_proj", "mlp.down_proj")]
+    errors = pd.DataFrame({"scheme": ["NF4"] * 80 + ["FP4"] * 80, "layer": names * 2,
+                           "rel_fro_error": [0.1] * 160})
+    fig = figures.layer_error_figure(errors)
+    axis = fig.layout.xaxis
+    assert axis.tickvals[0] == "model.layers.0.self_attn.q_proj" and axis.ticktext[0] == "0"
+    assert 1 < len(axis.ticktext) <= 16 and all(t.isdigit() for t in axis.ticktext)  # block numbers, not too many
+    assert axis.tickvals[1] == f"model.layers.{axis.ticktext[1]}.self_attn.q_proj"
+    colours = [t.line.color for t in fig.data]
+    assert all(colours) and len(set(colours)) == 2  # set on the traces: the HTML report keeps them
+    outliers = figures.outlier_figure(pd.DataFrame({"layer": names, "fp16_fraction": [0.01] * 80}), 6.0)
+    assert outliers.layout.xaxis.ticktext[0] == "0" and "hover" in outliers.layout.xaxis.title.text
+
+
+def test_memory_chart_switches_to_gib_for_big_models() -> None:
+    small = {"x": MemoryBreakdown({"codes": 2**30, "scales": 0, "dq_constants": 0, "code_tables": 0,
+                                   "unquantized": 2**30}, 10, 20, "planned")}
+    big = {"x": MemoryBreakdown({"codes": 80 * 2**30, "scales": 0, "dq_constants": 0, "code_tables": 0,
+                                 "unquantized": 90 * 2**30}, 10, 20, "planned")}
+    assert figures.memory_figure(small).layout.yaxis.title.text == "MiB"
+    fig = figures.memory_figure(big)
+    assert fig.layout.yaxis.title.text == "GiB" and sum(t.y[0] for t in fig.data) == pytest.approx(170.0)
+    figures.add_available_line(fig, 100 * 2**30, "available: 100 GiB")
+    [line] = fig.layout.shapes
+    assert line.y0 == pytest.approx(100.0)  # drawn in the axis' own unit
+    [label] = fig.layout.annotations
+    assert label.bgcolor and "right" in label.xanchor + str(label.x)
+
+
+def test_skip_lists_are_in_model_order() -> None:
+    from quantlib.methods.base import natural_key
+
+    names = ["model.layers.11.mlp", "model.layers.3.mlp", "model.layers.3.attn", "lm_head", "model.layers.20.mlp"]
+    assert sorted(names, key=natural_key) == ["lm_head", "model.layers.3.attn", "model.layers.3.mlp",
+                                               "model.layers.11.mlp", "model.layers.20.mlp"]

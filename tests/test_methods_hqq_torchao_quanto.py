@@ -267,9 +267,16 @@ def test_hqq_snippet_model_api_quantizes_as_quantlib_does() -> None:
     reference = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     config = parse_config({"quant_method": "hqq", "nbits": 3, "group_size": 32})
     snippet = get_quantizer(config, device="cpu").snippet(config, "x")
-    call = snippet.splitlines()[-1]
-    per_tag = eval(call[call.index("quant_config=") + len("quant_config="):call.index(", compute_dtype")])  # noqa: S307
-    assert per_tag == json.loads(json.dumps(per_tag)) and _py(per_tag)
+    lines = snippet.splitlines()
+    assert "quant_config=quant_config" in lines[-1]
+    # One setting for every tag: its dict is written once, and the per-tag mapping is built from it.
+    assert sum('"nbits": 3' in line for line in lines) == 2  # HqqConfig.from_dict(...) and `layer = ...`
+    namespace: dict = {}
+    for line in lines:
+        if line.startswith(("layer = ", "quant_config = {")):
+            exec(line, namespace)  # noqa: S102 - the snippet's own literal assignments
+    per_tag = namespace["quant_config"]
+    assert len(per_tag) == 7 and per_tag == json.loads(json.dumps(per_tag)) and _py(per_tag)
     AutoHQQHFModel.quantize_model(model, quant_config=per_tag, compute_dtype=torch.float16, device="cpu")
     quantizer = get_quantizer(config, device="cpu")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, HQQLinear)}

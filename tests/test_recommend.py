@@ -246,6 +246,7 @@ def test_recommend_page_measures_recommends_and_verifies_on_a_tiny_model(tiny_ll
     at.button(key="recommend.run").click().run()
     assert not at.exception, [e.message for e in at.exception]
     assert not at.error, [e.value for e in at.error]
+    assert at.button(key="recommend.cancel_button_done").disabled  # the measurement is over: nothing to cancel
     text = " ".join(m.value for m in at.markdown)
     assert "recommended:" in text and "planned exactly" in text and "Spearman" in text
     exported = json.loads(at.code[0].value)
@@ -254,6 +255,12 @@ def test_recommend_page_measures_recommends_and_verifies_on_a_tiny_model(tiny_ll
     slider = at.slider(key="recommend.budget_gib")
     slider.set_value(slider.max).run()
     assert "0 kept" not in " ".join(m.value for m in at.markdown)
+    # In bits per parameter, the floor above 4 bits is explained by what no setting quantizes.
+    at.radio(key="recommend.unit").set_value("bits per parameter").run()
+    bits = at.slider(key="recommend.bits")
+    why = [c.value for c in at.caption if "lowest reachable average" in c.value]
+    assert len(why) == 1 and f"{bits.min:.3f} bits and not 4" in why[0] and "float32" in why[0], why
+    at.radio(key="recommend.unit").set_value("GiB").run()
     at.number_input(key="recommend.verify.tokens").set_value(256).run()
     at.button(key="recommend.verify.run").click().run()
     assert not at.exception, [e.message for e in at.exception]

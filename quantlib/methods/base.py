@@ -23,6 +23,7 @@ import importlib.metadata
 import importlib.util
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator
@@ -99,6 +100,11 @@ def should_convert_module(name: str, patterns: list[str]) -> bool:
     from transformers.quantizers.quantizers_utils import should_convert_module as _should
 
     return _should(name, patterns)
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key of module names in model order: numbers compare as numbers (layers.3 before layers.11)."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
 
 
 def default_skip_rules(shapes: ModelShapes) -> list[tuple[str, str]]:
@@ -425,6 +431,9 @@ class Quantizer:
     def transformers_class_name(cls) -> str | None:
         """Name of transformers' config class for this method, or None where it has none."""
         return None
+
+    #: What `snippet` shows, in a few words (the Config Builder's heading over it).
+    snippet_heading: ClassVar[str] = "The same config with transformers (only non-default arguments):"
 
     @classmethod
     def snippet(cls, config: QuantConfig, model_id: str) -> str | None:

@@ -40,7 +40,7 @@ from quantlib.configs import FieldSpec, QuantConfig, _copy, fmt_num
 from quantlib.errors import Cancelled, FieldError
 from quantlib.formats import QuantizedTensor, block_absmax, check_float
 from quantlib.methods.base import (LayerWeight, MixChoice, MixSpace, QuantizedModel, Quantizer, default_skip_rules,
-                                   register, transformers_skip_rules)
+                                   natural_key, register, transformers_skip_rules)
 from quantlib.shapes import ModelShapes, WeightShape
 
 #: Place in the registry (the builder's method list, the CLI).
@@ -1185,7 +1185,7 @@ class BnbQuantizer(Quantizer):
             uniform = BitsAndBytesQuantConfig(**values)
 
             def build(assignment: dict[str, str], values: dict[str, Any] = values) -> QuantConfig:
-                kept = sorted(g for g, choice in assignment.items() if choice == "keep")
+                kept = sorted((g for g, choice in assignment.items() if choice == "keep"), key=natural_key)
                 return BitsAndBytesQuantConfig(**values, llm_int8_skip_modules=[*defaults, *kept] if kept else None)
 
             spaces.append(MixSpace(

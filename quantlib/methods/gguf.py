@@ -12,7 +12,7 @@ import torch
 
 from quantlib.configs import FieldSpec, QuantConfig
 from quantlib.formats import QuantizedTensor, check_float
-from quantlib.methods.base import MixChoice, MixSpace, Quantizer, default_skip_rules, register
+from quantlib.methods.base import MixChoice, MixSpace, Quantizer, default_skip_rules, natural_key, register
 from quantlib.shapes import ModelShapes, WeightShape
 
 #: Place in the registry (the builder's method list, the CLI).
@@ -255,10 +255,10 @@ class GGUFQuantizer(Quantizer):
 
         def build(assignment: dict[str, str]) -> QuantConfig:
             quantized = {m: t for m, t in assignment.items() if t != "keep"}
-            kept = sorted(m for m, t in assignment.items() if t == "keep")
+            kept = sorted((m for m, t in assignment.items() if t == "keep"), key=natural_key)
             counts = {t: list(quantized.values()).count(t) for t in dict.fromkeys(quantized.values())}
             base = max(counts, key=counts.get) if counts else cls.MIX_TYPES[0][0]
-            overrides = {m: t for m, t in sorted(quantized.items()) if t != base}
+            overrides = {m: t for m, t in sorted(quantized.items(), key=lambda kv: natural_key(kv[0])) if t != base}
             return GGUFQuantConfig(quant_type=base, tensor_types=overrides or None,
                                    modules_to_not_convert=[*defaults, *kept] if kept else None)
 

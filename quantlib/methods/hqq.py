@@ -324,6 +324,9 @@ class HqqQuantizer(Quantizer):
     def transformers_class_name(cls) -> str | None:
         return "HqqConfig"
 
+    snippet_heading = ("transformers' HqqConfig (what a checkpoint's config.json holds) and hqq's own API to quantize: "
+                       "transformers 5.23 cannot load HQQ through from_pretrained:")
+
     @classmethod
     def snippet(cls, config: QuantConfig, model_id: str) -> str | None:
         """transformers 5.23 refuses HqqConfig in from_pretrained ("HQQ is not available yet"), so the
@@ -331,10 +334,12 @@ class HqqQuantizer(Quantizer):
         from quantlib.methods.base import _py
 
         quant_config = config.quant_config()
-        if config.dynamic_config is None:
-            quant_config = {tag: quant_config for tag in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                                          "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
-                                                          "mlp.down_proj")}
+        if config.dynamic_config is None:  # one setting for every linear tag: written once
+            tags = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                    "mlp.up_proj", "mlp.down_proj")
+            per_layer = [f"layer = {_py(quant_config)}", f"quant_config = {{tag: layer for tag in {json.dumps(list(tags))}}}"]
+        else:
+            per_layer = [f"quant_config = {_py(quant_config)}"]
         return "\n".join([
             "import torch",
             "from hqq.models.hf.base import AutoHQQHFModel",
@@ -345,7 +350,8 @@ class HqqQuantizer(Quantizer):
             f"model_id = {json.dumps(model_id)}",
             "# transformers 5.23 cannot load HQQ through from_pretrained (\"not available yet\"): quantize with hqq",
             "model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float16)",
-            f"AutoHQQHFModel.quantize_model(model, quant_config={_py(quant_config)}, compute_dtype=torch.float16, "
+            *per_layer,
+            "AutoHQQHFModel.quantize_model(model, quant_config=quant_config, compute_dtype=torch.float16, "
             "device=\"cpu\")",
         ])
 
