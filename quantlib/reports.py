@@ -108,8 +108,12 @@ def crosscheck_text(run: Run) -> list[str]:
         verdict = "identical log-probs" if check.get("identical") else (
             f"largest log-prob difference {check['max_abs_logprob_diff']:.2e}, top-1 agreement "
             f"{check['top1_agreement']:.2%}, KL {check['kl_mean']:.2e}")
+        speed = ""
+        if check.get("kernel_seconds", 0) > 0 and "simulation_seconds" in check:
+            speed = (f" The simulation took {check['simulation_seconds'] / check['kernel_seconds']:.1f}x the kernels' "
+                     "time there.")
         out.append(f"{label}: exact simulation of the library's kernels, cross-checked against them on the first "
-                   f"{check['tokens']} tokens: {verdict}.")
+                   f"{check['tokens']} tokens: {verdict}.{speed}")
     return out
 
 

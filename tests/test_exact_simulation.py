@@ -172,6 +172,8 @@ def test_exact_and_library_kernels_give_the_same_comparison(tiny_llama_dir):
 
     lines = crosscheck_text(exact.run)
     assert len(lines) == 2 and all("identical log-probs" in line for line in lines)
+    for line, check in zip(lines, (d["crosscheck"] for d in exact.details.values())):  # and how long each took
+        assert f"took {check['simulation_seconds'] / check['kernel_seconds']:.1f}x the kernels' time" in line
     # The default: LLM.int8() through its simulation (faster, the same int8 codes), 4-bit on the kernels.
     auto = run_comparison([NF4, INT8_T1], CompareSettings(**settings), base=base, save=False)
     assert auto.table[columns].equals(library.table[columns])
