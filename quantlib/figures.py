@@ -253,20 +253,27 @@ def mix_frontier_figure(table: pd.DataFrame, mix_label: str, verdict: dict | Non
 
 
 def mix_depth_figure(layers: pd.DataFrame) -> go.Figure:
-    """The chosen setting of every layer by depth (block) and role: colour is bits per weight code, text the
-    setting."""
+    """The chosen setting of every layer by depth (block) and role: one colour per setting (a choice among a few,
+    not a scale: a layer kept unquantized is not "16 bits"), named in the legend bar and the cell's hover."""
     roles = list(dict.fromkeys(layers["layer"].str.split(".").str[-1]))
     blocks = sorted(layers["block"].unique())
+    settings = list(dict.fromkeys(layers.sort_values(["bits", "setting"])["setting"]))
+    index = {name: i for i, name in enumerate(settings)}
     z = [[None] * len(blocks) for _ in roles]
     text = [[""] * len(blocks) for _ in roles]
     col = {b: i for i, b in enumerate(blocks)}
     for row in layers.itertuples(index=False):
         r = roles.index(row.layer.split(".")[-1])
-        z[r][col[row.block]] = row.bits
+        z[r][col[row.block]] = index[row.setting]
         text[r][col[row.block]] = row.setting
-    fig = go.Figure(go.Heatmap(z=z, x=[str(b) for b in blocks], y=roles, text=text,
-                               hovertemplate="block %{x} %{y}: %{text}<extra></extra>", colorscale="Viridis",
-                               colorbar={"title": "bits"}))
+    n = max(1, len(settings))
+    scale = []
+    for i in range(n):
+        color = SCHEME_COLORS[i % len(SCHEME_COLORS)]
+        scale += [[i / n, color], [(i + 1) / n, color]]
+    fig = go.Figure(go.Heatmap(z=z, x=[str(b) for b in blocks], y=roles, text=text, zmin=-0.5, zmax=n - 0.5,
+                               hovertemplate="block %{x} %{y}: %{text}<extra></extra>", colorscale=scale,
+                               colorbar={"title": "setting", "tickvals": list(range(n)), "ticktext": settings}))
     fig.update_layout(title="Chosen setting per layer (by block and projection)", xaxis_title="block",
                       yaxis_title="projection")
     return fig

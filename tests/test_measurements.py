@@ -235,3 +235,17 @@ def test_skip_lists_are_in_model_order() -> None:
     names = ["model.layers.11.mlp", "model.layers.3.mlp", "model.layers.3.attn", "lm_head", "model.layers.20.mlp"]
     assert sorted(names, key=natural_key) == ["lm_head", "model.layers.3.attn", "model.layers.3.mlp",
                                                "model.layers.11.mlp", "model.layers.20.mlp"]
+
+
+def test_mix_heatmap_is_categorical() -> None:
+    """A choice among a few settings: one colour each, named in the colour bar; a kept layer is its own category,
+    not 16 bits on a 4-16 scale."""
+    layers = pd.DataFrame({"layer": [f"model.layers.{b}.mlp.{r}" for b in range(2) for r in ("up_proj", "down_proj")],
+                           "block": [0, 0, 1, 1], "setting": ["NF4", "kept unquantized", "LLM.int8()", "NF4"],
+                           "bits": [4.0, 16.0, 8.0, 4.0]})
+    [heat] = figures.mix_depth_figure(layers).data
+    assert list(heat.colorbar.ticktext) == ["NF4", "LLM.int8()", "kept unquantized"]
+    assert list(heat.colorbar.tickvals) == [0, 1, 2] and heat.zmin == -0.5 and heat.zmax == 2.5
+    assert [list(r) for r in heat.z] == [[0, 1], [2, 0]]  # rows: up_proj, down_proj; columns: blocks
+    colours = [c for _, c in heat.colorscale]
+    assert len(set(colours)) == 3 and all(colours[2 * i] == colours[2 * i + 1] for i in range(3))  # flat bands
