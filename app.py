@@ -10,7 +10,7 @@ from __future__ import annotations
 import streamlit as st
 
 from app_support.errors import guard, run_page
-from app_support.home import backend, discover_pages, versions
+from app_support.home import backend, discover_pages, method_names, versions
 
 st.set_page_config(page_title="Quantization Explorer", page_icon=":material/tune:", layout="wide")
 
@@ -24,9 +24,9 @@ def home() -> None:
     st.title("Quantization Explorer")
     st.markdown(
         "Decide **how to quantize a language model** before you spend GPU hours on it. "
-        "Build and validate quantization configs (bitsandbytes NF4/FP4/INT8, round-to-nearest integers, "
-        "GGUF block types), predict the memory each one needs, quantize a model and inspect where the error "
-        "goes, and compare schemes on memory, perplexity and speed. Every number comes from the "
+        f"Build and validate quantization configs ({method_names()}), predict the memory each one needs, "
+        "quantize a model and inspect where the error goes, compare schemes on memory, perplexity and KL with "
+        "their standard errors, and get a per-layer mix under a memory budget. Every number comes from the "
         "`quantlib` engine; this app only draws it."
     )
 
@@ -38,8 +38,9 @@ def home() -> None:
             if kind == "cuda":
                 st.caption("CUDA is available: bitsandbytes uses its GPU kernels.")
             else:
-                st.caption("No CUDA device: everything runs on the CPU (bitsandbytes' CPU path; "
-                           "RTN and GGUF are simulated in torch/numpy).")
+                st.caption("No CUDA device: everything runs on the CPU (bitsandbytes on its CPU kernels, named "
+                           "above; methods whose library has no CPU kernel, such as RTN, GGUF and HQQ, are simulated "
+                           "from their own quantized weights).")
         with right:
             vers = versions()
             st.markdown("**Libraries**  \n" + " · ".join(f"{pkg} `{ver}`" for pkg, ver in vers.items()))

@@ -21,16 +21,26 @@ class PageInfo:
         return (ROOT / self.path).is_file()
 
 
+def method_names() -> str:
+    """Every registered method, as the builder lists them (the registry, so a new method is named here too)."""
+    from quantlib.configs import registered_methods
+
+    return ", ".join(registered_methods())
+
+
 PAGES = (
     PageInfo("pages/1_Config_Builder.py", "Config Builder", ":material/construction:",
-             "Build and validate a quantization config (bitsandbytes, RTN, GGUF); export JSON for transformers, "
+             f"Build and validate a quantization config ({method_names()}); export JSON for transformers, "
              "copy a Python snippet, share it as a link."),
-    PageInfo("pages/2_Quantize_and_Inspect.py", "Quantize & Inspect", ":material/biotech:",
+    PageInfo("pages/2_Quantize_and_Inspect.py", "Quantize and Inspect", ":material/biotech:",
              "Quantize the model with one config and look inside: per-layer errors, histograms, code usage."),
     PageInfo("pages/3_Compare_Schemes.py", "Compare Schemes", ":material/compare_arrows:",
              "Run several configs side by side: memory, perplexity, KL divergence, speed."),
     PageInfo("pages/4_Memory_Planner.py", "Memory Planner", ":material/straighten:",
              "Predict a model's footprint under each config from config.json alone, against your RAM / GPU."),
+    PageInfo("pages/5_Recommend.py", "Recommend", ":material/tune:",
+             "The best per-layer mix under a memory budget: measure each layer's sensitivity, get the mix as the "
+             "method's own config, and verify it against uniform settings."),
 )
 
 def discover_pages() -> list[PageInfo]:
@@ -45,7 +55,7 @@ def discover_pages() -> list[PageInfo]:
             found.append(known[rel])
             continue
         stem = path.stem.split("_", 1)[1] if path.stem.split("_", 1)[0].isdigit() and "_" in path.stem else path.stem
-        found.append(PageInfo(rel, stem.replace("_and_", " & ").replace("_", " "), ":material/article:", ""))
+        found.append(PageInfo(rel, stem.replace("_", " "), ":material/article:", ""))
     return found
 
 

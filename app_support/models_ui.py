@@ -1,4 +1,4 @@
-"""The model-source picker shared by Quantize & Inspect and Compare Schemes, and its caches.
+"""The model-source picker shared by Quantize and Inspect and Compare Schemes, and its caches.
 
 * `model_picker(ns)` draws the source radio (default / local folder / hub id / GGUF file), the
   safety checkboxes (`trust_remote_code`, pickle checkpoints: both OFF by default) and the dtype,

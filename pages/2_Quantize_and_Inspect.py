@@ -1,4 +1,4 @@
-"""Quantize & Inspect: quantize one model with one config and look at where the error goes.
+"""Quantize and Inspect: quantize one model with one config and look at where the error goes.
 
 Per-layer weight error, one layer's block-normalized histogram against the NF4/FP4 levels and its
 code usage, memory by component, perplexity / KL / top-1 agreement against the unquantized
@@ -26,7 +26,7 @@ from app_support.models_ui import (ModelChoice, backend_label, config_json, conf
 from app_support.runner import Progress, run_buttons, was_cancelled  # noqa: E402
 from app_support.state import BUILDER_LABEL, Namespace, builder_config  # noqa: E402
 
-st.set_page_config(page_title="Quantize & Inspect · Quantization Explorer", page_icon=":material/biotech:",
+st.set_page_config(page_title="Quantize and Inspect · Quantization Explorer", page_icon=":material/biotech:",
                    layout="wide")
 
 NS = Namespace("inspect")
@@ -227,7 +227,7 @@ def show_outliers(result: dict) -> None:
 # ------------------------------------------------------------------------------------ page
 
 def main() -> None:
-    st.title("Quantize & Inspect")
+    st.title("Quantize and Inspect")
     st.caption("Quantize one model with one config and look inside: per-layer error, the weights of one layer "
                "against the code levels, memory, perplexity / KL against the unquantized model, activation "
                f"outliers. Backend: **{backend_label()}**.")

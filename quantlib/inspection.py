@@ -1,4 +1,4 @@
-"""Inspect one scheme on one model: everything the Quantize & Inspect page shows, in one call.
+"""Inspect one scheme on one model: everything the Quantize and Inspect page shows, in one call.
 
 Per-layer weight error, the quantized model's memory next to the baseline's, perplexity, KL and
 top-1 agreement against the baseline on the evaluation text, and LLM.int8()-style activation

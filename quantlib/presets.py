@@ -73,7 +73,7 @@ def missing_requirements(name: str) -> list[str]:
 def runnable_presets() -> dict[str, dict]:
     """The presets whose quantizer's libraries are installed here, in `PRESETS` order.
 
-    Pages that run presets (Compare, Quantize & Inspect) should offer these; planning and export
+    Pages that run presets (Compare, Quantize and Inspect) should offer these; planning and export
     can offer all of `PRESETS`. Whether a GPU is needed is decided later, by `get_quantizer`.
     """
     return {name: cfg for name, cfg in PRESETS.items() if not missing_requirements(name)}

@@ -1,4 +1,4 @@
-"""Quantize & Inspect and Compare Schemes pages, driven headlessly with AppTest on the tiny Llama.
+"""Quantize and Inspect and Compare Schemes pages, driven headlessly with AppTest on the tiny Llama.
 
 The tiny model (2 layers, hidden 64, char tokenizer) makes a full run take seconds; the default
 model is exercised by the browser test (tests/test_e2e_compare.py).
@@ -50,7 +50,7 @@ def runs_dir(tmp_path, monkeypatch) -> Path:
     return folder
 
 
-# ------------------------------------------------------------------------------ Quantize & Inspect
+# ------------------------------------------------------------------------------ Quantize and Inspect
 
 def test_inspect_renders_with_default_model_description():
     at = start(INSPECT)

@@ -80,6 +80,17 @@ def test_home_shows_backend_versions_and_links():
     for name in ("Quantize_and_Inspect", "Compare_Schemes"):
         page_file = next(iter((REPO / "pages").glob(f"*_{name}.py")), None)
         assert (name in links) == (page_file is not None)
+    # Every page has a description, and the intro and the builder's blurb name every registered method.
+    from quantlib.configs import registered_methods
+
+    labels = [p.proto.label for p in at.get("page_link")]
+    assert "Recommend" in labels and "Quantize and Inspect" in labels
+    captions = [c.value for c in at.caption]
+    assert any(c.startswith("The best per-layer mix under a memory budget") for c in captions)
+    builder_blurb = next(c for c in captions if c.startswith("Build and validate a quantization config"))
+    intro = " ".join(m.value for m in at.markdown)
+    assert all(m in builder_blurb and m in intro for m in registered_methods())
+    assert not any("RTN and GGUF are simulated" in c for c in captions)
 
 
 # ------------------------------------------------------------------------------ builder

@@ -1,8 +1,8 @@
-"""End to end: Compare Schemes and Quantize & Inspect on the DEFAULT model, in a real browser.
+"""End to end: Compare Schemes and Quantize and Inspect on the DEFAULT model, in a real browser.
 
 Starts `streamlit run app.py` headless (runs saved to a temporary QUANTLIB_RUNS_DIR), compares NF4
 and FP4 on 512 tokens (window 256) to the finished table, checks both schemes have perplexities,
-reopens the run from "Earlier runs", runs Quantize & Inspect with NF4 on 256 tokens, and saves
+reopens the run from "Earlier runs", runs Quantize and Inspect with NF4 on 256 tokens, and saves
 full-page screenshots of both pages under test-artifacts/screenshots/. About 2-3 minutes on a
 2-core CPU.
 """
