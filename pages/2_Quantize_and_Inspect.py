@@ -183,7 +183,8 @@ def show_quality(result: dict) -> None:
     c1, c2, c3, c4 = st.columns(4)
     delta = comp["quant_ppl"] - comp["base_ppl"]
     def pm(value: float, se: float | None, fmt: str) -> str:
-        return fmt.format(value) + (f" ± {fmt.format(se)}" if se is not None and se == se and se > 0 else "")
+        """The value and its standard error to two significant digits (short enough for a metric at 1000 px)."""
+        return fmt.format(value) + (f" ± {se:.2g}" if se is not None and se == se and se > 0 else "")
 
     se_note = (f"± one standard error, batch means over {comp.get('se_block', 64)}-token blocks (neighbouring "
                "tokens are correlated).")
@@ -193,8 +194,8 @@ def show_quality(result: dict) -> None:
               f"{delta:+.3f}", delta_color="inverse",
               help=f"Backend: {comp['backend']}; {se_note} ln(PPL/PPL base) on the same tokens: "
                    f"{pm(comp.get('ln_ppl_ratio', float('nan')), comp.get('ln_ppl_ratio_se'), '{:.5f}')}.")
-    c3.metric("KL(baseline ‖ quantized), nats/token", pm(comp["kl_mean"], comp.get("kl_se"), "{:.4f}"),
-              help="Per-token percentiles: " + ", ".join(f"{k} {v:.4f}" for k, v in comp["kl_percentiles"].items())
+    c3.metric("KL (nats/token)", pm(comp["kl_mean"], comp.get("kl_se"), "{:.4f}"),
+              help="KL(baseline ‖ quantized), the mean over tokens. Per-token percentiles: " + ", ".join(f"{k} {v:.4f}" for k, v in comp["kl_percentiles"].items())
                    + f". {se_note}")
     c4.metric("Top-1 agreement", pm(100 * comp["top1_agreement"], 100 * comp.get("top1_se", float("nan")), "{:.2f}")
               + " %", help="Share of positions where both models' most likely next token is the same. " + se_note)
