@@ -73,12 +73,9 @@ def backend() -> tuple[str, str]:
 
     kind = "cuda" if cuda_available() else "cpu"
     if kind == "cpu":
-        try:
-            from quantlib.methods._bnb_cpu import paths_summary
+        from quantlib.methods import cpu_kernel_summaries
 
-            return kind, f"{device_name(kind)} · {paths_summary()}"
-        except ImportError:  # bitsandbytes missing: the CPU alone
-            pass
+        return kind, " · ".join([device_name(kind), *cpu_kernel_summaries()])
     return kind, device_name(kind)
 
 

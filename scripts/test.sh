@@ -4,8 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh --dev
 # The CPU and the kernel paths bitsandbytes picks on it: a failure on another kind of CPU explains itself.
-python3 -c "from quantlib.methods import _bnb_cpu; from quantlib.runtime import cpu_features, cpu_features_text
-print(cpu_features_text(cpu_features()))
-print('bitsandbytes kernel paths here: 4-bit:', _bnb_cpu.four_bit_path() + '; 8-bit:', _bnb_cpu.int8_path())" 2>/dev/null \
+python3 -c "from quantlib.methods import cpu_kernel_summaries; from quantlib.runtime import cpu_features, cpu_features_text
+print(cpu_features_text(cpu_features())); print(*cpu_kernel_summaries(), sep='\n')" 2>/dev/null \
   || echo "CPU features: could not be read" >&2
 exec python3 -m pytest "$@"

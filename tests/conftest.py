@@ -100,8 +100,7 @@ def page(browser):
 
 def pytest_report_header(config):
     """First lines of every run: the CPU and the kernel paths it picks, so a failure on another CPU explains itself."""
-    from quantlib.methods import _bnb_cpu
+    from quantlib.methods import cpu_kernel_summaries
     from quantlib.runtime import cpu_features, cpu_features_text
 
-    return [cpu_features_text(cpu_features()),
-            f"bitsandbytes kernel paths here: 4-bit: {_bnb_cpu.four_bit_path()}; 8-bit: {_bnb_cpu.int8_path()}"]
+    return [cpu_features_text(cpu_features()), *cpu_kernel_summaries()]

@@ -13,7 +13,8 @@ import pkgutil
 
 from quantlib import configs as _configs
 from quantlib.methods.base import (QUANTIZER_MAPPING, CalibratedQuantizer, LayerWeight, MatrixRef, QuantizedModel,
-                                   Quantizer, ShapeError, get_quantizer, preflight, quantizer_class, register)
+                                   Quantizer, ShapeError, cpu_kernel_summaries, get_quantizer, preflight,
+                                   quantizer_class, register)
 
 
 def _discover() -> None:
@@ -29,4 +30,4 @@ def _discover() -> None:
 _discover()
 
 __all__ = ["QUANTIZER_MAPPING", "CalibratedQuantizer", "LayerWeight", "MatrixRef", "QuantizedModel", "Quantizer",
-           "ShapeError", "get_quantizer", "preflight", "quantizer_class", "register"]
+           "ShapeError", "cpu_kernel_summaries", "get_quantizer", "preflight", "quantizer_class", "register"]

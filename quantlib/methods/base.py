@@ -44,6 +44,17 @@ CancelFn = Callable[[], bool]
 QUANTIZER_MAPPING: dict[str, type["Quantizer"]] = {}
 
 
+def cpu_kernel_summaries() -> list[str]:
+    """For each method whose library picks its CPU kernels by CPU features: which it takes on this machine, in a few
+    words (the app's backend line). Each method says it once, however many quantizers it registers."""
+    seen: dict[str, None] = {}
+    for cls in QUANTIZER_MAPPING.values():
+        text = cls.cpu_kernel_summary()
+        if text:
+            seen.setdefault(text, None)
+    return list(seen)
+
+
 def register(key: str) -> Callable[[type["Quantizer"]], type["Quantizer"]]:
     """Class decorator: register a quantizer under `key` and its config class under its quant_method."""
 
@@ -345,6 +356,11 @@ class Quantizer:
         """Swap the library's layers of `model` in place for modules computing the same numbers, bit for
         bit, at plain-matmul speed; returns how many. Only where `exact_simulation_problem` is None."""
         raise NotImplementedError(self.exact_simulation_problem(model) or "no exact simulation")
+
+    @classmethod
+    def cpu_kernel_summary(cls) -> str | None:
+        """Where the library picks its CPU kernels by CPU features: which it takes here, in a few words."""
+        return None
 
     def kernel_paths(self, model: Any) -> list[str]:
         """Which kernels compute this scheme's layers in `model` (as evaluated), for the run's record."""

@@ -1254,6 +1254,12 @@ class BnbQuantizer(Quantizer):
         return kernel_paths(model)
 
     @classmethod
+    def cpu_kernel_summary(cls) -> str | None:
+        from quantlib.methods._bnb_cpu import paths_summary
+
+        return paths_summary()
+
+    @classmethod
     def storage_bytes(cls, config: QuantConfig, out_features: int, in_features: int) -> dict[str, float]:
         n = out_features * in_features
         if config.load_in_8bit:
