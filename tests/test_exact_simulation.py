@@ -222,8 +222,12 @@ def test_a_path_not_mirrored_is_refused_with_its_reason_and_runs_on_the_kernels(
     assert problem and "kernels-community" in problem and "does not mirror" in problem
     with pytest.raises(ValueError, match="cannot simulate bitsandbytes exactly: .*kernels-community"):
         quantizer.to_exact_simulation(qm.model)
-    # The comparison's own models: every new Linear4bit asks bitsandbytes, whose check is patched here too; no forward
-    # runs the (absent) kernel, since a refused simulation is never cross-checked and the evaluation is not reached.
+    # The comparison's own models: every new Linear4bit asks bitsandbytes, whose check is patched to say yes (as on an
+    # AVX512-BF16 CPU); no forward runs the (absent) kernel, since a refused simulation is never cross-checked and the
+    # evaluation is stopped before it starts.
+    import bitsandbytes.nn.modules
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
     monkeypatch.setattr(type(quantizer), "exact_simulation_problem", lambda self, model: problem)
     import quantlib.compare as compare
 
