@@ -1285,6 +1285,15 @@ class Bnb4BitQuantizer(BnbQuantizer):
     #: 2026-11-25: 1.19 with bitsandbytes 0.50.2's kernels, 1.27-1.36 with the exact simulation).
     cpu_eval_slowdown = 1.2
 
+    def environment_notes(self, device: str) -> list[str]:
+        from quantlib.methods import _bnb_cpu
+
+        if device == "cpu" and _bnb_cpu.four_bit_path() == _bnb_cpu.FUSED_4BIT:
+            return ["This CPU has AVX512-BF16: bitsandbytes runs its fused bf16 4-bit kernel (activations, code levels "
+                    "and absmax rounded to bf16; about one plain pass). `--kernels exact` mirrors it bit for bit at "
+                    "about 18 plain passes on the default model (benchmarks/RESULTS.md); the default keeps the kernel."]
+        return []
+
     def code_levels(self) -> torch.Tensor | None:
         return _levels(self.config.bnb_4bit_quant_type)
 
