@@ -38,9 +38,13 @@ def home() -> None:
             if kind == "cuda":
                 st.caption("CUDA is available: bitsandbytes uses its GPU kernels.")
             else:
-                st.caption("No CUDA device: everything runs on the CPU (bitsandbytes on its CPU kernels, named "
-                           "above; methods whose library has no CPU kernel, such as RTN, GGUF and HQQ, are simulated "
-                           "from their own quantized weights).")
+                from quantlib.methods import cpu_kernel_summaries
+                from quantlib.runtime import cpu_features, cpu_features_text
+
+                st.caption(cpu_features_text(cpu_features()) + ". " + "; ".join(cpu_kernel_summaries()) + ".")
+                st.caption("No CUDA device: everything runs on the CPU (bitsandbytes on the CPU kernels named above; "
+                           "methods whose library has no CPU kernel, such as RTN, GGUF and HQQ, are simulated from "
+                           "their own quantized weights).")
         with right:
             vers = versions()
             st.markdown("**Libraries**  \n" + " · ".join(f"{pkg} `{ver}`" for pkg, ver in vers.items()))

@@ -74,8 +74,10 @@ def backend() -> tuple[str, str]:
     kind = "cuda" if cuda_available() else "cpu"
     if kind == "cpu":
         from quantlib.methods import cpu_kernel_summaries
+        from quantlib.runtime import cpu_flags_text
 
-        return kind, " · ".join([device_name(kind), *cpu_kernel_summaries()])
+        flags = cpu_flags_text()
+        return kind, " · ".join([device_name(kind) + (f" with {flags}" if flags else ""), *cpu_kernel_summaries()])
     return kind, device_name(kind)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +21,7 @@ from quantlib.runs import Run, atomic_write_text
 SUMMARY_FORMATS = {"n_tokens": "{:,.0f}", "perplexity": "{:.3f}", "kl": "{:.5f}", "top1_agreement": "{:.4f}", "memory_mib": "{:.1f}",
                    "bits_per_param": "{:.3f}", "mean_layer_rel_error": "{:.4f}", "worst_layer_rel_error": "{:.4f}",
                    "seconds": "{:.1f}", "ln_ppl_ratio": "{:.5f}", "dp_mean": "{:+.5f}", "dp_rms": "{:.5f}"}
+_BLOCK_NUMBER = re.compile(r"\.(\d+)\.")
 #: Columns shown as "value ± standard error" (the CSV keeps both columns).
 WITH_SE = {"perplexity": "perplexity_se", "kl": "kl_se", "top1_agreement": "top1_se",
            "ln_ppl_ratio": "ln_ppl_ratio_se"}
@@ -143,9 +145,20 @@ def check_lines(run: Run) -> list[str]:
             + [str(n) for n in run.extra.get("notes", [])])
 
 
+def short_layer_name(name: object) -> object:
+    """A layer's name as a table shows it: its decoder block and what follows ("model.layers.3.mlp.down_proj" ->
+    "3: mlp.down_proj"); names without a block number, and non-strings, as they are."""
+    if not isinstance(name, str):
+        return name
+    match = _BLOCK_NUMBER.search(name)
+    return f"{match.group(1)}: {name[match.end():]}" if match else name
+
+
 def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
     """The summary table with numbers rounded for reading (the CSV keeps full precision)."""
     shown = summary.copy()
+    if "worst_layer" in shown:  # the block and the layer's own name: the full path is in layers.csv
+        shown["worst_layer"] = shown["worst_layer"].map(short_layer_name)
     for column, fmt in SUMMARY_FORMATS.items():
         if column in shown:
             shown[column] = shown[column].map(lambda v, f=fmt: f.format(v) if pd.notna(v) else "")

@@ -49,9 +49,7 @@ def device_name(device: str) -> str:
         return torch.cuda.get_device_name(0)
 
 
-    flags = _cpu_flags()[1] or ()
-    have = [flag for flag in CPU_FEATURE_FLAGS if flag in flags]
-    return f"CPU ({os.cpu_count()} cores{'; ' + ', '.join(have) if have else ''})"
+    return f"CPU ({os.cpu_count()} cores)"
 
 
 def resolve_device(device: str) -> tuple[str, str]:
@@ -109,6 +107,12 @@ def cpu_features() -> dict[str, Any]:
     else:
         info["bitsandbytes_avx512bf16"] = bool(has_avx512bf16())
     return info
+
+
+def cpu_flags_text() -> str:
+    """The kernel-picking features this CPU has, comma-separated ("" where none or unknown)."""
+    flags = _cpu_flags()[1] or ()
+    return ", ".join(flag for flag in CPU_FEATURE_FLAGS if flag in flags)
 
 
 def cpu_features_text(info: dict[str, Any]) -> str:

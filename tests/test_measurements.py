@@ -249,3 +249,14 @@ def test_mix_heatmap_is_categorical() -> None:
     assert [list(r) for r in heat.z] == [[0, 1], [2, 0]]  # rows: up_proj, down_proj; columns: blocks
     colours = [c for _, c in heat.colorscale]
     assert len(set(colours)) == 3 and all(colours[2 * i] == colours[2 * i + 1] for i in range(3))  # flat bands
+
+
+def test_summary_shows_the_worst_layer_by_block_and_keeps_the_full_name_in_the_csv() -> None:
+    from quantlib.reports import format_summary
+
+    summary = pd.DataFrame({"scheme": ["baseline", "NF4"], "worst_layer": ["", "model.layers.17.mlp.down_proj"],
+                            "kl": [0.0, 0.28], "kl_se": [0.0, 0.014]})
+    shown = format_summary(summary)
+    assert list(shown["worst_layer"]) == ["", "17: mlp.down_proj"]  # short enough for its column
+    assert summary["worst_layer"].iloc[1] == "model.layers.17.mlp.down_proj"  # the table itself is untouched
+    assert shown["kl"].iloc[1] == "0.28000 ± 0.01400"
