@@ -109,9 +109,12 @@ def tradeoff_figure(table: pd.DataFrame, x: str = "memory_mib") -> go.Figure:
         ppl_se = row.get("perplexity_se", float("nan"))
         hover = (f"{row['scheme']}<br>{row[x]:,.1f} MiB<br>perplexity {ppl:.4g} ± {ppl_se:.2g} (its own SE, mostly "
                  f"the text's)<br>vs baseline: {pct[i]:+.2f}% (paired ±2 SE: {lo_pct[i]:+.2f}% to {hi_pct[i]:+.2f}%)")
+        color = SCHEME_COLORS[i % len(SCHEME_COLORS)]
+        if bars is not None:
+            bars["color"] = color
         fig.add_trace(go.Scatter(x=[row[x]], y=[pct[i]], mode="markers+text", text=[row["scheme"]],
                                  textposition="top center" if order[i] % 2 == 0 else "bottom center",
-                                 name=str(row["scheme"]), marker={"size": 12}, error_y=bars,
+                                 name=str(row["scheme"]), marker={"size": 12, "color": color}, error_y=bars,
                                  hovertext=[hover], hoverinfo="text"))
     fig.update_layout(title="Memory vs perplexity increase (lower-left is better)",
                       xaxis_title="memory (MiB)",

@@ -178,7 +178,9 @@ def render_html(run: Run) -> str:
         body = fig.to_html(full_html=False, include_plotlyjs=(i == 0), default_width="100%", default_height="460px")
         parts.append(f"<h2>{html.escape(title)}</h2>\n{body}")
     summary = run.tables.get("summary", pd.DataFrame())
-    table = format_summary(summary).to_html(index=False, border=0, classes="summary") if not summary.empty else ""
+    shown = format_summary(summary).rename(columns=lambda c: str(c).replace("_", " "))  # headers that can wrap
+    table = (f'<div class="wide">{shown.to_html(index=False, border=0, classes="summary")}</div>'
+             if not summary.empty else "")
     model = run.model
     settings = run.settings
     env = run.environment
@@ -206,6 +208,8 @@ def render_html(run: Run) -> str:
 body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }}
 table {{ border-collapse: collapse; margin: 1rem 0; }} th, td {{ padding: .3rem .7rem; text-align: left; }}
 table.summary tr:nth-child(even) {{ background: #f4f6f8; }} table.summary th {{ background: #e3e8ee; }}
+table.summary {{ font-size: .85rem; }} table.summary td, table.summary th {{ padding: .25rem .4rem; }}
+.wide {{ max-width: 100%; overflow-x: auto; }}
 .meta th {{ color: #555; font-weight: 600; }}
 </style></head><body>
 <h1>Quantization comparison</h1>

@@ -47,11 +47,19 @@ def test_report_renders_every_figure_offline(tiny_llama_dir, tmp_path) -> None:
                                    timeout=30_000)
             plots = page.locator(".js-plotly-plot").count()
             table_text = page.locator("table.summary").inner_text()
+            # The page is no wider than the window: a wide summary table scrolls inside its own box.
+            page_width = page.evaluate("() => document.documentElement.scrollWidth")
+            # Every scheme's line in the per-layer chart has its own colour (no template needed: it drew black).
+            colours = page.evaluate("() => Array.from(document.querySelectorAll('.js-plotly-plot')).map("
+                                    "p => (p.data || []).map(t => (t.line && t.line.color) || (t.marker && "
+                                    "t.marker.color) || null))")
             SHOTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SHOTS / "report.png"), full_page=True)
         finally:
             browser.close()
     assert plots == expected
+    assert page_width <= 1200, page_width
+    assert all(c for figure in colours for c in figure), colours
     assert "NF4" in table_text and "GGUF Q8_0" in table_text and "baseline" in table_text
     assert not errors, errors
     assert requested == [], f"the report asked the network for {requested}"
