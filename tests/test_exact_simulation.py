@@ -15,7 +15,7 @@ from quantlib.configs import parse_config
 from quantlib.methods import get_quantizer
 from quantlib.methods import _bnb_cpu
 from quantlib.methods._bnb_cpu import has_avx512bf16
-from quantlib.methods.bitsandbytes import ExactLinear4bit, ExactLinear8bit, kernel_paths
+from quantlib.methods.bitsandbytes import WORKAROUND_4BIT, ExactLinear4bit, ExactLinear8bit, kernel_paths
 from quantlib.models import load_model
 from quantlib.runtime import cpu_features
 
@@ -415,3 +415,72 @@ def test_a_comparison_quantizes_each_simulated_layer_once(tiny_llama_dir, monkey
     for config, label in zip(configs, [parse_config(c).label for c in configs]):
         errors = result.layers[result.layers["scheme"] == label].drop(columns="scheme").reset_index(drop=True)
         assert errors.equals(again[config["quant_method"]]), label
+
+
+def _odd_llama(tmp_path, tiny_tokenizer):
+    """A tiny Llama whose MLP width (48) bitsandbytes' fused kernel cannot take: gate/up have 48 outputs (not a
+    multiple of 32), down_proj 48 inputs (not a multiple of the blocksize 64)."""
+    from transformers import LlamaForCausalLM
+
+    from tests.conftest import tiny_llama_config
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(len(tiny_tokenizer), intermediate_size=48)).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("avx512f", [False, True])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_layers_bitsandbytes_cpu_kernels_get_wrong_are_worked_around(tmp_path, tiny_tokenizer, monkeypatch, bf16,
+                                                                     avx512f):
+    """Both branches of both checks on any CPU (each Linear4bit asks bitsandbytes' AVX512-BF16 check when it is built;
+    quantlib asks its AVX-512F one): a layer the fused kernel would assert on goes to the dequantize path, and a layer
+    whose dequantization bitsandbytes' AVX-512 branch gets wrong is computed by quantlib's reference instead."""
+    import bitsandbytes as bnb
+    import bitsandbytes.nn.modules
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: bf16)
+    monkeypatch.setattr(_bnb_cpu, "has_avx512f", lambda: avx512f)
+    qm = quantize_model(NF4, source=_odd_llama(tmp_path, tiny_tokenizer), device="cpu")
+    layers = {name: m for name, m in qm.model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, ExactLinear4bit))}
+    assert len(layers) == 14
+    for name, layer in layers.items():
+        if name.endswith("down_proj") and avx512f:  # 48 inputs: not a multiple of the blocksize 64
+            assert isinstance(layer, ExactLinear4bit) and layer.kernel_path == WORKAROUND_4BIT and not layer.training
+        elif name.endswith(("gate_proj", "up_proj", "down_proj")):  # 48 outputs, or 48 inputs without AVX-512F
+            assert isinstance(layer, bnb.nn.Linear4bit) and layer.support_avx512bf16_for_cpu is False
+        else:
+            assert isinstance(layer, bnb.nn.Linear4bit) and layer.support_avx512bf16_for_cpu is bf16
+    assert (WORKAROUND_4BIT in kernel_paths(qm.model)) is avx512f
+
+
+@pytest.mark.skipif(not (FUSED_HERE and _bnb_cpu.has_avx512f()),
+                    reason="needs bitsandbytes' fused AVX512-BF16 kernel and its AVX-512 dequantize branch, the two it "
+                           "gets wrong on this model; this CPU lacks one: the workaround's logic is tested above with "
+                           "both checks monkeypatched")
+def test_a_model_with_odd_widths_runs_right_and_its_simulation_is_bit_for_bit(tmp_path, tiny_tokenizer):
+    """On this AVX512-BF16 CPU, bitsandbytes alone crashes on the first forward ("N must be divisible by block_n"), and
+    its AVX-512 dequantize_4bit reads the wrong absmax for down_proj. Worked around, the model runs; the worked-around
+    layer's weights are bitsandbytes' own dequantization of the same codes taken as one row (where its blocks are the
+    flat blocks quantize_4bit made); the exact simulation mirrors every layer's own path."""
+    import bitsandbytes.functional as bnbf
+
+    qm = quantize_model(NF4, source=_odd_llama(tmp_path, tiny_tokenizer), device="cpu")
+    quantizer = get_quantizer(parse_config(NF4), device="cpu")
+    for module in qm.model.modules():
+        if isinstance(module, ExactLinear4bit):
+            qs = copy.deepcopy(module.packed)
+            state = bnbf.QuantState(absmax=qs.absmax, shape=torch.Size((1, module.out_features * module.in_features)),
+                                    blocksize=qs.blocksize, code=bnbf.get_4bit_type("nf4", device="cpu"),
+                                    quant_type="nf4", dtype=torch.float32)
+            one_row = bnbf.dequantize_4bit(qs.packed, state).reshape(module.out_features, module.in_features)
+            assert torch.equal(module.weight_fp32, one_row)
+    ids = torch.randint(3, 60, (2, 40))
+    with torch.no_grad():
+        kernels = qm.model(input_ids=ids).logits
+    assert sorted(kernel_paths(qm.model)) == sorted([_bnb_cpu.FUSED_4BIT, _bnb_cpu.DEQUANT_4BIT, WORKAROUND_4BIT])
+    assert quantizer.exact_simulation_problem(qm.model) is None
+    quantizer.to_exact_simulation(qm.model)
+    with torch.no_grad():
+        assert torch.equal(qm.model(input_ids=ids).logits, kernels)

@@ -96,6 +96,31 @@ def paths_summary() -> str:
     return f"bitsandbytes here: 4-bit {four}, LLM.int8() {eight}"
 
 
+def has_avx512f() -> bool:
+    """bitsandbytes' own check (`has_avx512f_cpu` in its native library), which picks its AVX-512 dequantization."""
+    try:
+        from bitsandbytes.cextension import lib
+
+        return bool(lib.has_avx512f_cpu())
+    except (ImportError, AttributeError, OSError, RuntimeError):
+        return False
+
+
+def dequantize_problem(in_features: int, blocksize: int) -> Optional[str]:
+    """Why bitsandbytes 0.50.2's CPU `dequantize_4bit` gives wrong weights for a layer on this CPU, or None.
+
+    Its AVX-512 branch (`dequantizeBlockwise4bitCpu`, taken where `has_avx512f_cpu()` and in_features is a multiple of
+    16) reads the absmax of row r, column c at `r * (in_features / blocksize) + c / blocksize`: blocks within rows. But
+    `quantize_4bit` makes its blocks over the flattened weight. Where in_features is not a multiple of the blocksize the
+    two disagree (in_features 48, blocksize 64: every row reads absmax[0]); the scalar branch, taken elsewhere, is
+    right."""
+    if in_features % blocksize and in_features % 16 == 0 and blocksize >= 16 and has_avx512f():
+        return (f"in_features {in_features} is not a multiple of the blocksize {blocksize}: bitsandbytes 0.50.2's "
+                "AVX-512 dequantize_4bit reads one absmax per row there while quantize_4bit made blocks over the "
+                "flattened weight, so its weights are wrong")
+    return None
+
+
 def bf16_levels(quant_type: str) -> torch.Tensor:
     """The kernel's 16 bf16 code levels (round to nearest even), as fp32."""
     levels = NF4_LEVELS if quant_type == "nf4" else FP4_LEVELS

@@ -18,6 +18,12 @@ in its last bits, so most values move by a few ulp. The weights' squared error s
 the reference's. Numbers a model gives on CUDA come from the CUDA kernels themselves (benchmarks/RESULTS.md,
 "On a GPU").
 
+bitsandbytes 0.50.2's CPU backend gets two shapes wrong, on CPUs with AVX-512: its fused AVX512-BF16 kernel asserts
+on layers whose out_features is not a multiple of 32 (or in_features of the blocksize), and its AVX-512 dequantize_4bit
+reads the wrong absmax where in_features is not a multiple of the blocksize. `work_around_cpu_kernel_bugs` (one place,
+tested) routes the first to bitsandbytes' other path and computes the second as bitsandbytes' scalar branch does; the
+run's kernel paths say so.
+
 Constant code tables shared by every tensor of a format (the 16 NF4/FP4 levels, the 256-entry
 dynamic map) are not counted as a tensor's storage. (bitsandbytes' serialised state does repeat the
 1 KiB dynamic map per tensor as `nested_quant_map`; we treat that as a serialisation overhead, not
@@ -852,6 +858,48 @@ def stored_4bit(layer: Any, dtype: torch.dtype = torch.float32) -> "Blockwise4bi
                                tuple(qs.shape), dtype, "torch")
 
 
+#: The kernel path of a layer `work_around_cpu_kernel_bugs` computes itself.
+WORKAROUND_4BIT = ("quantlib's reference dequantization + F.linear (bitsandbytes' scalar branch: its AVX-512 "
+                   "dequantize_4bit is wrong for these layers' shape)")
+
+
+def work_around_cpu_kernel_bugs(model: torch.nn.Module) -> list[str]:
+    """WORKAROUND (bitsandbytes 0.50.2's CPU backend), in this one place; tested in tests/test_exact_simulation.py.
+
+    1. On an AVX512-BF16 CPU, `Linear4bit.forward` repacks every layer for its fused kernel, and the repacking asserts
+       that out_features is a multiple of 32 and in_features of the blocksize ("N must be divisible by block_n"): a
+       layer of another shape (an MoE router with 8 or 60 outputs, an odd MLP width) crashes the first forward. Such
+       a layer is put on bitsandbytes' other CPU path (its own per-layer flag `support_avx512bf16_for_cpu` cleared).
+    2. That other path dequantizes with `dequantize_4bit`, whose AVX-512 branch is wrong where in_features is not a
+       multiple of the blocksize (`_bnb_cpu.dequantize_problem`). Such a layer is computed by `ExactLinear4bit` on the
+       dequantize path: quantlib's reference dequantization, which is bitsandbytes' own scalar branch bit for bit.
+
+    Returns one line per layer worked around, for the run's notes."""
+    import bitsandbytes as bnb
+
+    from quantlib.methods._bnb_cpu import dequantize_problem, fused_shape_problem
+
+    notes = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, bnb.nn.Linear4bit) or module.weight.device.type != "cpu" \
+                or getattr(module.weight, "quant_state", None) is None \
+                or getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+            continue
+        blocksize = int(module.weight.quant_state.blocksize)
+        if getattr(module, "support_avx512bf16_for_cpu", False) and \
+                fused_shape_problem(module.out_features, module.in_features, blocksize):
+            module.support_avx512bf16_for_cpu = False
+            notes.append(f"{name}: {module.out_features} x {module.in_features}, a shape bitsandbytes' fused "
+                         "AVX512-BF16 kernel asserts on, runs on its dequantize path")
+        problem = dequantize_problem(module.in_features, blocksize)
+        if problem:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, ExactLinear4bit(module, workaround=True))
+            notes.append(f"{name}: {problem}; quantlib computes it as bitsandbytes' scalar branch does")
+    return notes
+
+
 def keep_stored_4bit(model: torch.nn.Module) -> int:
     """Keep a reference to the stored tensors of every `Linear4bit` that bitsandbytes will repack on its first CPU
     forward (its fused AVX512-BF16 path), so weight errors and the exact simulation still read them afterwards.
@@ -912,15 +960,16 @@ class ExactLinear4bit(torch.nn.Module):
     and the codes.
     """
 
-    def __init__(self, layer: Any):
+    def __init__(self, layer: Any, workaround: bool = False):
         super().__init__()
         from quantlib.methods import _bnb_cpu
 
+        self.train(layer.training)  # Linear4bit's fused path depends on it: mirror the layer's mode
         qs = layer.weight.quant_state
         shape = tuple(int(d) for d in qs.shape)
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.quant_type, self.blocksize = qs.quant_type, int(qs.blocksize)
-        self.kernel_path = _bnb_cpu.four_bit_path(layer)
+        self.kernel_path = WORKAROUND_4BIT if workaround else _bnb_cpu.four_bit_path(layer)
         self.fused = self.kernel_path == _bnb_cpu.FUSED_4BIT
         self.repacked = bool(getattr(qs, "packing_format_for_cpu", False))  # from now on always the fused kernel
         try:  # the layer's stored tensors, for its weight error and code usage
@@ -1161,7 +1210,8 @@ class BnbQuantizer(Quantizer):
                             progress=progress)
         _own_unquantized_tensors(loaded.model)
         keep_stored_4bit(loaded.model)  # before a CPU forward repacks them for the fused kernel
-        memory = measure_footprint(loaded.model)
+        memory = measure_footprint(loaded.model)  # what bitsandbytes stores, before any workaround
+        work_around_cpu_kernel_bugs(loaded.model)  # bitsandbytes' CPU kernels on shapes they get wrong
         loaded.model.eval()
         return QuantizedModel(loaded.model, loaded.tokenizer, self.config, self.backend, memory,
                               time.perf_counter() - started, loaded.description.to_dict())
