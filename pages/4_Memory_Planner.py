@@ -242,8 +242,12 @@ def main() -> None:
     with right:
         dtypes = list(DTYPE_BYTES)[:3]
         stored_dtype = _majority_dtype(stored_dtypes) or model_config.get("dtype") or model_config.get("torch_dtype")
-        # A config.json that names no dtype: most checkpoints are bf16, so that is assumed, and said.
-        NS.setdefault(stored_dtype if stored_dtype in dtypes else ASSUMED_DTYPE, "dtype")
+        # The model's own dtype; for a config.json that names none, bf16 (what most checkpoints are), said below. A new
+        # model (another default) resets the choice; the user's own choice stands while the model stays.
+        default = stored_dtype if stored_dtype in dtypes else ASSUMED_DTYPE
+        if NS.get("dtype_default") != default:
+            NS.set(default, "dtype_default")
+            NS.set(default, "dtype")
         dtype = st.selectbox("dtype of unquantized tensors", dtypes, key=NS.key("dtype"),
                              help="Embeddings, norms, skipped layers and biases stay in this dtype.")
         if stored_dtype not in dtypes and not stored_dtypes:
