@@ -265,11 +265,13 @@ def config_options(builder: dict | None, builder_label: str | None) -> dict[str,
     Presets whose library is missing (GPTQ/AWQ without gptqmodel, AQLM without aqlm) are left out;
     the Config Builder and Memory Planner still offer them for export and planning.
     """
-    from quantlib.presets import PRESET_TITLES, preset, runnable_presets
+    from app_support.presets import BUILDER_PREFIX
+    from quantlib.presets import preset, runnable_presets
 
     options: dict[str, dict] = {}
     if builder:
-        options[f"Config Builder: {builder_label or 'current config'}"] = dict(builder)
-    for name in runnable_presets():
-        options[f"{PRESET_TITLES.get(name, name)}"] = preset(name).to_dict()
+        options[BUILDER_PREFIX + (builder_label or "current config")] = dict(builder)
+    for name in runnable_presets():  # keyed by the label the result tables use (pickers add the description)
+        config = preset(name)
+        options[config.label] = config.to_dict()
     return options

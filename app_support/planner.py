@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from app_support.presets import PRESETS, preset_config
+from app_support.presets import BUILDER_PREFIX, PRESETS, preset_config
 from quantlib.configs import QuantConfig, parse_config
 
 #: SmolLM2-135M-Instruct's shapes, the starting values of the "architecture numbers" form.
@@ -21,7 +21,7 @@ ARCH_FIELDS = {
     "vocab_size": "Vocabulary",
 }
 UNQUANTIZED = "unquantized"
-BUILDER_PREFIX = "Builder: "
+
 
 
 def arch_config(numbers: dict[str, Any]) -> dict[str, Any]:

@@ -9,10 +9,21 @@ from __future__ import annotations
 from typing import Any
 
 from quantlib.configs import QuantConfig, parse_config
+from quantlib.presets import PRESET_TITLES
 from quantlib.presets import PRESETS as _BY_KEY
 
 #: display label -> config dict, in quantlib's preset order.
 PRESETS: dict[str, dict[str, Any]] = {parse_config(cfg).label: dict(cfg) for cfg in _BY_KEY.values()}
+#: display label -> the preset's description, where it says more than the label.
+DESCRIPTIONS: dict[str, str] = {parse_config(cfg).label: PRESET_TITLES[key] for key, cfg in _BY_KEY.items()
+                                if key in PRESET_TITLES and PRESET_TITLES[key] != parse_config(cfg).label}
+#: How the Config Builder's current config is named wherever a page offers it.
+BUILDER_PREFIX = "Config Builder: "
+
+
+def option_text(name: str) -> str:
+    """A picker's text for an option: the label the tables use, then what the preset is."""
+    return f"{name} · {DESCRIPTIONS[name]}" if name in DESCRIPTIONS else name
 
 
 def preset_names() -> list[str]:

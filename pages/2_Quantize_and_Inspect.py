@@ -23,6 +23,7 @@ from app_support.errors import guard, run_page, show_exception  # noqa: E402
 from app_support.models_ui import (ModelChoice, backend_label, config_json, config_options, estimate_note,  # noqa: E402
                                    format_seconds, get_reference, load_base, model_picker, n_params, preflight_problems,
                                    put_reference, resolve)
+from app_support.presets import option_text  # noqa: E402
 from app_support.runner import Progress, run_buttons, was_cancelled  # noqa: E402
 from app_support.state import BUILDER_LABEL, Namespace, builder_config  # noqa: E402
 
@@ -240,7 +241,7 @@ def main() -> None:
     options = config_options(builder_config(), st.session_state.get(BUILDER_LABEL))
     left, right = st.columns([2, 1])
     with left:
-        name = st.selectbox("Config", list(options), key=NS.key("config_name"),
+        name = st.selectbox("Config", list(options), key=NS.key("config_name"), format_func=option_text,
                             help="A preset, or the config you built on the Config Builder page (listed first).")
         if not builder_config():
             st.caption("Build your own on the Config Builder page: it then appears first in this list.")

@@ -23,6 +23,7 @@ if ROOT not in sys.path:
 from app_support.errors import guard, run_page, show_exception  # noqa: E402
 from app_support.models_ui import (ModelChoice, backend_label, config_json, config_options, estimate_note,  # noqa: E402
                                    format_seconds, load_base, model_picker, n_params, preflight_problems, resolve)
+from app_support.presets import option_text  # noqa: E402
 from app_support.runner import Progress, run_buttons, was_cancelled  # noqa: E402
 from app_support.state import BUILDER_LABEL, Namespace, builder_config  # noqa: E402
 
@@ -57,7 +58,7 @@ def choose_configs() -> tuple[list[dict], list[str]]:
     NS.setdefault([n for n in DEFAULT_SELECTION if n in options], "configs")
     st.session_state[NS.key("configs")] = [n for n in st.session_state[NS.key("configs")] if n in options]
     selected = st.multiselect(f"Configs to compare ({MIN_CONFIGS}–{MAX_CONFIGS})", list(options),
-                              key=NS.key("configs"),
+                              key=NS.key("configs"), format_func=option_text,
                               help="Presets, plus the Config Builder's current config when you have built one.")
     if not builder_config():
         st.caption("Your own config from the Config Builder page appears here once you have built one.")

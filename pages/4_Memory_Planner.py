@@ -16,6 +16,7 @@ if ROOT not in sys.path:
 from app_support.errors import guard, run_page
 from app_support.planner import (ARCH_FIELDS, SMOLLM2_ARCH, UNQUANTIZED, arch_config, config_choices, gib,
                                  memory_sources)
+from app_support.presets import BUILDER_PREFIX, option_text
 from app_support.state import BUILDER_CONFIG, BUILDER_LABEL, Namespace
 from quantlib.memory import (COMPONENT_LABELS, DTYPE_BYTES, KV_DTYPE_BYTES, RUNTIME_LABELS, plan_memory, plan_table,
                              stored_quantization)
@@ -233,9 +234,9 @@ def main() -> None:
     left, right = st.columns([3, 2])
     with left:
         NS.setdefault([n for n in DEFAULT_SELECTION if n in choices]
-                      + [n for n in choices if n.startswith("Builder")], "configs")
+                      + [n for n in choices if n.startswith(BUILDER_PREFIX)], "configs")
         st.session_state[NS.key("configs")] = [n for n in st.session_state[NS.key("configs")] if n in choices]
-        selected = st.multiselect("Configs", list(choices), key=NS.key("configs"),
+        selected = st.multiselect("Configs", list(choices), key=NS.key("configs"), format_func=option_text,
                                   help="The presets, plus the Config Builder's current config when you have "
                                        "built one.")
         include_base = st.checkbox("Include the unquantized model", value=True, key=NS.key("baseline"))

@@ -63,7 +63,7 @@ def test_inspect_renders_with_default_model_description():
     assert any("Estimated run time" in c.value for c in at.caption)
 
 
-@pytest.mark.parametrize("config", ["RTN int4, group 64, symmetric", "NF4"])
+@pytest.mark.parametrize("config", ["RTN int4 g64", "NF4"])
 def test_inspect_tiny_model(tiny_llama_dir, config):
     at = start(INSPECT)
     use_folder(at, "inspect", tiny_llama_dir)
@@ -153,7 +153,7 @@ def test_compare_needs_two_to_six_configs():
 def test_compare_tiny_model_and_earlier_runs(tiny_llama_dir, runs_dir):
     at = start(COMPARE)
     use_folder(at, "compare", tiny_llama_dir)
-    at.multiselect(key="compare.configs").set_value(["NF4", "RTN int8, per channel"])
+    at.multiselect(key="compare.configs").set_value(["NF4", "RTN int8 channel"])
     at.number_input(key="compare.tokens").set_value(256)
     at.number_input(key="compare.window").set_value(128)
     at.run()

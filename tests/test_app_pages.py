@@ -486,7 +486,7 @@ def test_planner_offers_the_builder_config():
     at.session_state["builder.label"] = "GGUF Q8_0"
     at.run()
     assert not at.exception and not errors(at)
-    assert "Builder: GGUF Q8_0" in totals(at)
+    assert "Config Builder: GGUF Q8_0" in totals(at)
 
 
 def test_planner_errors_are_messages(tmp_path):
@@ -529,7 +529,10 @@ def test_builder_hqq_per_layer_config_from_the_form_exports_what_hqqconfig_saves
 def test_planner_plans_the_added_methods(preset):
     at = run(PLANNER)
     assert not at.exception
-    assert preset in at.multiselect(key="planner.configs").options, at.multiselect(key="planner.configs").options
+    from app_support.presets import option_text
+
+    options = at.multiselect(key="planner.configs").options  # as shown: the label, then the preset's description
+    assert option_text(preset) in options and option_text(preset).startswith(preset), options
     at.multiselect(key="planner.configs").set_value([preset]).run()
     assert not at.exception and not errors(at)
     table = at.dataframe[0].value
@@ -572,3 +575,21 @@ def test_progress_takes_reports_from_a_library_worker_thread():
     at.run()
     assert not at.exception, [e.message for e in at.exception]
     assert at.markdown[0].value == "errors: []"
+
+
+def test_one_name_per_config_on_every_page():
+    """A preset is named by the label its result rows carry, on every page's picker (its description beside it), and
+    the builder's config is "Config Builder: …" everywhere."""
+    from app_support.models_ui import config_options
+    from app_support.planner import config_choices
+    from app_support.presets import option_text
+    from quantlib.presets import PRESET_TITLES, preset, runnable_presets
+
+    builder = preset("nf4-dq").to_dict()
+    compare = config_options(builder, "NF4+DQ")
+    planner = config_choices(builder, "NF4+DQ")
+    labels = [preset(name).label for name in runnable_presets()]
+    assert list(compare) == ["Config Builder: NF4+DQ", *labels]
+    assert set(compare) <= set(planner)
+    assert option_text("INT8 (t=6)") == "INT8 (t=6) · " + PRESET_TITLES["int8"]
+    assert option_text("NF4") == "NF4"  # nothing more to say

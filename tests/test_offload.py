@@ -104,7 +104,7 @@ def test_compare_page_runs_offloaded(tiny_llama_dir, tmp_path, monkeypatch):
 
     monkeypatch.setenv("QUANTLIB_RUNS_DIR", str(tmp_path / "runs"))
     at = page_on_folder("3_Compare_Schemes.py", "compare", tiny_llama_dir)
-    at.multiselect(key="compare.configs").set_value(["NF4", "RTN int8, per channel"])
+    at.multiselect(key="compare.configs").set_value(["NF4", "RTN int8 channel"])
     at.number_input(key="compare.tokens").set_value(64)
     at.number_input(key="compare.window").set_value(64)
     at.checkbox(key="compare.offload.on").check().run()
@@ -119,7 +119,7 @@ def test_compare_page_runs_offloaded(tiny_llama_dir, tmp_path, monkeypatch):
     assert table["offloaded"].all()
     assert any("Estimated evaluation time" in i.value for i in at.info)
     # INT8 is refused with the reason before anything runs
-    at.multiselect(key="compare.configs").set_value(["NF4", "LLM.int8() (threshold 6.0)"]).run()
+    at.multiselect(key="compare.configs").set_value(["NF4", "INT8 (t=6)"]).run()
     assert any("activations at run time" in e.value for e in at.error)
 
 
