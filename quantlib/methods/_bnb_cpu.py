@@ -49,8 +49,8 @@ FP32_8BIT = "bitsandbytes LLM.int8(): fp32 matmul truncated to int32 (no AVX-512
 
 _U32 = 2.0 ** -24  # unit roundoff of fp32
 _MIN_NORMAL = 2.0 ** -126
-#: Outputs recomputed with the exact rounding sequence per chunk (rows of `in_features` floats each).
-_EXACT_CHUNK = 4096
+#: Floats gathered per chunk of outputs recomputed with the exact rounding sequence (two rows of `in_features` each).
+_EXACT_CHUNK_FLOATS = 2**24
 
 
 def has_avx512bf16() -> bool:
@@ -256,8 +256,9 @@ def fused_4bit_matmul(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor
     unsure = ~((lo16 == hi16) & torch.isfinite(lo16) & torch.isfinite(hi16))
     where = torch.nonzero(unsure)
     flush = bool(where.shape[0]) and _denormal_sums_possible(xb)
-    for start in range(0, where.shape[0], _EXACT_CHUNK):
-        rows, cols = where[start:start + _EXACT_CHUNK].unbind(1)
+    chunk = max(256, _EXACT_CHUNK_FLOATS // (2 * k))
+    for start in range(0, where.shape[0], chunk):
+        rows, cols = where[start:start + chunk].unbind(1)
         acc = _exact_outputs(xb.index_select(0, rows), codes.index_select(0, cols), scales.index_select(0, cols),
                              levels, blocksize, flush)
         out[rows, cols] = acc.to(torch.bfloat16)
