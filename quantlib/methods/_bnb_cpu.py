@@ -246,7 +246,8 @@ def fused_4bit_matmul(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor
     # holds: the errors add up to 2**-24 * sum_j reach_j |x_j| (fp32 here, within 2 K 2**-24 of itself). Then float64's
     # own error, and the flushed denormals.
     bound = (xb.abs() @ reach.t()).double() * ((_U32 * 1.001 + k * 2.0 ** -52) * (1 + 2 * k * _U32))
-    bound += (k + groups) * (1.0 + float(scales.abs().max(), ) if scales.numel() else 1.0) * _MIN_NORMAL
+    largest_scale = float(scales.abs().max()) if scales.numel() else 0.0
+    bound += (k + groups) * (1.0 + largest_scale) * _MIN_NORMAL
     lo, hi = exact - bound, exact + bound
     lo32, hi32 = lo.float(), hi.float()
     lo32 = torch.where(lo32.double() > lo, torch.nextafter(lo32, torch.tensor(float("-inf"))), lo32)
