@@ -19,7 +19,7 @@ from app_support.planner import (ARCH_FIELDS, SMOLLM2_ARCH, UNQUANTIZED, arch_co
 from app_support.presets import BUILDER_PREFIX, option_text
 from app_support.state import BUILDER_CONFIG, BUILDER_LABEL, Namespace
 from quantlib.memory import (COMPONENT_LABELS, DTYPE_BYTES, KV_DTYPE_BYTES, RUNTIME_LABELS, plan_memory, plan_table,
-                             stored_quantization)
+                             short_reason, stored_quantization)
 from quantlib.shapes import ArchitectureError, ForwardMemory, ModelShapes, forward_memory, model_shapes
 
 st.set_page_config(page_title="Memory Planner · Quantization Explorer", page_icon=":material/straighten:",
@@ -173,9 +173,14 @@ def show_unquantized(model_config: dict, names: list[str], configs: list, dtype:
         plan = plan_memory(model_config, cfg, dtype, shapes=shapes)
         frame = plan.unquantized_frame()
         frame["MiB"] = frame.pop("bytes") / 2**20
-        st.dataframe(frame, hide_index=True, width="stretch",
+        # What, in a few words, and why, in its own wide column: one long cell was cut off.
+        frame.insert(0, "what", frame["why"].map(short_reason))
+        frame["why"] = [w[len(short) + 2:-1] if w != short and w.endswith(")") else "" for w, short
+                        in zip(frame["why"], frame["what"])]
+        st.dataframe(frame[["what", "tensors", "params", "MiB", "why"]], hide_index=True, width="stretch",
                      column_config={"MiB": st.column_config.NumberColumn("MiB", format="%.2f"),
-                                    "params": st.column_config.NumberColumn("parameters", format="localized")})
+                                    "params": st.column_config.NumberColumn("parameters", format="localized"),
+                                    "why": st.column_config.TextColumn("why", width="large")})
         if plan.experts_policy:
             st.caption(f"Mixture of experts ({shapes.n_experts} experts per block): {plan.experts_policy}.")
 
