@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import pandas as pd
 import streamlit as st
 
 # Pages import the repo's packages whichever way they are started (streamlit run, AppTest).
@@ -300,6 +301,11 @@ def main() -> None:
                          for long, short in names_short.items()}
         column_config.update({c: st.column_config.NumberColumn(label, format="%.2f", help=h)
                               for c, (label, h) in OTHER_COLUMNS.items()})
+        # The unquantized model has no quantized layers: "—", not a raw None, in its bits/param (q) cell.
+        quantized_bits = "bits/param (quantized layers)"
+        display[quantized_bits] = [f"{v:.2f}" if pd.notna(v) else "—" for v in display[quantized_bits]]
+        label, text = OTHER_COLUMNS[quantized_bits]
+        column_config[quantized_bits] = st.column_config.TextColumn(label, help=text)
         column_config["fits"] = st.column_config.CheckboxColumn("fits", help=f"Total ≤ {budget_text}")
         if warnings:  # on the row too, where the numbers are read
             display["mostly unquantized"] = [warnings.get(name, "") for name in display.index]

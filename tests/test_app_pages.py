@@ -472,6 +472,9 @@ def test_planner_pasted_moe_config_shows_experts_kv_and_what_stays_unquantized()
     assert flagged and all("fused expert tensors" in w and "nn.Linear" in w for w in flagged), flagged
     assert any(w.startswith("**NF4") for w in flagged), flagged
     table = at.dataframe[0].value
+    quantized_bits = table["bits/param (quantized layers)"]  # the unquantized model has none: a dash, not None
+    assert [quantized_bits[n] for n in table.index if n.startswith("unquantized")] == ["—"]
+    assert all(float(quantized_bits[n]) > 4 for n in table.index if not n.startswith("unquantized"))
     rows = table["mostly unquantized"]
     assert all(rows[n] for n in table.index if n.startswith("NF4")), rows
     assert not rows[[n for n in table.index if n.startswith("unquantized")][0]]
