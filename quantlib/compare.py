@@ -299,6 +299,7 @@ def _run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compa
                     exact = True
                 elif settings.kernels == "exact":
                     notes.append(f"{label} ran on its library's kernels: {problem}")
+            qm.kernel_paths = quantizer.kernel_paths(qm.model)  # once, as evaluated (the swap above included)
             if not qm.simulated and not exact:  # loaded from disk: its embeddings and norms equal the baseline's
                 share_identical_tensors(qm.model, base.model)
             # Every model gives its layers' stored tensors (calibrated checkpoints, bitsandbytes' layers, the packed
@@ -358,10 +359,8 @@ def _run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compa
 
 def _entry(label: str, qm: Any, errors: pd.DataFrame, quant_seconds: float, exact: bool, crosscheck: Any,
            comparison: Any) -> dict[str, Any]:
-    from quantlib.methods import get_quantizer
-
     detail = {"backend": qm.backend.to_dict(), "kl": comparison.to_dict(), "quantize_seconds": quant_seconds,
-              "kernel_path": get_quantizer(qm.config, device=qm.backend.device).kernel_paths(qm.model),
+              "kernel_path": list(qm.kernel_paths),
               "evaluated_with": ("exact simulation of the library's kernels" if exact else
                                  "quantize→dequantize simulation" if qm.simulated else "the library's kernels")}
     if crosscheck is not None:

@@ -191,6 +191,8 @@ class QuantizedModel:
     #: simulated methods: each layer's packed tensor from `simulate`, so layer errors read it instead of quantizing
     #: every weight a second time (drop it with `release_packed` once read: it holds the packed model)
     packed_layers: dict[str, QuantizedTensor] | None = None
+    #: which kernels compute its layers as evaluated (`Quantizer.kernel_paths`), set once by the comparison
+    kernel_paths: list[str] = field(default_factory=list)
 
     def release_packed(self) -> None:
         self.packed_layers = None
