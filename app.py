@@ -38,7 +38,7 @@ def home() -> None:
             if kind == "cuda":
                 st.caption("CUDA is available: bitsandbytes uses its GPU kernels.")
             else:
-                from quantlib.methods import cpu_kernel_summaries
+                from quantlib.registry import cpu_kernel_summaries
                 from quantlib.runtime import cpu_features, cpu_features_text
 
                 st.caption(cpu_features_text(cpu_features()) + ". " + "; ".join(cpu_kernel_summaries()) + ".")

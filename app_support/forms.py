@@ -47,7 +47,7 @@ class RadioOverride:
 
 def radio_override(method: str) -> RadioOverride | None:
     """The one radio a config class asks for in place of several exported keys (its `FORM_CHOICE`)."""
-    from quantlib.configs import CONFIG_MAPPING
+    from quantlib.registry import CONFIG_MAPPING
 
     choice = getattr(CONFIG_MAPPING.get(method), "FORM_CHOICE", None)
     return RadioOverride(**choice) if choice else None

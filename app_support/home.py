@@ -23,7 +23,7 @@ class PageInfo:
 
 def method_names() -> str:
     """Every registered method, as the builder lists them (the registry, so a new method is named here too)."""
-    from quantlib.configs import registered_methods
+    from quantlib.registry import registered_methods
 
     return ", ".join(registered_methods())
 
@@ -61,7 +61,7 @@ def discover_pages() -> list[PageInfo]:
 
 def versioned() -> tuple[str, ...]:
     """torch, transformers, streamlit and the library of every registered method."""
-    from quantlib.methods.base import method_libraries
+    from quantlib.registry import method_libraries
 
     return tuple(dict.fromkeys(("torch", "transformers", "streamlit", *method_libraries())))
 

@@ -73,7 +73,7 @@ def backend() -> tuple[str, str]:
 
     kind = "cuda" if cuda_available() else "cpu"
     if kind == "cpu":
-        from quantlib.methods import cpu_kernel_summaries
+        from quantlib.registry import cpu_kernel_summaries
         from quantlib.runtime import cpu_flags_text
 
         flags = cpu_flags_text()
@@ -98,7 +98,7 @@ def model_config(source: str) -> dict:
 @st.cache_data(show_spinner=False, max_entries=256)
 def preflight_problems(config_json: str, source: str) -> list[str]:
     """`quantlib.apply.preflight` on the model's config.json; the config is hashed by its JSON."""
-    from quantlib.apply import preflight
+    from quantlib.registry import preflight
 
     return preflight(json.loads(config_json), model_config(source))
 
@@ -241,8 +241,8 @@ def n_params(choice: ModelChoice) -> int:
 
 def estimate_note(configs: list[dict], device: str) -> str:
     """Where the estimate is least certain, say so."""
-    from quantlib.configs import parse_config
-    from quantlib.methods import quantizer_class
+    from quantlib.registry import parse_config
+    from quantlib.registry import quantizer_class
 
     slow = [c.label for c in map(parse_config, configs) if quantizer_class(c).cpu_eval_slowdown > 1.0]
     if device == "cpu" and slow:

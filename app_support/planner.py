@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from app_support.presets import BUILDER_PREFIX, PRESETS, preset_config
-from quantlib.configs import QuantConfig, parse_config
+from quantlib.configs import QuantConfig
+from quantlib.registry import parse_config
 
 #: SmolLM2-135M-Instruct's shapes, the starting values of the "architecture numbers" form.
 SMOLLM2_ARCH = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
@@ -60,7 +61,7 @@ def config_choices(builder: dict[str, Any] | None, builder_label: str | None = N
 def shape_problem(config: QuantConfig, model_config: dict[str, Any], model_name: str) -> str | None:
     """Why a config cannot quantize a model (layers its group or block size does not fit), or None:
     the method's own `check_shape` on every layer it quantizes (`quantlib.methods.preflight`)."""
-    from quantlib.methods import preflight
+    from quantlib.registry import preflight
 
     problems = preflight(config, model_config)
     if not problems:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from quantlib.configs import QuantConfig, parse_config
+from quantlib.configs import QuantConfig
+from quantlib.registry import parse_config
 from quantlib.presets import PRESET_TITLES
 from quantlib.presets import PRESETS as _BY_KEY
 

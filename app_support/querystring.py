@@ -11,7 +11,8 @@ import binascii
 import json
 from typing import Any, Mapping
 
-from quantlib.configs import CONFIG_MAPPING, QuantConfig, parse_config
+from quantlib.configs import QuantConfig
+from quantlib.registry import CONFIG_MAPPING, parse_config
 
 
 class QueryStringError(ValueError):

@@ -13,7 +13,7 @@ DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 def transformers_snippet(config: QuantConfig, model_id: str = DEFAULT_HUB_ID) -> str | None:
     """Python building the same config in transformers and loading a model with it (the method's own
     snippet); None if transformers has no config class for this method."""
-    from quantlib.methods import quantizer_class
+    from quantlib.registry import quantizer_class
 
     return quantizer_class(config).snippet(config, model_id)
 
@@ -22,7 +22,7 @@ def quantlib_snippet(config: QuantConfig, source: str = "default") -> str:
     """Python that applies the config with quantlib (works for every registered method)."""
     lines = [
         "from quantlib.apply import quantize_model",
-        "from quantlib.configs import parse_config",
+        "from quantlib.registry import parse_config",
         "",
         f"config = parse_config({_py(config.to_diff_dict())})",
         f"quantized = quantize_model(config, source={json.dumps(source)})  # simulated unless bitsandbytes",

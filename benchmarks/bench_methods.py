@@ -27,7 +27,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 from quantlib.apply import quantize_model  # noqa: E402
-from quantlib.methods import get_quantizer  # noqa: E402
+from quantlib.registry import get_quantizer  # noqa: E402
 from quantlib.methods._gptqmodel import CalibrationSettings  # noqa: E402
 from quantlib.models import load_model  # noqa: E402
 from quantlib.presets import preset  # noqa: E402

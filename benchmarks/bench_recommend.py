@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from quantlib import recommend as rc  # noqa: E402
 from quantlib.compare import CompareSettings, run_comparison, unique_labels  # noqa: E402
 from quantlib.memory import plan_memory  # noqa: E402
-from quantlib.methods import quantizer_class  # noqa: E402
+from quantlib.registry import quantizer_class  # noqa: E402
 from quantlib.models import load_model  # noqa: E402
 from quantlib.shapes import describe_model  # noqa: E402
 

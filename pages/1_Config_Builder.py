@@ -19,7 +19,8 @@ from app_support.presets import PRESETS, preset_config
 from app_support.querystring import decode_params, encode_config
 from app_support.snippets import quantlib_snippet, transformers_snippet
 from app_support.state import BUILDER_CONFIG, BUILDER_LABEL, Namespace
-from quantlib.configs import CONFIG_MAPPING, QuantConfig, config_schemas, parse_config
+from quantlib.configs import QuantConfig
+from quantlib.registry import CONFIG_MAPPING, config_schemas, parse_config
 from quantlib.errors import ConfigError
 
 st.set_page_config(page_title="Config Builder · Quantization Explorer", page_icon=":material/construction:",
@@ -221,7 +222,7 @@ def render_output(config: QuantConfig, params: dict[str, str]) -> None:
     st.subheader("Python")
     snippet = transformers_snippet(config)
     if snippet is not None:
-        from quantlib.methods import quantizer_class
+        from quantlib.registry import quantizer_class
 
         st.caption(quantizer_class(config).snippet_heading)
         st.code(snippet, language="python", wrap_lines=True)

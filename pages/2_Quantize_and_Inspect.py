@@ -51,7 +51,7 @@ LAYER_COLUMNS = {
 def cached_layer_detail(_base, model_key: str, cfg_json: str, layer: str, device: str) -> dict:
     """`layer_detail` for one layer; keyed by the model, the config's JSON and the layer name."""
     from quantlib.apply import layer_detail
-    from quantlib.methods import get_quantizer
+    from quantlib.registry import get_quantizer
 
     return layer_detail(_base.model, get_quantizer(json.loads(cfg_json), device=device), layer)
 
@@ -146,7 +146,7 @@ def show_memory(result: dict) -> None:
     import pandas as pd
 
     from quantlib.figures import memory_figure
-    from quantlib.memory import COMPONENT_LABELS, COMPONENTS
+    from quantlib.footprint import COMPONENT_LABELS, COMPONENTS
 
     st.subheader("Memory (weights)")
     memory = result["memory"]
@@ -253,7 +253,7 @@ def main() -> None:
                                  help="Tokens per forward pass (context length of each window).")
     cfg = None
     with guard("read this config"):
-        from quantlib.configs import parse_config
+        from quantlib.registry import parse_config
 
         cfg = parse_config(options[name]).to_dict()
         with st.expander("Config JSON"):

@@ -52,7 +52,7 @@ SUMMARY_NAMES = {
 
 def choose_configs() -> tuple[list[dict], list[str]]:
     """The selected configs (validated dicts) and the problems that keep the run button disabled."""
-    from quantlib.configs import parse_config
+    from quantlib.registry import parse_config
 
     options = config_options(builder_config(), st.session_state.get(BUILDER_LABEL))
     NS.setdefault([n for n in DEFAULT_SELECTION if n in options], "configs")
@@ -235,7 +235,7 @@ def main() -> None:
                 show_exception(exc, "check the configs against the model")
                 bad = ["preflight failed"]
             if bad:
-                from quantlib.configs import parse_config
+                from quantlib.registry import parse_config
 
                 label = parse_config(cfg).label
                 problems.append(f"{label} does not fit this model: " + "; ".join(bad[:4])
@@ -354,7 +354,7 @@ def offload_controls(choice: ModelChoice, configs: list[dict], text_path: str | 
     """When the model does not fit in memory (or on request): accelerate offload settings, else None."""
     import psutil
 
-    from quantlib.configs import parse_config
+    from quantlib.registry import parse_config
     from quantlib.models import estimate_load_bytes, read_model_config
     from quantlib.offload import OffloadSettings, offload_problems
 

@@ -58,7 +58,7 @@ def measure(choice: ModelChoice, family: str, calib_tokens: int, proxy: str) -> 
 def show_recommendation(choice: ModelChoice, sens) -> None:
     from quantlib import figures
     from quantlib import recommend as rc
-    from quantlib.methods import quantizer_class
+    from quantlib.registry import quantizer_class
 
     cfg_dict = _model_config(choice.source)
     shapes = _shapes(choice.source)

@@ -2,6 +2,10 @@
 
 Never imports Streamlit: the app's pages are thin layers over this package. The names below are
 the stable entry points; the modules hold the rest (see the README's module list).
+
+`import quantlib` loads nothing but this file and `quantlib.errors` (no torch, no method): the entry points
+below load on first use, from `quantlib.configs` (the config framework, which knows no method) and
+`quantlib.registry` (the one module that knows every method's config and quantizer).
 """
 
 import logging
@@ -10,13 +14,6 @@ import logging
 # model load; torchao's own logger is quieted in quantlib/methods/torchao.py. Real errors still come through.
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
-from quantlib.configs import (  # noqa: E402
-    CONFIG_MAPPING,
-    QuantConfig,
-    config_schemas,
-    parse_config,
-    registered_methods,
-)
 from quantlib.errors import BackendUnavailableError, Cancelled, ConfigError, FieldError, QuantlibError  # noqa: E402
 
 __all__ = [
@@ -33,11 +30,18 @@ __all__ = [
     "registered_methods",
 ]
 
+#: Entry point -> the module that holds it (imported on first use).
+_LAZY = {"QuantConfig": "quantlib.configs", "CONFIG_MAPPING": "quantlib.registry",
+         "config_schemas": "quantlib.registry", "get_quantizer": "quantlib.registry",
+         "parse_config": "quantlib.registry", "registered_methods": "quantlib.registry"}
+
 
 def __getattr__(name: str):
-    """Heavier entry points load on first use, so `import quantlib` stays cheap for config work."""
-    if name == "get_quantizer":
-        from quantlib.methods import get_quantizer
+    """The heavier entry points load on first use, so `import quantlib` stays cheap."""
+    if name in _LAZY:
+        import importlib
 
-        return get_quantizer
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'quantlib' has no attribute {name!r}")

@@ -13,13 +13,13 @@ from typing import Any, Callable
 import pandas as pd
 import torch
 
-from quantlib.configs import QuantConfig, parse_config
+from quantlib.configs import QuantConfig
+from quantlib.registry import parse_config
 from quantlib.errors import QuantlibError
 from quantlib.metrics import code_histogram, error_metrics
-from quantlib.methods import (MatrixRef, QuantizedModel, Quantizer, ShapeError, get_quantizer,  # noqa: F401
-                              preflight)
+from quantlib.methods.base import MatrixRef, QuantizedModel, Quantizer
+from quantlib.registry import get_quantizer
 from quantlib.models import LoadedModel
-from quantlib.runtime import release_memory  # noqa: F401
 
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]

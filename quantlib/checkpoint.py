@@ -28,8 +28,9 @@ from typing import Any, Callable, Iterator
 import pandas as pd
 import torch
 
-from quantlib.configs import QuantConfig, parse_config
-from quantlib.errors import Cancelled, QuantlibError
+from quantlib.configs import QuantConfig
+from quantlib.registry import parse_config
+from quantlib.errors import QuantlibError
 
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
@@ -171,7 +172,7 @@ class _Item:
 def _items(config: QuantConfig, shapes: Any) -> list[_Item]:
     """Every matrix `config` quantizes in the model `shapes` describes (expert slices of fused tensors apart),
     by the planner's rules."""
-    from quantlib.methods import quantizer_class
+    from quantlib.registry import quantizer_class
 
     return [_Item(name, w.name, tuple(w.shape), w.transposed, e)
             for name, w, e in quantizer_class(config).quantized_matrices(config, shapes)]
@@ -258,7 +259,7 @@ def analyze_checkpoint(source: str | Path, config: QuantConfig | dict | str, *, 
     the stored dtype). With `out`, rows are appended to `out/layers.jsonl` as they finish and `summary.json` is
     written at the end; a rerun resumes. `cancel()` stops after the current tensor and returns what was done
     (`complete=False`)."""
-    from quantlib.methods import get_quantizer
+    from quantlib.registry import get_quantizer
     from quantlib.methods.base import CalibratedQuantizer
     from quantlib.models import read_model_config, resolve_source_dir
     from quantlib.runs import atomic_write_text

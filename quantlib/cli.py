@@ -25,7 +25,7 @@ def _err(message: str) -> None:
 
 def _read_config_file(path: str):
     """A config from a JSON file (or a model's config.json); errors name the file."""
-    from quantlib.configs import parse_config
+    from quantlib.registry import parse_config
     from quantlib.errors import ConfigError
 
     try:
@@ -111,7 +111,7 @@ def _print_table(frame, as_json: bool) -> None:
 # ----------------------------------------------------------------------------------------
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from quantlib.apply import preflight
+    from quantlib.registry import preflight
     from quantlib.models import read_model_config
 
     config = _read_config_file(args.file)
@@ -355,7 +355,7 @@ def cmd_inspect_all(args: argparse.Namespace, config: Any) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from quantlib.apply import layer_detail
     from quantlib.models import load_model
-    from quantlib.methods import get_quantizer
+    from quantlib.registry import get_quantizer
 
     config = _read_config_file(args.config)
     if args.all_layers:

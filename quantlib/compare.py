@@ -17,17 +17,20 @@ import pandas as pd
 import psutil
 import torch
 
-from quantlib.apply import layer_errors, quantize_model, release_memory
+from quantlib.apply import layer_errors, quantize_model
+from quantlib.runtime import release_memory
 from quantlib.runtime import objects_frozen, trim_heap
-from quantlib.configs import QuantConfig, parse_config
+from quantlib.configs import QuantConfig
+from quantlib.registry import parse_config
 from quantlib.corpus import builtin_text, load_text
 from quantlib.errors import Cancelled
 from quantlib.evaluation import perplexity_and_kl, tokenize_for_eval, window_logprobs
-from quantlib.memory import measure_footprint, plan_memory
+from quantlib.memory import plan_memory
+from quantlib.footprint import measure_footprint
 from quantlib.models import LoadedModel, load_model
 from quantlib.runs import Run, environment_info, new_run_id, now_iso, save_run
 from quantlib.uncertainty import MIN_SETTLE_TOKENS, SETTLED_Z, paired_ranking
-from quantlib.methods import get_quantizer, quantizer_class
+from quantlib.registry import get_quantizer, quantizer_class
 from quantlib.methods.base import share_identical_tensors
 from quantlib.runtime import resolve_device
 

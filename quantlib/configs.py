@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
-from quantlib.errors import _MISSING, ConfigError, FieldError
+from quantlib.errors import ConfigError, FieldError
 
 JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}
 
@@ -346,12 +346,12 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
-        """Parse through `parse_config`, insisting the result is of this class."""
-        config = parse_config(data if "quant_method" in data else {**data, "quant_method": cls.quant_method})
-        if not isinstance(config, cls):
-            raise ConfigError([FieldError("quant_method", data.get("quant_method"), "does not match this config class",
+        """This class's config from its keys (`quant_method` may be left out; another method's is refused)."""
+        method = data.get("quant_method", cls.quant_method)
+        if method != cls.quant_method:
+            raise ConfigError([FieldError("quant_method", method, "does not match this config class",
                                           json.dumps(cls.quant_method))], method=cls.quant_method)
-        return config
+        return cls(**{str(k): v for k, v in data.items()})
 
     def to_transformers(self) -> Any | None:
         """The equivalent `transformers` config object, or None where transformers has none."""
@@ -430,69 +430,3 @@ def _closest_keys(key: str, cls: type[QuantConfig]) -> str:
     close = difflib.get_close_matches(key, names + [f.name for f in cls.EXTRA_FIELDS], n=2, cutoff=0.6)
     hint = f"did you mean {' or '.join(close)}? " if close else ""
     return hint + "known keys: " + ", ".join(["quant_method", *names])
-
-
-# ======================================================================================
-# The registry of config classes: filled by `quantlib.methods` (one module per method)
-# ======================================================================================
-
-#: quant_method -> config class; each method module registers its own (`quantlib.methods.base.register`).
-CONFIG_MAPPING: dict[str, type[QuantConfig]] = {}
-
-
-def registered_methods() -> list[str]:
-    return list(CONFIG_MAPPING)
-
-
-def parse_config(obj: Any) -> QuantConfig:
-    """Turn a dict or JSON text into a validated config; `ConfigError` is the only error raised.
-
-    Also accepts a whole model `config.json` (its `quantization_config` block is used) and old
-    bitsandbytes blocks that predate `quant_method` (inferred from `load_in_4bit`/`load_in_8bit`).
-    """
-    if isinstance(obj, QuantConfig):
-        return obj
-    if isinstance(obj, (bytes, bytearray)):
-        try:
-            obj = obj.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ConfigError([FieldError("<file>", _MISSING, f"is not UTF-8 text ({exc.reason})",
-                                          "a JSON object")]) from None
-    if isinstance(obj, str):
-        obj = _load_json(obj)
-    if not isinstance(obj, dict):
-        raise ConfigError([FieldError("<root>", obj, "must be a JSON object", "a JSON object with a quant_method")])
-    if "quant_method" not in obj and isinstance(obj.get("quantization_config"), dict):
-        obj = obj["quantization_config"]  # a model's config.json
-    elif "quant_method" not in obj and "quantization_config" in obj:
-        raise ConfigError([FieldError("quantization_config", obj["quantization_config"], "must be a JSON object",
-                                      "a quantization config object")])
-    method = obj.get("quant_method", _MISSING)
-    if method is _MISSING:  # a block that predates quant_method: the one class that recognises it
-        owners = [m for m, c in CONFIG_MAPPING.items() if c.recognises(obj)]
-        method = owners[0] if len(owners) == 1 else _MISSING
-    if method is _MISSING or not isinstance(method, str) or method not in CONFIG_MAPPING:
-        message = "is missing" if method is _MISSING else "is not a registered method"
-        raise ConfigError([FieldError("quant_method", method, message,
-                                      "one of " + ", ".join(json.dumps(m) for m in CONFIG_MAPPING))])
-    cls = CONFIG_MAPPING[method]
-    return cls(**{str(k): v for k, v in obj.items()})
-
-
-def _load_json(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError([FieldError("<json>", _MISSING, f"is not valid JSON: {exc.msg} at line {exc.lineno} "
-                                      f"column {exc.colno}", "a JSON object")]) from None
-    except RecursionError:
-        raise ConfigError([FieldError("<json>", _MISSING, "is nested too deeply", "a JSON object")]) from None
-
-
-def config_schemas() -> dict[str, dict[str, Any]]:
-    """JSON Schema of every registered config class, keyed by quant_method."""
-    return {method: cls.json_schema() for method, cls in CONFIG_MAPPING.items()}
-
-
-# Register every method (they import this module, so this comes last).
-import quantlib.methods  # noqa: E402,F401

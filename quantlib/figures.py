@@ -14,7 +14,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from quantlib.distributions import BlockHistogram
-from quantlib.memory import COMPONENT_LABELS, COMPONENTS, MemoryBreakdown
+from quantlib.footprint import COMPONENT_LABELS, COMPONENTS, MemoryBreakdown
 
 LEVEL_COLORS = {"NF4": "#d62728", "FP4": "#2ca02c"}
 COMPONENT_COLORS = {"codes": "#1f77b4", "scales": "#ff7f0e", "dq_constants": "#9467bd",

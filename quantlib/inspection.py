@@ -16,14 +16,15 @@ import pandas as pd
 import torch
 
 from quantlib.apply import layer_errors, quantize_model
-from quantlib.configs import QuantConfig, parse_config
+from quantlib.configs import QuantConfig
+from quantlib.registry import parse_config
 from quantlib.corpus import builtin_text
 from quantlib.evaluation import (DistributionComparison, PerplexityResult, ReferenceLogprobs, compare_logits,
                                  reference_logprobs, tokenize_for_eval)
-from quantlib.memory import MemoryBreakdown, measure_footprint
+from quantlib.footprint import MemoryBreakdown, measure_footprint
 from quantlib.models import LoadedModel
 from quantlib.outliers import ActivationOutliers, activation_outliers
-from quantlib.methods import get_quantizer
+from quantlib.registry import get_quantizer
 
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]

@@ -1,9 +1,5 @@
-"""Memory: what a quantized model really occupies, and what it will occupy, by component.
-
-`get_memory_footprint()` in transformers misses bitsandbytes' quant state (NF4 with and without
-double quantization report the same size), so `measure_footprint` walks every module and counts
-every tensor it holds (codes, absmax, nested absmax, offsets, code tables, SCB), each storage once.
-`plan_memory` predicts the same breakdown from `config.json` alone, with no weights loaded.
+"""Memory planned from `config.json` alone, with no weights loaded: what a quantized model will occupy, by
+component (`plan_memory`), the same breakdown `quantlib.footprint.measure_footprint` counts on a loaded model.
 """
 
 from __future__ import annotations
@@ -12,155 +8,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
-import torch
 
 from quantlib.configs import QuantConfig
-from quantlib.formats import MEMORY_COMPONENTS
+from quantlib.footprint import COMPONENT_LABELS, COMPONENTS, MemoryBreakdown
 from quantlib.shapes import DTYPE_BYTES, ForwardMemory, ModelShapes, model_shapes
 
-COMPONENTS = (*MEMORY_COMPONENTS, "unquantized")
-COMPONENT_LABELS = {
-    "codes": "quantized codes",
-    "scales": "scales / absmax",
-    "dq_constants": "double-quant constants",
-    "code_tables": "code tables / layer metadata",
-    "unquantized": "unquantized (embeddings, norms, skipped layers, biases)",
-}
 #: Memory beside the weights, planned from one traced forward (`quantlib.shapes.forward_memory`).
 RUNTIME_LABELS = {"kv_cache": "KV cache", "activations": "activations (one forward)"}
 #: Bytes per element of the KV cache dtypes the planner offers.
 KV_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8": 1}
 
-
-@dataclass
-class MemoryBreakdown:
-    """Bytes by component plus the parameter counts that give bits per parameter."""
-
-    bytes_by_component: dict[str, float]
-    quantized_params: int
-    total_params: int
-    source: str  # "measured" (tensors counted), "packed (simulated)" or "planned" (config.json only)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def total_bytes(self) -> float:
-        return float(sum(self.bytes_by_component.values()))
-
-    @property
-    def quantized_bits_per_param(self) -> float:
-        """Bits per parameter of the quantized linear weights alone (codes + their state)."""
-        q = sum(v for k, v in self.bytes_by_component.items() if k != "unquantized")
-        return 8 * q / self.quantized_params if self.quantized_params else float("nan")
-
-    @property
-    def model_bits_per_param(self) -> float:
-        """Bits per parameter over the whole model, unquantized parts included."""
-        return 8 * self.total_bytes / self.total_params if self.total_params else float("nan")
-
-    def to_frame(self) -> pd.DataFrame:
-        rows = [{"component": COMPONENT_LABELS[c], "key": c, "bytes": self.bytes_by_component.get(c, 0.0),
-                 "MiB": self.bytes_by_component.get(c, 0.0) / 2**20} for c in COMPONENTS]
-        return pd.DataFrame(rows)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"bytes_by_component": dict(self.bytes_by_component), "total_bytes": self.total_bytes,
-                "quantized_params": self.quantized_params, "total_params": self.total_params,
-                "quantized_bits_per_param": self.quantized_bits_per_param,
-                "model_bits_per_param": self.model_bits_per_param, "source": self.source, "notes": list(self.notes)}
-
-
-# ----------------------------------------------------------------------------------------
-# measured
-# ----------------------------------------------------------------------------------------
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-class _Counter:
-    """Adds each tensor storage once (tied embeddings and shared tables are not double-counted)."""
-
-    def __init__(self) -> None:
-        self.seen: set[tuple[int, int]] = set()
-        self.bytes = {c: 0.0 for c in COMPONENTS}
-
-    def add(self, component: str, tensor: torch.Tensor | None) -> None:
-        if tensor is None or not isinstance(tensor, torch.Tensor) or tensor.numel() == 0:
-            return
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset()) if tensor.device.type != "meta" \
-            else (id(tensor), 0)
-        if key in self.seen:
-            return
-        self.seen.add(key)
-        self.bytes[component] += _nbytes(tensor)
-
-
-def _add_quant_state(counter: _Counter, state: Any) -> None:
-    """bitsandbytes 4-bit QuantState: absmax, and for double quant its nested state and offset."""
-    if getattr(state, "nested", False):
-        counter.add("scales", state.absmax)  # uint8 codes of the absmax
-        counter.add("dq_constants", state.state2.absmax)
-        counter.add("dq_constants", state.offset)
-        counter.add("code_tables", state.state2.code)
-    else:
-        counter.add("scales", state.absmax)
-    counter.add("code_tables", state.code)
-
-
-def _is_packed_linear(module: torch.nn.Module) -> bool:
-    """gptqmodel's GPTQ/AWQ QuantLinear: packed `qweight` codes plus `scales`/`qzeros` (and GPTQ's `g_idx`)."""
-    return isinstance(getattr(module, "qweight", None), torch.Tensor) and \
-        isinstance(getattr(module, "scales", None), torch.Tensor)
-
-
-def measure_footprint(model: torch.nn.Module) -> MemoryBreakdown:
-    """Count every tensor a (possibly bitsandbytes- or GPTQ/AWQ-quantized) model holds, by component.
-
-    gptqmodel's QuantLinear keeps its state in buffers: qweight counts as codes; scales, qzeros
-    and g_idx as scales (the planner's split); its other buffers (kernel lookup tables) and the
-    bias as unquantized.
-    """
-    counter = _Counter()
-    quantized_params = 0
-    for module in model.modules():
-        if _is_packed_linear(module):
-            counter.add("codes", module.qweight)
-            for name in ("scales", "qzeros", "g_idx"):
-                counter.add("scales", getattr(module, name, None))
-            quantized_params += int(module.in_features) * int(module.out_features)
-        weight = getattr(module, "weight", None)
-        state = getattr(weight, "quant_state", None)
-        scb = getattr(weight, "SCB", None)
-        if state is not None:  # bnb Linear4bit
-            counter.add("codes", weight)
-            _add_quant_state(counter, state)
-            quantized_params += int(torch.Size(state.shape).numel())
-        elif weight is not None and weight.dtype == torch.int8 and scb is not None:  # bnb Linear8bitLt
-            counter.add("codes", weight)
-            counter.add("scales", scb)
-            quantized_params += weight.numel()
-        for name, param in module.named_parameters(recurse=False):
-            counter.add("unquantized", param)
-        for name, buf in module.named_buffers(recurse=False):
-            counter.add("unquantized", buf)
-    total = _count_params(model)
-    return MemoryBreakdown(counter.bytes, quantized_params, total, "measured")
-
-
-def _count_params(model: torch.nn.Module) -> int:
-    """Logical parameter count (unpacked), each tied tensor once."""
-    seen: set[int] = set()
-    total = 0
-    for module in model.modules():
-        if _is_packed_linear(module):  # packed buffers, not parameters: count the logical weight
-            total += int(module.in_features) * int(module.out_features)
-        for _, p in module.named_parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            state = getattr(p, "quant_state", None)
-            total += int(torch.Size(state.shape).numel()) if state is not None else p.numel()
-    return total
 
 
 # ----------------------------------------------------------------------------------------
@@ -211,7 +68,7 @@ def plan_memory(model_config: dict[str, Any], config: QuantConfig | None, dtype:
     where the method quantizes them), everything else in `dtype` (or fp32 where transformers keeps
     it so), buffers in their own dtype. `config=None` plans the unquantized model.
     """
-    from quantlib.methods import quantizer_class
+    from quantlib.registry import quantizer_class
 
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype: got {dtype!r}; allowed: {', '.join(DTYPE_BYTES)}")
@@ -292,7 +149,8 @@ def stored_quantization(model_config: dict[str, Any]) -> tuple[QuantConfig | Non
     (config, None) when quantlib knows the method, so the checkpoint can be planned as stored;
     (None, why) when it names a method quantlib cannot plan; (None, None) for a plain checkpoint.
     """
-    from quantlib.configs import ConfigError, parse_config
+    from quantlib.configs import ConfigError
+    from quantlib.registry import parse_config
 
     stored = model_config.get("quantization_config") if isinstance(model_config, dict) else None
     if not stored:

@@ -26,7 +26,8 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 import torch
 
-from quantlib.configs import QuantConfig, parse_config
+from quantlib.configs import QuantConfig
+from quantlib.registry import parse_config
 from quantlib.errors import Cancelled, QuantlibError
 
 ProgressFn = Callable[[float, str], None]
@@ -53,7 +54,7 @@ class OffloadSettings:
 
 def offload_problems(configs: Sequence[QuantConfig], dtype: str) -> list[str]:
     """Why each config cannot be evaluated offloaded (empty when all can)."""
-    from quantlib.methods import quantizer_class
+    from quantlib.registry import quantizer_class
 
     return [f"{c.label}: {p}" for c in configs if (p := quantizer_class(c).offload_problem(c, dtype)) is not None]
 
@@ -93,7 +94,7 @@ def write_simulated_checkpoint(source: str, config: QuantConfig | dict | str, ou
     each layer `config` quantizes as quantize->dequantize, everything cast to `dtype`. Written into a
     temporary folder and renamed into place, so `out` is complete or absent. Returns what was written."""
     from quantlib.checkpoint import ShardWriter, _items, _locate, checkpoint_files, read_tensor
-    from quantlib.methods import get_quantizer, quantizer_class
+    from quantlib.registry import get_quantizer, quantizer_class
     from quantlib.models import read_model_config
     from quantlib.shapes import model_shapes
 
@@ -218,7 +219,7 @@ def compare_offloaded(configs: Sequence[QuantConfig | dict | str], *, source: st
         estimate = per_window * n_windows * (1 + len(parsed))
         if on_estimate is not None:
             on_estimate(estimate, basis)
-        from quantlib.methods import quantizer_class
+        from quantlib.registry import quantizer_class
 
         models, notes = {}, [base.description.notes[-1]]
         notes += [n for c in parsed if (n := quantizer_class(c).offload_kernel_note(c, dtype)) is not None]

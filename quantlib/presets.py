@@ -6,7 +6,8 @@ so a preset can be exported, edited in the Config Builder and re-imported withou
 
 from __future__ import annotations
 
-from quantlib.configs import QuantConfig, parse_config
+from quantlib.configs import QuantConfig
+from quantlib.registry import parse_config
 from quantlib.errors import ConfigError, FieldError
 
 PRESETS: dict[str, dict] = {
@@ -64,7 +65,7 @@ def missing_requirements(name: str) -> list[str]:
     """pip names of the libraries a preset's quantizer needs and this environment lacks."""
     import importlib.util
 
-    from quantlib.methods import quantizer_class
+    from quantlib.registry import quantizer_class
 
     quantizer = quantizer_class(preset(name))
     return [pip for module, pip in quantizer.requires if importlib.util.find_spec(module) is None]

@@ -41,8 +41,9 @@ import torch
 
 from quantlib.configs import QuantConfig
 from quantlib.errors import Cancelled, QuantlibError
-from quantlib.methods.base import QUANTIZER_MAPPING, MixChoice, MixSpace, get_quantizer
-from quantlib.shapes import ModelShapes, WeightShape, describe_model
+from quantlib.methods.base import MixChoice, MixSpace
+from quantlib.registry import QUANTIZER_MAPPING, get_quantizer
+from quantlib.shapes import ModelShapes, describe_model
 
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
@@ -764,7 +765,7 @@ def _model_config(settings: Any) -> dict[str, Any]:
 def _skip_list_lines(rec: Recommendation) -> list[str]:
     """Why the exported skip list (and the config's label, which counts it) holds more entries than the layers kept
     here: a list replaces transformers' default skips, so the export repeats them."""
-    from quantlib.methods import quantizer_class
+    from quantlib.registry import quantizer_class
 
     skip = quantizer_class(rec.config).skip_modules(rec.config)
     kept = {group for group, choice in rec.assignment.items() if choice == "keep"}

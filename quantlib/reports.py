@@ -15,7 +15,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from quantlib import figures
-from quantlib.memory import MemoryBreakdown
+from quantlib.footprint import MemoryBreakdown
 from quantlib.runs import Run, atomic_write_text
 
 SUMMARY_FORMATS = {"n_tokens": "{:,.0f}", "perplexity": "{:.3f}", "kl": "{:.5f}", "top1_agreement": "{:.4f}", "memory_mib": "{:.1f}",

@@ -57,7 +57,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def environment_info() -> dict[str, Any]:
     """Versions and hardware that produced a result, stored with every run."""
-    from quantlib.methods.base import method_libraries
+    from quantlib.registry import method_libraries
     from quantlib.runtime import cpu_features
 
     import importlib.metadata as md

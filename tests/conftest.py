@@ -100,7 +100,7 @@ def page(browser):
 
 def pytest_report_header(config):
     """First lines of every run: the CPU and the kernel paths it picks, so a failure on another CPU explains itself."""
-    from quantlib.methods import cpu_kernel_summaries
+    from quantlib.registry import cpu_kernel_summaries
     from quantlib.runtime import cpu_features, cpu_features_text
 
     return [cpu_features_text(cpu_features()), *cpu_kernel_summaries()]

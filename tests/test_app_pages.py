@@ -16,11 +16,11 @@ from streamlit.testing.v1 import AppTest
 from app_support import forms
 from app_support.planner import arch_config
 from app_support.presets import PRESETS, preset_config, preset_configs
-from quantlib.configs import parse_config as parse
+from quantlib.registry import parse_config as parse
 from app_support.querystring import QueryStringError, decode_params, encode_config
 from app_support.snippets import quantlib_snippet, transformers_snippet
-from quantlib.methods import quantizer_class
-from quantlib.configs import config_schemas, parse_config
+from quantlib.registry import quantizer_class
+from quantlib.registry import config_schemas, parse_config
 from quantlib.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def test_home_shows_backend_versions_and_links():
         page_file = next(iter((REPO / "pages").glob(f"*_{name}.py")), None)
         assert (name in links) == (page_file is not None)
     # Every page has a description, and the intro and the builder's blurb name every registered method.
-    from quantlib.configs import registered_methods
+    from quantlib.registry import registered_methods
 
     labels = [p.proto.label for p in at.get("page_link")]
     assert "Recommend" in labels and "Quantize and Inspect" in labels

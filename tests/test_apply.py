@@ -9,14 +9,15 @@ import pytest
 import torch
 
 from quantlib import parse_config
-from quantlib.apply import ShapeError, layer_detail, layer_errors, quantize_model
+from quantlib.apply import layer_detail, layer_errors, quantize_model
+from quantlib.methods.base import ShapeError
 from quantlib.compare import CompareSettings, run_comparison
 from quantlib.errors import Cancelled
 from quantlib.models import load_model
 from quantlib.methods.bitsandbytes import quantize_4bit
 from quantlib.runs import list_runs, load_run
 from quantlib.runtime import objects_frozen
-from quantlib.methods import get_quantizer
+from quantlib.registry import get_quantizer
 
 NF4_DQ = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
           "bnb_4bit_use_double_quant": True}

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from transformers import AqlmConfig, AwqConfig, GPTQConfig, LlamaConfig
 
 from quantlib import CONFIG_MAPPING, BackendUnavailableError, ConfigError, parse_config
-from quantlib.apply import preflight
+from quantlib.registry import preflight
 from quantlib.cli import main
 from quantlib.methods._gptqmodel import AWQ_BACKENDS, AWQ_FORMATS, GPTQ_BACKENDS, GPTQ_DATASET_NAMES, GPTQ_FORMATS
 from quantlib.methods.aqlm import AqlmQuantConfig, AqlmQuantizer
@@ -20,7 +20,7 @@ from quantlib.methods.gptq import GPTQQuantConfig, GPTQQuantizer
 from quantlib.memory import plan_memory
 from quantlib.models import read_model_config
 from quantlib.presets import PRESETS, preset, runnable_presets
-from quantlib.methods import QUANTIZER_MAPPING, get_quantizer
+from quantlib.registry import get_quantizer, QUANTIZER_MAPPING
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
 

@@ -14,7 +14,7 @@ import torch
 
 from quantlib.apply import layer_errors
 from quantlib.checkpoint import CheckpointError, analyze_checkpoint, checkpoint_files, iter_rows
-from quantlib.methods import get_quantizer
+from quantlib.registry import get_quantizer
 from quantlib.presets import preset
 
 REPO = Path(__file__).resolve().parents[1]

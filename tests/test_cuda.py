@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from quantlib.methods.bitsandbytes import quantize_4bit
-from quantlib.methods import get_quantizer
+from quantlib.registry import get_quantizer
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is visible to torch")]

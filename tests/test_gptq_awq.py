@@ -13,13 +13,15 @@ import time
 import pytest
 import torch
 
-from quantlib.apply import ShapeError, layer_errors, preflight, quantize_model
+from quantlib.apply import layer_errors, quantize_model
+from quantlib.methods.base import ShapeError
+from quantlib.registry import preflight
 from quantlib.corpus import builtin_text
 from quantlib.evaluation import perplexity_and_kl, tokenize_for_eval
 from quantlib.memory import plan_memory
 from quantlib.models import default_model_dir, read_model_config
 from quantlib.presets import preset
-from quantlib.methods import get_quantizer
+from quantlib.registry import get_quantizer
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None,
                                 reason="gptqmodel is not installed (pip install --no-deps -r requirements-gptq.txt)")

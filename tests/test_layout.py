@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from quantlib.configs import CONFIG_MAPPING
-from quantlib.methods import QUANTIZER_MAPPING
+from quantlib.registry import CONFIG_MAPPING
+from quantlib.registry import QUANTIZER_MAPPING
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTSIDE = sorted([*ROOT.glob("quantlib/*.py"), ROOT / "app.py", *ROOT.glob("pages/*.py"), *ROOT.glob("app_support/*.py")])
@@ -74,3 +74,105 @@ def test_every_method_module_registers_itself() -> None:
     assert registered == modules
     for cls in QUANTIZER_MAPPING.values():
         assert cls.config_class.__module__ == cls.__module__
+
+
+# ------------------------------------------------------------------ import structure
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """quantlib's own imports, module to module: every import statement, at module level or inside a function
+    (a function-level import still makes the importer depend on the imported). `from quantlib import x` where x
+    is a module counts as importing x."""
+    modules = {_module_name(p): p for p in (ROOT / "quantlib").rglob("*.py")}
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets: list[str] = []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("quantlib"):
+                subs = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in modules]
+                targets += subs or [node.module]
+            elif isinstance(node, ast.Import):
+                targets += [a.name for a in node.names if a.name.startswith("quantlib")]
+            for target in targets:
+                while target not in modules and "." in target:
+                    target = target.rsplit(".", 1)[0]
+                if target != name and target != "quantlib":  # the package's own __init__ imports nothing heavy
+                    graph[name].add(target)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle_in_quantlib() -> None:
+    """Data flows one way: configs -> quantizers -> registry -> pipeline -> figures. No module imports one that
+    (directly or not) imports it back, not even inside a function."""
+    assert not _cycles(_import_graph())
+
+
+def test_the_cycle_check_finds_a_cycle() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _cycles(graph) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_config_framework_knows_no_method() -> None:
+    """`quantlib.configs` imports no method module and not the registry (transformers' split between
+    `quantization_config.py` and `quantizers/auto.py`)."""
+    graph = _import_graph()
+    assert not {m for m in graph["quantlib.configs"] if m.startswith("quantlib.methods") or m == "quantlib.registry"}
+    for module, imports in graph.items():  # a method module never reaches the registry, which imports it
+        if module.startswith("quantlib.methods"):
+            assert "quantlib.registry" not in imports, module
+
+
+def test_import_quantlib_stays_light() -> None:
+    """`import quantlib` loads neither torch nor any method: config work and `--help` start fast. The time is
+    measured in a fresh interpreter and printed (it was about 0.01 s on this project's CI machine)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time; t = time.perf_counter(); import quantlib; dt = time.perf_counter() - t; "
+            "print(dt); print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', "
+            "'pandas', 'numpy') or m.startswith('quantlib.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    seconds, loaded = out.stdout.splitlines()
+    print(f"import quantlib: {float(seconds):.3f} s")
+    assert loaded == "['quantlib.errors']", loaded

@@ -16,7 +16,7 @@ import torch
 from quantlib import figures
 from quantlib.codebooks import FP4_LEVELS, NF4_LEVELS
 from quantlib.distributions import block_normalize, block_normalized_histogram
-from quantlib.memory import MemoryBreakdown
+from quantlib.footprint import MemoryBreakdown
 from quantlib.models import load_model
 from quantlib.outliers import activation_outliers, weight_outlier_stats, weight_outlier_table
 from quantlib.runs import Run, RunStoreError, list_runs, load_run, new_run_id, now_iso, save_run

@@ -9,9 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from quantlib import parse_config
-from quantlib.memory import measure_footprint, plan_memory, plan_table
+from quantlib.memory import plan_memory, plan_table
+from quantlib.footprint import measure_footprint
 from quantlib.methods.bitsandbytes import quantize_4bit, quantize_int8_weight
-from quantlib.methods import QUANTIZER_MAPPING
+from quantlib.registry import QUANTIZER_MAPPING
 from tests.conftest import tiny_llama_config
 
 NF4_DQ = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
@@ -101,7 +102,7 @@ def test_int8_model_weights_and_scb_equal_the_quantizer(tiny_folder) -> None:
     even in an fp32 model (an fp32 reference differs in ~1% of the codes)."""
     import bitsandbytes as bnb
 
-    from quantlib.methods import get_quantizer
+    from quantlib.registry import get_quantizer
 
     base = dict(_load(tiny_folder).named_modules())
     model = _load(tiny_folder, INT8)

@@ -23,7 +23,7 @@ from transformers import HqqConfig, QuantoConfig, TorchAoConfig
 from quantlib import ConfigError, parse_config
 from quantlib.errors import BackendUnavailableError, QuantlibError
 from quantlib.memory import plan_memory
-from quantlib.methods import get_quantizer
+from quantlib.registry import get_quantizer
 from quantlib.methods.hqq import META_BYTES, linear_tag, quantize_hqq
 from quantlib.methods.hqq import _storage as hqq_storage
 from quantlib.methods.quanto import QuantoQuantizer, group_size_for, quantize_quanto

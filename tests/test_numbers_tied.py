@@ -23,7 +23,7 @@ from quantlib.corpus import builtin_text
 from quantlib.errors import Cancelled
 from quantlib.evaluation import tokenize_for_eval
 from quantlib.memory import plan_memory
-from quantlib.methods import get_quantizer, quantizer_class
+from quantlib.registry import get_quantizer, quantizer_class
 from quantlib.models import load_model
 from quantlib.runs import Run, load_run, new_run_id, now_iso, save_run
 

@@ -25,7 +25,7 @@ def test_offloaded_comparison_equals_the_in_memory_one(tiny_llama_dir, tmp_path,
     import bitsandbytes.nn.modules
 
     from quantlib.compare import CompareSettings, run_comparison
-    from quantlib.methods import _bnb_cpu
+    from quantlib.methods.base import _bnb_cpu
 
     monkeypatch.setenv("QUANTLIB_RUNS_DIR", str(tmp_path / "runs"))
     configs = [preset("nf4"), preset("rtn-int4-g64-asym")]
@@ -57,7 +57,7 @@ def test_offloaded_comparison_equals_the_in_memory_one(tiny_llama_dir, tmp_path,
 def test_simulated_checkpoint_holds_the_dequantized_weights(tiny_llama_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from quantlib.methods import get_quantizer
+    from quantlib.registry import get_quantizer
 
     out = tmp_path / "sim"
     written = write_simulated_checkpoint(str(tiny_llama_dir), preset("nf4"), out)
@@ -129,7 +129,7 @@ def test_the_offload_note_follows_bitsandbytes_own_check(monkeypatch, bf16):
     offloaded figures are its dequantize path's; LLM.int8() is refused offloaded anyway."""
     import bitsandbytes.functional as bnbf
 
-    from quantlib.methods import quantizer_class
+    from quantlib.registry import quantizer_class
 
     monkeypatch.setattr(bnbf, "has_avx512bf16", lambda: bf16)
     nf4, int8 = preset("nf4"), preset("int8")

@@ -17,10 +17,12 @@ from transformers import (
 )
 
 from quantlib import parse_config
-from quantlib.apply import preflight, simulate_quantization
-from quantlib.memory import measure_footprint, plan_memory, plan_table, stored_quantization
+from quantlib.apply import simulate_quantization
+from quantlib.registry import preflight
+from quantlib.memory import plan_memory, plan_table, stored_quantization
+from quantlib.footprint import measure_footprint
 from quantlib.presets import PRESETS, preset
-from quantlib.methods import get_quantizer
+from quantlib.registry import get_quantizer
 from quantlib.shapes import ArchitectureError, forward_memory, model_shapes
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

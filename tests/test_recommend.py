@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from quantlib import recommend as rc
-from quantlib.configs import parse_config
+from quantlib.registry import parse_config
 from quantlib.memory import plan_memory
-from quantlib.methods import quantizer_class
+from quantlib.registry import quantizer_class
 from quantlib.shapes import describe_model
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from quantlib import recommend as rc
-from quantlib.configs import parse_config
+from quantlib.registry import parse_config
 from quantlib.memory import plan_memory
-from quantlib.methods import get_quantizer, quantizer_class
+from quantlib.registry import get_quantizer, quantizer_class
 from quantlib.shapes import describe_model
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None,

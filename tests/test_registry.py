@@ -21,12 +21,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from quantlib import parse_config
-from quantlib.apply import layer_errors, preflight, quantize_model, simulate_quantization
-from quantlib.configs import CONFIG_MAPPING
+from quantlib.apply import layer_errors, quantize_model, simulate_quantization
+from quantlib.registry import preflight
+from quantlib.registry import CONFIG_MAPPING
 from quantlib.errors import BackendUnavailableError, ConfigError
-from quantlib.memory import measure_footprint, plan_memory
+from quantlib.memory import plan_memory
+from quantlib.footprint import measure_footprint
 from quantlib.presets import PRESETS, preset
-from quantlib.methods import QUANTIZER_MAPPING, get_quantizer
+from quantlib.registry import get_quantizer, QUANTIZER_MAPPING
 from quantlib.shapes import model_shapes
 
 #: Relative Frobenius error bound of a layer's weights (Gaussian-initialised tiny model) by code bits:

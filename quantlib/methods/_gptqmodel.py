@@ -37,8 +37,7 @@ import torch
 from quantlib.configs import FieldSpec, QuantConfig, _copy, _json_problem
 from quantlib.corpus import builtin_text
 from quantlib.errors import _MISSING, BackendUnavailableError, Cancelled, FieldError, QuantlibError
-from quantlib.methods.base import (CalibratedQuantizer, LayerWeight, QuantizedModel, ShapeError, group_size_problem,
-                                   preflight)
+from quantlib.methods.base import CalibratedQuantizer, group_size_problem, LayerWeight, QuantizedModel, ShapeError
 
 #: String names transformers' GPTQConfig accepts for `dataset` (a list of texts is the alternative).
 GPTQ_DATASET_NAMES = ("wikitext2", "c4", "c4-new")
@@ -549,12 +548,12 @@ class GptqmodelQuantizer(CalibratedQuantizer):
         """Calibrate with gptqmodel on the model's safetensors folder (`calibration`: a
         `CalibrationSettings`; default 128 x 512 tokens of the built-in calibration text) and load
         the saved checkpoint back."""
-        from quantlib.memory import measure_footprint
+        from quantlib.footprint import measure_footprint
 
         started = time.perf_counter()
         model_dir = calibration_model_dir(source)
         # Refuse unfit shapes from config.json before any calibration starts.
-        problems = preflight(self.config, json.loads((Path(model_dir) / "config.json").read_text()))
+        problems = self.shape_problems(self.config, json.loads((Path(model_dir) / "config.json").read_text()))
         if problems:
             raise ShapeError(problems)
         result = calibrate(self, model_dir, settings=calibration, progress=progress, cancel=cancel,

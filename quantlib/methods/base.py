@@ -30,80 +30,25 @@ from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 
-from quantlib import configs as _configs
-from quantlib.configs import QuantConfig, parse_config
+from quantlib.configs import QuantConfig
 from quantlib.errors import BackendUnavailableError, Cancelled, QuantlibError
 from quantlib.formats import MEMORY_COMPONENTS, QuantizedTensor
 from quantlib.runtime import BackendReport, device_name, resolve_device
-from quantlib.shapes import ROLE_LABELS, ModelShapes, WeightShape, describe_model
+from quantlib.shapes import ROLE_LABELS, ModelShapes, WeightShape, describe_model, model_shapes
 
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
 
-#: quantizer key (see `QuantConfig.quantizer_key`) -> quantizer class, filled by `@register`.
-QUANTIZER_MAPPING: dict[str, type["Quantizer"]] = {}
-
-
-def cpu_kernel_summaries() -> list[str]:
-    """For each method whose library picks its CPU kernels by CPU features: which it takes on this machine, in a few
-    words (the app's backend line). Each method says it once, however many quantizers it registers."""
-    seen: dict[str, None] = {}
-    for cls in QUANTIZER_MAPPING.values():
-        text = cls.cpu_kernel_summary()
-        if text:
-            seen.setdefault(text, None)
-    return list(seen)
-
-
 def register(key: str) -> Callable[[type["Quantizer"]], type["Quantizer"]]:
-    """Class decorator: register a quantizer under `key` and its config class under its quant_method."""
+    """Class decorator: mark a quantizer to be registered under `key` (and its config class under its quant_method)
+    by `quantlib.registry`, which finds every marked class in the method modules. Marking writes no global
+    mapping, so a method module imports nothing that knows other methods."""
 
     def wrap(cls: type[Quantizer]) -> type[Quantizer]:
-        if key in QUANTIZER_MAPPING and QUANTIZER_MAPPING[key] is not cls:
-            raise ValueError(f"quantizer key {key!r} is registered twice ({QUANTIZER_MAPPING[key].__name__}, "
-                             f"{cls.__name__})")
-        QUANTIZER_MAPPING[key] = cls
-        method = cls.config_class.quant_method
-        known = _configs.CONFIG_MAPPING.get(method)
-        if known is not None and known is not cls.config_class:
-            raise ValueError(f"quant_method {method!r} has two config classes ({known.__name__}, "
-                             f"{cls.config_class.__name__})")
-        _configs.CONFIG_MAPPING[method] = cls.config_class
+        cls.registry_key = key
         return cls
 
     return wrap
-
-
-def quantizer_class(config: QuantConfig) -> type["Quantizer"]:
-    """The registered quantizer class of a parsed config (no environment check: for planning)."""
-    cls = QUANTIZER_MAPPING.get(config.quantizer_key)
-    if cls is None:  # a config class registered without a quantizer
-        raise BackendUnavailableError(config.quant_method, "no quantizer is registered for it",
-                                      "Register one with @quantlib.methods.base.register.")
-    return cls
-
-
-def get_quantizer(config: QuantConfig | dict | str, device: str = "auto") -> "Quantizer":
-    """Factory: validate the config, pick the quantizer, check libraries and hardware.
-
-    Raises `ConfigError` for a bad config and `BackendUnavailableError` when the scheme cannot run
-    here, both before any weights are touched. The returned quantizer's `.backend` says which
-    backend was chosen and why.
-    """
-    config = parse_config(config)
-    cls = quantizer_class(config)
-    problem = cls.unsupported(config)
-    if problem is not None:
-        raise BackendUnavailableError(config.label, problem, "Change the config; quantlib refuses rather than guesses.")
-    return cls(config, device=device)
-
-
-def method_libraries() -> tuple[str, ...]:
-    """The Python packages the registered methods run on (for version reports), in registry order."""
-    seen: dict[str, None] = {}
-    for cls in QUANTIZER_MAPPING.values():
-        seen.setdefault(cls.library, None)
-    return tuple(seen)
 
 
 def should_convert_module(name: str, patterns: list[str]) -> bool:
@@ -413,6 +358,24 @@ class Quantizer:
         return cls.check_shape(config, name, shape)
 
     @classmethod
+    def shape_problems(cls, config: QuantConfig, model_config: dict[str, Any]) -> list[str]:
+        """Problems `config` will hit on a model, from its `config.json` alone, before any weights are read: every
+        layer it quantizes whose shape the scheme cannot take (a group or block size that does not divide its input
+        width), with the sizes that would fit. An empty list means the config fits the model."""
+
+        shapes = model_shapes(model_config)
+        decisions = cls.classify(config, shapes)
+        problems = []
+        for w in shapes.matmul_weights:
+            if decisions[w.name] is not None:
+                continue
+            name = w.module if w.kind != "experts" else f"{w.name}[*] ({w.n_matrices} experts)"
+            problem = cls.layer_check_shape(config, name, (w.out_features, w.in_features))
+            if problem is not None:
+                problems.append(problem)
+        return problems
+
+    @classmethod
     def layer_storage_bytes(cls, config: QuantConfig, w: WeightShape, dtype: str = "float32") -> dict[str, float]:
         """`storage_bytes` of one matrix of the weight `w` for a model in `dtype` (methods with per-layer
         settings, or that store scales in the model dtype, override this)."""
@@ -601,7 +564,7 @@ class Quantizer:
                  cancel: CancelFn | None = None, keep: dict[str, QuantizedTensor] | None = None) -> Any:
         """Replace each quantizable matrix in place by quantize→dequantize; return the packed size
         (a `quantlib.memory.MemoryBreakdown`). `keep` receives each layer's packed tensor by name."""
-        from quantlib.memory import MemoryBreakdown
+        from quantlib.footprint import MemoryBreakdown
 
         layers = self.quantizable_layers(model)
         self.check_model_shapes(model, layers)
@@ -662,29 +625,6 @@ class Quantizer:
     def count_layers(self, base_model: torch.nn.Module, quantized: Any = None) -> int:
         """How many items `layer_weights` yields (for progress)."""
         return len(self.quantizable_layers(base_model))
-
-
-def preflight(config: QuantConfig | dict | str, model_config: dict[str, Any]) -> list[str]:
-    """Problems a config will hit on a model, from `config.json` alone, before any weights are read.
-
-    Names every layer whose input width the scheme's group or block size does not divide, with
-    the sizes that would fit. An empty list means the config fits the model.
-    """
-    from quantlib.shapes import model_shapes
-
-    config = parse_config(config)
-    cls = quantizer_class(config)
-    shapes = model_shapes(model_config)
-    decisions = cls.classify(config, shapes)
-    problems = []
-    for w in shapes.matmul_weights:
-        if decisions[w.name] is not None:
-            continue
-        name = w.module if w.kind != "experts" else f"{w.name}[*] ({w.n_matrices} experts)"
-        problem = cls.layer_check_shape(config, name, (w.out_features, w.in_features))
-        if problem is not None:
-            problems.append(problem)
-    return problems
 
 
 def _py(value: Any) -> str:

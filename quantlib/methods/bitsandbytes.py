@@ -1201,7 +1201,7 @@ class BnbQuantizer(Quantizer):
                        cancel: Any = None, calibration: Any = None) -> QuantizedModel:
         """Load `source` through `from_pretrained` with the config (always from `source`, never from
         `base`: bitsandbytes quantizes while loading), with the baseline's loading choices."""
-        from quantlib.memory import measure_footprint
+        from quantlib.footprint import measure_footprint
         from quantlib.models import load_model
 
         started = time.perf_counter()
