@@ -26,6 +26,7 @@ from app_support.models_ui import (ModelChoice, backend_label, config_json, conf
 from app_support.presets import option_text  # noqa: E402
 from app_support.runner import Progress, run_buttons, was_cancelled  # noqa: E402
 from app_support.state import BUILDER_LABEL, Namespace, builder_config  # noqa: E402
+from quantlib.statistics import statistic_lines  # noqa: E402
 
 st.set_page_config(page_title="Quantize and Inspect · Quantization Explorer", page_icon=":material/biotech:",
                    layout="wide")
@@ -181,8 +182,9 @@ def show_quality(result: dict) -> None:
     st.caption(f"{comp['n_tokens']:,} tokens of the built-in evaluation text, window {comp['window']}, "
                f"stride {comp['stride']} · backend: {comp['backend']}"
                + (" (baseline recomputed per window)" if comp.get("baseline_recomputed") else ""))
+    fig = comp["figures"]  # every statistic declared in quantlib.statistics, keyed by its column
     c1, c2, c3, c4 = st.columns(4)
-    delta = comp["quant_ppl"] - comp["base_ppl"]
+    delta = fig["perplexity"] - comp["base_ppl"]
     def pm(value: float, se: float | None, fmt: str) -> str:
         """The value and its standard error to two significant digits (short enough for a metric at 1000 px)."""
         return fmt.format(value) + (f" ± {se:.2g}" if se is not None and se == se and se > 0 else "")
@@ -191,15 +193,16 @@ def show_quality(result: dict) -> None:
                "tokens are correlated).")
     c1.metric("Perplexity (baseline)", pm(comp["base_ppl"], comp.get("base_ppl_se"), "{:.3f}"),
               help=f"{base['backend']}; {se_note}")
-    c2.metric(f"Perplexity ({result['label']})", pm(comp["quant_ppl"], comp.get("quant_ppl_se"), "{:.3f}"),
+    c2.metric(f"Perplexity ({result['label']})", pm(fig["perplexity"], fig.get("perplexity_se"), "{:.3f}"),
               f"{delta:+.3f}", delta_color="inverse",
               help=f"Backend: {comp['backend']}; {se_note} ln(PPL/PPL base) on the same tokens: "
-                   f"{pm(comp.get('ln_ppl_ratio', float('nan')), comp.get('ln_ppl_ratio_se'), '{:.5f}')}.")
-    c3.metric("KL (nats/token)", pm(comp["kl_mean"], comp.get("kl_se"), "{:.4f}"),
+                   f"{pm(fig.get('ln_ppl_ratio', float('nan')), fig.get('ln_ppl_ratio_se'), '{:.5f}')}.")
+    c3.metric("KL (nats/token)", pm(fig["kl"], fig.get("kl_se"), "{:.4f}"),
               help="KL(baseline ‖ quantized), the mean over tokens. Per-token percentiles: " + ", ".join(f"{k} {v:.4f}" for k, v in comp["kl_percentiles"].items())
                    + f". {se_note}")
-    c4.metric("Top-1 agreement", pm(100 * comp["top1_agreement"], 100 * comp.get("top1_se", float("nan")), "{:.2f}")
+    c4.metric("Top-1 agreement", pm(100 * fig["top1_agreement"], 100 * fig.get("top1_se", float("nan")), "{:.2f}")
               + " %", help="Share of positions where both models' most likely next token is the same. " + se_note)
+    st.caption(" · ".join(statistic_lines(fig, ("perplexity", "kl", "top1_agreement"))))
 
 
 def show_outliers(result: dict) -> None:

@@ -37,17 +37,6 @@ TEXT_BUILTIN = "Built-in evaluation text (Lee corpus)"
 TEXT_UPLOAD = "Upload a text file"
 TEXT_PASTE = "Paste text"
 
-#: Summary column -> header shown (units in the header: the table is static HTML, fully visible).
-SUMMARY_NAMES = {
-    "scheme": "scheme", "backend": "backend", "bits_per_param": "bits/param", "memory_mib": "memory (MiB)",
-    "n_tokens": "tokens",
-    "perplexity": "perplexity", "kl": "KL (nats/token)", "top1_agreement": "top-1 agreement",
-    "ln_ppl_ratio": "ln(PPL/PPL base)", "dp_mean": "Δp mean", "dp_rms": "Δp RMS",
-    "mean_layer_rel_error": "mean layer rel. error", "worst_layer_rel_error": "worst layer rel. error",
-    "worst_layer": "worst layer", "seconds": "time (s)",
-}
-
-
 # ------------------------------------------------------------------------------------ inputs
 
 def choose_configs() -> tuple[list[dict], list[str]]:
@@ -130,7 +119,7 @@ def show_run(run, where: str) -> None:
     """The summary table, figures and downloads of a run (fresh or reopened)."""
     import pandas as pd
 
-    from quantlib.reports import check_lines, format_summary, partial_text, ranking_text, render_html, run_figures
+    from quantlib.reports import check_lines, partial_text, ranking_text, readable_summary, render_html, run_figures
 
     summary = run.tables.get("summary", pd.DataFrame())
     settings, model = run.settings, run.model
@@ -145,7 +134,7 @@ def show_run(run, where: str) -> None:
     partial = partial_text(run)
     if partial:
         st.info(partial, icon=":material/timelapse:")
-    st.table(format_summary(summary).rename(columns=SUMMARY_NAMES), hide_index=True)
+    st.table(readable_summary(summary), hide_index=True)
     ranking = ranking_text(run)
     if ranking:
         (st.success if run.extra.get("ranking_settled") else st.warning)(ranking)
@@ -336,13 +325,13 @@ def keep_partial_run(ns) -> None:
 def show_live(placeholder, result, count: int) -> None:
     """The partial table, ranking verdict and KL chart of a running comparison, replaced window by window."""
     from quantlib import figures
-    from quantlib.reports import format_summary, ranking_text, running_text
+    from quantlib.reports import ranking_text, readable_summary, running_text
 
     NS.set(result.run, "partial")
     with placeholder.container():
         st.caption(f":material/hourglass_top: Running: {running_text(result.run).split(' | ')[0]} so far; "
                    "figures update as windows finish, and ± narrows.")
-        st.table(format_summary(result.table).rename(columns=SUMMARY_NAMES), hide_index=True)
+        st.table(readable_summary(result.table), hide_index=True)
         verdict = ranking_text(result.run)
         if verdict:
             (st.success if result.run.extra.get("ranking_settled") else st.info)(verdict)

@@ -29,6 +29,7 @@ from quantlib.memory import plan_memory
 from quantlib.footprint import measure_footprint
 from quantlib.models import LoadedModel, load_model
 from quantlib.runs import Run, environment_info, new_run_id, now_iso, save_run
+from quantlib.statistics import statistic_row, table_columns
 from quantlib.uncertainty import MIN_SETTLE_TOKENS, SETTLED_Z, paired_ranking
 from quantlib.registry import get_quantizer, quantizer_class
 from quantlib.methods.base import share_identical_tensors
@@ -39,9 +40,6 @@ KERNEL_CHOICES = ("auto", "library", "exact")
 RANKING_COLUMNS = ["better", "worse", "difference", "se", "z", "separated"]
 CancelFn = Callable[[], bool]
 
-TABLE_COLUMNS = ["scheme", "backend", "bits_per_param", "memory_mib", "n_tokens", "perplexity", "perplexity_se", "kl", "kl_se",
-                 "top1_agreement", "top1_se", "ln_ppl_ratio", "ln_ppl_ratio_se", "dp_mean", "dp_rms",
-                 "mean_layer_rel_error", "worst_layer_rel_error", "worst_layer", "seconds", "calibration_seconds"]
 
 
 @dataclass
@@ -161,11 +159,7 @@ def _scheme_row(label: str, qm: Any, errors: pd.DataFrame, comparison: Any, quan
     return {"scheme": label, "backend": comparison.backend + backend_note,
             "bits_per_param": qm.memory.quantized_bits_per_param,
             "memory_mib": qm.memory.total_bytes / 2**20, "n_tokens": comparison.n_tokens,
-            "perplexity": comparison.quant_ppl, "perplexity_se": comparison.quant_ppl_se, "kl": comparison.kl_mean,
-            "kl_se": comparison.kl_se, "top1_agreement": comparison.top1_agreement,
-            "top1_se": comparison.top1_se, "ln_ppl_ratio": comparison.ln_ppl_ratio,
-            "ln_ppl_ratio_se": comparison.ln_ppl_ratio_se, "dp_mean": comparison.dp_mean,
-            "dp_rms": comparison.dp_rms,
+            **statistic_row(comparison.figures),
             "mean_layer_rel_error": float(errors["rel_fro_error"].mean()) if len(errors) else float("nan"),
             "worst_layer_rel_error": float(worst["rel_fro_error"]), "worst_layer": str(worst["layer"]),
             "seconds": quant_seconds + comparison.seconds,
@@ -385,15 +379,11 @@ def _assemble(entries: dict[str, dict[str, Any]], labels: list[str], parsed: lis
                     "backend": (baseline.backend if baseline is not None else "")
                     + (" (cached states)" if eval_info.get("baseline_source") == "cache" else ""),
                     "bits_per_param": float(torch.finfo(dtype).bits), "memory_mib": base_mem.total_bytes / 2**20,
-                    "n_tokens": n_tokens,
-                    "perplexity": baseline.ppl if baseline is not None else float("nan"),
-                    "perplexity_se": baseline.ppl_se if baseline is not None else float("nan"),
-                    "kl": 0.0, "kl_se": 0.0,
-                    "top1_agreement": 1.0, "top1_se": 0.0, "ln_ppl_ratio": 0.0, "ln_ppl_ratio_se": 0.0,
-                    "dp_mean": 0.0, "dp_rms": 0.0, "mean_layer_rel_error": 0.0,
+                    "n_tokens": n_tokens, **statistic_row(baseline.figures if baseline is not None else {}),
+                    "mean_layer_rel_error": 0.0,
                     "worst_layer_rel_error": 0.0, "worst_layer": "",
                     "seconds": baseline.seconds if baseline is not None else 0.0, "calibration_seconds": 0.0})
-    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    table = pd.DataFrame(rows, columns=table_columns())  # each declared in quantlib.statistics
     frames = [entries[label]["errors"] for label in present]
     layers = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     ranking, settled = settled_ranking({label: entries[label]["kl_tokens"] for label in present})

@@ -46,7 +46,8 @@ import torch
 
 from quantlib.errors import Cancelled, QuantlibError
 from quantlib.runtime import trim_heap
-from quantlib.uncertainty import BLOCK_TOKENS, block_estimate, ppl_estimate
+from quantlib.statistics import TokenSeries, compute_statistics
+from quantlib.uncertainty import BLOCK_TOKENS, ppl_estimate
 
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
@@ -110,6 +111,9 @@ class PerplexityResult:
     backend: str
     #: Standard error of `ppl` (delta method over batch means of 64-token blocks; nan below 2 blocks).
     ppl_se: float = float("nan")
+    #: The baseline's row of the summary table (`quantlib.statistics`, the baseline against itself), where this
+    #: is the baseline of a comparison.
+    figures: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -119,22 +123,18 @@ class PerplexityResult:
 class DistributionComparison:
     """How far a model's next-token distributions are from the baseline's (KL in nats).
 
-    ``kl_mean`` averages per-token KL(base || quant) over all scored tokens; ``kl_percentiles``
-    maps "p99.9" ... "p1" to per-token quantiles; ``top1_agreement`` is the fraction of
-    positions where both models' most likely next token is the same. ``base_ppl`` and
-    ``quant_ppl`` come from the same forward passes at no extra cost. ``ln_ppl_ratio`` is
-    ln(PPL_quant / PPL_base), the mean per-token NLL difference on the same tokens; ``dp_*``
-    describe delta-p, the quantized model's probability of the actual next token minus the
-    baseline's. Every ``*_se`` is a standard error from batch means over ``se_block``-token blocks
-    (neighbouring tokens are correlated; see `quantlib.uncertainty`), nan below two blocks.
+    ``figures`` holds every statistic declared in `quantlib.statistics` (the summary table's columns: perplexity,
+    KL, top-1 agreement and flips, ln(PPL ratio), its correlation, delta-p), each with its standard error where it
+    has one, keyed by column; the attributes below name the common ones. ``kl_percentiles`` maps "p99.9" ... "p1"
+    to per-token quantiles, ``dp_percentiles`` the same for delta-p, the quantized model's probability of the
+    actual next token minus the baseline's. ``base_ppl`` comes from the same forward passes at no extra cost.
+    Every standard error is from batch means over ``se_block``-token blocks (neighbouring tokens are correlated;
+    see `quantlib.uncertainty`), nan below two blocks.
     """
 
-    kl_mean: float
     kl_max: float
     kl_percentiles: dict[str, float]
-    top1_agreement: float
     base_ppl: float
-    quant_ppl: float
     n_tokens: int
     n_windows: int
     window: int
@@ -142,19 +142,27 @@ class DistributionComparison:
     seconds: float
     backend: str
     baseline_recomputed: bool
-    kl_se: float = float("nan")
-    top1_se: float = float("nan")
+    figures: dict[str, float] = field(default_factory=dict)
     base_ppl_se: float = float("nan")
-    quant_ppl_se: float = float("nan")
-    ln_ppl_ratio: float = float("nan")
-    ln_ppl_ratio_se: float = float("nan")
-    dp_mean: float = float("nan")
-    dp_se: float = float("nan")
-    dp_rms: float = float("nan")
     dp_percentiles: dict[str, float] = field(default_factory=dict)
     se_block: int = BLOCK_TOKENS
     #: Per-token KL in text order (for paired comparisons between schemes; not serialised).
     kl_tokens: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+
+    def _figure(self, key: str) -> float:
+        return self.figures.get(key, float("nan"))
+
+    kl_mean = property(lambda self: self._figure("kl"))
+    kl_se = property(lambda self: self._figure("kl_se"))
+    top1_agreement = property(lambda self: self._figure("top1_agreement"))
+    top1_se = property(lambda self: self._figure("top1_se"))
+    quant_ppl = property(lambda self: self._figure("perplexity"))
+    quant_ppl_se = property(lambda self: self._figure("perplexity_se"))
+    ln_ppl_ratio = property(lambda self: self._figure("ln_ppl_ratio"))
+    ln_ppl_ratio_se = property(lambda self: self._figure("ln_ppl_ratio_se"))
+    dp_mean = property(lambda self: self._figure("dp_mean"))
+    dp_se = property(lambda self: self._figure("dp_se"))
+    dp_rms = property(lambda self: self._figure("dp_rms"))
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "kl_tokens"}
@@ -386,23 +394,35 @@ class _KlStats:
     nll: _NllSum = field(default_factory=_NllSum)
     base_nll: _NllSum = field(default_factory=_NllSum)  # the baseline's, on the same tokens
     same_top1: list[torch.Tensor] = field(default_factory=list)
+    right: list[torch.Tensor] = field(default_factory=list)  # its top-1 is the actual next token
+    base_right: list[torch.Tensor] = field(default_factory=list)  # the baseline's is
 
     def add(self, base_lp: torch.Tensor, quant_lp: torch.Tensor, targets: torch.Tensor) -> None:
         """Add one batch of windows from full log-probs (B, n, V) of both models."""
         vocab = base_lp.shape[-1]
         base = _ModelRows(logprobs=base_lp.to(quant_lp.device).reshape(-1, vocab))
-        base_nll, per_model = _window_stats(base, {"q": _ModelRows(logprobs=quant_lp.reshape(-1, vocab))},
-                                            targets.reshape(-1))
-        self.add_window(*per_model["q"], base_nll)
+        (base_nll, base_right), per_model = _window_stats(
+            base, {"q": _ModelRows(logprobs=quant_lp.reshape(-1, vocab))}, targets.reshape(-1))
+        self.add_window(*per_model["q"], base_nll, base_right)
 
-    def add_window(self, kl: torch.Tensor, same: torch.Tensor, nll: torch.Tensor, base_nll: torch.Tensor) -> None:
+    def add_window(self, kl: torch.Tensor, same: torch.Tensor, nll: torch.Tensor, right: torch.Tensor,
+                   base_nll: torch.Tensor, base_right: torch.Tensor) -> None:
         """Add one batch of windows' per-token values (from `_window_stats`), in text order."""
         self.kl.append(kl.clamp_min(0.0).flatten().cpu())
         same = same.flatten()
         self.same_top1.append(same.cpu())
         self.agree += int(same.sum().item())
+        self.right.append(right.flatten().cpu())
+        self.base_right.append(base_right.flatten().cpu())
         self.nll.add(nll)
         self.base_nll.add(base_nll)
+
+    def series(self) -> TokenSeries:
+        """The per-token series every declared statistic is computed from."""
+        return TokenSeries(kl=torch.cat(self.kl), same_top1=torch.cat(self.same_top1), nll=self.nll.series(),
+                           base_nll=self.base_nll.series(), right=torch.cat(self.right),
+                           base_right=torch.cat(self.base_right), nll_mean=self.nll.mean,
+                           base_nll_mean=self.base_nll.mean)
 
 
 class _ModelRows:
@@ -435,8 +455,9 @@ class _ModelRows:
 
 def _window_stats(base: _ModelRows, models: Mapping[str, _ModelRows], targets: torch.Tensor,
                   times: Optional[dict[str, float]] = None
-                  ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
-    """Per-token baseline NLL and, per model, per-token KL(base || model), same top-1 and NLL, for one batch of
+                  ) -> tuple[tuple[torch.Tensor, torch.Tensor], dict[str, tuple[torch.Tensor, ...]]]:
+    """Per-token baseline NLL and whether its top-1 is the actual next token, and, per model, per-token
+    KL(base || model), same top-1, NLL and whether its top-1 is the actual next token, for one batch of
     windows, computed HEAD_CHUNK_BYTES of log-probs at a time. The baseline's probabilities and top-1 are
     computed once per slice for every model. ``times`` (if given) gets each model's seconds added, and the
     baseline's under "". KL is ``sum(exp(b) * (b - q))`` per position, in float32, exactly as before slicing."""
@@ -444,7 +465,8 @@ def _window_stats(base: _ModelRows, models: Mapping[str, _ModelRows], targets: t
     step = max(1, HEAD_CHUNK_BYTES // (4 * vocab))
     targets = targets.reshape(-1)
     base_nll: list[torch.Tensor] = []
-    out: dict[str, list[list[torch.Tensor]]] = {name: [[], [], []] for name in models}
+    base_right: list[torch.Tensor] = []
+    out: dict[str, list[list[torch.Tensor]]] = {name: [[], [], [], []] for name in models}
     scratch: Optional[torch.Tensor] = None
     clock = time.perf_counter
     for start in range(0, n_rows, step):
@@ -455,6 +477,7 @@ def _window_stats(base: _ModelRows, models: Mapping[str, _ModelRows], targets: t
         p = b.exp()
         top = b.argmax(-1)
         base_nll.append(_target_nll(b, target))
+        base_right.append(top == target)
         if scratch is None or scratch.device != b.device:
             scratch = torch.empty((min(KL_CHUNK, step), vocab), dtype=b.dtype, device=b.device)
         if times is not None:
@@ -470,13 +493,16 @@ def _window_stats(base: _ModelRows, models: Mapping[str, _ModelRows], targets: t
                 d = torch.sub(b[s:e], q[s:e], out=scratch[:e - s])
                 kl[s:e] = d.mul_(p[s:e]).sum(-1)
             out[name][0].append(kl)
-            out[name][1].append(q.argmax(-1) == top)
+            q_top = q.argmax(-1)
+            out[name][1].append(q_top == top)
             out[name][2].append(_target_nll(q, target))
+            out[name][3].append(q_top == target)
             del q
             if times is not None:
                 times[name] = times.get(name, 0.0) + clock() - t0
         del b, p
-    return torch.cat(base_nll), {name: (torch.cat(v[0]), torch.cat(v[1]), torch.cat(v[2])) for name, v in out.items()}
+    return (torch.cat(base_nll), torch.cat(base_right)), {name: tuple(torch.cat(part) for part in v)
+                                                          for name, v in out.items()}
 
 
 def _percentiles(values: torch.Tensor) -> dict[str, float]:
@@ -495,21 +521,14 @@ def _ppl_result(nll: _NllSum, n_windows: int, window: int, stride: int, seconds:
 
 def _comparison(stats: _KlStats, base_nll: _NllSum, plan: "_Plan", seconds: float, backend: str,
                 recomputed: bool, n_windows: Optional[int] = None) -> DistributionComparison:
-    kl = torch.cat(stats.kl)
-    nll_q, nll_b = stats.nll.series(), stats.base_nll.series()
-    dp = torch.exp(-nll_q) - torch.exp(-nll_b)  # probability of the actual next token, quant - base
-    kl_e, top1_e = block_estimate(kl), block_estimate(torch.cat(stats.same_top1).double())
-    ratio, dp_e = block_estimate(nll_q - nll_b), block_estimate(dp)
+    series = stats.series()
+    kl = series.kl
     return DistributionComparison(
-        kl_mean=float(kl.double().mean()), kl_max=float(kl.max()), kl_percentiles=_percentiles(kl),
-        top1_agreement=stats.agree / kl.numel(), base_ppl=math.exp(base_nll.mean),
-        quant_ppl=math.exp(stats.nll.mean), n_tokens=int(kl.numel()),
-        n_windows=len(plan.windows) if n_windows is None else n_windows,
-        window=plan.window, stride=plan.stride, seconds=seconds, backend=backend,
-        baseline_recomputed=recomputed, kl_se=kl_e.se, top1_se=top1_e.se,
-        base_ppl_se=ppl_estimate(nll_b).se, quant_ppl_se=ppl_estimate(nll_q).se,
-        ln_ppl_ratio=ratio.mean, ln_ppl_ratio_se=ratio.se, dp_mean=dp_e.mean, dp_se=dp_e.se,
-        dp_rms=float(dp.square().mean().sqrt()), dp_percentiles=_percentiles(dp), kl_tokens=kl.double(),
+        kl_max=float(kl.max()), kl_percentiles=_percentiles(kl), base_ppl=math.exp(base_nll.mean),
+        n_tokens=int(kl.numel()), n_windows=len(plan.windows) if n_windows is None else n_windows,
+        window=plan.window, stride=plan.stride, seconds=seconds, backend=backend, baseline_recomputed=recomputed,
+        figures=compute_statistics(series), base_ppl_se=ppl_estimate(series.base_nll).se,
+        dp_percentiles=_percentiles(torch.exp(-series.nll) - torch.exp(-series.base_nll)), kl_tokens=kl.double(),
     )
 
 
@@ -868,6 +887,7 @@ def perplexity_and_kl(
     """
     plan = _make_plan(base_model, input_ids, window, stride, bos_token_id, batch_size)
     base_nll, base_time = _NllSum(), 0.0
+    base_right: list[torch.Tensor] = []
     stats = {name: _KlStats() for name in models}
     times = {name: 0.0 for name in models}
     baseline = _Baseline(base_model, plan, baseline_cache)
@@ -876,6 +896,9 @@ def perplexity_and_kl(
 
     def report() -> EvaluationReport:
         base = _ppl_result(base_nll, done, plan.window, plan.stride, base_time, backend_name(base_model))
+        if base_nll.count:
+            base.figures = compute_statistics(TokenSeries.of_baseline(base_nll.series(), torch.cat(base_right),
+                                                                      base_nll.mean))
         ppls = {name: _ppl_result(stats[name].nll, done, plan.window, plan.stride, times[name], backend_name(m))
                 for name, m in models.items()}
         comps = {name: _comparison(stats[name], base_nll, plan, times[name], backend_name(m), recomputed=False,
@@ -901,11 +924,12 @@ def perplexity_and_kl(
                     trim_heap()  # a forward pass leaves up to 0.5 GB of freed pages (LLM.int8() on CPU)
                     times[name] += time.perf_counter() - t0
                 spent: dict[str, float] = {}
-                window_nll, per_model = _window_stats(base_rows, rows, targets, spent)
+                (window_nll, window_right), per_model = _window_stats(base_rows, rows, targets, spent)
                 base_nll.add(window_nll)
+                base_right.append(window_right.flatten().cpu())
                 base_time += spent.pop("", 0.0)
                 for name, values in per_model.items():
-                    stats[name].add_window(*values, window_nll)
+                    stats[name].add_window(*values, window_nll, window_right)
                     times[name] += spent.get(name, 0.0)
                 del base_rows, rows, per_model
                 trim_heap()  # a window frees hundreds of MB of vocabulary-sized slices; glibc keeps the pages

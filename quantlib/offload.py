@@ -200,6 +200,7 @@ def compare_offloaded(configs: Sequence[QuantConfig | dict | str], *, source: st
     """Perplexity of the baseline and perplexity, KL and top-1 of every config, every model offloaded."""
     from quantlib.corpus import builtin_text
     from quantlib.evaluation import perplexity_and_kl, tokenize_for_eval
+    from quantlib.statistics import statistic_row
 
     parsed = [parse_config(c) for c in configs]
     problems = offload_problems(parsed, dtype)
@@ -232,12 +233,10 @@ def compare_offloaded(configs: Sequence[QuantConfig | dict | str], *, source: st
             notes.append(f"{config.label}: simulated checkpoint of {written['bytes'] / 2**30:.2f} GiB written in "
                          f"{written['seconds']:.1f} s; {loaded.description.notes[-1]}")
         report = perplexity_and_kl(base.model, models, ids, window=window, progress=progress, cancel=cancel)
-        rows = [{"scheme": f"baseline {dtype}", "perplexity": report.base.ppl, "perplexity_se": report.base.ppl_se, "kl": 0.0, "kl_se": 0.0, "top1_agreement": 1.0,
-                 "n_tokens": report.base.n_tokens, "offloaded": True}]
+        rows = [{"scheme": f"baseline {dtype}", "n_tokens": report.base.n_tokens,
+                 **statistic_row(report.base.figures), "offloaded": True}]
         for label, comp in report.comparison.items():
-            rows.append({"scheme": label, "perplexity": comp.quant_ppl, "perplexity_se": comp.quant_ppl_se,
-                         "kl": comp.kl_mean, "kl_se": comp.kl_se, "top1_agreement": comp.top1_agreement,
-                         "n_tokens": comp.n_tokens, "offloaded": True})
+            rows.append({"scheme": label, "n_tokens": comp.n_tokens, **statistic_row(comp.figures), "offloaded": True})
         table = pd.DataFrame(rows)
     finally:
         if own:

@@ -17,14 +17,9 @@ import plotly.graph_objects as go
 from quantlib import figures
 from quantlib.footprint import MemoryBreakdown
 from quantlib.runs import Run, atomic_write_text
+from quantlib.statistics import COLUMNS, headers
 
-SUMMARY_FORMATS = {"n_tokens": "{:,.0f}", "perplexity": "{:.3f}", "kl": "{:.5f}", "top1_agreement": "{:.4f}", "memory_mib": "{:.1f}",
-                   "bits_per_param": "{:.3f}", "mean_layer_rel_error": "{:.4f}", "worst_layer_rel_error": "{:.4f}",
-                   "seconds": "{:.1f}", "ln_ppl_ratio": "{:.5f}", "dp_mean": "{:+.5f}", "dp_rms": "{:.5f}"}
 _BLOCK_NUMBER = re.compile(r"\.(\d+)\.")
-#: Columns shown as "value ± standard error" (the CSV keeps both columns).
-WITH_SE = {"perplexity": "perplexity_se", "kl": "kl_se", "top1_agreement": "top1_se",
-           "ln_ppl_ratio": "ln_ppl_ratio_se"}
 
 
 def run_figures(run: Run) -> dict[str, go.Figure]:
@@ -155,20 +150,26 @@ def short_layer_name(name: object) -> object:
 
 
 def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
-    """The summary table with numbers rounded for reading (the CSV keeps full precision)."""
+    """The summary table with numbers rounded for reading, each as its declaration in `quantlib.statistics` says,
+    a standard error beside its value as "value ± SE" (the CSV keeps full precision and both columns). Columns
+    keep their keys: `headers` names them for reading."""
     shown = summary.copy()
     if "worst_layer" in shown:  # the block and the layer's own name: the full path is in layers.csv
         shown["worst_layer"] = shown["worst_layer"].map(short_layer_name)
-    for column, fmt in SUMMARY_FORMATS.items():
-        if column in shown:
-            shown[column] = shown[column].map(lambda v, f=fmt: f.format(v) if pd.notna(v) else "")
-    for column, se in WITH_SE.items():
-        if column in shown and se in summary:
-            fmt = SUMMARY_FORMATS[column]
-            shown[column] = [text if not (pd.notna(s) and s > 0) else f"{text} ± {fmt.format(s)}"
-                             for text, s in zip(shown[column], summary[se])]
-            shown = shown.drop(columns=[se])
+    for column in COLUMNS:
+        if column.key not in shown or column.fmt == "{}":
+            continue
+        shown[column.key] = [column.format(v) if pd.notna(v) else "" for v in summary[column.key]]
+        if column.se_key and column.se_key in summary:
+            shown[column.key] = [text if not (pd.notna(s) and s > 0) else f"{text} ± {column.format_se(s)}"
+                                 for text, s in zip(shown[column.key], summary[column.se_key])]
+            shown = shown.drop(columns=[column.se_key])
     return shown
+
+
+def readable_summary(summary: pd.DataFrame) -> pd.DataFrame:
+    """`format_summary` with the declared headers (units included): what the pages and the HTML report show."""
+    return format_summary(summary).rename(columns=headers())
 
 
 def render_html(run: Run) -> str:
@@ -178,7 +179,7 @@ def render_html(run: Run) -> str:
         body = fig.to_html(full_html=False, include_plotlyjs=(i == 0), default_width="100%", default_height="460px")
         parts.append(f"<h2>{html.escape(title)}</h2>\n{body}")
     summary = run.tables.get("summary", pd.DataFrame())
-    shown = format_summary(summary).rename(columns=lambda c: str(c).replace("_", " "))  # headers that can wrap
+    shown = readable_summary(summary)
     table = (f'<div class="wide">{shown.to_html(index=False, border=0, classes="summary")}</div>'
              if not summary.empty else "")
     model = run.model

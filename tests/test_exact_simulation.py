@@ -13,7 +13,7 @@ from quantlib.apply import layer_errors, quantize_model
 from quantlib.compare import CompareSettings, run_comparison
 from quantlib.registry import parse_config
 from quantlib.registry import get_quantizer
-from quantlib.methods.base import _bnb_cpu
+from quantlib.methods import _bnb_cpu
 from quantlib.methods._bnb_cpu import has_avx512bf16
 from quantlib.methods.bitsandbytes import WORKAROUND_4BIT, ExactLinear4bit, ExactLinear8bit, kernel_paths
 from quantlib.models import load_model

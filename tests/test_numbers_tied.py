@@ -47,6 +47,7 @@ def _by_hand(base_model, model, ids: torch.Tensor, bos: int, dtype: torch.dtype 
     """Perplexity, mean KL(base || model) and top-1 agreement, window by window, written out plainly: log-probs
     and KL in `dtype` (float32 is the arithmetic `quantlib.evaluation` documents for its per-token KL)."""
     nll, kl, agree, count, per_token = 0.0, 0.0, 0, 0, []
+    logp, base_logp, right, base_right = [], [], [], []
     for start in range(0, len(ids), WINDOW):
         target = ids[start:start + WINDOW]
         inputs = torch.cat([torch.tensor([bos]), target[:-1]]).unsqueeze(0)
@@ -54,13 +55,28 @@ def _by_hand(base_model, model, ids: torch.Tensor, bos: int, dtype: torch.dtype 
             p = torch.log_softmax(base_model(inputs).logits[0].to(dtype), -1)
             q = torch.log_softmax(model(inputs).logits[0].to(dtype), -1)
         nll -= q[torch.arange(len(target)), target].sum().item()
+        logp.append(q[torch.arange(len(target)), target].double())
+        base_logp.append(p[torch.arange(len(target)), target].double())
+        right.append(q.argmax(-1) == target)
+        base_right.append(p.argmax(-1) == target)
         token_kl = (p.exp() * (p - q)).sum(-1).double()
         per_token.append(token_kl)
         kl += token_kl.sum().item()
         agree += int((p.argmax(-1) == q.argmax(-1)).sum())
         count += len(target)
     return {"perplexity": math.exp(nll / count), "kl": kl / count, "top1_agreement": agree / count,
-            "kl_tokens": torch.cat(per_token)}
+            "kl_tokens": torch.cat(per_token), "logp": torch.cat(logp), "base_logp": torch.cat(base_logp),
+            "right": torch.cat(right), "base_right": torch.cat(base_right)}
+
+
+def _batch_means_se(values: np.ndarray, block: int = 64) -> float:
+    """The standard error of a mean from the means of consecutive blocks (the last may be shorter), weighted by
+    block size, written out independently of `quantlib.uncertainty`."""
+    blocks = [values[s:s + block] for s in range(0, len(values), block)]
+    sizes = np.array([len(b) for b in blocks], dtype=float)
+    means = np.array([b.mean() for b in blocks])
+    w = sizes / sizes.sum()
+    return float(np.sqrt((w ** 2 * (means - values.mean()) ** 2).sum() * len(blocks) / (len(blocks) - 1)))
 
 
 def test_comparison_table_columns_are_tied_to_their_sources(comparison, tiny, tiny_llama_dir) -> None:
@@ -84,6 +100,13 @@ def test_comparison_table_columns_are_tied_to_their_sources(comparison, tiny, ti
         # Paired log-ratio: the mean per-token NLL difference is ln(PPL_q / PPL_base), exactly.
         assert row["ln_ppl_ratio"] == pytest.approx(math.log(row["perplexity"] / base_row["perplexity"]), abs=1e-8)
         assert row["perplexity_se"] > 0 and row["kl_se"] > 0 and row["ln_ppl_ratio_se"] > 0
+        # The two statistics added by one declaration each: llama.cpp's Cor(ln PPL(Q), ln PPL(base)), and the
+        # net top-1 flips against the actual next token with their paired batch-means standard error.
+        corr = np.corrcoef(expected["logp"].numpy(), expected["base_logp"].numpy())[0, 1]
+        assert row["ln_ppl_corr"] == pytest.approx(corr, abs=1e-6)
+        flips = (expected["base_right"] & ~expected["right"]).double() - (expected["right"] & ~expected["base_right"]).double()
+        assert row["top1_flips"] == pytest.approx(float(flips.mean()), abs=1e-12)
+        assert row["top1_flips_se"] == pytest.approx(_batch_means_se(flips.numpy()), rel=1e-9, abs=1e-15)
         # Memory and bits/param: the planner (tested exact elsewhere) and, for RTN, the published
         # formula: 4-bit codes + fp16 scale + 4-bit zero per group of 32 = 4 + 20/32 bits.
         plan = plan_memory(tiny.model.config.to_dict(), config, "float32")
