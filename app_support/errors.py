@@ -19,11 +19,6 @@ REPORT_HINT = ("This is a bug in Quantization Explorer, not in your input: pleas
                "that led here (the server log has the full traceback).")
 
 
-def field_error_text(error: FieldError) -> str:
-    """One field problem in words: message, the value given and what is allowed."""
-    return str(error)
-
-
 def config_error_markdown(error: ConfigError, heading: str | None = None) -> str:
     lines = [heading or f"{len(error.errors)} problem(s) in the config:"]
     lines += [f"- `{e.field}`: {_escape(e.message)}" + (f" (got `{_short(e)}`)" if _short(e) else "")

@@ -97,7 +97,7 @@ def model_config(source: str) -> dict:
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def preflight_problems(config_json: str, source: str) -> list[str]:
-    """`quantlib.apply.preflight` on the model's config.json; the config is hashed by its JSON."""
+    """`quantlib.layers.preflight` on the model's config.json; the config is hashed by its JSON."""
     from quantlib.registry import preflight
 
     return preflight(json.loads(config_json), model_config(source))

@@ -27,10 +27,6 @@ def option_text(name: str) -> str:
     return f"{name} · {DESCRIPTIONS[name]}" if name in DESCRIPTIONS else name
 
 
-def preset_names() -> list[str]:
-    return list(PRESETS)
-
-
 def preset_config(name: str) -> QuantConfig:
     """The validated config of a preset (KeyError for an unknown name)."""
     return parse_config(dict(PRESETS[name]))

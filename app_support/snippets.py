@@ -21,8 +21,7 @@ def transformers_snippet(config: QuantConfig, model_id: str = DEFAULT_HUB_ID) ->
 def quantlib_snippet(config: QuantConfig, source: str = "default") -> str:
     """Python that applies the config with quantlib (works for every registered method)."""
     lines = [
-        "from quantlib.apply import quantize_model",
-        "from quantlib.registry import parse_config",
+        "from quantlib.registry import parse_config, quantize_model",
         "",
         f"config = parse_config({_py(config.to_diff_dict())})",
         f"quantized = quantize_model(config, source={json.dumps(source)})  # simulated unless bitsandbytes",

@@ -26,7 +26,7 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
 from bench_compare import PeakRss  # noqa: E402
 
-from quantlib.apply import quantize_model  # noqa: E402
+from quantlib.registry import quantize_model  # noqa: E402
 from quantlib.methods._gptqmodel import CalibrationSettings  # noqa: E402
 from quantlib.corpus import builtin_text  # noqa: E402
 from quantlib.evaluation import perplexity_and_kl, tokenize_for_eval  # noqa: E402

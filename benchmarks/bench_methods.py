@@ -26,7 +26,7 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from quantlib.apply import quantize_model  # noqa: E402
+from quantlib.registry import quantize_model  # noqa: E402
 from quantlib.registry import get_quantizer  # noqa: E402
 from quantlib.methods._gptqmodel import CalibrationSettings  # noqa: E402
 from quantlib.models import load_model  # noqa: E402

@@ -51,7 +51,7 @@ LAYER_COLUMNS = {
 @st.cache_data(show_spinner="Quantizing this layer…", max_entries=128)
 def cached_layer_detail(_base, model_key: str, cfg_json: str, layer: str, device: str) -> dict:
     """`layer_detail` for one layer; keyed by the model, the config's JSON and the layer name."""
-    from quantlib.apply import layer_detail
+    from quantlib.layers import layer_detail
     from quantlib.registry import get_quantizer
 
     return layer_detail(_base.model, get_quantizer(json.loads(cfg_json), device=device), layer)

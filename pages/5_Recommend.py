@@ -18,7 +18,7 @@ ROOT = str(Path(__file__).resolve().parents[1])
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from app_support.errors import guard, run_page, show_exception  # noqa: E402
+from app_support.errors import guard, run_page  # noqa: E402
 from app_support.models_ui import ModelChoice, backend_label, load_base, model_picker  # noqa: E402
 from app_support.runner import Progress, run_buttons, was_cancelled  # noqa: E402
 from app_support.state import Namespace  # noqa: E402

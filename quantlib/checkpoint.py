@@ -10,7 +10,7 @@ a config quantizes while holding one tensor (plus its quantized copy) in memory,
   file or a sharded `model.safetensors.index.json` (a local folder or a downloaded hub snapshot);
 - each finished layer is appended to `layers.jsonl` in the output folder (flushed and synced), so an
   interrupted run keeps what it finished, and a rerun with the same checkpoint, config and dtype resumes;
-- the per-layer numbers are the in-memory path's (`quantlib.apply.layer_errors`): same function, same
+- the per-layer numbers are the in-memory path's (`quantlib.layers.layer_errors`): same function, same
   tensors, so they agree to the bit on a model small enough for both (tested).
 
 Methods whose quantization needs activations (calibrated methods) are refused with the reason.
@@ -31,9 +31,8 @@ import torch
 from quantlib.configs import QuantConfig
 from quantlib.registry import parse_config
 from quantlib.errors import QuantlibError
+from quantlib.callbacks import CancelFn, ProgressFn
 
-ProgressFn = Callable[[float, str], None]
-CancelFn = Callable[[], bool]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HEADER_KIND = "quantlib-checkpoint-analysis"
@@ -191,7 +190,7 @@ def _locate(name: str, files: dict[str, Path]) -> str | None:
 def layer_row(quantizer: Any, name: str, weight: torch.Tensor, *, bins: int = 128) -> dict[str, Any]:
     """Everything measured about one layer's weight (out x in) under `quantizer`: the `layer_errors` columns,
     packed storage by component, weight-outlier statistics and the block-normalized histogram."""
-    from quantlib.apply import code_usage
+    from quantlib.layers import code_usage
     from quantlib.distributions import block_normalized_histogram
     from quantlib.metrics import error_metrics
     from quantlib.outliers import weight_outlier_stats

@@ -353,7 +353,7 @@ def cmd_inspect_all(args: argparse.Namespace, config: Any) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from quantlib.apply import layer_detail
+    from quantlib.layers import layer_detail
     from quantlib.models import load_model
     from quantlib.registry import get_quantizer
 

@@ -17,7 +17,7 @@ import pandas as pd
 import psutil
 import torch
 
-from quantlib.apply import layer_errors, quantize_model
+from quantlib.layers import layer_errors
 from quantlib.runtime import release_memory
 from quantlib.runtime import objects_frozen, trim_heap
 from quantlib.configs import QuantConfig
@@ -34,11 +34,10 @@ from quantlib.uncertainty import MIN_SETTLE_TOKENS, SETTLED_Z, paired_ranking
 from quantlib.registry import get_quantizer, quantizer_class
 from quantlib.methods.base import share_identical_tensors
 from quantlib.runtime import resolve_device
+from quantlib.callbacks import CancelFn, ProgressFn
 
-ProgressFn = Callable[[float, str], None]
 KERNEL_CHOICES = ("auto", "library", "exact")
 RANKING_COLUMNS = ["better", "worse", "difference", "se", "z", "separated"]
-CancelFn = Callable[[], bool]
 
 
 
@@ -229,8 +228,8 @@ def _run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compa
         raise ValueError(f"kernels: got {settings.kernels!r}; allowed: {', '.join(KERNEL_CHOICES)}")
     parsed = [parse_config(c) for c in configs]
     labels = unique_labels(parsed)
-    quantizers = [get_quantizer(c, device=settings.device) for c in parsed]  # fail before loading anything
     device, _ = resolve_device(settings.device)
+    quantizers = [get_quantizer(c, device=device) for c in parsed]  # fail before loading anything
     dtype = getattr(torch, settings.dtype)
     n_steps = 2 + 2 * len(parsed)
     step = [0]
@@ -276,14 +275,15 @@ def _run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compa
         for index in batch:
             config, quantizer, label = parsed[index], quantizers[index], labels[index]
             t0 = time.perf_counter()
+            # the quantizer built (and checked) before anything was loaded: one per config per run
             if quantizer.calibrated:  # layers come from the calibrated model
-                qm = quantize_model(config, source=settings.source, device=device, dtype=dtype,
-                                    trust_remote_code=settings.trust_remote_code, progress=report, cancel=cancel,
-                                    calibration=settings.calibration)
+                qm = quantizer.quantize_model(source=settings.source, dtype=dtype,
+                                              trust_remote_code=settings.trust_remote_code, progress=report,
+                                              cancel=cancel, calibration=settings.calibration)
             else:
-                qm = quantize_model(config, base=base, source=settings.source, device=device, dtype=dtype,
-                                    trust_remote_code=settings.trust_remote_code, allow_pickle=settings.allow_pickle,
-                                    progress=report, cancel=cancel)
+                qm = quantizer.quantize_model(base=base, source=settings.source, dtype=dtype,
+                                              trust_remote_code=settings.trust_remote_code,
+                                              allow_pickle=settings.allow_pickle, progress=report, cancel=cancel)
             exact, crosscheck = False, None
             wants_exact = settings.kernels == "exact" or (settings.kernels == "auto"
                                                           and quantizer.exact_simulation_by_default)

@@ -48,9 +48,8 @@ from quantlib.errors import Cancelled, QuantlibError
 from quantlib.runtime import trim_heap
 from quantlib.statistics import TokenSeries, compute_statistics
 from quantlib.uncertainty import BLOCK_TOKENS, ppl_estimate
+from quantlib.callbacks import CancelFn, ProgressFn
 
-ProgressFn = Callable[[float, str], None]
-CancelFn = Callable[[], bool]
 
 DEFAULT_WINDOW = 1024
 DEFAULT_REFERENCE_BYTES = 2**30

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import pandas as pd
 import torch
 
-from quantlib.apply import layer_errors, quantize_model
+from quantlib.layers import layer_errors
 from quantlib.configs import QuantConfig
 from quantlib.registry import parse_config
 from quantlib.corpus import builtin_text
@@ -25,9 +25,8 @@ from quantlib.footprint import MemoryBreakdown, measure_footprint
 from quantlib.models import LoadedModel
 from quantlib.outliers import ActivationOutliers, activation_outliers
 from quantlib.registry import get_quantizer
+from quantlib.callbacks import CancelFn, ProgressFn
 
-ProgressFn = Callable[[float, str], None]
-CancelFn = Callable[[], bool]
 
 #: Share of the overall progress bar each step takes (they add up to 1).
 STEPS = (("quantize", 0.3), ("layer errors", 0.1), ("baseline", 0.2), ("compare", 0.25), ("outliers", 0.15))
@@ -80,9 +79,9 @@ def inspect_scheme(base: LoadedModel, config: QuantConfig | dict | str, *, sourc
     stage = _staged(progress)
     config = parse_config(config)
     quantizer = get_quantizer(config, device=device)
-    qm = quantize_model(config, base=base, source=source, device=quantizer.backend.device, dtype=dtype,
-                        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                        progress=stage("quantize"), cancel=cancel, calibration=calibration)
+    qm = quantizer.quantize_model(base=base, source=source, dtype=dtype, trust_remote_code=trust_remote_code,
+                                  allow_pickle=allow_pickle, progress=stage("quantize"), cancel=cancel,
+                                  calibration=calibration)
     # the layers as the quantized model stores them (calibrated checkpoints, bitsandbytes' layers, the packed
     # tensors simulation kept): nothing is quantized twice
     errors = layer_errors(base.model, quantizer, progress=stage("layer errors"), cancel=cancel, quantized=qm)

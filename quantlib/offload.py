@@ -29,9 +29,8 @@ import torch
 from quantlib.configs import QuantConfig
 from quantlib.registry import parse_config
 from quantlib.errors import Cancelled, QuantlibError
+from quantlib.callbacks import CancelFn, ProgressFn
 
-ProgressFn = Callable[[float, str], None]
-CancelFn = Callable[[], bool]
 SHARD_BYTES = 512 * 2**20
 
 

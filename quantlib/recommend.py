@@ -44,9 +44,8 @@ from quantlib.errors import Cancelled, QuantlibError
 from quantlib.methods.base import MixChoice, MixSpace
 from quantlib.registry import QUANTIZER_MAPPING, get_quantizer
 from quantlib.shapes import ModelShapes, describe_model
+from quantlib.callbacks import CancelFn, ProgressFn
 
-ProgressFn = Callable[[float, str], None]
-CancelFn = Callable[[], bool]
 
 GIB = 1024 ** 3
 #: Calibration tokens whose layer inputs are captured (one window).

@@ -15,15 +15,22 @@ from __future__ import annotations
 import importlib
 import json
 import pkgutil
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 import quantlib.methods as _methods_package
+from quantlib.callbacks import CancelFn, ProgressFn
 from quantlib.configs import QuantConfig
 from quantlib.errors import _MISSING, BackendUnavailableError, ConfigError, FieldError
-from quantlib.methods.base import Quantizer
+from quantlib.methods.base import QuantizedModel, Quantizer
+
+if TYPE_CHECKING:
+    from quantlib.models import LoadedModel
 
 __all__ = ["CONFIG_MAPPING", "QUANTIZER_MAPPING", "config_schemas", "cpu_kernel_summaries", "get_quantizer",
-           "method_libraries", "parse_config", "preflight", "quantizer_class", "registered_methods"]
+           "method_libraries", "parse_config", "preflight", "quantize_model", "quantizer_class",
+           "registered_methods"]
 
 #: quant_method -> config class, in display order.
 CONFIG_MAPPING: dict[str, type[QuantConfig]] = {}
@@ -178,3 +185,19 @@ def preflight(config: QuantConfig | dict | str, model_config: dict[str, Any]) ->
     (`Quantizer.shape_problems`); an empty list means the config fits the model."""
     config = parse_config(config)
     return quantizer_class(config).shape_problems(config, model_config)
+
+
+def quantize_model(config: QuantConfig | dict | str, *, base: LoadedModel | None = None, source: str = "default",
+                   device: str = "auto", dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                   allow_pickle: bool = False, progress: ProgressFn | None = None,
+                   cancel: CancelFn | None = None, calibration: Any = None) -> QuantizedModel:
+    """Quantize a model with a config and measure its footprint: `get_quantizer(config).quantize_model`.
+
+    `base` (an unquantized model already in memory) saves a reload where the method can start from
+    it; `calibration` reaches methods that calibrate (their settings object, e.g. the gptqmodel
+    family's `CalibrationSettings`).
+    """
+    quantizer = get_quantizer(config, device=device)
+    return quantizer.quantize_model(base=base, source=source, dtype=dtype, trust_remote_code=trust_remote_code,
+                                    allow_pickle=allow_pickle, progress=progress, cancel=cancel,
+                                    calibration=calibration)

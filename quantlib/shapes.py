@@ -139,9 +139,6 @@ class ModelShapes:
     def tied_embeddings(self) -> bool:
         return bool(self.tied)
 
-    def param_bytes(self, dtype: str) -> int:
-        return sum(w.bytes_in(dtype) for w in self.weights)
-
     def buffer_bytes(self) -> int:
         return sum(b.bytes_in("float32") for b in self.buffers)
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from quantlib import parse_config
-from quantlib.apply import layer_detail, layer_errors, quantize_model
+from quantlib.layers import layer_detail, layer_errors
+from quantlib.registry import quantize_model
 from quantlib.methods.base import ShapeError
 from quantlib.compare import CompareSettings, run_comparison
 from quantlib.errors import Cancelled

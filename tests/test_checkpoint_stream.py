@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantlib.apply import layer_errors
+from quantlib.layers import layer_errors
 from quantlib.checkpoint import CheckpointError, analyze_checkpoint, checkpoint_files, iter_rows
 from quantlib.registry import get_quantizer
 from quantlib.presets import preset

@@ -190,7 +190,7 @@ def _inspection(folder, device: str):
 
 
 def _layer_detail(folder, device: str):
-    from quantlib.apply import layer_detail
+    from quantlib.layers import layer_detail
     from quantlib.models import load_model
 
     base = load_model(str(folder), device=device)

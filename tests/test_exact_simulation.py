@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 
-from quantlib.apply import layer_errors, quantize_model
+from quantlib.layers import layer_errors
+from quantlib.registry import quantize_model
 from quantlib.compare import CompareSettings, run_comparison
 from quantlib.registry import parse_config
 from quantlib.registry import get_quantizer

@@ -13,7 +13,8 @@ import time
 import pytest
 import torch
 
-from quantlib.apply import layer_errors, quantize_model
+from quantlib.layers import layer_errors
+from quantlib.registry import quantize_model
 from quantlib.methods.base import ShapeError
 from quantlib.registry import preflight
 from quantlib.corpus import builtin_text

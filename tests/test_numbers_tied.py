@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from quantlib import parse_config
-from quantlib.apply import layer_errors, quantize_model
+from quantlib.layers import layer_errors
+from quantlib.registry import quantize_model
 from quantlib.compare import CompareSettings, estimate_seconds, run_comparison
 from quantlib.corpus import builtin_text
 from quantlib.errors import Cancelled

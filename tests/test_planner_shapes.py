@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from quantlib import parse_config
-from quantlib.apply import simulate_quantization
+from quantlib.layers import simulate_quantization
 from quantlib.registry import preflight
 from quantlib.memory import plan_memory, plan_table, stored_quantization
 from quantlib.footprint import measure_footprint

@@ -214,7 +214,7 @@ def test_outlier_columns():
 def test_int8_decomposed_matmul_is_bitsandbytes_linear8bitlt_bit_for_bit(tiny_llama_dir, threshold, dtype):
     """Every Linear8bitLt of a model transformers loaded with LLM.int8() computes exactly what our
     vectorized mirror computes from the original weights: same casts, outlier columns, accumulation."""
-    from quantlib.apply import quantize_model
+    from quantlib.registry import quantize_model
     from quantlib.models import load_model
 
     base = load_model(str(tiny_llama_dir))

@@ -93,7 +93,7 @@ def test_a_gptq_mix_is_calibrated_by_gptqmodel_exactly_as_planned(tiny, tiny_lla
     group size (or leaves it a plain Linear), and the checkpoint it writes holds exactly the planned bytes."""
     from safetensors import safe_open
 
-    from quantlib.apply import quantize_model
+    from quantlib.registry import quantize_model
 
     shapes = describe_model(tiny.model)
     cls = rc.family_class("gptq")

@@ -21,7 +21,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from quantlib import parse_config
-from quantlib.apply import layer_errors, quantize_model, simulate_quantization
+from quantlib.layers import layer_errors, simulate_quantization
+from quantlib.registry import quantize_model
 from quantlib.registry import preflight
 from quantlib.registry import CONFIG_MAPPING
 from quantlib.errors import BackendUnavailableError, ConfigError

@@ -4,7 +4,6 @@ baseline's cached final hidden states exactly."""
 from __future__ import annotations
 
 import copy
-import os
 import threading
 
 import pytest

@@ -1,49 +1,22 @@
-"""The pipeline: apply a validated config to a real model, and measure its weights layer by layer.
+"""What a quantized model's weights lose, layer by layer: errors, code usage and one layer's detail.
 
-Every step goes through the method's quantizer (`quantlib.methods`): `quantize_model` asks it to
-quantize (simulated by default; bitsandbytes through `from_pretrained`; calibrated methods with
-their library), and the per-layer measurements read `quantizer.layer_weights`, so nothing here
-knows which method it runs.
+Every measurement reads the method's quantizer (`quantizer.layer_weights`: the stored tensors of the quantized
+model where it has them), so nothing here knows which method it runs. `quantlib.registry.quantize_model` makes
+the quantized model from a config.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 import torch
 
-from quantlib.configs import QuantConfig
-from quantlib.registry import parse_config
 from quantlib.errors import QuantlibError
 from quantlib.metrics import code_histogram, error_metrics
-from quantlib.methods.base import MatrixRef, QuantizedModel, Quantizer
-from quantlib.registry import get_quantizer
-from quantlib.models import LoadedModel
+from quantlib.methods.base import Quantizer
+from quantlib.callbacks import CancelFn, ProgressFn
 
-ProgressFn = Callable[[float, str], None]
-CancelFn = Callable[[], bool]
-
-
-def quantize_model(config: QuantConfig | dict | str, *, base: LoadedModel | None = None, source: str = "default",
-                   device: str = "auto", dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-                   allow_pickle: bool = False, progress: ProgressFn | None = None,
-                   cancel: CancelFn | None = None, calibration: Any = None) -> QuantizedModel:
-    """Quantize a model with a config and measure its footprint: `get_quantizer(config).quantize_model`.
-
-    `base` (an unquantized model already in memory) saves a reload where the method can start from
-    it; `calibration` reaches methods that calibrate (their settings object, e.g. the gptqmodel
-    family's `CalibrationSettings`).
-    """
-    quantizer = get_quantizer(parse_config(config), device=device)
-    return quantizer.quantize_model(base=base, source=source, dtype=dtype, trust_remote_code=trust_remote_code,
-                                    allow_pickle=allow_pickle, progress=progress, cancel=cancel,
-                                    calibration=calibration)
-
-
-def quantizable_layers(model: torch.nn.Module, quantizer: Quantizer) -> list[MatrixRef]:
-    """Every matrix the quantizer quantizes in this model, by the same rules the planner uses."""
-    return quantizer.quantizable_layers(model)
 
 
 @torch.no_grad()
