@@ -526,10 +526,28 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _silence_library_progress() -> None:
+    """--quiet: the libraries' own progress bars too (transformers' "Loading weights" and "Writing model shards",
+    huggingface_hub's downloads), not only quantlib's lines. Set before any of them is imported, and again on the
+    loaded modules where they already are."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TQDM_DISABLE"] = "1"
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m quantlib` and the `quantlib` console script."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        _silence_library_progress()
     from quantlib.errors import QuantlibError
 
     try:

@@ -117,3 +117,27 @@ def test_compare_writes_json_csv_html_and_the_run_appears_in_the_store(tiny_llam
 def test_console_script_entry_point_is_declared() -> None:
     text = (REPO / "pyproject.toml").read_text()
     assert 'quantlib = "quantlib.cli:main"' in text
+
+
+def test_quiet_silences_the_libraries_progress_bars_too(tiny_llama_dir, tmp_path) -> None:
+    """--quiet: no progress on stderr, transformers' "Loading weights" bar included (it printed through --quiet
+    before). Without it, progress is there."""
+    import subprocess
+    import sys
+
+    config = _write(tmp_path / "rtn.json", {"quant_method": "rtn", "bits": 4, "granularity": "group",
+                                             "group_size": 32})
+    command = [sys.executable, "-m", "quantlib", "compare", "--model", str(tiny_llama_dir), "--config", config,
+               "--tokens", "64", "--window", "64", "--device", "cpu", "--json"]
+    env = {**os.environ, "QUANTLIB_CACHE": str(tmp_path / "cache")}
+    env.pop("TQDM_DISABLE", None)
+    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+    loud = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert loud.returncode == 0, loud.stderr
+    bars = ("Loading weights", "Writing model shards", "%|")
+    assert "Loading weights: 100%|" in loud.stderr and "[  0.0%] " in loud.stderr
+    quiet = subprocess.run([*command, "--quiet"], capture_output=True, text=True, env=env, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr
+    assert not any(bar in quiet.stderr for bar in bars), quiet.stderr
+    assert "[  0.0%] " not in quiet.stderr  # quantlib's own progress lines
+    assert "saved run" in quiet.stderr  # what the run produced and how (kernels, CPU) is not progress: it stays
