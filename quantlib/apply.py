@@ -17,7 +17,8 @@ from quantlib.configs import QuantConfig
 from quantlib.registry import parse_config
 from quantlib.errors import QuantlibError
 from quantlib.metrics import code_histogram, error_metrics
-from quantlib.methods.base import MatrixRef, QuantizedModel, Quantizer
+from quantlib.methods.base import Quantizer
+from quantlib.methods.base.records import MatrixRef, QuantizedModel
 from quantlib.registry import get_quantizer
 from quantlib.models import LoadedModel
 

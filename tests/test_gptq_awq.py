@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from quantlib.apply import layer_errors, quantize_model
-from quantlib.methods.base import ShapeError
+from quantlib.methods.base.records import ShapeError
 from quantlib.registry import preflight
 from quantlib.corpus import builtin_text
 from quantlib.evaluation import perplexity_and_kl, tokenize_for_eval
