@@ -44,7 +44,7 @@ import json, sys, time
 from quantlib.runtime import vm_hwm
 from safetensors.torch import load_file
 from quantlib.checkpoint import _items, checkpoint_files, layer_row
-from quantlib.methods import get_quantizer
+from quantlib.registry import get_quantizer
 from quantlib.models import read_model_config
 from quantlib.presets import preset
 from quantlib.shapes import model_shapes

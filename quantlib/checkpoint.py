@@ -259,7 +259,7 @@ def analyze_checkpoint(source: str | Path, config: QuantConfig | dict | str, *, 
     written at the end; a rerun resumes. `cancel()` stops after the current tensor and returns what was done
     (`complete=False`)."""
     from quantlib.registry import get_quantizer
-    from quantlib.methods.base import CalibratedQuantizer
+    from quantlib.methods.base.families import CalibratedQuantizer
     from quantlib.models import read_model_config, resolve_source_dir
     from quantlib.runs import atomic_write_text
     from quantlib.runtime import trim_heap

@@ -32,7 +32,7 @@ from quantlib.runs import Run, environment_info, new_run_id, now_iso, save_run
 from quantlib.statistics import statistic_row, table_columns
 from quantlib.uncertainty import MIN_SETTLE_TOKENS, SETTLED_Z, paired_ranking
 from quantlib.registry import get_quantizer, quantizer_class
-from quantlib.methods.base import share_identical_tensors
+from quantlib.methods.base.sharing import share_identical_tensors
 from quantlib.runtime import resolve_device
 from quantlib.callbacks import CancelFn, ProgressFn
 

@@ -5,7 +5,7 @@ Why a torch reference next to bitsandbytes: the app shows *what* a format does t
 scales, error, honest storage) and must work where a library kernel is missing or buggy. The
 reference reproduces bitsandbytes' CPU backend bit for bit (same packed codes, same absmax, same
 double-quantization state; the tests check it), so either backend can be shown and compared. (Its CUDA
-kernels differ at FP4 ties and in double quant's codes: quantlib/methods/bitsandbytes.py says where.)
+kernels differ at FP4 ties and in double quant's codes: quantlib/methods/bitsandbytes/formats.py says where.)
 
 Storage convention (``QuantizedTensor.storage_bits``): every per-tensor, per-block, per-group or
 per-row component a checkpoint must hold *for this tensor* is counted at the width it is stored

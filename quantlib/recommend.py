@@ -41,7 +41,7 @@ import torch
 
 from quantlib.configs import QuantConfig
 from quantlib.errors import Cancelled, QuantlibError
-from quantlib.methods.base import MixChoice, MixSpace
+from quantlib.methods.base.records import MixChoice, MixSpace
 from quantlib.registry import QUANTIZER_MAPPING, get_quantizer
 from quantlib.shapes import ModelShapes, describe_model
 from quantlib.callbacks import CancelFn, ProgressFn

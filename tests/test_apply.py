@@ -11,7 +11,7 @@ import torch
 from quantlib import parse_config
 from quantlib.layers import layer_detail, layer_errors
 from quantlib.registry import quantize_model
-from quantlib.methods.base import ShapeError
+from quantlib.methods.base.records import ShapeError
 from quantlib.compare import CompareSettings, run_comparison
 from quantlib.errors import Cancelled
 from quantlib.models import load_model

@@ -13,7 +13,8 @@ from transformers import AqlmConfig, AwqConfig, GPTQConfig, LlamaConfig
 from quantlib import CONFIG_MAPPING, BackendUnavailableError, ConfigError, parse_config
 from quantlib.registry import preflight
 from quantlib.cli import main
-from quantlib.methods._gptqmodel import AWQ_BACKENDS, AWQ_FORMATS, GPTQ_BACKENDS, GPTQ_DATASET_NAMES, GPTQ_FORMATS
+from quantlib.methods._gptqmodel_config import (AWQ_BACKENDS, AWQ_FORMATS, GPTQ_BACKENDS, GPTQ_DATASET_NAMES,
+                                                GPTQ_FORMATS)
 from quantlib.methods.aqlm import AqlmQuantConfig, AqlmQuantizer
 from quantlib.methods.awq import AwqQuantConfig, AwqQuantizer
 from quantlib.methods.gptq import GPTQQuantConfig, GPTQQuantizer

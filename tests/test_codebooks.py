@@ -41,7 +41,7 @@ def test_dynamic_map_equals_bitsandbytes():
 def test_nf4_midpoints_are_the_cuda_kernels_thresholds() -> None:
     """bitsandbytes' CUDA NF4 tree (csrc/kernels.cu, dQuantizeNF4) splits at exactly our fp32 midpoints, so NF4
     codes agree on CUDA for every input; FP4's literals sit a few ulp off (tests/test_cuda.py checks the kernels)."""
-    from quantlib.methods.bitsandbytes import _bucket_table
+    from quantlib.methods.bitsandbytes.rounding import _bucket_table
     from tests.test_cuda import FP4_CUDA_THRESHOLDS, NF4_CUDA_THRESHOLDS
 
     assert torch.equal(_bucket_table("nf4")[0], NF4_CUDA_THRESHOLDS)

@@ -14,8 +14,8 @@ from quantlib.registry import quantize_model
 from quantlib.compare import CompareSettings, run_comparison
 from quantlib.registry import parse_config
 from quantlib.registry import get_quantizer
-from quantlib.methods import _bnb_cpu
-from quantlib.methods._bnb_cpu import has_avx512bf16
+from quantlib.methods.bitsandbytes import _bnb_cpu
+from quantlib.methods.bitsandbytes._bnb_cpu import has_avx512bf16
 from quantlib.methods.bitsandbytes import WORKAROUND_4BIT, ExactLinear4bit, ExactLinear8bit, kernel_paths
 from quantlib.models import load_model
 from quantlib.runtime import cpu_features
@@ -202,7 +202,7 @@ def test_the_4bit_path_is_what_bitsandbytes_would_choose(monkeypatch, bf16, comm
 @pytest.mark.parametrize("capability, expected", [("AVX512", _bnb_cpu.INT_MM_8BIT), ("AVX2", _bnb_cpu.FP32_8BIT),
                                                   ("DEFAULT", _bnb_cpu.FP32_8BIT)])
 def test_the_int8_path_is_what_bitsandbytes_would_choose(monkeypatch, capability, expected):
-    from quantlib.methods.bitsandbytes import _bnb_int_mm_is_exact
+    from quantlib.methods.bitsandbytes.exact import _bnb_int_mm_is_exact
 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     assert _bnb_cpu.int8_path() == expected

@@ -15,7 +15,7 @@ import torch
 
 from quantlib.layers import layer_errors
 from quantlib.registry import quantize_model
-from quantlib.methods.base import ShapeError
+from quantlib.methods.base.records import ShapeError
 from quantlib.registry import preflight
 from quantlib.corpus import builtin_text
 from quantlib.evaluation import perplexity_and_kl, tokenize_for_eval

@@ -17,6 +17,9 @@ from quantlib.registry import QUANTIZER_MAPPING
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTSIDE = sorted([*ROOT.glob("quantlib/*.py"), ROOT / "app.py", *ROOT.glob("pages/*.py"), *ROOT.glob("app_support/*.py")])
+METHODS = ROOT / "quantlib" / "methods"
+#: The most lines a module under quantlib/methods/ may hold.
+MAX_METHOD_MODULE_LINES = 500
 #: Files allowed to name methods, and why.
 ALLOWED = {
     "quantlib/presets.py": "the preset lines (one per preset: the only line a new method adds outside its module)",
@@ -66,14 +69,29 @@ def test_the_patterns_catch_what_they_are_for() -> None:
         assert pattern.search(leak), leak
 
 
+def _method_of(module: str) -> str:
+    """The method module or package a class's module belongs to: the name after `quantlib.methods.`."""
+    return module.split(".")[2]
+
+
 def test_every_method_module_registers_itself() -> None:
-    """Each module under quantlib/methods/ (helpers start with an underscore) registers a quantizer
-    whose config class lives in the same module."""
-    modules = {p.stem for p in (ROOT / "quantlib" / "methods").glob("*.py") if not p.stem.startswith("_")} - {"base"}
-    registered = {cls.__module__.rsplit(".", 1)[-1] for cls in QUANTIZER_MAPPING.values()}
+    """Each module or package under quantlib/methods/ (helpers start with an underscore; `base` is the base
+    class) registers a quantizer whose config class lives in the same module or package."""
+    modules = {p.stem for p in METHODS.glob("*.py") if not p.stem.startswith("_")}
+    modules |= {p.parent.name for p in METHODS.glob("*/__init__.py") if not p.parent.name.startswith("_")}
+    modules -= {"base"}
+    registered = {_method_of(cls.__module__) for cls in QUANTIZER_MAPPING.values()}
     assert registered == modules
     for cls in QUANTIZER_MAPPING.values():
-        assert cls.config_class.__module__ == cls.__module__
+        assert _method_of(cls.config_class.__module__) == _method_of(cls.__module__)
+
+
+def test_method_modules_stay_short() -> None:
+    """Every module under quantlib/methods/ (packages included) holds at most `MAX_METHOD_MODULE_LINES` lines:
+    a longer one is split by what it holds (as bitsandbytes is: config, formats, rounding, exact, quantizers)."""
+    long = [f"{p.relative_to(ROOT)} has {n} lines" for p in sorted(METHODS.rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > MAX_METHOD_MODULE_LINES]
+    assert not long, f"over {MAX_METHOD_MODULE_LINES} lines:\n" + "\n".join(long)
 
 
 # ------------------------------------------------------------------ import structure

@@ -230,7 +230,7 @@ def test_memory_chart_switches_to_gib_for_big_models() -> None:
 
 
 def test_skip_lists_are_in_model_order() -> None:
-    from quantlib.methods.base import natural_key
+    from quantlib.methods.base.rules import natural_key
 
     names = ["model.layers.11.mlp", "model.layers.3.mlp", "model.layers.3.attn", "lm_head", "model.layers.20.mlp"]
     assert sorted(names, key=natural_key) == ["lm_head", "model.layers.3.attn", "model.layers.3.mlp",

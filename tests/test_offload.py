@@ -25,7 +25,7 @@ def test_offloaded_comparison_equals_the_in_memory_one(tiny_llama_dir, tmp_path,
     import bitsandbytes.nn.modules
 
     from quantlib.compare import CompareSettings, run_comparison
-    from quantlib.methods import _bnb_cpu
+    from quantlib.methods.bitsandbytes import _bnb_cpu
 
     monkeypatch.setenv("QUANTLIB_RUNS_DIR", str(tmp_path / "runs"))
     configs = [preset("nf4"), preset("rtn-int4-g64-asym")]

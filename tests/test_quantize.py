@@ -13,7 +13,6 @@ from quantlib.codebooks import dynamic_map
 from quantlib.metrics import code_histogram, error_metrics
 from quantlib.methods.bitsandbytes import (
     BLOCKSIZES_4BIT,
-    _bucket_table,
     dequantize_4bit,
     int8_decomposed_matmul,
     int8_vectorwise_quant,
@@ -22,6 +21,7 @@ from quantlib.methods.bitsandbytes import (
     quantize_blockwise_8bit,
     quantize_int8_weight,
 )
+from quantlib.methods.bitsandbytes.rounding import _bucket_table
 from quantlib.methods.gguf import GGUF_QUANTIZABLE_TYPES, quantize_gguf
 from quantlib.methods.rtn import quantize_rtn
 

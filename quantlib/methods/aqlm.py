@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from quantlib.configs import FieldSpec, QuantConfig
-from quantlib.methods.base import CalibratedQuantizer, TensorShapes, register
+from quantlib.methods.base import register
+from quantlib.methods.base.families import CalibratedQuantizer, TensorShapes
 
 #: Place in the registry (the builder's method list, the CLI).
 DISPLAY_ORDER = 80

@@ -11,11 +11,12 @@ from typing import Any, Iterator
 import torch
 
 from quantlib.configs import FieldSpec, QuantConfig
-from quantlib.methods._gptqmodel import (AWQ_BACKENDS, AWQ_EXTRA_FIELDS, AWQ_FORMATS, GptqmodelQuantizer,
-                                         _gptq_family_fields, _GPTQFamilyConfig, allow_fp32, as_out_in,
-                                         pack_word_bits)
+from quantlib.methods._gptqmodel import GptqmodelQuantizer, allow_fp32, as_out_in, pack_word_bits
+from quantlib.methods._gptqmodel_config import (AWQ_BACKENDS, AWQ_EXTRA_FIELDS, AWQ_FORMATS, _gptq_family_fields,
+                                                _GPTQFamilyConfig)
 from quantlib.methods._gptqmodel import groups as group_count
-from quantlib.methods.base import TensorShapes, register
+from quantlib.methods.base import register
+from quantlib.methods.base.families import TensorShapes
 
 #: Place in the registry (the builder's method list, the CLI).
 DISPLAY_ORDER = 70

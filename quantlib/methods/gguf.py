@@ -12,7 +12,9 @@ import torch
 
 from quantlib.configs import FieldSpec, QuantConfig
 from quantlib.formats import QuantizedTensor, check_float
-from quantlib.methods.base import MixChoice, MixSpace, Quantizer, default_skip_rules, natural_key, register
+from quantlib.methods.base import Quantizer, register
+from quantlib.methods.base.records import MixChoice, MixSpace
+from quantlib.methods.base.rules import default_skip_rules, natural_key
 from quantlib.shapes import ModelShapes, WeightShape
 
 #: Place in the registry (the builder's method list, the CLI).

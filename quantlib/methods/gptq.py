@@ -11,13 +11,15 @@ from typing import Any, ClassVar
 import torch
 
 from quantlib.errors import _MISSING, FieldError
-from quantlib.methods._gptqmodel import (DYNAMIC_STORAGE_KEYS, GPTQ_BACKENDS, GPTQ_EXTRA_FIELDS, GPTQ_FORMATS,
-                                         GptqmodelQuantizer, _gptq_family_fields, _GPTQFamilyConfig, allow_fp32,
-                                         as_out_in, dynamic_override, pack_word_bits)
+from quantlib.methods._gptqmodel import GptqmodelQuantizer, allow_fp32, as_out_in, pack_word_bits
+from quantlib.methods._gptqmodel_config import (DYNAMIC_STORAGE_KEYS, GPTQ_BACKENDS, GPTQ_EXTRA_FIELDS, GPTQ_FORMATS,
+                                                _gptq_family_fields, _GPTQFamilyConfig, dynamic_override)
 from quantlib.methods._gptqmodel import groups as group_count
 from quantlib.configs import QuantConfig
 from quantlib.formats import QuantizedTensor
-from quantlib.methods.base import MixChoice, MixSpace, TensorShapes, _py, register
+from quantlib.methods.base import _py, register
+from quantlib.methods.base.families import TensorShapes
+from quantlib.methods.base.records import MixChoice, MixSpace
 from quantlib.shapes import ModelShapes, WeightShape
 
 #: Place in the registry (the builder's method list, the CLI).

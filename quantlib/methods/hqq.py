@@ -31,7 +31,8 @@ import torch
 from quantlib.configs import FieldSpec, QuantConfig
 from quantlib.errors import _MISSING, FieldError
 from quantlib.formats import QuantizedTensor, check_float
-from quantlib.methods.base import MixChoice, MixSpace, Quantizer, register
+from quantlib.methods.base import Quantizer, register
+from quantlib.methods.base.records import MixChoice, MixSpace
 from quantlib.shapes import ROLE_LABELS, ModelShapes, WeightShape
 
 #: Place in the registry (the builder's method list, the CLI).

@@ -25,7 +25,8 @@ import torch
 from quantlib.configs import FieldSpec, QuantConfig
 from quantlib.errors import BackendUnavailableError
 from quantlib.formats import QuantizedTensor, check_float
-from quantlib.methods.base import LinearReplacingQuantizer, register
+from quantlib.methods.base import register
+from quantlib.methods.base.families import LinearReplacingQuantizer
 from quantlib.runtime import BackendReport
 from quantlib.shapes import DTYPE_BYTES
 

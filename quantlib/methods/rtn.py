@@ -9,7 +9,8 @@ import torch
 
 from quantlib.configs import FieldSpec, QuantConfig
 from quantlib.formats import QuantizedTensor, block_absmax, check_float
-from quantlib.methods.base import Quantizer, group_size_problem, register
+from quantlib.methods.base import Quantizer, register
+from quantlib.methods.base.rules import group_size_problem
 
 #: Place in the registry (the builder's method list, the CLI).
 DISPLAY_ORDER = 10

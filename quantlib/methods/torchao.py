@@ -29,7 +29,9 @@ import torch
 from quantlib.configs import FieldSpec, QuantConfig
 from quantlib.errors import _MISSING, BackendUnavailableError, FieldError
 from quantlib.formats import QuantizedTensor, check_float
-from quantlib.methods.base import LinearReplacingQuantizer, group_size_problem, register
+from quantlib.methods.base import register
+from quantlib.methods.base.families import LinearReplacingQuantizer
+from quantlib.methods.base.rules import group_size_problem
 from quantlib.runtime import BackendReport
 from quantlib.shapes import DTYPE_BYTES
 

@@ -10,7 +10,7 @@ bitsandbytes' CPU backend has two kernel paths for each layer type, chosen by CP
   `kernels` package is installed and loads it, which quantlib does not mirror). Elsewhere `gemm_4bit`
   dequantizes the whole weight to the input's dtype and calls `F.linear`.
 - **LLM.int8().** Where torch reports the AVX512 capability, the int8 products are accumulated exactly
-  (`torch._int_mm`); elsewhere an fp32 matmul is truncated to int32 (`quantlib.methods.bitsandbytes`).
+  (`torch._int_mm`); elsewhere an fp32 matmul is truncated to int32 (`quantlib.methods.bitsandbytes.exact`).
 
 The fused 4-bit kernel, read in bitsandbytes 0.50's `csrc/cpu_ops.cpp` and checked bit for bit against the
 library on an AMD EPYC with AVX512-BF16 (tests/test_exact_simulation.py):

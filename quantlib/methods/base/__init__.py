@@ -1,4 +1,4 @@
-"""The quantizer base class and the registry: what every method inherits, and how it is found.
+"""The quantizer base class and `@register`: what every method inherits, and how it is marked for the registry.
 
 Modelled on transformers' `HfQuantizer` (`quantizers/base.py`) and `AUTO_QUANTIZER_MAPPING`: a config
 says *what*, a quantizer knows *how* (which library, which device, which modules to leave alone) and
@@ -12,32 +12,36 @@ defaults, and a method overrides only what differs:
 - storage by component (`storage_bytes`, classmethod, from shapes alone; the packed tensors carry
   their own), code levels for histograms, cost estimates, notes and the copyable snippet.
 
-Methods register with `@register("key")`; `quantlib.methods` imports every method module. Nothing
+Methods register with `@register("key")`; `quantlib.registry` imports every method module. Nothing
 outside `quantlib/methods/` names a method.
+
+The package's other modules hold what the base class works with: `records` (what a quantizer hands back,
+`QuantizedModel` and `LayerWeight`; the matrices it works on, `MatrixRef`; the per-layer mixes a config can
+express, `MixChoice` and `MixSpace`; `ShapeError`), `rules` (the modules transformers leaves unquantized, module
+order, group-size suggestions), `sharing` (tensors a quantized model shares with its base) and `families`
+(`LinearReplacingQuantizer` and `CalibratedQuantizer`, the two kinds of method that share more than this class).
 """
 
 from __future__ import annotations
 
-import copy
 import importlib.metadata
 import importlib.util
 import json
-import math
-import re
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 
+from quantlib.callbacks import CancelFn, ProgressFn
 from quantlib.configs import QuantConfig
-from quantlib.errors import BackendUnavailableError, Cancelled, QuantlibError
+from quantlib.errors import BackendUnavailableError, Cancelled
 from quantlib.formats import MEMORY_COMPONENTS, QuantizedTensor
+from quantlib.methods.base.records import LayerWeight, MatrixRef, MixSpace, QuantizedModel, ShapeError
+from quantlib.methods.base.rules import default_skip_rules, should_convert_module
+from quantlib.methods.base.sharing import _copy_sharing_unquantized
 from quantlib.runtime import BackendReport, device_name, resolve_device
 from quantlib.shapes import ROLE_LABELS, ModelShapes, WeightShape, describe_model, model_shapes
 
-ProgressFn = Callable[[float, str], None]
-CancelFn = Callable[[], bool]
 
 def register(key: str) -> Callable[[type["Quantizer"]], type["Quantizer"]]:
     """Class decorator: mark a quantizer to be registered under `key` (and its config class under its quant_method)
@@ -51,176 +55,11 @@ def register(key: str) -> Callable[[type["Quantizer"]], type["Quantizer"]]:
     return wrap
 
 
-def should_convert_module(name: str, patterns: list[str]) -> bool:
-    """transformers' matcher of `modules_to_not_convert` patterns (imported lazily: it is cheap)."""
-    from transformers.quantizers.quantizers_utils import should_convert_module as _should
-
-    return _should(name, patterns)
-
-
-def natural_key(name: str) -> tuple:
-    """Sort key of module names in model order: numbers compare as numbers (layers.3 before layers.11)."""
-    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
-
-
-def default_skip_rules(shapes: ModelShapes) -> list[tuple[str, str]]:
-    """transformers' default modules left unquantized for this model, each with why."""
-    tied = {a.removesuffix(".weight") for pair in shapes.tied for a in pair}
-    heads = {w.module for w in shapes.weights if w.role == "head"}
-    rules = []
-    for pattern in shapes.default_not_convert:
-        if pattern in heads or pattern == "lm_head":
-            why = "output head (transformers leaves it unquantized by default)"
-        elif pattern in tied:
-            why = "tied to the output head (transformers leaves tied weights unquantized)"
-        else:
-            why = "last module of the model (transformers leaves it unquantized by default)"
-        rules.append((pattern, why))
-    rules += [(p, "kept in fp32 by the model (_keep_in_fp32_modules)") for p in shapes.keep_in_fp32_modules]
-    return rules
-
-
-def transformers_skip_rules(shapes: ModelShapes, own: list[str] | None, field_name: str) -> list[tuple[str, str]]:
-    """transformers' `HfQuantizer.get_modules_to_not_convert`: its defaults (output head, tied weights,
-    last module) apply only when the config's list is None (a list replaces them); the model's fp32
-    modules always stay unquantized."""
-    rules = [r for r in default_skip_rules(shapes) if own is None or r[1].startswith("kept in fp32")]
-    return [*rules, *((p, f"skipped by {field_name} ({p!r})") for p in own or [])]
-
-
-#: Group sizes worth suggesting when one does not divide a layer's width.
-COMMON_GROUP_SIZES = (16, 32, 64, 96, 128, 192, 256, 512, 1024)
-
-
-def fitting_group_sizes(width: int, candidates: tuple[int, ...] = COMMON_GROUP_SIZES) -> list[int]:
-    """Group sizes among `candidates` that divide `width` (the one suggestion rule of every method);
-    where none does, the three largest divisors of `width`."""
-    return [g for g in candidates if width % g == 0] or [d for d in range(1, width + 1) if width % d == 0][-3:]
-
-
-def group_size_problem(name: str, width: int, group_size: int, candidates: tuple[int, ...] = COMMON_GROUP_SIZES,
-                       minus_one: bool = False) -> str | None:
-    """Why `group_size` does not fit a layer of input width `width`, with the sizes that would, or None."""
-    if (minus_one and group_size == -1) or (group_size > 0 and width % group_size == 0):
-        return None
-    fits = ", ".join(map(str, fitting_group_sizes(width, candidates)))
-    return (f"{name}: input width {width} is not divisible by group_size {group_size}; sizes that fit: {fits}"
-            + (", or -1 (one group per output channel)" if minus_one else ""))
-
-
 def _version(package: str) -> str:
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
-
-
-# --------------------------------------------------------------------------------------------
-# What a quantizer hands back
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class QuantizedModel:
-    """A model quantized with one config, with the backend that did it and what it occupies."""
-
-    model: Any
-    tokenizer: Any
-    config: QuantConfig
-    backend: BackendReport
-    memory: Any  # quantlib.memory.MemoryBreakdown
-    seconds: float
-    description: dict[str, Any] = field(default_factory=dict)
-    calibration_seconds: float = 0.0  # calibrated methods: the library's calibration alone
-    checkpoint_dir: str | None = None  # calibrated methods: where the quantized checkpoint was saved
-    #: simulated methods: each layer's packed tensor from `simulate`, so layer errors read it instead of quantizing
-    #: every weight a second time (drop it with `release_packed` once read: it holds the packed model)
-    packed_layers: dict[str, QuantizedTensor] | None = None
-    #: which kernels compute its layers as evaluated (`Quantizer.kernel_paths`), set once by the comparison
-    kernel_paths: list[str] = field(default_factory=list)
-
-    def release_packed(self) -> None:
-        self.packed_layers = None
-
-    @property
-    def simulated(self) -> bool:
-        return self.backend.simulated
-
-
-@dataclass
-class LayerWeight:
-    """One quantized matrix: its name, the base weight, what the quantized model computes with, and
-    the packed tensor where the method produces one per layer (None for calibrated checkpoints)."""
-
-    name: str
-    original: torch.Tensor
-    dequantized: torch.Tensor
-    packed: QuantizedTensor | None
-    bits_per_param: float
-
-
-@dataclass
-class MatrixRef:
-    """One quantizable weight matrix of a loaded model: a linear weight, a Conv1D weight (stored
-    input x output) or one expert's slice of a fused 3-D expert tensor, read and written as out x in."""
-
-    name: str  # the module name, or `param[e]` for expert e of a fused tensor
-    param: torch.nn.Parameter
-    shape: WeightShape
-    index: int | None = None
-
-    def get(self) -> torch.Tensor:
-        t = self.param.data if self.index is None else self.param.data[self.index]
-        return t.t() if self.shape.transposed else t
-
-    def read(self) -> torch.Tensor:
-        """The matrix, contiguous, on the CPU where the reference formats compute (a copy when the model is on
-        another device): what quantizing and measuring a layer start from."""
-        return self.get().contiguous().cpu()
-
-    def set(self, value: torch.Tensor) -> None:
-        dst = self.get()  # a view: writes go into the parameter (`set` copies onto the model's device)
-        dst.copy_(value.to(dst.dtype))
-
-
-@dataclass(frozen=True)
-class MixChoice:
-    """One setting a group of layers may take in a per-layer mix: the uniform config that quantizes a
-    layer this way, or None where the layer stays unquantized in the model's dtype."""
-
-    key: str
-    label: str
-    config: QuantConfig | None
-    bits: float  # code bits per weight (16 for a layer kept unquantized), for ordering and charts
-
-
-@dataclass(frozen=True)
-class MixSpace:
-    """A per-layer mix a method's config can express: the choices, how layers are grouped (one choice per
-    group, as the exported config addresses them) and how an assignment becomes one config.
-
-    `group_of(module)` names a layer's group; `build({group: choice key})` returns the config (which must
-    plan to exactly the per-group sizes); `uniform` is the config with every layer at `choices[0]`.
-    """
-
-    name: str
-    choices: tuple[MixChoice, ...]
-    grouping: str  # how groups are formed, in words ("module", "linear tag")
-    group_of: Callable[[str], str]
-    build: Callable[[dict[str, str]], QuantConfig]
-    uniform: QuantConfig
-    export: str  # what the exported config is, in words
-    limits: str = ""  # what the format cannot mix, in words
-    #: False where transformers' own config class drops part of the mix (its loader is the method's library)
-    transformers_keeps: bool = True
-
-
-class ShapeError(QuantlibError, ValueError):
-    """Some layers cannot be quantized with this config (group or block size does not divide)."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__(f"{len(problems)} layer(s) do not fit this config:\n  - " + "\n  - ".join(problems))
 
 
 # --------------------------------------------------------------------------------------------
@@ -640,117 +479,3 @@ def _py(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{_py(k)}: {_py(v)}" for k, v in value.items()) + "}"
     return repr(value)
-
-
-@torch.no_grad()
-def share_identical_tensors(model: torch.nn.Module, reference: torch.nn.Module) -> int:
-    """Point every parameter of `model` that equals the parameter of the same name in `reference` (same
-    dtype, shape, device and values) at the reference's tensor; returns the bytes freed. A quantized model
-    loaded from disk keeps its own copies of embeddings and norms; sharing them costs nothing as both
-    models only read them."""
-    ref_params = dict(reference.named_parameters(remove_duplicate=False))
-    freed, seen = 0, set()
-    for module_name, module in model.named_modules():
-        for name, param in list(module._parameters.items()):
-            full = f"{module_name}.{name}" if module_name else name
-            other = ref_params.get(full)
-            if param is None or other is None or other is param or param.dtype != other.dtype \
-                    or param.shape != other.shape or param.device != other.device or not torch.equal(param, other):
-                continue
-            module._parameters[name] = other
-            if id(param) not in seen:
-                seen.add(id(param))
-                freed += param.numel() * param.element_size()
-    return freed
-
-
-def _copy_sharing_unquantized(model: torch.nn.Module, layers: list[MatrixRef]) -> torch.nn.Module:
-    """A deep copy of `model` whose quantizable parameters are its own and whose other parameters and
-    buffers (embeddings, norms, biases, rotary tables) are the original's tensors: simulation writes
-    only the quantizable ones, so a simulated model costs its quantized matrices, not a whole copy."""
-    quantized = {id(ref.param) for ref in layers}
-    memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in quantized}
-    return copy.deepcopy(model, memo)
-
-
-class LinearReplacingQuantizer(Quantizer):
-    """Methods transformers applies by replacing `nn.Linear` modules (subclasses included), with
-    transformers' default skips unless the config's `modules_to_not_convert` replaces them, and scales
-    stored in the model's dtype (so the planner passes it)."""
-
-    #: How transformers applies the method, for the reasons shown in the planner.
-    transformers_path: ClassVar[str] = ""
-
-    @classmethod
-    def skip_rules(cls, config: QuantConfig, shapes: ModelShapes) -> list[tuple[str, str]]:
-        return transformers_skip_rules(shapes, config.modules_to_not_convert, "modules_to_not_convert")
-
-    @classmethod
-    def matmul_treatment(cls, config: QuantConfig, w: WeightShape) -> str | None:
-        if w.kind != "linear":
-            return f"{w.module_class} is not an nn.Linear, which {cls.transformers_path}"
-        return None
-
-    @classmethod
-    def layer_storage_bytes(cls, config: QuantConfig, w: WeightShape, dtype: str = "float32") -> dict[str, float]:
-        return cls.storage_bytes(config, w.out_features, w.in_features, dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# Calibration-based methods: real libraries only, never imitated here
-# --------------------------------------------------------------------------------------------
-
-TensorShapes = dict[str, tuple[tuple[int, ...], int]]  # name -> (shape, bits per element)
-
-
-class CalibratedQuantizer(Quantizer):
-    """Base of methods calibrated on activations by their own library (GPTQ, AWQ, AQLM), never faked.
-
-    Memory planning and shape checks work from the config alone (classmethods). Quantizing needs
-    the library: `get_quantizer` raises `BackendUnavailableError` when it is missing, and
-    `quantize_tensor` raises it always, because these methods quantize a whole model from its
-    activations on calibration text, not one tensor at a time. A subclass that can calibrate here
-    sets `calibrated = True` and overrides `quantize_model` and `layer_weights`.
-    """
-
-    simulated = False
-    method_name: ClassVar[str] = ""
-    calibration: ClassVar[str] = ""
-
-    def validate_environment(self, device: str) -> BackendReport:
-        try:
-            return super().validate_environment(device)
-        except BackendUnavailableError as exc:
-            if "is not installed" not in exc.missing:
-                raise
-            raise BackendUnavailableError(
-                f"{self.method_name} ({self.config.label})", exc.missing,
-                f"{exc.fix}, into the environment that runs quantlib (its torch requirement must accept the "
-                f"installed torch). {self.calibration}") from None
-
-    def quantize_tensor(self, weight: torch.Tensor) -> Any:
-        raise BackendUnavailableError(
-            f"{self.method_name} ({self.config.label})",
-            "it is calibration-based: it quantizes a whole model from its activations on calibration text, "
-            f"which {self.library} does and quantlib does not imitate",
-            f"Quantize the model with {self.library} and load the saved checkpoint; quantlib can plan its "
-            "memory and check its shapes without it.")
-
-    @classmethod
-    def offload_problem(cls, config: QuantConfig, dtype: str) -> str | None:
-        return ("calibration-based: it quantizes from the activations of the whole model, which an offloaded "
-                "evaluation streams one module at a time")
-
-    def quantize_model(self, **kwargs: Any) -> QuantizedModel:
-        self.quantize_tensor(torch.empty(0))  # raises with the reason
-        raise AssertionError("unreachable")
-
-    @classmethod
-    def tensor_shapes(cls, config: QuantConfig, out_features: int, in_features: int) -> TensorShapes:
-        """Every tensor a checkpoint stores for one linear weight: name -> (shape, bits per element)."""
-        raise NotImplementedError
-
-    @classmethod
-    def tensor_bytes(cls, config: QuantConfig, out_features: int, in_features: int) -> dict[str, float]:
-        return {name: math.prod(shape) * bits / 8
-                for name, (shape, bits) in cls.tensor_shapes(config, out_features, in_features).items()}
