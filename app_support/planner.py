@@ -60,7 +60,7 @@ def config_choices(builder: dict[str, Any] | None, builder_label: str | None = N
 
 def shape_problem(config: QuantConfig, model_config: dict[str, Any], model_name: str) -> str | None:
     """Why a config cannot quantize a model (layers its group or block size does not fit), or None:
-    the method's own `check_shape` on every layer it quantizes (`quantlib.methods.preflight`)."""
+    the method's own `shape_problem` on every layer it quantizes (`quantlib.methods.preflight`)."""
     from quantlib.registry import preflight
 
     problems = preflight(config, model_config)

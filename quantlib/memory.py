@@ -74,7 +74,7 @@ def plan_memory(model_config: dict[str, Any], config: QuantConfig | None, dtype:
         raise ValueError(f"dtype: got {dtype!r}; allowed: {', '.join(DTYPE_BYTES)}")
     shapes = shapes if shapes is not None else model_shapes(model_config, trust_remote_code)
     quantizer_cls = quantizer_class(config) if config is not None else None
-    problem = quantizer_cls.unsupported(config) if quantizer_cls is not None else None
+    problem = quantizer_cls.config_problem(config) if quantizer_cls is not None else None
     if problem is not None:
         from quantlib.errors import QuantlibError
 

@@ -91,7 +91,7 @@ def family_class(family: str) -> type:
     found = families()
     if family not in found:
         others = {cls.config_class.quant_method: cls for cls in QUANTIZER_MAPPING.values()}
-        why = f" ({others[family].mix_unsupported()})" if family in others else ""
+        why = f" ({others[family].mix_problem()})" if family in others else ""
         raise RecommendError(f"method: {family!r} has no per-layer mix{why}; allowed: {', '.join(found)}")
     return found[family]
 
@@ -331,7 +331,7 @@ def measure_sensitivity(base: Any, family: str, *, dtype: str = "float32", calib
     shapes = describe_model(model)
     spaces = cls.mix_spaces(shapes)
     if not spaces:
-        raise RecommendError(f"{family}: no per-layer mix fits this model ({cls.mix_unsupported()})")
+        raise RecommendError(f"{family}: no per-layer mix fits this model ({cls.mix_problem()})")
     choices = _choices(spaces)
     report(0.0, "fingerprinting the model")
     fingerprint = model_fingerprint(model)
@@ -389,7 +389,7 @@ def measure_sensitivity(base: Any, family: str, *, dtype: str = "float32", calib
             g = scores[name]
             for key, choice in choices.items():
                 q = quantizers[key]
-                problem = type(q).layer_check_shape(choice.config, name, tuple(weight.shape))
+                problem = type(q).layer_shape_problem(choice.config, name, tuple(weight.shape))
                 if problem is not None or name not in quantized_by[key]:
                     continue
                 packed = q.quantize_layer_calibrated(name, weight, x)

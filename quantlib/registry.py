@@ -155,7 +155,7 @@ def get_quantizer(config: QuantConfig | dict | str, device: str = "auto") -> Qua
     """
     config = parse_config(config)
     cls = quantizer_class(config)
-    problem = cls.unsupported(config)
+    problem = cls.config_problem(config)
     if problem is not None:
         raise BackendUnavailableError(config.label, problem, "Change the config; quantlib refuses rather than guesses.")
     return cls(config, device=device)

@@ -44,7 +44,7 @@ def test_g128_is_refused_before_any_calibration(monkeypatch) -> None:
         config = {**preset(name).to_dict(), "group_size": 128}
         problems = preflight(config, model_config)
         assert problems and all("576" in p and "128" in p for p in problems)
-        assert get_quantizer(config, device="cpu").check_shape(get_quantizer(config, device="cpu").config,
+        assert get_quantizer(config, device="cpu").shape_problem(get_quantizer(config, device="cpu").config,
                                                               "x", (576, 576))
         started = time.perf_counter()
         with pytest.raises(ShapeError):

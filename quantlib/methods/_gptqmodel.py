@@ -197,7 +197,7 @@ class GptqmodelQuantizer(CalibratedQuantizer):
         return n_params / 135e6 * (fixed + per_token * n_tokens)
 
     @classmethod
-    def check_shape(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
+    def shape_problem(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
         out_features, in_features = shape[0], shape[-1]
         return group_problem(config, name, in_features) or cls.pack_problem(config, name, out_features, in_features)
 

@@ -107,7 +107,7 @@ class AqlmQuantizer(CalibratedQuantizer):
         return {"codes": t["codes"], "scales": t["scales"], "dq_constants": 0.0, "code_tables": t["codebooks"]}
 
     @classmethod
-    def check_shape(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
+    def shape_problem(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
         out_features, in_features = shape[0], shape[-1]
         problems = []
         if in_features % config.in_group_size:

@@ -81,7 +81,7 @@ class AwqQuantizer(GptqmodelQuantizer):
                    "its built-in corpus) and needs gptqmodel to search, pack and run them.")
 
     @classmethod
-    def mix_unsupported(cls) -> str:
+    def mix_problem(cls) -> str:
         return ("awq: its per-channel scales come from a search over each block's activations, so a layer's error at "
                 "a setting needs that search per setting (minutes per block here); not measured. GPTQ mixes per "
                 "module through gptqmodel's dynamic")

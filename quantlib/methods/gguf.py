@@ -236,11 +236,11 @@ class GGUFQuantizer(Quantizer):
         return _type_storage(config.type_of(w.module), w.out_features, w.in_features)
 
     @classmethod
-    def check_shape(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
+    def shape_problem(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
         return _type_shape_problem(config.quant_type, name, shape)
 
     @classmethod
-    def layer_check_shape(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
+    def layer_shape_problem(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
         return _type_shape_problem(config.type_of(name.split("[")[0]), name, shape)
 
     #: Block types a per-layer mix chooses from (what the gguf package quantizes; the first is the uniform one).

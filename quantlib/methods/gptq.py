@@ -190,16 +190,16 @@ class GPTQQuantizer(GptqmodelQuantizer):
         return cls.storage_bytes(layer if layer is not None else config, w.out_features, w.in_features)
 
     @classmethod
-    def layer_check_shape(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
+    def layer_shape_problem(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
         layer = config.layer_config(name.split("[")[0])
-        return None if layer is None else cls.check_shape(layer, name, shape)
+        return None if layer is None else cls.shape_problem(layer, name, shape)
 
     @classmethod
-    def matmul_treatment(cls, config: QuantConfig, w: WeightShape) -> str | None:
+    def unquantized_reason(cls, config: QuantConfig, w: WeightShape) -> str | None:
         if config.layer_config(w.module) is None:
             pattern = next(p for p in config.dynamic if p.startswith("-:") and dynamic_override({p: {}}, w.module) is False)
             return f"excluded by dynamic ({pattern!r})"
-        return super().matmul_treatment(config, w)
+        return super().unquantized_reason(config, w)
 
     @classmethod
     def snippet(cls, config: QuantConfig, model_id: str) -> str | None:
@@ -220,7 +220,7 @@ class GPTQQuantizer(GptqmodelQuantizer):
         ])
 
     @classmethod
-    def mix_unsupported(cls) -> str:
+    def mix_problem(cls) -> str:
         return ("gptq: a per-module mix uses one group size for its settings, 128, 64 or 32, which must divide every "
                 "quantized layer's input width")
 

@@ -402,14 +402,14 @@ class HqqQuantizer(Quantizer):
         return _storage(out_features, in_features, config.nbits, config.group_size, config.axis)
 
     @classmethod
-    def layer_check_shape(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
+    def layer_shape_problem(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
         settings = config.layer_settings(linear_tag(name.split("[")[0]))
         return None if settings is None else _shape_problem(name, shape, settings["nbits"], settings["group_size"],
                                                             settings["axis"])
 
     @classmethod
-    def check_shape(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
-        return cls.layer_check_shape(config, name, shape)
+    def shape_problem(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
+        return cls.layer_shape_problem(config, name, shape)
 
 
 def _geometry(out_features: int, in_features: int, group_size: int | None, axis: int) -> tuple[int, int]:

@@ -184,13 +184,13 @@ class RTNQuantizer(Quantizer):
         return {"codes": n * config.bits / 8, "scales": scales, "dq_constants": 0.0, "code_tables": 0.0}
 
     @classmethod
-    def mix_unsupported(cls) -> str:
+    def mix_problem(cls) -> str:
         return ("rtn: quantlib's own simulation, and no library loads a checkpoint of per-layer RTN settings; for "
                 "int2-8 bits and group sizes per layer choose hqq (HqqConfig dynamic_config) or gptq (gptqmodel's "
                 "dynamic)")
 
     @classmethod
-    def check_shape(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
+    def shape_problem(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
         c = config
         if c.granularity == "group":
             return group_size_problem(name, shape[-1], c.group_size)

@@ -261,7 +261,7 @@ class TorchAoQuantizer(LinearReplacingQuantizer):
         return report
 
     @classmethod
-    def unsupported(cls, config: QuantConfig) -> str | None:
+    def config_problem(cls, config: QuantConfig) -> str | None:
         if config.include_input_output_embeddings:
             return ("include_input_output_embeddings quantizes the embeddings with torchao's embedding formats, "
                     "which quantlib does not model; set it to false")
@@ -279,7 +279,7 @@ class TorchAoQuantizer(LinearReplacingQuantizer):
         return "TorchAoConfig"
 
     @classmethod
-    def check_shape(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
+    def shape_problem(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
         if config.group_size is None:
             return None
         sizes = INT4_GROUP_SIZES if config.ao_config.startswith("Int4") else (32, 64, 96, 128, 192, 256)

@@ -73,6 +73,12 @@ class Quantizer:
     Subclasses set `config_class`, `requires` (importable modules and pip names), `simulated`, and
     implement `quantize_tensor` and `storage_bytes`. `validate_environment` runs in the
     constructor, so a quantizer that exists can run.
+
+    One vocabulary for refusals: every hook that can say no is named `*_problem` and returns the reason as a
+    sentence for the user, or None where there is none: `config_problem` (a valid config quantlib cannot model),
+    `shape_problem` / `layer_shape_problem` (a weight shape the scheme cannot take), `mix_problem` (no per-layer
+    mix), `offload_problem`, `exact_simulation_problem`. `unquantized_reason` is not a refusal: it says why a
+    weight stays in full precision.
     """
 
     config_class: ClassVar[type[QuantConfig]]
@@ -183,7 +189,7 @@ class Quantizer:
         return float(config.bits)
 
     @classmethod
-    def check_shape(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
+    def shape_problem(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
         """Why a weight of this shape cannot be quantized by this scheme, or None if it can.
 
         A classmethod, like `storage_bytes`: shape rules need the config, not the hardware, so
@@ -192,9 +198,9 @@ class Quantizer:
         return None
 
     @classmethod
-    def layer_check_shape(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
-        """`check_shape` for the layer `name` (methods with per-layer settings override this)."""
-        return cls.check_shape(config, name, shape)
+    def layer_shape_problem(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
+        """`shape_problem` for the layer `name` (methods with per-layer settings override this)."""
+        return cls.shape_problem(config, name, shape)
 
     @classmethod
     def shape_problems(cls, config: QuantConfig, model_config: dict[str, Any]) -> list[str]:
@@ -209,7 +215,7 @@ class Quantizer:
             if decisions[w.name] is not None:
                 continue
             name = w.module if w.kind != "experts" else f"{w.name}[*] ({w.n_matrices} experts)"
-            problem = cls.layer_check_shape(config, name, (w.out_features, w.in_features))
+            problem = cls.layer_shape_problem(config, name, (w.out_features, w.in_features))
             if problem is not None:
                 problems.append(problem)
         return problems
@@ -231,7 +237,7 @@ class Quantizer:
         raise NotImplementedError
 
     @classmethod
-    def unsupported(cls, config: QuantConfig) -> str | None:
+    def config_problem(cls, config: QuantConfig) -> str | None:
         """Why quantlib cannot model this (valid) config at all, planner included, or None."""
         return None
 
@@ -275,11 +281,11 @@ class Quantizer:
     @classmethod
     def mix_spaces(cls, shapes: ModelShapes) -> list[MixSpace]:
         """The per-layer mixes this method's config can express for a model, one space per setting that the
-        config must share across layers; [] where it has none (`mix_unsupported` says why)."""
+        config must share across layers; [] where it has none (`mix_problem` says why)."""
         return []
 
     @classmethod
-    def mix_unsupported(cls) -> str:
+    def mix_problem(cls) -> str:
         return (f"{cls.config_class.quant_method}: its config has no per-layer setting that quantlib can "
                 "export and load back")
 
@@ -336,10 +342,10 @@ class Quantizer:
         for pattern, why in rules:
             if not should_convert_module(w.module, [pattern]):
                 return why
-        return cls.matmul_treatment(config, w)
+        return cls.unquantized_reason(config, w)
 
     @classmethod
-    def matmul_treatment(cls, config: QuantConfig, w: WeightShape) -> str | None:
+    def unquantized_reason(cls, config: QuantConfig, w: WeightShape) -> str | None:
         """Why the method leaves a matmul weight (not skipped by the rules) unquantized, or None."""
         if w.role == "router":
             return "MoE routers / gates (kept in full precision, as llama.cpp and gptqmodel do)"
@@ -371,7 +377,7 @@ class Quantizer:
         """Refuse before any work when a layer's width does not fit the scheme's groups or blocks
         (`refs`: the model's `quantizable_layers`, when the caller already has them)."""
         problems = [p for ref in (self.quantizable_layers(model) if refs is None else refs)
-                    if (p := self.layer_check_shape(self.config, ref.name, tuple(ref.get().shape))) is not None]
+                    if (p := self.layer_shape_problem(self.config, ref.name, tuple(ref.get().shape))) is not None]
         if problems:
             raise ShapeError(problems)
 

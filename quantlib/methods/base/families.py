@@ -31,7 +31,7 @@ class LinearReplacingQuantizer(Quantizer):
         return transformers_skip_rules(shapes, config.modules_to_not_convert, "modules_to_not_convert")
 
     @classmethod
-    def matmul_treatment(cls, config: QuantConfig, w: WeightShape) -> str | None:
+    def unquantized_reason(cls, config: QuantConfig, w: WeightShape) -> str | None:
         if w.kind != "linear":
             return f"{w.module_class} is not an nn.Linear, which {cls.transformers_path}"
         return None

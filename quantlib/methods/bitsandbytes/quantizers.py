@@ -62,7 +62,7 @@ class BnbQuantizer(Quantizer):
         return transformers_skip_rules(shapes, config.llm_int8_skip_modules, "llm_int8_skip_modules")
 
     @classmethod
-    def matmul_treatment(cls, config: QuantConfig, w: WeightShape) -> str | None:
+    def unquantized_reason(cls, config: QuantConfig, w: WeightShape) -> str | None:
         if w.kind == "experts":
             return "fused expert tensors (transformers' bitsandbytes replaces only nn.Linear and Conv1D modules)"
         if w.kind == "linear" and not w.exact_linear:
