@@ -1,8 +1,9 @@
-"""Quantization Explorer: the home page (what the tool does, where it runs, links to the pages).
+"""Quantization Explorer: the navigation and the home page (what the tool does, where it runs, links to the pages).
 
-`streamlit run app.py` starts here; Streamlit's multipage navigation lists the scripts in pages/.
-(st.navigation is deliberately not used: mixed with a pages/ folder, a deep link such as
-/Config_Builder opened first on a fresh server would bypass it and show different navigation.)
+`streamlit run app.py` starts here. `st.navigation` builds the sidebar from `app_support.home.PAGES`, the one
+list of pages, which the home page's links read too; the scripts live in app_pages/ (not pages/, which
+Streamlit would also discover on its own, so a deep link opened first on a fresh server could show another
+navigation).
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 import streamlit as st
 
 from app_support.errors import guard, run_page
-from app_support.home import backend, discover_pages, method_names, versions
+from app_support.home import HOME_ICON, HOME_LABEL, PAGES, backend, method_names, versions
 
-st.set_page_config(page_title="Quantization Explorer", page_icon=":material/tune:", layout="wide")
+st.set_page_config(page_icon=":material/tune:", layout="wide")  # each page's title: its st.Page
 
 
 @st.cache_resource(show_spinner=False)
@@ -58,10 +59,16 @@ def home() -> None:
     )
 
     st.subheader("Pages")
-    for page in discover_pages():
+    for page in PAGES:
         st.page_link(page.path, label=page.label, icon=page.icon)
         if page.summary:
             st.caption(page.summary)
 
 
-run_page(home)
+def home_page() -> None:
+    run_page(home)
+
+
+navigation = st.navigation([st.Page(home_page, title=HOME_LABEL, icon=HOME_ICON, default=True),
+                            *(st.Page(p.path, title=p.label, icon=p.icon, url_path=p.url_path) for p in PAGES)])
+navigation.run()

@@ -1,4 +1,5 @@
-"""Facts the home page shows: backend, library versions, the pages that exist."""
+"""The app's page list (one place: the navigation, the sidebar and the home page read it) and the facts the
+home page shows: backend, library versions."""
 
 from __future__ import annotations
 
@@ -11,14 +12,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class PageInfo:
-    path: str  # relative to the repo root, as st.page_link wants it
+    """One page of the app: the navigation (app.py's `st.navigation`), the sidebar and the home page's list all
+    read `PAGES`, so a page is named, ordered and described in this one place."""
+
+    path: str  # the script, relative to the repo root
     label: str
     icon: str
     summary: str
+    url_path: str  # its address: /Config_Builder ...
 
     @property
     def exists(self) -> bool:
         return (ROOT / self.path).is_file()
+
+
+#: The home page's name in the sidebar and the browser tab.
+HOME_LABEL, HOME_ICON = "Home", ":material/home:"
 
 
 def method_names() -> str:
@@ -29,34 +38,21 @@ def method_names() -> str:
 
 
 PAGES = (
-    PageInfo("pages/1_Config_Builder.py", "Config Builder", ":material/construction:",
+    PageInfo("app_pages/1_Config_Builder.py", "Config Builder", ":material/construction:",
              f"Build and validate a quantization config ({method_names()}); export JSON for transformers, "
-             "copy a Python snippet, share it as a link."),
-    PageInfo("pages/2_Quantize_and_Inspect.py", "Quantize and Inspect", ":material/biotech:",
-             "Quantize the model with one config and look inside: per-layer errors, histograms, code usage."),
-    PageInfo("pages/3_Compare_Schemes.py", "Compare Schemes", ":material/compare_arrows:",
-             "Run several configs side by side: memory, perplexity, KL divergence, speed."),
-    PageInfo("pages/4_Memory_Planner.py", "Memory Planner", ":material/straighten:",
-             "Predict a model's footprint under each config from config.json alone, against your RAM / GPU."),
-    PageInfo("pages/5_Recommend.py", "Recommend", ":material/tune:",
+             "copy a Python snippet, share it as a link.", "Config_Builder"),
+    PageInfo("app_pages/2_Quantize_and_Inspect.py", "Quantize and Inspect", ":material/biotech:",
+             "Quantize the model with one config and look inside: per-layer errors, histograms, code usage.",
+             "Quantize_and_Inspect"),
+    PageInfo("app_pages/3_Compare_Schemes.py", "Compare Schemes", ":material/compare_arrows:",
+             "Run several configs side by side: memory, perplexity, KL divergence, speed.", "Compare_Schemes"),
+    PageInfo("app_pages/4_Memory_Planner.py", "Memory Planner", ":material/straighten:",
+             "Predict a model's footprint under each config from config.json alone, against your RAM / GPU.",
+             "Memory_Planner"),
+    PageInfo("app_pages/5_Recommend.py", "Recommend", ":material/tune:",
              "The best per-layer mix under a memory budget: measure each layer's sensitivity, get the mix as the "
-             "method's own config, and verify it against uniform settings."),
+             "method's own config, and verify it against uniform settings.", "Recommend"),
 )
-
-def discover_pages() -> list[PageInfo]:
-    """Every script in pages/ (known ones with their titles, new ones named after the file), in order.
-
-    The home page links to what exists, so pages added later get a link without touching app.py."""
-    known = {page.path: page for page in PAGES}
-    found = []
-    for path in sorted((ROOT / "pages").glob("*.py")):
-        rel = f"pages/{path.name}"
-        if rel in known:
-            found.append(known[rel])
-            continue
-        stem = path.stem.split("_", 1)[1] if path.stem.split("_", 1)[0].isdigit() and "_" in path.stem else path.stem
-        found.append(PageInfo(rel, stem.replace("_", " "), ":material/article:", ""))
-    return found
 
 
 def versioned() -> tuple[str, ...]:

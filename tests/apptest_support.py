@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-PAGES = Path(__file__).resolve().parents[1] / "pages"
+PAGES = Path(__file__).resolve().parents[1] / "app_pages"
 
 
 def page_on_folder(page: str, ns: str, folder: Any, timeout: float = 180) -> Any:
-    """AppTest of `pages/<page>` with its model picker (namespace `ns`) set to the local `folder`; asserts that
+    """AppTest of `app_pages/<page>` with its model picker (namespace `ns`) set to the local `folder`; asserts that
     nothing raised on the way."""
     from streamlit.testing.v1 import AppTest
 

@@ -109,7 +109,7 @@ def launch_chromium(playwright):
 
 
 def page_url(base: str, page_file: str) -> str:
-    """URL of a pages/ script in Streamlit's multipage routing: pages/1_Config_Builder.py -> /Config_Builder."""
+    """URL of an app_pages/ script as app.py's navigation routes it: app_pages/1_Config_Builder.py -> /Config_Builder."""
     stem = Path(page_file).stem
     name = stem.split("_", 1)[1] if stem.split("_", 1)[0].isdigit() and "_" in stem else stem
     return f"{base}/{name}"

@@ -12,8 +12,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 REPO = Path(__file__).resolve().parents[1]
-INSPECT = str(REPO / "pages" / "2_Quantize_and_Inspect.py")
-COMPARE = str(REPO / "pages" / "3_Compare_Schemes.py")
+INSPECT = str(REPO / "app_pages" / "2_Quantize_and_Inspect.py")
+COMPARE = str(REPO / "app_pages" / "3_Compare_Schemes.py")
 TIMEOUT = 120
 FOLDER = "Local folder"
 

@@ -25,8 +25,8 @@ from quantlib.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 HOME = str(REPO / "app.py")
-BUILDER = str(REPO / "pages" / "1_Config_Builder.py")
-PLANNER = str(REPO / "pages" / "4_Memory_Planner.py")
+BUILDER = str(REPO / "app_pages" / "1_Config_Builder.py")
+PLANNER = str(REPO / "app_pages" / "4_Memory_Planner.py")
 TIMEOUT = 90
 
 BNB = "builder.f.bitsandbytes."
@@ -78,7 +78,7 @@ def test_home_shows_backend_versions_and_links():
     links = [p.proto.page for p in at.get("page_link")]
     assert "Config_Builder" in links and "Memory_Planner" in links
     for name in ("Quantize_and_Inspect", "Compare_Schemes"):
-        page_file = next(iter((REPO / "pages").glob(f"*_{name}.py")), None)
+        page_file = next(iter((REPO / "app_pages").glob(f"*_{name}.py")), None)
         assert (name in links) == (page_file is not None)
     # Every page has a description, and the intro and the builder's blurb name every registered method.
     from quantlib.registry import registered_methods
@@ -600,3 +600,14 @@ def test_one_name_per_config_on_every_page():
     assert set(compare) <= set(planner)
     assert option_text("INT8 (t=6)") == "INT8 (t=6) · " + PRESET_TITLES["int8"]
     assert option_text("NF4") == "NF4"  # nothing more to say
+
+
+def test_the_page_list_is_every_script_in_app_pages_once():
+    """One list of pages (`app_support.home.PAGES`): every script in app_pages/ is in it once, with a label, an
+    icon, a description and its own address, and nothing in it is missing on disk."""
+    from app_support.home import PAGES
+
+    assert sorted(p.path for p in PAGES) == sorted(f"app_pages/{f.name}" for f in (REPO / "app_pages").glob("*.py"))
+    assert all(p.exists and p.label and p.icon and p.summary for p in PAGES)
+    assert len({p.url_path for p in PAGES}) == len(PAGES) and len({p.label for p in PAGES}) == len(PAGES)
+    assert not (REPO / "pages").exists()  # Streamlit would discover a pages/ folder beside st.navigation

@@ -18,8 +18,8 @@ from tests.e2e_support import (ARTIFACTS, SCREENSHOTS, assert_no_traceback, chro
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(chromium_missing_reason() is not None, reason=chromium_missing_reason() or "")]
 
-PAGES = ["app.py", "pages/1_Config_Builder.py", "pages/2_Quantize_and_Inspect.py", "pages/3_Compare_Schemes.py",
-         "pages/4_Memory_Planner.py"]
+PAGES = ["app.py", "app_pages/1_Config_Builder.py", "app_pages/2_Quantize_and_Inspect.py", "app_pages/3_Compare_Schemes.py",
+         "app_pages/4_Memory_Planner.py"]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_build_nf4_download_and_share(server, page, tmp_path):
     from playwright.sync_api import expect
     from transformers import BitsAndBytesConfig
 
-    page.goto(page_url(server, "pages/1_Config_Builder.py"))
+    page.goto(page_url(server, "app_pages/1_Config_Builder.py"))
     wait_until_idle(page)
     assert_no_traceback(page)
     json_block = page.get_by_test_id("stCode").first
@@ -74,7 +74,7 @@ def test_build_nf4_download_and_share(server, page, tmp_path):
 def test_invalid_paste_shows_error_not_traceback(server, page):
     from playwright.sync_api import expect
 
-    page.goto(page_url(server, "pages/1_Config_Builder.py"))
+    page.goto(page_url(server, "app_pages/1_Config_Builder.py"))
     wait_until_idle(page)
     page.get_by_text("Load an existing config").click()
     page.get_by_test_id("stTextArea").locator("textarea").fill('{"quant_method": "rtn", "bits": 1}')
@@ -103,3 +103,18 @@ def test_every_page_renders(server, page, page_file):
     assert_no_traceback(page)
     assert page.get_by_test_id("stAlertContentError").count() == 0, page.get_by_test_id(
         "stAlertContentError").first.inner_text()
+
+
+@pytest.mark.parametrize("first", ["", "Compare_Schemes"])
+def test_one_page_list_names_the_sidebar_and_the_home_page(server, page, first):
+    """The sidebar lists exactly `PAGES` after a page called "Home" (it said "app" before), in order, whether the
+    first page opened is the home page or a deep link on a fresh session."""
+    from app_support.home import HOME_LABEL, PAGES
+
+    page.goto(f"{server}/{first}")
+    wait_until_idle(page)
+    nav = page.get_by_test_id("stSidebarNav")
+    nav.wait_for(timeout=60_000)
+    names = [t.strip() for t in nav.get_by_test_id("stSidebarNavLink").all_inner_texts()]
+    assert [n.splitlines()[-1].strip() for n in names] == [HOME_LABEL, *(p.label for p in PAGES)]
+    assert_no_traceback(page)

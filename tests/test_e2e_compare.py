@@ -58,7 +58,7 @@ def table_text(page, index: int = 0) -> str:
 
 
 def test_compare_nf4_fp4_on_default_model(server, page, runs_folder):
-    page.goto(page_url(server, "pages/3_Compare_Schemes.py"))
+    page.goto(page_url(server, "app_pages/3_Compare_Schemes.py"))
     wait_until_idle(page)
     assert_no_traceback(page)
     selected = page.get_by_test_id("stMultiSelect").first.inner_text()
@@ -102,7 +102,7 @@ def test_compare_streams_and_stop_keeps_a_partial_run(server, page, runs_folder)
     """Issue 11: the table fills in window by window while the run goes; "Stop and keep results" saves
     what was computed as a partial run, marked with its token count, and shows it."""
     before = set(runs_folder.glob("*.run.json"))
-    page.goto(page_url(server, "pages/3_Compare_Schemes.py"))
+    page.goto(page_url(server, "app_pages/3_Compare_Schemes.py"))
     wait_until_idle(page)
     set_number(page, "Tokens", 8192)
     set_number(page, "Window", 256)
@@ -132,7 +132,7 @@ def test_compare_streams_and_stop_keeps_a_partial_run(server, page, runs_folder)
 
 
 def test_inspect_nf4_on_default_model(server, page):
-    page.goto(page_url(server, "pages/2_Quantize_and_Inspect.py"))
+    page.goto(page_url(server, "app_pages/2_Quantize_and_Inspect.py"))
     wait_until_idle(page)
     assert_no_traceback(page)
     page.get_by_test_id("stSelectbox").filter(has_text="Config").first.click()

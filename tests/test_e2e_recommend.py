@@ -29,7 +29,7 @@ def server(tmp_path_factory):
 
 
 def test_recommend_measures_exports_and_verifies_on_the_default_model(server, page):
-    page.goto(page_url(server, "pages/5_Recommend.py"))
+    page.goto(page_url(server, "app_pages/5_Recommend.py"))
     wait_until_idle(page)
     assert_no_traceback(page)
     page.get_by_role("button", name="Measure sensitivity").click()

@@ -16,7 +16,7 @@ from quantlib.registry import CONFIG_MAPPING
 from quantlib.registry import QUANTIZER_MAPPING
 
 ROOT = Path(__file__).resolve().parents[1]
-OUTSIDE = sorted([*ROOT.glob("quantlib/*.py"), ROOT / "app.py", *ROOT.glob("pages/*.py"), *ROOT.glob("app_support/*.py")])
+OUTSIDE = sorted([*ROOT.glob("quantlib/*.py"), ROOT / "app.py", *ROOT.glob("app_pages/*.py"), *ROOT.glob("app_support/*.py")])
 METHODS = ROOT / "quantlib" / "methods"
 #: The most lines a module under quantlib/methods/ may hold.
 MAX_METHOD_MODULE_LINES = 500

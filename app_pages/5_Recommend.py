@@ -23,7 +23,7 @@ from app_support.models_ui import ModelChoice, backend_label, load_base, model_p
 from app_support.runner import Progress, run_buttons, was_cancelled  # noqa: E402
 from app_support.state import Namespace  # noqa: E402
 
-st.set_page_config(page_title="Recommend · Quantization Explorer", page_icon=":material/tune:", layout="wide")
+st.set_page_config(layout="wide")  # title and icon: app_support/home.py PAGES, read by the navigation
 
 NS = Namespace("recommend")
 VERIFY_NS = Namespace("recommend.verify")

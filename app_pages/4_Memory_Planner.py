@@ -23,8 +23,7 @@ from quantlib.memory import (COMPONENT_LABELS, DTYPE_BYTES, KV_DTYPE_BYTES, RUNT
                              short_reason, stored_quantization)
 from quantlib.shapes import ArchitectureError, ForwardMemory, ModelShapes, forward_memory, model_shapes
 
-st.set_page_config(page_title="Memory Planner · Quantization Explorer", page_icon=":material/straighten:",
-                   layout="wide")
+st.set_page_config(layout="wide")  # title and icon: app_support/home.py PAGES, read by the navigation
 
 NS = Namespace("planner")
 SOURCE_DEFAULT = "Default model (SmolLM2-135M-Instruct)"

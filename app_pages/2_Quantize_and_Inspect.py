@@ -28,8 +28,7 @@ from app_support.runner import Progress, run_buttons, was_cancelled  # noqa: E40
 from app_support.state import BUILDER_LABEL, Namespace, builder_config  # noqa: E402
 from quantlib.statistics import statistic_lines  # noqa: E402
 
-st.set_page_config(page_title="Quantize and Inspect · Quantization Explorer", page_icon=":material/biotech:",
-                   layout="wide")
+st.set_page_config(layout="wide")  # title and icon: app_support/home.py PAGES, read by the navigation
 
 NS = Namespace("inspect")
 OUTLIER_TOKENS = 2048  # activation-outlier scan: at most 4 batches of 512 calibration tokens

@@ -27,8 +27,7 @@ from app_support.presets import option_text  # noqa: E402
 from app_support.runner import Progress, run_buttons, was_cancelled  # noqa: E402
 from app_support.state import BUILDER_LABEL, Namespace, builder_config  # noqa: E402
 
-st.set_page_config(page_title="Compare Schemes · Quantization Explorer", page_icon=":material/compare_arrows:",
-                   layout="wide")
+st.set_page_config(layout="wide")  # title and icon: app_support/home.py PAGES, read by the navigation
 
 NS = Namespace("compare")
 MIN_CONFIGS, MAX_CONFIGS = 2, 6

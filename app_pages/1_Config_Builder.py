@@ -23,8 +23,7 @@ from quantlib.configs import QuantConfig
 from quantlib.registry import CONFIG_MAPPING, config_schemas, parse_config
 from quantlib.errors import ConfigError
 
-st.set_page_config(page_title="Config Builder · Quantization Explorer", page_icon=":material/construction:",
-                   layout="wide")
+st.set_page_config(layout="wide")  # title and icon: app_support/home.py PAGES, read by the navigation
 
 NS = Namespace("builder")
 METHOD_KEY = NS.key("method")
