@@ -135,12 +135,12 @@ def main() -> None:
     all_schemas = schemas()
     form_col, out_col = st.columns([5, 6], gap="large")
     with form_col:
-        top = st.columns(2)
-        top[0].selectbox("Preset", [CUSTOM, *PRESETS], key=PRESET_KEY, on_change=on_preset,
-                         help="Load a named config into the form; editing any field makes it custom.")
+        # one above the other: side by side, both were cut to a few characters at 1000 px
+        st.selectbox("Preset", [CUSTOM, *PRESETS], key=PRESET_KEY, on_change=on_preset,
+                     help="Load a named config into the form; editing any field makes it custom.")
         methods = list(CONFIG_MAPPING)
-        top[1].selectbox("Method (`quant_method`)", methods, key=METHOD_KEY, on_change=on_field_change,
-                         help="Every registered quantization method; the fields below come from its JSON Schema.")
+        st.selectbox("Method (`quant_method`)", methods, key=METHOD_KEY, on_change=on_field_change,
+                     help="Every registered quantization method; the fields below come from its JSON Schema.")
         method = st.session_state[METHOD_KEY]
         schema = all_schemas[method]
         st.caption(schema.get("description", ""))
@@ -210,7 +210,9 @@ def render_output(config: QuantConfig, params: dict[str, str]) -> None:
         st.warning(note)
     diff = st.toggle("only non-default keys (diff)", key=NS.key("diff"),
                      help="Show only what differs from the defaults; the download always holds every key.")
-    st.code(config.to_json(diff=diff), language="json")
+    st.code(config.to_json(diff=diff), language="json")  # scrolls sideways when narrow: wrapped JSON misreads
+    for note in config.export_notes():
+        st.caption(note)
     st.download_button("Download quantization_config.json", icon=":material/download:", data=config.to_json(),
                        file_name="quantization_config.json", mime="application/json", key=NS.key("download"),
                        on_click="ignore")

@@ -373,6 +373,10 @@ class QuantConfig:
         """Short human name for tables and legends."""
         return self.quant_method
 
+    def export_notes(self) -> list[str]:
+        """What a reader of the exported JSON may not expect in it, and why it is there (none by default)."""
+        return []
+
     def warnings(self) -> list[str]:
         """Settings that are valid but have no effect with the rest of this config."""
         notes = []

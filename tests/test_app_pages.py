@@ -611,3 +611,14 @@ def test_the_page_list_is_every_script_in_app_pages_once():
     assert all(p.exists and p.label and p.icon and p.summary for p in PAGES)
     assert len({p.url_path for p in PAGES}) == len(PAGES) and len({p.label for p in PAGES}) == len(PAGES)
     assert not (REPO / "pages").exists()  # Streamlit would discover a pages/ folder beside st.navigation
+
+
+def test_builder_says_why_the_export_carries_transformers_private_keys():
+    """The exported bitsandbytes JSON holds `_load_in_4bit`/`_load_in_8bit` because transformers' own to_dict()
+    does; the page says so beside the JSON instead of leaving a reader to think it a bug."""
+    at = run(BUILDER)
+    assert not errors(at)
+    assert '"_load_in_4bit"' in at.code[0].value
+    assert any("`_load_in_4bit` and `_load_in_8bit` are transformers' own keys" in c.value for c in at.caption)
+    transformers_dict = transformers.BitsAndBytesConfig(load_in_4bit=True).to_dict()
+    assert "_load_in_4bit" in transformers_dict and "_load_in_8bit" in transformers_dict

@@ -118,3 +118,15 @@ def test_one_page_list_names_the_sidebar_and_the_home_page(server, page, first):
     names = [t.strip() for t in nav.get_by_test_id("stSidebarNavLink").all_inner_texts()]
     assert [n.splitlines()[-1].strip() for n in names] == [HOME_LABEL, *(p.label for p in PAGES)]
     assert_no_traceback(page)
+
+
+def test_config_builder_selects_show_their_whole_value_at_1000_px(server, page):
+    """At 1000 px the Preset and Method selects sat side by side and were cut to "(custom" and "bitsandb"; every
+    select of the builder now shows its whole value."""
+    page.set_viewport_size({"width": 1000, "height": 900})
+    page.goto(page_url(server, "app_pages/1_Config_Builder.py"))
+    wait_until_idle(page)
+    clipped = page.evaluate("""() => Array.from(document.querySelectorAll('[data-testid="stSelectbox"] input'))
+        .filter(input => input.value && input.scrollWidth > input.clientWidth + 1).map(input => input.value)""")
+    assert clipped == [], clipped
+    full_page_screenshot(page, SCREENSHOTS / "config_builder_1000.png", width=1000)

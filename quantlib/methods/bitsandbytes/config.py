@@ -113,6 +113,11 @@ class BitsAndBytesQuantConfig(QuantConfig):
     def rules(cls) -> list[str]:
         return ["Exactly one of load_in_4bit and load_in_8bit is true."]
 
+    def export_notes(self) -> list[str]:
+        return ["`_load_in_4bit` and `_load_in_8bit` are transformers' own keys: `BitsAndBytesConfig.to_dict()` "
+                "writes them beside `load_in_4bit`/`load_in_8bit`, and a model saved with this config carries them "
+                "in its config.json. The file is what transformers itself writes; it loads with or without them."]
+
     def to_dict(self) -> dict[str, Any]:
         """Same keys, order and values as `transformers.BitsAndBytesConfig(...).to_dict()`."""
         v = self._values
