@@ -296,7 +296,7 @@ def baseline_cache_caption() -> None:
     from quantlib import baseline_cache
 
     rows = baseline_cache.entries()
-    c1, c2 = st.columns([4, 1])
+    c1, c2 = st.columns([3, 1], vertical_alignment="center")
     c1.caption(f"Baseline cache: {len(rows)} entr{'y' if len(rows) == 1 else 'ies'}, "
                f"{sum(r['bytes'] for r in rows) / 2**20:,.1f} of {baseline_cache.max_bytes() / 2**20:,.0f} MiB "
                f"(`{baseline_cache.cache_folder()}`). A comparison on the same model, text, tokens and window reuses "

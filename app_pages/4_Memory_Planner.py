@@ -236,14 +236,14 @@ def main() -> None:
     stored_dtypes = cached_checkpoint_dtypes(source) if source not in (None, "default") else None
 
     choices = config_choices(st.session_state.get(BUILDER_CONFIG), st.session_state.get(BUILDER_LABEL))
+    # the whole width: beside other controls, the chosen configs' names were cut at 1000 px
+    NS.setdefault([n for n in DEFAULT_SELECTION if n in choices]
+                  + [n for n in choices if n.startswith(BUILDER_PREFIX)], "configs")
+    st.session_state[NS.key("configs")] = [n for n in st.session_state[NS.key("configs")] if n in choices]
+    selected = st.multiselect("Configs", list(choices), key=NS.key("configs"), format_func=option_text,
+                              help="The presets, plus the Config Builder's current config when you have built one.")
     left, right = st.columns([3, 2])
     with left:
-        NS.setdefault([n for n in DEFAULT_SELECTION if n in choices]
-                      + [n for n in choices if n.startswith(BUILDER_PREFIX)], "configs")
-        st.session_state[NS.key("configs")] = [n for n in st.session_state[NS.key("configs")] if n in choices]
-        selected = st.multiselect("Configs", list(choices), key=NS.key("configs"), format_func=option_text,
-                                  help="The presets, plus the Config Builder's current config when you have "
-                                       "built one.")
         include_base = st.checkbox("Include the unquantized model", value=True, key=NS.key("baseline"))
     with right:
         dtypes = list(DTYPE_BYTES)[:3]

@@ -196,7 +196,7 @@ def model_picker(ns: Namespace) -> ModelChoice | None:
     source = "default"
     if kind != SOURCE_DEFAULT:
         source = st.text_input(kind, key=ns.key("model", "path", kind), placeholder=_PLACEHOLDERS[kind]).strip()
-    dtype_col, trust_col, pickle_col, _ = st.columns([1, 1, 1.2, 2], vertical_alignment="bottom")
+    dtype_col, trust_col, pickle_col = st.columns([1, 1.3, 1.6], vertical_alignment="bottom")
     with dtype_col:
         dtype = st.selectbox("dtype", DTYPES, key=ns.key("model", "dtype"),
                              help="dtype of the unquantized baseline and of the tensors quantization leaves alone.")

@@ -172,8 +172,11 @@ def memory_figure(breakdowns: dict[str, MemoryBreakdown], runtime: dict[str, flo
                              name=label, marker_color=COMPONENT_COLORS[comp]))
     for (label, nbytes), color in zip((runtime or {}).items(), RUNTIME_COLORS):
         fig.add_trace(go.Bar(x=names, y=[nbytes / scale] * len(names), name=label, marker_color=color))
+    # the legend beside the bars, in stacking order: below them it covered the schemes' names, which tilt when the
+    # chart is narrow
     fig.update_layout(barmode="stack", title="Memory by component", yaxis_title=unit, meta={"unit_bytes": scale},
-                      legend={"orientation": "h", "y": -0.15, "font": {"size": 10}})
+                      legend={"orientation": "v", "x": 1.02, "y": 1, "font": {"size": 10}},
+                      xaxis={"automargin": True})
     return fig
 
 
