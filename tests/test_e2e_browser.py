@@ -22,6 +22,21 @@ PAGES = ["app.py", "app_pages/1_Config_Builder.py", "app_pages/2_Quantize_and_In
          "app_pages/4_Memory_Planner.py"]
 
 
+def choose_option(page, select_label: str, option: str, tries: int = 3) -> None:
+    """Open a selectbox (Streamlit 1.67's combobox) by its label and pick `option`; the list is opened again if a
+    rerun closed it before the option could be clicked."""
+    combobox = page.get_by_test_id("stSelectbox").filter(has_text=select_label).get_by_role("combobox")
+    for attempt in range(tries):
+        combobox.click()
+        try:
+            page.get_by_role("option", name=option, exact=True).click(timeout=10_000)
+            return
+        except Exception:  # noqa: BLE001 - closed by a rerun: open it again
+            if attempt == tries - 1:
+                raise
+            wait_until_idle(page)
+
+
 @pytest.fixture(scope="module")
 def server():
     with streamlit_server() as url:
@@ -38,8 +53,8 @@ def test_build_nf4_download_and_share(server, page, tmp_path):
     json_block = page.get_by_test_id("stCode").first
 
     page.get_by_test_id("stRadio").get_by_text("4-bit", exact=True).click()
-    page.get_by_test_id("stSelectbox").filter(has_text="4-bit type").click()
-    page.get_by_role("option", name="nf4", exact=True).click()
+    wait_until_idle(page)  # the rerun the radio started: a list opened during it closes again
+    choose_option(page, "4-bit type", "nf4")
     expect(json_block).to_contain_text('"bnb_4bit_quant_type": "nf4"')
     page.get_by_test_id("stCheckbox").filter(has_text="Double quantization").locator("label").click()
     expect(json_block).to_contain_text('"bnb_4bit_use_double_quant": true')
