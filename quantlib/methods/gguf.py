@@ -1,6 +1,12 @@
-"""llama.cpp GGUF block types: the config, the quantizer and the raw-block tensor format, quantized with
-the `gguf` package's numpy reference quantizers (simulated: the numbers show what the format loses,
-not how fast llama.cpp runs it)."""
+"""llama.cpp GGUF block types: the config, the quantizer and the raw-block tensor format (simulated: the numbers
+show what the format loses, not how fast llama.cpp runs it).
+
+The legacy types come from the `gguf` package's numpy reference quantizers; the K-quants (Q2_K ... Q6_K) and
+IQ4_NL / IQ4_XS from quantlib's vectorised ports of llama.cpp's own quantizers (`_ggml_*.py`), bit-identical to
+`ggml_quantize_chunk` with and without an importance matrix (tests/data/llamacpp_golden.npz, made by
+scripts/llamacpp_golden.py). Every type is dequantized by the `gguf` package. With `imatrix`, the importance
+matrix is measured as llama-imatrix measures it (`_ggml_importance`) and handed to the quantizers as llama-quantize
+does."""
 
 from __future__ import annotations
 
@@ -21,8 +27,26 @@ from quantlib.shapes import ModelShapes, WeightShape
 DISPLAY_ORDER = 20
 
 
-#: Block types the `gguf` package can quantize in numpy (others it can only read).
-GGUF_TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "MXFP4", "BF16", "F16")
+#: Block types quantlib quantizes: the `gguf` package's numpy quantizers (legacy types) and quantlib's ports of
+#: llama.cpp's K-quant and IQ4 quantizers, widest first.
+GGUF_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "IQ4_XS", "IQ4_NL", "Q3_K", "Q2_K",
+              "MXFP4", "BF16", "F16")
+
+
+def _ported_quantizers() -> dict[str, Any]:
+    """Block type -> quantlib's port of llama.cpp's quantizer, `f(x, imatrix=None) -> bytes (rows, row_bytes)`."""
+    from quantlib.methods._ggml_iq4 import quantize_iq4_nl, quantize_iq4_xs
+    from quantlib.methods._ggml_q3q6 import quantize_q3_K, quantize_q6_K
+    from quantlib.methods._ggml_qk import quantize_q2_K, quantize_q4_K, quantize_q5_K
+
+    return {"Q2_K": quantize_q2_K, "Q3_K": quantize_q3_K, "Q4_K": quantize_q4_K, "Q5_K": quantize_q5_K,
+            "Q6_K": quantize_q6_K, "IQ4_NL": quantize_iq4_nl, "IQ4_XS": quantize_iq4_xs}
+
+
+#: Types whose quantizer takes an importance matrix here: the ports, and Q8_0, F16, BF16, MXFP4, whose llama.cpp
+#: quantizers ignore it. llama.cpp's importance-weighted Q4_0/Q4_1/Q5_0/Q5_1 quantizers are another algorithm
+#: than the reference ones the gguf package implements, so those types refuse an importance matrix.
+IMATRIX_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "Q8_0", "MXFP4", "BF16", "F16")
 
 
 def _tensor_types_rule(value: Any) -> str | None:
@@ -54,6 +78,11 @@ class GGUFQuantConfig(QuantConfig):
                   "--tensor-type overrides; other layers use the block type above.", nullable=True,
                   validator=_tensor_types_rule, allowed="an object of module name -> GGUF block type",
                   title="Per-layer types"),
+        FieldSpec("imatrix", bool, False, "Quantize with an importance matrix, as llama-quantize --imatrix does: the "
+                  "mean squared input of every column, measured on the built-in calibration text as llama-imatrix "
+                  "measures it (chunks of 512 tokens, each starting with BOS).", title="Importance matrix"),
+        FieldSpec("imatrix_tokens", int, 4096, "Calibration tokens the importance matrix is measured on.",
+                  minimum=512, maximum=1_000_000, visible_when=("imatrix", True), title="Importance-matrix tokens"),
     )
 
     def type_of(self, module: str) -> str:
@@ -62,7 +91,7 @@ class GGUFQuantConfig(QuantConfig):
 
     @property
     def label(self) -> str:
-        label = f"GGUF {self.quant_type}"
+        label = f"GGUF {self.quant_type}" + (" imatrix" if self.imatrix else "")
         if self.tensor_types:
             label += f" + {len(self.tensor_types)} overrides"
         if self.modules_to_not_convert and self.tensor_types:
@@ -74,6 +103,7 @@ class GGUFQuantConfig(QuantConfig):
 
 #: Bits of the integer code per weight in each GGUF type (the rest of a block is scales/mins).
 GGUF_CODE_BITS = {"Q8_0": 8, "Q5_0": 5, "Q5_1": 5, "Q4_0": 4, "Q4_1": 4, "MXFP4": 4, "BF16": 16, "F16": 16,
+                  "Q2_K": 2, "Q3_K": 3, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6, "IQ4_NL": 4, "IQ4_XS": 4,
                   "F32": 32, "TQ2_0": 2,
                   # TQ1_0 packs 5 trits per byte in 48 bytes and 4 per byte in 4 more: 52 bytes per 256 weights.
                   "TQ1_0": 52 * 8 / 256}
@@ -183,8 +213,11 @@ GGUF_QUANTIZABLE_TYPES: tuple[str, ...] = _probe_gguf_types()
 Q8_0, BF16, TQ1_0, TQ2_0, MXFP4)."""
 
 
-def quantize_gguf(w: torch.Tensor, qtype: Union[str, "object"] = "Q8_0") -> GGUFTensor:
-    """Quantize with the ``gguf`` package's numpy implementation of a GGML block type.
+def quantize_gguf(w: torch.Tensor, qtype: Union[str, "object"] = "Q8_0",
+                  imatrix: np.ndarray | None = None) -> GGUFTensor:
+    """Quantize with a GGML block type: the ``gguf`` package's numpy implementation for the legacy types, quantlib's
+    port of llama.cpp's quantizer for the K-quants and IQ4 types (with `imatrix`, the importance-weighted path,
+    as `ggml_quantize_chunk` takes it).
 
     Blocks run along the last dim (as llama.cpp stores rows), so it must be a multiple of the
     type's block size. Storage is the real byte count: block bytes * 8 / block elements per
@@ -194,8 +227,13 @@ def quantize_gguf(w: torch.Tensor, qtype: Union[str, "object"] = "Q8_0") -> GGUF
 
     check_float(w, "quantize_gguf")
     name = qtype if isinstance(qtype, str) else qtype.name
-    if name not in GGUF_QUANTIZABLE_TYPES:
-        raise ValueError(f"GGUF type {name!r} cannot be quantized here; choose one of {GGUF_QUANTIZABLE_TYPES}")
+    ported = _ported_quantizers()
+    if name not in GGUF_QUANTIZABLE_TYPES and name not in ported:
+        raise ValueError(f"GGUF type {name!r} cannot be quantized here; choose one of "
+                         f"{(*GGUF_QUANTIZABLE_TYPES, *ported)}")
+    if imatrix is not None and name not in IMATRIX_TYPES:
+        raise ValueError(f"GGUF {name} with an importance matrix is llama.cpp's weighted {name} quantizer, which "
+                         f"quantlib does not implement; types that take one: {', '.join(IMATRIX_TYPES)}")
     gtype = GGMLQuantizationType[name]
     block_elems, _ = GGML_QUANT_SIZES[gtype]
     last = w.shape[-1] if w.dim() else 1
@@ -205,7 +243,11 @@ def quantize_gguf(w: torch.Tensor, qtype: Union[str, "object"] = "Q8_0") -> GGUF
             f"got last dimension {last} (shape {tuple(w.shape)})"
         )
     array = w.detach().float().reshape(-1, last).numpy()
-    data = quants.quantize(array, gtype)
+    if name in ported:
+        weights = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32).reshape(last)
+        data = ported[name](array, weights)
+    else:
+        data = quants.quantize(array, gtype)
     return GGUFTensor(data=data, qtype=gtype, shape=tuple(w.shape), dtype=w.dtype)
 
 
@@ -217,11 +259,58 @@ class GGUFQuantizer(Quantizer):
     requires = (("gguf", "gguf"),)
     library = "gguf"
 
+    #: layer name -> importance matrix (mean x_j^2 per input column), measured once by `quantize_model`.
+    importance: dict[str, np.ndarray] | None = None
+
     def quantize_tensor(self, weight: torch.Tensor) -> Any:
         return quantize_gguf(weight, qtype=self.config.quant_type)
 
     def quantize_layer(self, name: str, weight: torch.Tensor) -> Any:
-        return quantize_gguf(weight, qtype=self.config.type_of(name))
+        imatrix = None
+        if self.config.imatrix:
+            if self.importance is None:
+                from quantlib.errors import QuantlibError
+
+                raise QuantlibError(f"{self.config.label}: the importance matrix is measured on the model's "
+                                    "activations when the model is quantized (quantize_model); a layer alone, or a "
+                                    "checkpoint streamed from disk, has none")
+            if name not in self.importance:
+                from quantlib.errors import QuantlibError
+
+                raise QuantlibError(f"{self.config.label}: no importance matrix for {name} (only layers that are "
+                                    "modules of their own are measured; fused expert tensors are not)")
+            imatrix = self.importance[name]
+        return quantize_gguf(weight, qtype=self.config.type_of(name), imatrix=imatrix)
+
+    def quantize_model(self, *, base: Any = None, source: str = "default", dtype: torch.dtype = torch.float32,
+                       trust_remote_code: bool = False, allow_pickle: bool = False,
+                       progress: Any = None, cancel: Any = None, calibration: Any = None) -> Any:
+        """As every simulated method; with `imatrix`, the importance matrix is measured first on the unquantized
+        model (llama-imatrix's recipe), once per quantizer."""
+        if self.config.imatrix and self.importance is None:
+            from quantlib.methods._ggml_importance import importance_matrix
+            from quantlib.models import load_model
+
+            if base is None:
+                base = load_model(source, dtype=dtype, device=self.backend.device,
+                                  trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=progress)
+            names = [ref.name for ref in self.quantizable_layers(base.model)]
+            self.importance = importance_matrix(base.model, base.tokenizer, names, self.config.imatrix_tokens,
+                                                progress=progress, cancel=cancel)
+        return super().quantize_model(base=base, source=source, dtype=dtype, trust_remote_code=trust_remote_code,
+                                      allow_pickle=allow_pickle, progress=progress, cancel=cancel,
+                                      calibration=calibration)
+
+    @classmethod
+    def config_problem(cls, config: QuantConfig) -> str | None:
+        if config.imatrix:
+            refused = sorted({t for t in {config.quant_type, *(config.tensor_types or {}).values()}
+                              if t not in IMATRIX_TYPES})
+            if refused:
+                return (f"an importance matrix changes llama.cpp's {', '.join(refused)} quantizer into its weighted "
+                        "variant, which quantlib does not implement; choose a K-quant or IQ4 type (or Q8_0), or "
+                        "quantize without the importance matrix")
+        return None
 
     @classmethod
     def code_bits(cls, config: QuantConfig) -> float:
