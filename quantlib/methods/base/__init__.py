@@ -174,10 +174,6 @@ class Quantizer:
         methods whose rounding uses activations (GPTQ) override this; the others ignore the inputs."""
         return self.quantize_layer(name, weight)
 
-    def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
-        """quantize→dequantize, in the weight's dtype: what the model computes with."""
-        return self.quantize_tensor(weight).dequantize()
-
     def code_levels(self) -> torch.Tensor | None:
         """The code values in units of a block's scale (e.g. NF4's 16 levels in [-1, 1]), for drawing
         on weight histograms normalised the same way; None where codes are not a fixed table."""
