@@ -248,7 +248,6 @@ class Bnb4BitQuantizer(BnbQuantizer):
                             double_quant=self.config.bnb_4bit_use_double_quant, backend="bitsandbytes")
 
 
-
 @register("bitsandbytes_8bit")
 class Bnb8BitQuantizer(BnbQuantizer):
     """LLM.int8(): row-wise int8 weights, fp16 matmul for activation outlier columns."""
