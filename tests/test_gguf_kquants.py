@@ -7,6 +7,8 @@ refuse what it cannot do as llama.cpp would do it.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +23,7 @@ from quantlib.registry import get_quantizer, parse_config, preflight
 from tests.conftest import tiny_llama_config
 
 KQ = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
+GOLDEN = Path(__file__).parent / "data" / "llamacpp_golden.npz"
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +46,19 @@ def test_every_k_and_iq4_type_is_a_config_choice() -> None:
         assert parse_config({"quant_method": "gguf", "quant_type": qtype}).quant_type == qtype
 
 
-def test_an_importance_matrix_with_a_legacy_type_is_refused_with_the_reason() -> None:
-    with pytest.raises(BackendUnavailableError, match="weighted variant"):
-        get_quantizer({"quant_method": "gguf", "quant_type": "Q4_0", "imatrix": True})
-    with pytest.raises(ValueError, match="weighted Q5_1 quantizer"):
-        quantize_gguf(torch.randn(2, 256), "Q5_1", imatrix=np.ones(256, dtype=np.float32))
+def test_an_importance_matrix_takes_llama_cpp_s_weighted_legacy_quantizers_and_mxfp4_refuses_one() -> None:
+    """With an imatrix llama.cpp quantizes Q4_0..Q5_1 with another (weighted) algorithm: the method takes it, as
+    `_ggml_legacy` ports it bit-exact; MXFP4's quantizer has no weighted path, so it is refused with the reason."""
+    from quantlib.methods._ggml_legacy import quantize_q5_1_weighted
+
+    golden = np.load(GOLDEN)
+    x, w = golden["input/heavy_2x512"], golden["imatrix/heavy_2x512"]
+    ours = quantize_gguf(torch.from_numpy(x), "Q5_1", imatrix=w).data
+    assert np.array_equal(ours, golden["Q5_1+imatrix/heavy_2x512"])
+    assert np.array_equal(ours, quantize_q5_1_weighted(x, w))
+    assert not np.array_equal(quantize_gguf(torch.from_numpy(x), "Q5_1").data, ours)
+    with pytest.raises(BackendUnavailableError, match="MXFP4 takes no importance matrix"):
+        get_quantizer({"quant_method": "gguf", "quant_type": "MXFP4", "imatrix": True})
     get_quantizer({"quant_method": "gguf", "quant_type": "Q8_0", "imatrix": True})  # llama.cpp's Q8_0 ignores it
 
 

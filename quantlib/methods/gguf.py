@@ -43,10 +43,20 @@ def _ported_quantizers() -> dict[str, Any]:
             "Q6_K": quantize_q6_K, "IQ4_NL": quantize_iq4_nl, "IQ4_XS": quantize_iq4_xs}
 
 
-#: Types whose quantizer takes an importance matrix here: the ports, and Q8_0, F16, BF16, MXFP4, whose llama.cpp
-#: quantizers ignore it. llama.cpp's importance-weighted Q4_0/Q4_1/Q5_0/Q5_1 quantizers are another algorithm
-#: than the reference ones the gguf package implements, so those types refuse an importance matrix.
-IMATRIX_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "Q8_0", "MXFP4", "BF16", "F16")
+def _weighted_legacy_quantizers() -> dict[str, Any]:
+    """Q4_0/Q4_1/Q5_0/Q5_1 with an importance matrix: llama.cpp's weighted quantizers (another algorithm than the
+    reference ones the gguf package implements), ported bit-exact in `_ggml_legacy`."""
+    from quantlib.methods._ggml_legacy import (quantize_q4_0_weighted, quantize_q4_1_weighted,
+                                               quantize_q5_0_weighted, quantize_q5_1_weighted)
+
+    return {"Q4_0": quantize_q4_0_weighted, "Q4_1": quantize_q4_1_weighted, "Q5_0": quantize_q5_0_weighted,
+            "Q5_1": quantize_q5_1_weighted}
+
+
+#: Types that take an importance matrix here: every type but MXFP4, whose llama.cpp quantizer has no weighted
+#: path (Q8_0's, F16's and BF16's ignore it, as llama.cpp's do).
+IMATRIX_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+                 "BF16", "F16")
 
 
 def _tensor_types_rule(value: Any) -> str | None:
@@ -232,8 +242,8 @@ def quantize_gguf(w: torch.Tensor, qtype: Union[str, "object"] = "Q8_0",
         raise ValueError(f"GGUF type {name!r} cannot be quantized here; choose one of "
                          f"{(*GGUF_QUANTIZABLE_TYPES, *ported)}")
     if imatrix is not None and name not in IMATRIX_TYPES:
-        raise ValueError(f"GGUF {name} with an importance matrix is llama.cpp's weighted {name} quantizer, which "
-                         f"quantlib does not implement; types that take one: {', '.join(IMATRIX_TYPES)}")
+        raise ValueError(f"GGUF {name} takes no importance matrix here (llama.cpp's {name} quantizer has no "
+                         f"weighted path); types that take one: {', '.join(IMATRIX_TYPES)}")
     gtype = GGMLQuantizationType[name]
     block_elems, _ = GGML_QUANT_SIZES[gtype]
     last = w.shape[-1] if w.dim() else 1
@@ -243,9 +253,11 @@ def quantize_gguf(w: torch.Tensor, qtype: Union[str, "object"] = "Q8_0",
             f"got last dimension {last} (shape {tuple(w.shape)})"
         )
     array = w.detach().float().reshape(-1, last).numpy()
+    weights = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32).reshape(last)
     if name in ported:
-        weights = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32).reshape(last)
         data = ported[name](array, weights)
+    elif weights is not None and name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):
+        data = _weighted_legacy_quantizers()[name](array, weights)
     else:
         data = quants.quantize(array, gtype)
     return GGUFTensor(data=data, qtype=gtype, shape=tuple(w.shape), dtype=w.dtype)
@@ -307,9 +319,8 @@ class GGUFQuantizer(Quantizer):
             refused = sorted({t for t in {config.quant_type, *(config.tensor_types or {}).values()}
                               if t not in IMATRIX_TYPES})
             if refused:
-                return (f"an importance matrix changes llama.cpp's {', '.join(refused)} quantizer into its weighted "
-                        "variant, which quantlib does not implement; choose a K-quant or IQ4 type (or Q8_0), or "
-                        "quantize without the importance matrix")
+                return (f"{', '.join(refused)} takes no importance matrix (llama.cpp's quantizer for it has no "
+                        "weighted path); choose another type, or quantize without the importance matrix")
         return None
 
     @classmethod
