@@ -11,7 +11,7 @@ What it does:
 2. Runs ``llama-quantize [--imatrix FILE] model.gguf out.gguf FTYPE`` for every file type of FILE_TYPES, without
    and with an importance matrix (a GGUF imatrix: ``<name>.in_sum2`` and ``<name>.counts`` per weight, with the
    imatrix.datasets / chunk_count / chunk_size keys that llama-quantize requires).
-3. Reads the output's tensor types and order with gguf.GGUFReader and stores, in tests/data/llamacpp_ftypes.json,
+3. Reads the output's tensor types and order with gguf.GGUFReader and stores, in tests/data/llamacpp_ftypes.json.gz,
    ``{"models": {model: {metadata, "tensors": [[name, ncols, n_dims], ...] in file order}},
    "types": {model: {"plain"|"imatrix": {ftype: {tensor: type} or {"error": message}}}},
    "visit_order": {model: [names in llama-quantize's output order]}}``. The GGUF files are not kept.
@@ -27,6 +27,7 @@ without them n_gqa() is 0, so they are written too. No tokenizer keys are needed
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import subprocess
@@ -39,7 +40,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-OUT = ROOT / "tests" / "data" / "llamacpp_ftypes.json"
+OUT = ROOT / "tests" / "data" / "llamacpp_ftypes.json.gz"
 DEFAULT_BIN = Path("/work/llamacpp/build/bin/llama-quantize")
 
 from quantlib.methods._ggml_ftypes import FILE_TYPES, LLAMA_CPP_COMMIT  # noqa: E402
@@ -183,7 +184,9 @@ def main() -> None:
                     print(f"{model:26s} {kind:7s} {ftype:7s} {status}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(golden, separators=(",", ":"), sort_keys=False)
-    args.out.write_text(text + "\n")
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.write_bytes(gzip.compress((text + "\n").encode(), mtime=0))
+    os.replace(tmp, args.out)
     print(f"wrote {args.out} ({len(text) // 1024} KiB) in {time.time() - start:.0f} s")
 
 

@@ -1,9 +1,10 @@
 """quantlib.methods._ggml_ftypes against llama-quantize: for every stored model and file type, without and with an
-importance matrix, the per-tensor types equal those llama-quantize wrote (tests/data/llamacpp_ftypes.json, made
+importance matrix, the per-tensor types equal those llama-quantize wrote (tests/data/llamacpp_ftypes.json.gz, made
 by scripts/llamacpp_ftypes_golden.py from llama.cpp 0c1e570); the unported cases raise with a reason."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 from pathlib import Path
@@ -13,8 +14,8 @@ import pytest
 from quantlib.methods._ggml_ftypes import (
     FILE_TYPES, LLAMA_CPP_COMMIT, fallback_notes, file_type_tensor_types, tensor_category, visiting_order)
 
-GOLDEN_PATH = Path(__file__).resolve().parent / "data" / "llamacpp_ftypes.json"
-GOLDEN = json.loads(GOLDEN_PATH.read_text())
+GOLDEN_PATH = Path(__file__).resolve().parent / "data" / "llamacpp_ftypes.json.gz"
+GOLDEN = json.loads(gzip.decompress(GOLDEN_PATH.read_bytes()))
 MODELS = GOLDEN["models"]
 
 

@@ -117,3 +117,64 @@ def test_a_k_quant_comparison_runs_end_to_end(wide_llama, tmp_path) -> None:
     table = result.table.set_index("scheme")
     assert table.loc["GGUF Q4_K", "kl"] > 0 and table.loc["GGUF Q4_K imatrix", "kl"] > 0
     assert table.loc["GGUF Q4_K", "bits_per_param"] == pytest.approx(144 * 8 / 256)
+
+
+# ------------------------------------------------------------------ llama-quantize's file types
+
+
+def _smollm2_widths(n_layer: int = 8) -> dict:
+    """config.json of a Llama with SmolLM2-135M's widths (hidden 576, ffn 1536, 9 heads, 3 KV heads, tied)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=n_layer, num_attention_heads=9,
+                       num_key_value_heads=3, vocab_size=256, tie_word_embeddings=True).to_dict()
+
+
+@pytest.mark.parametrize("file_type", ["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q3_K_M", "Q3_K_L", "Q2_K_S"])
+def test_a_file_type_gives_every_weight_the_type_llama_quantize_wrote(file_type) -> None:
+    """The transformers model's weights, named as convert_hf_to_gguf names them, get the types llama-quantize
+    itself wrote for a model of the same widths (tests/data/llamacpp_ftypes.json.gz)."""
+    import gzip
+    import json
+
+    from quantlib.methods._gguf_file_types import _gguf_names, file_type_plan
+    from quantlib.shapes import model_shapes
+
+    golden = json.loads(gzip.decompress((Path(__file__).parent / "data" / "llamacpp_ftypes.json.gz").read_bytes()))
+    imatrix = file_type == "Q2_K_S"  # llama-quantize refuses Q2_K_S without one
+    written = golden["types"]["smollm2_h576_gqa3_tied"]["imatrix" if imatrix else "plain"][file_type]
+    shapes = model_shapes(_smollm2_widths())
+    names = _gguf_names(shapes)
+    ours = {names[w]: t for w, t in file_type_plan(file_type, shapes, imatrix).items()}
+    assert ours == written
+
+
+def test_a_file_type_is_planned_quantized_and_stored_to_the_byte(wide_llama) -> None:
+    quantizer = get_quantizer({"quant_method": "gguf", "quant_type": "Q4_K_M"}, device="cpu")
+    qm = quantizer.quantize_model(base=wide_llama)
+    config = wide_llama.model.config.to_dict()
+    planned = plan_memory(config, quantizer.config, "float32")
+    assert planned.total_bytes == qm.memory.total_bytes
+    assert sum(v for k, v in planned.bytes_by_component.items() if k != "unquantized") == \
+        sum(p.data.nbytes for p in qm.packed_layers.values())
+    types = {name: packed.qtype.name for name, packed in qm.packed_layers.items()}
+    assert types["lm_head"] == "Q6_K" and types["model.embed_tokens"] == "Q4_K"  # untied: llama.cpp's output rule
+    assert {"Q4_K", "Q6_K"} <= set(types.values())
+    assert quantizer.config.label == "GGUF Q4_K_M"
+
+
+def test_the_default_model_in_q4_k_m_says_what_fell_back() -> None:
+    """SmolLM2's rows of 576 are no multiple of 256: llama.cpp writes most of a "Q4_K_M" SmolLM2 as Q5_0 (and its
+    tied embedding as Q8_0); the planner says so instead of pretending the file is Q4_K."""
+    from quantlib.models import read_model_config
+    from quantlib.registry import quantizer_class
+    from quantlib.shapes import model_shapes
+
+    config = parse_config({"quant_method": "gguf", "quant_type": "Q4_K_M"})
+    shapes = model_shapes(read_model_config("default"))
+    notes = quantizer_class(config).file_type_notes(config, shapes)
+    assert any("token_embd.weight: Q6_K -> Q8_0" in n for n in notes)
+    assert sum("-> Q5_0" in n for n in notes) > 100
+    assert preflight(config, read_model_config("default")) == []  # fallbacks fit: nothing to refuse
+    with pytest.raises(BackendUnavailableError, match="Q2_K_S needs an importance matrix"):
+        get_quantizer({"quant_method": "gguf", "quant_type": "Q2_K_S"})

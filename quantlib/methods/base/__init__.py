@@ -223,6 +223,13 @@ class Quantizer:
         return cls.storage_bytes(config, w.out_features, w.in_features)
 
     @classmethod
+    def model_layer_storage_bytes(cls, config: QuantConfig, shapes: ModelShapes, w: WeightShape,
+                                  dtype: str = "float32") -> dict[str, float]:
+        """`layer_storage_bytes` where the layer's format depends on the whole model (a method that picks each
+        tensor's type from its place in the model overrides this)."""
+        return cls.layer_storage_bytes(config, w, dtype)
+
+    @classmethod
     def storage_bytes(cls, config: QuantConfig, out_features: int, in_features: int) -> dict[str, float]:
         """Analytic bytes of one quantized linear weight, by memory component, from its shape alone.
 
