@@ -109,6 +109,8 @@ def plan_memory(model_config: dict[str, Any], config: QuantConfig | None, dtype:
     policy = quantizer_cls.experts_policy if quantizer_cls is not None and shapes.n_experts else ""
     if policy:
         notes.append(f"{config.quant_method}: {policy}")
+    if quantizer_cls is not None:
+        notes += quantizer_cls.plan_notes(config, shapes)
     return MemoryPlan(parts, quantized, shapes.n_params, "planned", notes, detail, policy)
 
 

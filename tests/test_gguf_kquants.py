@@ -176,5 +176,7 @@ def test_the_default_model_in_q4_k_m_says_what_fell_back() -> None:
     assert any("token_embd.weight: Q6_K -> Q8_0" in n for n in notes)
     assert sum("-> Q5_0" in n for n in notes) > 100
     assert preflight(config, read_model_config("default")) == []  # fallbacks fit: nothing to refuse
+    plan = plan_memory(read_model_config("default"), config, "bfloat16")
+    assert any("Q4_K -> Q5_0 for" in n and "rows fit no 256-block" in n for n in plan.notes)  # on the plan itself
     with pytest.raises(BackendUnavailableError, match="Q2_K_S needs an importance matrix"):
         get_quantizer({"quant_method": "gguf", "quant_type": "Q2_K_S"})

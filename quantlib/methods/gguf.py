@@ -402,6 +402,22 @@ class GGUFQuantizer(Quantizer):
         return file_type_notes(config.quant_type, shapes, bool(config.imatrix)) if config.is_file_type else []
 
     @classmethod
+    def plan_notes(cls, config: QuantConfig, shapes: ModelShapes) -> list[str]:
+        """A file type: how many tensors llama.cpp writes in another type than its rules ask for, and why."""
+        if not config.is_file_type:
+            return []
+        from collections import Counter
+
+        notes = file_type_notes(config.quant_type, shapes, bool(config.imatrix))
+        pairs = Counter(n.split(": ", 2)[-1].split(" (")[0] for n in notes)  # "Q4_K -> Q5_0"
+        if not pairs:
+            return []
+        total = len(file_type_plan(config.quant_type, shapes, bool(config.imatrix)))
+        detail = ", ".join(f"{pair} for {count}" for pair, count in pairs.most_common())
+        return [f"{config.label}: llama.cpp writes {len(notes)} of its {total} tensors in another type than the "
+                f"file type's rules ask for, as their rows fit no 256-block ({detail})"]
+
+    @classmethod
     def code_bits(cls, config: QuantConfig) -> float:
         types = {_block_type(config), *(config.tensor_types or {}).values()}
         return float(min(GGUF_CODE_BITS[t] for t in types))

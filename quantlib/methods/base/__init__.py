@@ -223,6 +223,11 @@ class Quantizer:
         return cls.storage_bytes(config, w.out_features, w.in_features)
 
     @classmethod
+    def plan_notes(cls, config: QuantConfig, shapes: ModelShapes) -> list[str]:
+        """What the plan of this model should say beside its bytes (none by default)."""
+        return []
+
+    @classmethod
     def model_layer_storage_bytes(cls, config: QuantConfig, shapes: ModelShapes, w: WeightShape,
                                   dtype: str = "float32") -> dict[str, float]:
         """`layer_storage_bytes` where the layer's format depends on the whole model (a method that picks each
