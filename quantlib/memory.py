@@ -86,7 +86,7 @@ def plan_memory(model_config: dict[str, Any], config: QuantConfig | None, dtype:
     for w in shapes.weights:
         reason = decisions.get(w.name, UNQUANTIZED_MODEL) if config is not None else UNQUANTIZED_MODEL
         if reason is None:
-            per_matrix = quantizer_cls.layer_storage_bytes(config, w, dtype)
+            per_matrix = quantizer_cls.model_layer_storage_bytes(config, shapes, w, dtype)
             for comp, nbytes in per_matrix.items():
                 parts[comp] += nbytes * w.n_matrices
             quantized += w.numel
@@ -109,6 +109,8 @@ def plan_memory(model_config: dict[str, Any], config: QuantConfig | None, dtype:
     policy = quantizer_cls.experts_policy if quantizer_cls is not None and shapes.n_experts else ""
     if policy:
         notes.append(f"{config.quant_method}: {policy}")
+    if quantizer_cls is not None:
+        notes += quantizer_cls.plan_notes(config, shapes)
     return MemoryPlan(parts, quantized, shapes.n_params, "planned", notes, detail, policy)
 
 

@@ -178,8 +178,9 @@ def test_rtn_and_gguf_validation() -> None:
         parse_config({"quant_method": "rtn", "bits": 4.0})
     assert info.value.fields() == ["bits"]
     assert GGUFQuantConfig(quant_type="Q4_1").label == "GGUF Q4_1"
+    assert GGUFQuantConfig(quant_type="Q4_K_M").label == "GGUF Q4_K_M"  # a llama-quantize file type
     with pytest.raises(ConfigError) as info:
-        parse_config({"quant_method": "gguf", "quant_type": "Q4_K_M"})
+        parse_config({"quant_method": "gguf", "quant_type": "IQ2_XXS"})
     assert info.value.fields() == ["quant_type"]
 
 

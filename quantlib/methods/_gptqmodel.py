@@ -83,12 +83,6 @@ class CalibrationResult:
     notes: list[str] = field(default_factory=list)
 
 
-def gptqmodel_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("gptqmodel") is not None
-
-
 def _import_gptqmodel():
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", DEFAULT_CPU_WORKERS)
     try:

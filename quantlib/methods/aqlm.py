@@ -51,10 +51,6 @@ class AqlmQuantConfig(QuantConfig):
         return AqlmConfig.from_dict(self.to_dict())
 
     @property
-    def bits_per_code_group(self) -> int:
-        return self.num_codebooks * self.nbits_per_codebook
-
-    @property
     def label(self) -> str:
         group = f"g{self.in_group_size}" + (f"x{self.out_group_size}" if self.out_group_size != 1 else "")
         return f"AQLM {self.num_codebooks}x{self.nbits_per_codebook} {group}"

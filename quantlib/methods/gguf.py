@@ -1,6 +1,12 @@
-"""llama.cpp GGUF block types: the config, the quantizer and the raw-block tensor format, quantized with
-the `gguf` package's numpy reference quantizers (simulated: the numbers show what the format loses,
-not how fast llama.cpp runs it)."""
+"""llama.cpp GGUF block types: the config, the quantizer and the raw-block tensor format (simulated: the numbers
+show what the format loses, not how fast llama.cpp runs it).
+
+The legacy types come from the `gguf` package's numpy reference quantizers; the K-quants (Q2_K ... Q6_K) and
+IQ4_NL / IQ4_XS from quantlib's vectorised ports of llama.cpp's own quantizers (`_ggml_*.py`), bit-identical to
+`ggml_quantize_chunk` with and without an importance matrix (tests/data/llamacpp_golden.npz, made by
+scripts/llamacpp_golden.py). Every type is dequantized by the `gguf` package. With `imatrix`, the importance
+matrix is measured as llama-imatrix measures it (`_ggml_importance`) and handed to the quantizers as llama-quantize
+does."""
 
 from __future__ import annotations
 
@@ -14,15 +20,44 @@ from quantlib.configs import FieldSpec, QuantConfig
 from quantlib.formats import QuantizedTensor, check_float
 from quantlib.methods.base import Quantizer, register
 from quantlib.methods.base.records import MixChoice, MixSpace
-from quantlib.methods.base.rules import default_skip_rules, natural_key
+from quantlib.methods._gguf_file_types import MIXTURE_FILE_TYPES, file_type_notes, file_type_plan
+from quantlib.methods.base.rules import default_skip_rules, natural_key, should_convert_module
 from quantlib.shapes import ModelShapes, WeightShape
 
 #: Place in the registry (the builder's method list, the CLI).
 DISPLAY_ORDER = 20
 
 
-#: Block types the `gguf` package can quantize in numpy (others it can only read).
-GGUF_TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "MXFP4", "BF16", "F16")
+#: Block types quantlib quantizes: the `gguf` package's numpy quantizers (legacy types) and quantlib's ports of
+#: llama.cpp's K-quant and IQ4 quantizers, widest first.
+GGUF_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "IQ4_XS", "IQ4_NL", "Q3_K", "Q2_K",
+              "MXFP4", "BF16", "F16")
+
+
+def _ported_quantizers() -> dict[str, Any]:
+    """Block type -> quantlib's port of llama.cpp's quantizer, `f(x, imatrix=None) -> bytes (rows, row_bytes)`."""
+    from quantlib.methods._ggml_iq4 import quantize_iq4_nl, quantize_iq4_xs
+    from quantlib.methods._ggml_q3q6 import quantize_q3_K, quantize_q6_K
+    from quantlib.methods._ggml_qk import quantize_q2_K, quantize_q4_K, quantize_q5_K
+
+    return {"Q2_K": quantize_q2_K, "Q3_K": quantize_q3_K, "Q4_K": quantize_q4_K, "Q5_K": quantize_q5_K,
+            "Q6_K": quantize_q6_K, "IQ4_NL": quantize_iq4_nl, "IQ4_XS": quantize_iq4_xs}
+
+
+def _weighted_legacy_quantizers() -> dict[str, Any]:
+    """Q4_0/Q4_1/Q5_0/Q5_1 with an importance matrix: llama.cpp's weighted quantizers (another algorithm than the
+    reference ones the gguf package implements), ported bit-exact in `_ggml_legacy`."""
+    from quantlib.methods._ggml_legacy import (quantize_q4_0_weighted, quantize_q4_1_weighted,
+                                               quantize_q5_0_weighted, quantize_q5_1_weighted)
+
+    return {"Q4_0": quantize_q4_0_weighted, "Q4_1": quantize_q4_1_weighted, "Q5_0": quantize_q5_0_weighted,
+            "Q5_1": quantize_q5_1_weighted}
+
+
+#: Types that take an importance matrix here: every type but MXFP4, whose llama.cpp quantizer has no weighted
+#: path (Q8_0's, F16's and BF16's ignore it, as llama.cpp's do).
+IMATRIX_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+                 "BF16", "F16")
 
 
 def _tensor_types_rule(value: Any) -> str | None:
@@ -44,9 +79,13 @@ class GGUFQuantConfig(QuantConfig):
     """
 
     quant_method = "gguf"
-    description = "llama.cpp GGUF block types (Q8_0, Q4_0, Q4_1, …) via the gguf package."
+    description = ("llama.cpp GGUF: block types (Q8_0, Q6_K … Q2_K, IQ4_XS, Q4_0 …) and llama-quantize's file "
+                   "types (Q4_K_M, Q5_K_S, …), bit-exact to llama.cpp.")
     FIELDS = (
-        FieldSpec("quant_type", str, "Q8_0", "GGUF block type.", choices=GGUF_TYPES, title="Block type"),
+        FieldSpec("quant_type", str, "Q8_0", "GGUF block type for every quantized layer, or a llama-quantize file "
+                  "type (Q4_K_M, Q3_K_L, …): each tensor its type by llama-quantize's rules, shapes that do not fit "
+                  "falling back as llama.cpp falls back, the output and token embedding included.",
+                  choices=(*GGUF_TYPES, *MIXTURE_FILE_TYPES), title="Block or file type"),
         FieldSpec("modules_to_not_convert", list, None,
                   "Module names left unquantized (default: the output head, as transformers does).",
                   nullable=True, title="Skip modules", patterns=True),
@@ -54,15 +93,26 @@ class GGUFQuantConfig(QuantConfig):
                   "--tensor-type overrides; other layers use the block type above.", nullable=True,
                   validator=_tensor_types_rule, allowed="an object of module name -> GGUF block type",
                   title="Per-layer types"),
+        FieldSpec("imatrix", bool, False, "Quantize with an importance matrix, as llama-quantize --imatrix does: the "
+                  "mean squared input of every column, measured on the built-in calibration text as llama-imatrix "
+                  "measures it (chunks of 512 tokens, each starting with BOS).", title="Importance matrix"),
+        FieldSpec("imatrix_tokens", int, 4096, "Calibration tokens the importance matrix is measured on.",
+                  minimum=512, maximum=1_000_000, visible_when=("imatrix", True), title="Importance-matrix tokens"),
     )
 
     def type_of(self, module: str) -> str:
-        """The block type of layer `module` (its override, else `quant_type`)."""
+        """The block type of layer `module` (its override, else `quant_type`); for a file type, which depends on
+        the model, the quantizer's `module_types`."""
         return (self.tensor_types or {}).get(module, self.quant_type)
 
     @property
+    def is_file_type(self) -> bool:
+        """A llama-quantize mixture (Q4_K_M, …): the block type of each tensor depends on the model."""
+        return self.quant_type in MIXTURE_FILE_TYPES
+
+    @property
     def label(self) -> str:
-        label = f"GGUF {self.quant_type}"
+        label = f"GGUF {self.quant_type}" + (" imatrix" if self.imatrix else "")
         if self.tensor_types:
             label += f" + {len(self.tensor_types)} overrides"
         if self.modules_to_not_convert and self.tensor_types:
@@ -74,6 +124,7 @@ class GGUFQuantConfig(QuantConfig):
 
 #: Bits of the integer code per weight in each GGUF type (the rest of a block is scales/mins).
 GGUF_CODE_BITS = {"Q8_0": 8, "Q5_0": 5, "Q5_1": 5, "Q4_0": 4, "Q4_1": 4, "MXFP4": 4, "BF16": 16, "F16": 16,
+                  "Q2_K": 2, "Q3_K": 3, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6, "IQ4_NL": 4, "IQ4_XS": 4,
                   "F32": 32, "TQ2_0": 2,
                   # TQ1_0 packs 5 trits per byte in 48 bytes and 4 per byte in 4 more: 52 bytes per 256 weights.
                   "TQ1_0": 52 * 8 / 256}
@@ -183,8 +234,11 @@ GGUF_QUANTIZABLE_TYPES: tuple[str, ...] = _probe_gguf_types()
 Q8_0, BF16, TQ1_0, TQ2_0, MXFP4)."""
 
 
-def quantize_gguf(w: torch.Tensor, qtype: Union[str, "object"] = "Q8_0") -> GGUFTensor:
-    """Quantize with the ``gguf`` package's numpy implementation of a GGML block type.
+def quantize_gguf(w: torch.Tensor, qtype: Union[str, "object"] = "Q8_0",
+                  imatrix: np.ndarray | None = None) -> GGUFTensor:
+    """Quantize with a GGML block type: the ``gguf`` package's numpy implementation for the legacy types, quantlib's
+    port of llama.cpp's quantizer for the K-quants and IQ4 types (with `imatrix`, the importance-weighted path,
+    as `ggml_quantize_chunk` takes it).
 
     Blocks run along the last dim (as llama.cpp stores rows), so it must be a multiple of the
     type's block size. Storage is the real byte count: block bytes * 8 / block elements per
@@ -194,8 +248,13 @@ def quantize_gguf(w: torch.Tensor, qtype: Union[str, "object"] = "Q8_0") -> GGUF
 
     check_float(w, "quantize_gguf")
     name = qtype if isinstance(qtype, str) else qtype.name
-    if name not in GGUF_QUANTIZABLE_TYPES:
-        raise ValueError(f"GGUF type {name!r} cannot be quantized here; choose one of {GGUF_QUANTIZABLE_TYPES}")
+    ported = _ported_quantizers()
+    if name not in GGUF_QUANTIZABLE_TYPES and name not in ported:
+        raise ValueError(f"GGUF type {name!r} cannot be quantized here; choose one of "
+                         f"{(*GGUF_QUANTIZABLE_TYPES, *ported)}")
+    if imatrix is not None and name not in IMATRIX_TYPES:
+        raise ValueError(f"GGUF {name} takes no importance matrix here (llama.cpp's {name} quantizer has no "
+                         f"weighted path); types that take one: {', '.join(IMATRIX_TYPES)}")
     gtype = GGMLQuantizationType[name]
     block_elems, _ = GGML_QUANT_SIZES[gtype]
     last = w.shape[-1] if w.dim() else 1
@@ -205,7 +264,13 @@ def quantize_gguf(w: torch.Tensor, qtype: Union[str, "object"] = "Q8_0") -> GGUF
             f"got last dimension {last} (shape {tuple(w.shape)})"
         )
     array = w.detach().float().reshape(-1, last).numpy()
-    data = quants.quantize(array, gtype)
+    weights = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32).reshape(last)
+    if name in ported:
+        data = ported[name](array, weights)
+    elif weights is not None and name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):
+        data = _weighted_legacy_quantizers()[name](array, weights)
+    else:
+        data = quants.quantize(array, gtype)
     return GGUFTensor(data=data, qtype=gtype, shape=tuple(w.shape), dtype=w.dtype)
 
 
@@ -217,19 +282,149 @@ class GGUFQuantizer(Quantizer):
     requires = (("gguf", "gguf"),)
     library = "gguf"
 
+    #: layer name -> importance matrix (mean x_j^2 per input column), measured once by `quantize_model`.
+    importance: dict[str, np.ndarray] | None = None
+    #: For a file type: module name -> its block type in this model (set by `quantizable_layers`).
+    module_types: dict[str, str] | None = None
+
+    def quantizable_layers(self, model: torch.nn.Module) -> list:
+        refs = super().quantizable_layers(model)
+        if self.config.is_file_type:
+            from quantlib.shapes import describe_model
+
+            plan = file_type_plan(self.config.quant_type, describe_model(model), bool(self.config.imatrix))
+            self.module_types = {ref.name: plan[ref.shape.name] for ref in refs}
+        return refs
+
+    def _type_of(self, name: str) -> str:
+        if self.config.is_file_type:
+            if self.module_types is None or name not in self.module_types:
+                from quantlib.errors import QuantlibError
+
+                raise QuantlibError(f"{self.config.label}: the type of {name} depends on the whole model; quantize "
+                                    "the model (its quantizable_layers) first")
+            return self.module_types[name]
+        return self.config.type_of(name)
+
     def quantize_tensor(self, weight: torch.Tensor) -> Any:
         return quantize_gguf(weight, qtype=self.config.quant_type)
 
     def quantize_layer(self, name: str, weight: torch.Tensor) -> Any:
-        return quantize_gguf(weight, qtype=self.config.type_of(name))
+        imatrix = None
+        if self.config.imatrix:
+            if self.importance is None:
+                from quantlib.errors import QuantlibError
+
+                raise QuantlibError(f"{self.config.label}: the importance matrix is measured on the model's "
+                                    "activations when the model is quantized (quantize_model); a layer alone, or a "
+                                    "checkpoint streamed from disk, has none")
+            if name not in self.importance and weight.dim() == 2 and self._is_lookup(name):
+                return quantize_gguf(weight, qtype=self._type_of(name))  # llama-imatrix measures no embedding
+            if name not in self.importance:
+                from quantlib.errors import QuantlibError
+
+                raise QuantlibError(f"{self.config.label}: no importance matrix for {name} (only layers that are "
+                                    "modules of their own are measured; fused expert tensors are not)")
+            imatrix = self.importance[name]
+        return quantize_gguf(weight, qtype=self._type_of(name), imatrix=imatrix)
+
+    def quantize_model(self, *, base: Any = None, source: str = "default", dtype: torch.dtype = torch.float32,
+                       trust_remote_code: bool = False, allow_pickle: bool = False,
+                       progress: Any = None, cancel: Any = None, calibration: Any = None) -> Any:
+        """As every simulated method; with `imatrix`, the importance matrix is measured first on the unquantized
+        model (llama-imatrix's recipe), once per quantizer."""
+        if self.config.imatrix and self.importance is None:
+            from quantlib.methods._ggml_importance import importance_matrix
+            from quantlib.models import load_model
+
+            if base is None:
+                base = load_model(source, dtype=dtype, device=self.backend.device,
+                                  trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=progress)
+            modules = dict(base.model.named_modules())
+            names = [ref.name for ref in self.quantizable_layers(base.model)
+                     if not isinstance(modules.get(ref.name), torch.nn.Embedding)]
+            self._lookups = {ref.name for ref in self.quantizable_layers(base.model)} - set(names)
+            self.importance = importance_matrix(base.model, base.tokenizer, names, self.config.imatrix_tokens,
+                                                progress=progress, cancel=cancel)
+        return super().quantize_model(base=base, source=source, dtype=dtype, trust_remote_code=trust_remote_code,
+                                      allow_pickle=allow_pickle, progress=progress, cancel=cancel,
+                                      calibration=calibration)
+
+    _lookups: set[str] = set()
+
+    def _is_lookup(self, name: str) -> bool:
+        """An embedding table (a lookup, no matmul input to measure)."""
+        return name in self._lookups
+
+    @classmethod
+    def config_problem(cls, config: QuantConfig) -> str | None:
+        if config.is_file_type:
+            if config.tensor_types:
+                return ("a file type picks every tensor's type by llama-quantize's rules; per-layer types go with a "
+                        "block type (llama-quantize's --tensor-type is not ported with the rules)")
+            if config.quant_type == "Q2_K_S" and not config.imatrix:
+                return "Q2_K_S needs an importance matrix: llama-quantize refuses it without one"
+            return None
+        if config.imatrix:
+            refused = sorted({t for t in {config.quant_type, *(config.tensor_types or {}).values()}
+                              if t not in IMATRIX_TYPES})
+            if refused:
+                return (f"{', '.join(refused)} takes no importance matrix (llama.cpp's quantizer for it has no "
+                        "weighted path); choose another type, or quantize without the importance matrix")
+        return None
+
+    @classmethod
+    def classify(cls, config: QuantConfig, shapes: ModelShapes) -> dict[str, str | None]:
+        """A block type: transformers' rules (the output head stays in float). A file type: what llama-quantize
+        quantizes (the output and token embedding included), less the config's own skip list."""
+        if not config.is_file_type:
+            return super().classify(config, shapes)
+        plan = file_type_plan(config.quant_type, shapes, bool(config.imatrix))
+        own = [(p, f"skipped by the config ({p!r})") for p in cls.skip_modules(config)]
+        out: dict[str, str | None] = {}
+        for w in shapes.weights:
+            skipped = [why for p, why in own if not should_convert_module(w.module, [p])]
+            out[w.name] = ("left in float by llama-quantize (norms, biases, 1-D tensors)" if w.name not in plan
+                           else skipped[0] if skipped else None)
+        return out
+
+    @classmethod
+    def model_layer_storage_bytes(cls, config: QuantConfig, shapes: ModelShapes, w: WeightShape,
+                                  dtype: str = "float32") -> dict[str, float]:
+        if not config.is_file_type:
+            return super().model_layer_storage_bytes(config, shapes, w, dtype)
+        return _type_storage(file_type_plan(config.quant_type, shapes, bool(config.imatrix))[w.name],
+                             w.out_features if w.is_matmul else w.shape[0], w.in_features if w.is_matmul
+                             else w.shape[-1])
+
+    @classmethod
+    def file_type_notes(cls, config: QuantConfig, shapes: ModelShapes) -> list[str]:
+        return file_type_notes(config.quant_type, shapes, bool(config.imatrix)) if config.is_file_type else []
+
+    @classmethod
+    def plan_notes(cls, config: QuantConfig, shapes: ModelShapes) -> list[str]:
+        """A file type: how many tensors llama.cpp writes in another type than its rules ask for, and why."""
+        if not config.is_file_type:
+            return []
+        from collections import Counter
+
+        notes = file_type_notes(config.quant_type, shapes, bool(config.imatrix))
+        pairs = Counter(n.split(": ", 2)[-1].split(" (")[0] for n in notes)  # "Q4_K -> Q5_0"
+        if not pairs:
+            return []
+        total = len(file_type_plan(config.quant_type, shapes, bool(config.imatrix)))
+        detail = ", ".join(f"{pair} for {count}" for pair, count in pairs.most_common())
+        return [f"{config.label}: llama.cpp writes {len(notes)} of its {total} tensors in another type than the "
+                f"file type's rules ask for, as their rows fit no 256-block ({detail})"]
 
     @classmethod
     def code_bits(cls, config: QuantConfig) -> float:
-        return float(min(GGUF_CODE_BITS[t] for t in {config.quant_type, *(config.tensor_types or {}).values()}))
+        types = {_block_type(config), *(config.tensor_types or {}).values()}
+        return float(min(GGUF_CODE_BITS[t] for t in types))
 
     @classmethod
     def storage_bytes(cls, config: QuantConfig, out_features: int, in_features: int) -> dict[str, float]:
-        return _type_storage(config.quant_type, out_features, in_features)
+        return _type_storage(_block_type(config), out_features, in_features)
 
     @classmethod
     def layer_storage_bytes(cls, config: QuantConfig, w: WeightShape, dtype: str = "float32") -> dict[str, float]:
@@ -237,10 +432,14 @@ class GGUFQuantizer(Quantizer):
 
     @classmethod
     def shape_problem(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
+        if config.is_file_type:  # llama-quantize falls back to a type that fits (F16 at the last)
+            return None
         return _type_shape_problem(config.quant_type, name, shape)
 
     @classmethod
     def layer_shape_problem(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
+        if config.is_file_type:
+            return None
         return _type_shape_problem(config.type_of(name.split("[")[0]), name, shape)
 
     #: Block types a per-layer mix chooses from (what the gguf package quantizes; the first is the uniform one).
@@ -272,46 +471,18 @@ class GGUFQuantizer(Quantizer):
     @classmethod
     def tool_commands(cls, config: QuantConfig, model_config: dict[str, Any], shapes: ModelShapes,
                       dtype: str = "float32") -> dict[str, str]:
-        """The llama-quantize command that writes this config's types: one anchored --tensor-type per quantized
-        tensor (no llama.cpp mixture rule is left to choose; --pure would ignore the overrides), the layers kept
-        unquantized at the model's float type, output and embeddings as the planner counts them."""
-        import gguf
+        """The llama-quantize command that writes this config (`_gguf_file_types.llama_quantize_command`)."""
+        from quantlib.methods._gguf_file_types import llama_quantize_command
 
-        model_type = model_config.get("model_type", "")
-        arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == model_type), None)
-        if arch is None:
-            return {"llama-quantize": f"# gguf {_gguf_version()} has no architecture named {model_type!r}: the "
-                                      "tensor names llama.cpp uses for this model are unknown, so no command is "
-                                      "written (the JSON config above still holds the per-layer types)"}
-        names = gguf.get_tensor_name_map(arch, int(model_config.get("num_hidden_layers", 0)))
-        float_type = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[dtype]
-        decisions = cls.classify(config, shapes)
-        lines, unmapped = [], []
-        for w in shapes.weights:
-            if not w.is_matmul or w.role in ("head", "embedding"):
-                continue
-            gname = names.get_name(w.name, try_suffixes=(".weight", ".bias"))
-            if gname is None:
-                unmapped.append(w.name)
-                continue
-            qtype = config.type_of(w.module).lower() if decisions[w.name] is None else float_type
-            lines.append(f"  --tensor-type '^{gname.replace('.', chr(92) + '.')}$={qtype}' \\")
-        head = [f"# llama.cpp: convert, then quantize with these per-tensor types (gguf {_gguf_version()} names)",
-                f"python convert_hf_to_gguf.py MODEL_DIR --outtype {float_type} --outfile model-{float_type}.gguf",
-                "llama-quantize \\", f"  --output-tensor-type {float_type} --token-embedding-type {float_type} \\"]
-        tail = [f"  model-{float_type}.gguf model-mix.gguf {config.quant_type}"]
-        if unmapped:
-            tail.append(f"# not mapped to a GGUF tensor name (check them by hand): {', '.join(unmapped[:5])}")
-        return {"llama-quantize": "\n".join(head + lines + tail)}
+        return {"llama-quantize": llama_quantize_command(config, model_config, shapes, cls.classify(config, shapes),
+                                                         dtype)}
 
 
-def _gguf_version() -> str:
-    import importlib.metadata
+def _block_type(config: QuantConfig) -> str:
+    """The config's block type; a file type's default one (what most of its tensors are)."""
+    from quantlib.methods._ggml_ftypes import FILE_TYPES
 
-    try:
-        return importlib.metadata.version("gguf")
-    except importlib.metadata.PackageNotFoundError:
-        return "?"
+    return FILE_TYPES[config.quant_type] if config.is_file_type else config.quant_type
 
 
 def _type_storage(quant_type: str, out_features: int, in_features: int) -> dict[str, float]:

@@ -174,10 +174,6 @@ class Quantizer:
         methods whose rounding uses activations (GPTQ) override this; the others ignore the inputs."""
         return self.quantize_layer(name, weight)
 
-    def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
-        """quantize→dequantize, in the weight's dtype: what the model computes with."""
-        return self.quantize_tensor(weight).dequantize()
-
     def code_levels(self) -> torch.Tensor | None:
         """The code values in units of a block's scale (e.g. NF4's 16 levels in [-1, 1]), for drawing
         on weight histograms normalised the same way; None where codes are not a fixed table."""
@@ -225,6 +221,18 @@ class Quantizer:
         """`storage_bytes` of one matrix of the weight `w` for a model in `dtype` (methods with per-layer
         settings, or that store scales in the model dtype, override this)."""
         return cls.storage_bytes(config, w.out_features, w.in_features)
+
+    @classmethod
+    def plan_notes(cls, config: QuantConfig, shapes: ModelShapes) -> list[str]:
+        """What the plan of this model should say beside its bytes (none by default)."""
+        return []
+
+    @classmethod
+    def model_layer_storage_bytes(cls, config: QuantConfig, shapes: ModelShapes, w: WeightShape,
+                                  dtype: str = "float32") -> dict[str, float]:
+        """`layer_storage_bytes` where the layer's format depends on the whole model (a method that picks each
+        tensor's type from its place in the model overrides this)."""
+        return cls.layer_storage_bytes(config, w, dtype)
 
     @classmethod
     def storage_bytes(cls, config: QuantConfig, out_features: int, in_features: int) -> dict[str, float]:

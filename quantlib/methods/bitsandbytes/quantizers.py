@@ -247,11 +247,6 @@ class Bnb4BitQuantizer(BnbQuantizer):
         return quantize_4bit(weight, quant_type=self.config.bnb_4bit_quant_type, blocksize=self.blocksize,
                             double_quant=self.config.bnb_4bit_use_double_quant, backend="bitsandbytes")
 
-    def reference_quantize_tensor(self, weight: torch.Tensor) -> Any:
-        """The pure-torch reference of the same scheme, cross-checked against bitsandbytes in tests."""
-        return quantize_4bit(weight, quant_type=self.config.bnb_4bit_quant_type, blocksize=self.blocksize,
-                            double_quant=self.config.bnb_4bit_use_double_quant, backend="torch")
-
 
 @register("bitsandbytes_8bit")
 class Bnb8BitQuantizer(BnbQuantizer):

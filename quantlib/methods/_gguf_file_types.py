@@ -1,0 +1,124 @@
+"""llama-quantize's file types (Q4_K_M and the rest) on a transformers model: which block type every weight gets.
+
+`_ggml_ftypes` ports llama-quantize's rules on GGUF tensor names; this maps a model's weights (the meta-device
+shapes quantlib plans from) to those names with the `gguf` package's own name map, as convert_hf_to_gguf.py
+names them, and back. The token embedding and the output head are weights of the file like any other: llama.cpp
+quantizes them (the output to Q6_K, or Q8_0 where its rows do not fit), so a file type quantizes them here too.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import Any
+
+from quantlib.shapes import ModelShapes
+
+#: llama-quantize file types that are mixtures: no block type has their name.
+MIXTURE_FILE_TYPES = ("Q2_K_S", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M")
+
+
+def _gguf_names(shapes: ModelShapes) -> dict[str, str]:
+    """Weight name (transformers) -> GGUF tensor name, for the weights llama.cpp stores as 2-D matrices."""
+    import gguf
+
+    arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == shapes.model_type), None)
+    if arch is None:
+        raise ValueError(f"gguf has no architecture named {shapes.model_type!r}: llama.cpp's tensor names for this "
+                         "model are unknown, so llama-quantize's per-tensor rules cannot be applied")
+    blocks = [int(m.group(1)) for w in shapes.weights if (m := re.search(r"\.layers\.(\d+)\.", w.name))]
+    names = gguf.get_tensor_name_map(arch, max(blocks, default=-1) + 1)
+    out = {}
+    for w in shapes.weights:
+        if not (w.is_matmul or w.role in ("embedding", "head")) or len(w.shape) != 2:
+            continue
+        gname = names.get_name(w.name, try_suffixes=(".weight", ".bias"))
+        if gname is not None:
+            out[w.name] = gname
+    return out
+
+
+def file_type_plan(file_type: str, shapes: ModelShapes, has_imatrix: bool = False) -> dict[str, str]:
+    """Weight name -> the GGML type llama-quantize writes it in, for a `file_type` file of this model (rules and
+    shape fallbacks applied). Weights it leaves alone (norms, biases) are absent. `ValueError` with the reason
+    for a model or file type the port does not cover."""
+    return dict(_plan(file_type, shapes, has_imatrix)[0])
+
+
+def file_type_notes(file_type: str, shapes: ModelShapes, has_imatrix: bool = False) -> list[str]:
+    """What llama.cpp did other than the file type's name says: the weights whose rows fell back to another type."""
+    return list(_plan(file_type, shapes, has_imatrix)[1])
+
+
+@lru_cache(maxsize=64)
+def _plan(file_type: str, shapes: ModelShapes, has_imatrix: bool) -> tuple[tuple[tuple[str, str], ...],
+                                                                             tuple[str, ...]]:
+    from quantlib.methods._ggml_ftypes import fallback_notes, file_type_tensor_types
+
+    gguf_names = _gguf_names(shapes)
+    by_gguf = {g: name for name, g in gguf_names.items()}
+    weights = {w.name: w for w in shapes.weights}
+    tensors = [(g, weights[name].in_features if weights[name].is_matmul else weights[name].shape[-1])
+               for name, g in gguf_names.items()]
+    n_layer = len({m.group(1) for name in gguf_names.values() if (m := re.match(r"blk\.(\d+)\.", name))})
+    q = next((weights[by_gguf[g]] for g in by_gguf if g == "blk.0.attn_q.weight"), None)
+    k = next((weights[by_gguf[g]] for g in by_gguf if g == "blk.0.attn_k.weight"), None)
+    n_gqa = q.out_features // k.out_features if q is not None and k is not None and k.out_features else 1
+    kwargs = dict(n_layer=n_layer, n_gqa=n_gqa, n_expert=max(1, shapes.n_experts), has_imatrix=has_imatrix,
+                  arch=shapes.model_type)
+    types = file_type_tensor_types(file_type, tensors, **kwargs)
+    notes = [f"{by_gguf.get(n.tensor, n.tensor)} ({n.tensor}): {n}" for n in fallback_notes(file_type, tensors,
+                                                                                           **kwargs)]
+    return tuple((by_gguf[g], t) for g, t in types.items() if g in by_gguf), tuple(notes)
+
+
+def llama_quantize_command(config: Any, model_config: dict[str, Any], shapes: ModelShapes,
+                           decisions: dict[str, str | None], dtype: str = "float32") -> str:
+    """The llama.cpp commands that write this config: for a file type, llama-quantize with its name; for a block
+    type, one anchored --tensor-type per quantized tensor (no llama.cpp mixture rule is left to choose; --pure
+    would ignore the overrides), the layers kept unquantized at the model's float type, output and embeddings as
+    the planner counts them. With `imatrix`, llama-imatrix first and --imatrix."""
+    import gguf
+
+    float_type = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[dtype]
+    convert = f"python convert_hf_to_gguf.py MODEL_DIR --outtype {float_type} --outfile model-{float_type}.gguf"
+    measure = ([f"llama-imatrix -m model-{float_type}.gguf -f calibration.txt -c 512 -o imatrix.gguf"]
+               if config.imatrix else [])
+    imatrix = " --imatrix imatrix.gguf" if config.imatrix else ""
+    if config.is_file_type:
+        return "\n".join(["# llama.cpp: convert, then quantize with llama-quantize's own rules for this file type",
+                          convert, *measure, f"llama-quantize{imatrix} model-{float_type}.gguf "
+                          f"model-{config.quant_type}.gguf {config.quant_type}"])
+    model_type = model_config.get("model_type", "")
+    arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == model_type), None)
+    if arch is None:
+        return (f"# gguf {_gguf_version()} has no architecture named {model_type!r}: the tensor names llama.cpp "
+                "uses for this model are unknown, so no command is written (the JSON config above still holds the "
+                "per-layer types)")
+    names = gguf.get_tensor_name_map(arch, int(model_config.get("num_hidden_layers", 0)))
+    lines, unmapped = [], []
+    for w in shapes.weights:
+        if not w.is_matmul or w.role in ("head", "embedding"):
+            continue
+        gname = names.get_name(w.name, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            unmapped.append(w.name)
+            continue
+        qtype = config.type_of(w.module).lower() if decisions[w.name] is None else float_type
+        lines.append(f"  --tensor-type '^{gname.replace('.', chr(92) + '.')}$={qtype}' \\")
+    head = [f"# llama.cpp: convert, then quantize with these per-tensor types (gguf {_gguf_version()} names)",
+            convert, *measure, f"llama-quantize{imatrix} \\",
+            f"  --output-tensor-type {float_type} --token-embedding-type {float_type} \\"]
+    tail = [f"  model-{float_type}.gguf model-mix.gguf {config.quant_type}"]
+    if unmapped:
+        tail.append(f"# not mapped to a GGUF tensor name (check them by hand): {', '.join(unmapped[:5])}")
+    return "\n".join(head + lines + tail)
+
+
+def _gguf_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("gguf")
+    except importlib.metadata.PackageNotFoundError:
+        return "?"

@@ -1,0 +1,182 @@
+"""GGUF K-quants and IQ4 types through the whole method: config, quantizer, importance matrix, planner, comparison.
+
+The quantizers themselves are checked byte for byte against llama.cpp in tests/test_ggml_*.py; here the method
+must hand them the right tensors and the right importance matrix, count their bytes as the planner does, and
+refuse what it cannot do as llama.cpp would do it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from quantlib.errors import BackendUnavailableError, QuantlibError
+from quantlib.memory import plan_memory
+from quantlib.methods._ggml_importance import importance_matrix
+from quantlib.methods._ggml_qk import quantize_q4_K
+from quantlib.methods.gguf import GGUF_TYPES, IMATRIX_TYPES, quantize_gguf
+from quantlib.models import load_model
+from quantlib.registry import get_quantizer, parse_config, preflight
+from tests.conftest import tiny_llama_config
+
+KQ = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
+GOLDEN = Path(__file__).parent / "data" / "llamacpp_golden.npz"
+
+
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory, tiny_tokenizer):
+    """A 2-layer Llama whose widths are multiples of 256, the K-quant super-block."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("wide_llama")
+    config = tiny_llama_config(len(tiny_tokenizer), hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                               num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(folder)
+    return load_model(str(folder))
+
+
+def test_every_k_and_iq4_type_is_a_config_choice() -> None:
+    for qtype in KQ:
+        assert qtype in GGUF_TYPES and qtype in IMATRIX_TYPES
+        assert parse_config({"quant_method": "gguf", "quant_type": qtype}).quant_type == qtype
+
+
+def test_an_importance_matrix_takes_llama_cpp_s_weighted_legacy_quantizers_and_mxfp4_refuses_one() -> None:
+    """With an imatrix llama.cpp quantizes Q4_0..Q5_1 with another (weighted) algorithm: the method takes it, as
+    `_ggml_legacy` ports it bit-exact; MXFP4's quantizer has no weighted path, so it is refused with the reason."""
+    from quantlib.methods._ggml_legacy import quantize_q5_1_weighted
+
+    golden = np.load(GOLDEN)
+    x, w = golden["input/heavy_2x512"], golden["imatrix/heavy_2x512"]
+    ours = quantize_gguf(torch.from_numpy(x), "Q5_1", imatrix=w).data
+    assert np.array_equal(ours, golden["Q5_1+imatrix/heavy_2x512"])
+    assert np.array_equal(ours, quantize_q5_1_weighted(x, w))
+    assert not np.array_equal(quantize_gguf(torch.from_numpy(x), "Q5_1").data, ours)
+    with pytest.raises(BackendUnavailableError, match="MXFP4 takes no importance matrix"):
+        get_quantizer({"quant_method": "gguf", "quant_type": "MXFP4", "imatrix": True})
+    get_quantizer({"quant_method": "gguf", "quant_type": "Q8_0", "imatrix": True})  # llama.cpp's Q8_0 ignores it
+
+
+def test_a_k_quant_refuses_a_width_that_is_not_a_multiple_of_256(tiny_llama_dir) -> None:
+    """The block type alone does not fit a 64-wide layer: refused before anything is loaded (llama-quantize's file
+    types fall back to other types there; a block type chosen by name does not)."""
+    from quantlib.models import read_model_config
+
+    problems = preflight({"quant_method": "gguf", "quant_type": "Q4_K"}, read_model_config(str(tiny_llama_dir)))
+    assert problems and all("multiple of the Q4_K block (256)" in p for p in problems)
+
+
+@pytest.mark.parametrize("qtype", KQ)
+def test_planned_bytes_are_the_stored_bytes(wide_llama, qtype) -> None:
+    quantizer = get_quantizer({"quant_method": "gguf", "quant_type": qtype}, device="cpu")
+    qm = quantizer.quantize_model(base=wide_llama)
+    stored = sum(p.data.nbytes for p in qm.packed_layers.values())
+    planned = plan_memory(wide_llama.model.config.to_dict(), quantizer.config, "float32")
+    assert planned.total_bytes == qm.memory.total_bytes
+    quantized = sum(v for k, v in planned.bytes_by_component.items() if k != "unquantized")
+    assert quantized == stored
+
+
+def test_the_importance_matrix_is_measured_once_and_reaches_every_layer(wide_llama) -> None:
+    quantizer = get_quantizer({"quant_method": "gguf", "quant_type": "Q4_K", "imatrix": True,
+                               "imatrix_tokens": 600}, device="cpu")
+    qm = quantizer.quantize_model(base=wide_llama)
+    layers = [ref.name for ref in quantizer.quantizable_layers(wide_llama.model)]
+    assert set(quantizer.importance) == set(layers)
+    # independently: the mean squared input of q_proj is the mean squared output of the first norm
+    expected = importance_matrix(wide_llama.model, wide_llama.tokenizer, [layers[0]], 600)[layers[0]]
+    assert np.array_equal(quantizer.importance[layers[0]], expected)
+    assert (expected > 0).all()
+    for name in layers[:3]:  # the bytes are the port's on the layer's weight with its own importance
+        weight = dict(wide_llama.model.named_modules())[name].weight.detach().float().numpy()
+        assert np.array_equal(qm.packed_layers[name].data, quantize_q4_K(weight, quantizer.importance[name]))
+    # and the importance matters: without it the same layer quantizes to other bytes
+    plain = get_quantizer({"quant_method": "gguf", "quant_type": "Q4_K"}, device="cpu")
+    weight = dict(wide_llama.model.named_modules())[layers[0]].weight
+    assert not np.array_equal(plain.quantize_layer(layers[0], weight).data, qm.packed_layers[layers[0]].data)
+
+
+def test_a_layer_alone_has_no_importance_matrix_and_says_so(wide_llama) -> None:
+    quantizer = get_quantizer({"quant_method": "gguf", "quant_type": "Q4_K", "imatrix": True}, device="cpu")
+    with pytest.raises(QuantlibError, match="measured on the model's activations"):
+        quantizer.quantize_layer("model.layers.0.mlp.down_proj", torch.randn(256, 512))
+
+
+def test_a_k_quant_comparison_runs_end_to_end(wide_llama, tmp_path) -> None:
+    from quantlib.compare import CompareSettings, run_comparison
+
+    settings = CompareSettings(source="unused", max_tokens=256, window=128, device="cpu")
+    result = run_comparison([{"quant_method": "gguf", "quant_type": "Q4_K"},
+                             {"quant_method": "gguf", "quant_type": "Q4_K", "imatrix": True, "imatrix_tokens": 512}],
+                            settings, base=wide_llama, save=False)
+    table = result.table.set_index("scheme")
+    assert table.loc["GGUF Q4_K", "kl"] > 0 and table.loc["GGUF Q4_K imatrix", "kl"] > 0
+    assert table.loc["GGUF Q4_K", "bits_per_param"] == pytest.approx(144 * 8 / 256)
+
+
+# ------------------------------------------------------------------ llama-quantize's file types
+
+
+def _smollm2_widths(n_layer: int = 8) -> dict:
+    """config.json of a Llama with SmolLM2-135M's widths (hidden 576, ffn 1536, 9 heads, 3 KV heads, tied)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=n_layer, num_attention_heads=9,
+                       num_key_value_heads=3, vocab_size=256, tie_word_embeddings=True).to_dict()
+
+
+@pytest.mark.parametrize("file_type", ["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q3_K_M", "Q3_K_L", "Q2_K_S"])
+def test_a_file_type_gives_every_weight_the_type_llama_quantize_wrote(file_type) -> None:
+    """The transformers model's weights, named as convert_hf_to_gguf names them, get the types llama-quantize
+    itself wrote for a model of the same widths (tests/data/llamacpp_ftypes.json.gz)."""
+    import gzip
+    import json
+
+    from quantlib.methods._gguf_file_types import _gguf_names, file_type_plan
+    from quantlib.shapes import model_shapes
+
+    golden = json.loads(gzip.decompress((Path(__file__).parent / "data" / "llamacpp_ftypes.json.gz").read_bytes()))
+    imatrix = file_type == "Q2_K_S"  # llama-quantize refuses Q2_K_S without one
+    written = golden["types"]["smollm2_h576_gqa3_tied"]["imatrix" if imatrix else "plain"][file_type]
+    shapes = model_shapes(_smollm2_widths())
+    names = _gguf_names(shapes)
+    ours = {names[w]: t for w, t in file_type_plan(file_type, shapes, imatrix).items()}
+    assert ours == written
+
+
+def test_a_file_type_is_planned_quantized_and_stored_to_the_byte(wide_llama) -> None:
+    quantizer = get_quantizer({"quant_method": "gguf", "quant_type": "Q4_K_M"}, device="cpu")
+    qm = quantizer.quantize_model(base=wide_llama)
+    config = wide_llama.model.config.to_dict()
+    planned = plan_memory(config, quantizer.config, "float32")
+    assert planned.total_bytes == qm.memory.total_bytes
+    assert sum(v for k, v in planned.bytes_by_component.items() if k != "unquantized") == \
+        sum(p.data.nbytes for p in qm.packed_layers.values())
+    types = {name: packed.qtype.name for name, packed in qm.packed_layers.items()}
+    assert types["lm_head"] == "Q6_K" and types["model.embed_tokens"] == "Q4_K"  # untied: llama.cpp's output rule
+    assert {"Q4_K", "Q6_K"} <= set(types.values())
+    assert quantizer.config.label == "GGUF Q4_K_M"
+
+
+def test_the_default_model_in_q4_k_m_says_what_fell_back() -> None:
+    """SmolLM2's rows of 576 are no multiple of 256: llama.cpp writes most of a "Q4_K_M" SmolLM2 as Q5_0 (and its
+    tied embedding as Q8_0); the planner says so instead of pretending the file is Q4_K."""
+    from quantlib.models import read_model_config
+    from quantlib.registry import quantizer_class
+    from quantlib.shapes import model_shapes
+
+    config = parse_config({"quant_method": "gguf", "quant_type": "Q4_K_M"})
+    shapes = model_shapes(read_model_config("default"))
+    notes = quantizer_class(config).file_type_notes(config, shapes)
+    assert any("token_embd.weight: Q6_K -> Q8_0" in n for n in notes)
+    assert sum("-> Q5_0" in n for n in notes) > 100
+    assert preflight(config, read_model_config("default")) == []  # fallbacks fit: nothing to refuse
+    plan = plan_memory(read_model_config("default"), config, "bfloat16")
+    assert any("Q4_K -> Q5_0 for" in n and "rows fit no 256-block" in n for n in plan.notes)  # on the plan itself
+    with pytest.raises(BackendUnavailableError, match="Q2_K_S needs an importance matrix"):
+        get_quantizer({"quant_method": "gguf", "quant_type": "Q2_K_S"})
