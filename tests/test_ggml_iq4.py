@@ -1,62 +1,19 @@
-"""quantlib.methods._ggml_iq4 against llama.cpp: IQ4_NL and IQ4_XS bytes identical to `ggml_quantize_chunk`'s
-(tests/data/llamacpp_golden.npz, made by scripts/llamacpp_golden.py), with and without an importance matrix."""
+"""quantlib.methods._ggml_iq4 against llama.cpp: IQ4_NL and IQ4_XS bytes identical to `ggml_quantize_chunk`'s, with
+and without an importance matrix, on hard cases from the built C harness (the stored golden bytes are checked in
+tests/test_ggml_golden.py); best_index_int8's tie rule; the speed on a layer."""
 
 from __future__ import annotations
 
 import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from quantlib.methods._ggml_iq4 import best_index_int8, quantize_iq4_nl, quantize_iq4_xs
+from tests.ggml_golden import HARNESS
 
-GOLDEN = Path(__file__).resolve().parent / "data" / "llamacpp_golden.npz"
-NAMES = ("normal_4x256", "heavy_2x512", "uniform_3x768", "edge_4x256")
 TYPES = {"IQ4_NL": quantize_iq4_nl, "IQ4_XS": quantize_iq4_xs}
-HARNESS = Path.home() / ".cache" / "quantlib" / "llamacpp" / "build" / "golden_harness"
-
-
-@pytest.fixture(scope="module")
-def golden():
-    with np.load(GOLDEN) as data:
-        return {key: data[key] for key in data.files}
-
-
-@pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("qtype", list(TYPES))
-def test_bytes_match_llamacpp(golden, qtype, name, with_imatrix):
-    x = golden[f"input/{name}"]
-    imatrix = golden[f"imatrix/{name}"] if with_imatrix else None
-    expected = golden[f"{qtype}{'+imatrix' if with_imatrix else ''}/{name}"]
-    ours = TYPES[qtype](x, imatrix)
-    assert ours.dtype == np.uint8 and ours.shape == expected.shape
-    differing = np.argwhere(ours != expected)
-    assert np.array_equal(ours, expected), f"{len(differing)} bytes differ, first at (row, byte) {differing[:5].tolist()}"
-
-
-@pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("qtype", list(TYPES))
-def test_dequantizes_near_input(golden, qtype, name, with_imatrix):
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
-
-    x = golden[f"input/{name}"]
-    imatrix = golden[f"imatrix/{name}"] if with_imatrix else None
-    y = dequantize(TYPES[qtype](x, imatrix), GGMLQuantizationType[qtype])
-    assert y.shape == x.shape
-    err = np.abs(y - x)
-    block_max = np.repeat(np.abs(x).reshape(x.shape[0], -1, 32).max(axis=-1), 32, axis=1)
-    # Every weight within a quarter of its 32-block's largest |x| (blocks under 1e-15 are stored as zeros); IQ4_XS
-    # adds the error of its 6-bit block scales, steps of 1/32 of the 256-weight super-block's largest scale.
-    bound = 0.25 * block_max + 1e-14
-    if qtype == "IQ4_XS":
-        bound += 0.05 * np.repeat(np.abs(x).reshape(x.shape[0], -1, 256).max(axis=-1), 256, axis=1)
-    assert np.all(err <= bound)
-    assert np.sqrt(np.sum(np.square(y - x, dtype=np.float64)) / np.sum(np.square(x, dtype=np.float64))) < 0.15
 
 
 def test_best_index_tie_rule():
