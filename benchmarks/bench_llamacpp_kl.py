@@ -58,7 +58,11 @@ def llama_figures(text: str) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--llama-bin", type=Path, default=Path.home() / ".cache/quantlib/llamacpp/build/bin")
-    parser.add_argument("--types", nargs="+", default=["Q4_K_M", "Q4_0"])
+    parser.add_argument("--types", nargs="+", default=["Q4_K_M", "Q8_0"],
+                        help="llama-quantize file types; quantlib evaluates the same file: a mixture by its rules, a "
+                             "block type with the output and token embedding quantized too (modules_to_not_convert [])")
+    parser.add_argument("--weights-only", action="store_true",
+                        help="also evaluate each type with activations in float (quantlib's weights-only figure)")
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--chunks", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
@@ -87,9 +91,18 @@ def main() -> int:
         results[qtype] = {"llama.cpp": llama_figures(out), "llama_seconds": time.perf_counter() - t0}
     tokens = args.ctx * args.chunks
     settings = CompareSettings(source=str(f32), max_tokens=tokens, window=args.ctx, device="cpu")
-    comparison = run_comparison([{"quant_method": "gguf", "quant_type": q} for q in args.types], settings,
-                                save=False).table.set_index("scheme")
+    from quantlib.methods._gguf_file_types import MIXTURE_FILE_TYPES
+
+    def config(qtype: str, activations: bool = True) -> dict:
+        skip = {} if qtype in MIXTURE_FILE_TYPES else {"modules_to_not_convert": []}
+        return {"quant_method": "gguf", "quant_type": qtype, "activations": activations, **skip}
+
+    configs = [config(q) for q in args.types] + ([config(q, False) for q in args.types] if args.weights_only else [])
+    comparison = run_comparison(configs, settings, save=False).table.set_index("scheme")
     for qtype in args.types:
+        if args.weights_only:
+            results[qtype]["quantlib weights only"] = {"kl": comparison.loc[f"GGUF {qtype}, weights only", "kl"],
+                                                       "kl_se": comparison.loc[f"GGUF {qtype}, weights only", "kl_se"]}
         row = comparison.loc[f"GGUF {qtype}"]
         results[qtype]["quantlib"] = {"kl": row["kl"], "kl_se": row["kl_se"], "top1": row["top1_agreement"],
                                       "ln_ratio": row["ln_ppl_ratio"], "ln_ratio_se": row["ln_ppl_ratio_se"],

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantlib.metrics import error_metrics  # noqa: E402
 from quantlib.methods.bitsandbytes import quantize_4bit, quantize_blockwise_8bit, quantize_int8_weight  # noqa: E402
-from quantlib.methods.gguf import quantize_gguf  # noqa: E402
+from quantlib.methods._gguf_tensor import quantize_gguf  # noqa: E402
 from quantlib.methods.rtn import quantize_rtn  # noqa: E402
 
 

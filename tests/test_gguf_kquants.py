@@ -17,7 +17,7 @@ from quantlib.errors import BackendUnavailableError, QuantlibError
 from quantlib.memory import plan_memory
 from quantlib.methods._ggml_importance import importance_matrix
 from quantlib.methods._ggml_qk import quantize_q4_K
-from quantlib.methods.gguf import GGUF_TYPES, IMATRIX_TYPES, quantize_gguf
+from quantlib.methods._gguf_tensor import GGUF_TYPES, IMATRIX_TYPES, quantize_gguf
 from quantlib.models import load_model
 from quantlib.registry import get_quantizer, parse_config, preflight
 from tests.conftest import tiny_llama_config

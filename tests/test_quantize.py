@@ -22,7 +22,7 @@ from quantlib.methods.bitsandbytes import (
     quantize_int8_weight,
 )
 from quantlib.methods.bitsandbytes.rounding import _bucket_table
-from quantlib.methods.gguf import GGUF_QUANTIZABLE_TYPES, quantize_gguf
+from quantlib.methods._gguf_tensor import GGUF_QUANTIZABLE_TYPES, quantize_gguf
 from quantlib.methods.rtn import quantize_rtn
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

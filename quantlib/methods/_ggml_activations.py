@@ -1,0 +1,78 @@
+"""What llama.cpp's CPU matmul does to the activations: each weight type's dot product takes the input quantized to
+its `vec_dot_type` (ggml-cpu.c's `type_traits_cpu`), one row at a time.
+
+- Q8_0 (for Q4_0, Q5_0, Q8_0, IQ4_NL, MXFP4) and Q8_1 (Q4_1, Q5_1): blocks of 32, `d = amax / 127` stored in
+  fp16, `q = round(x * (127 / amax))`, rounding half to even (`quantize_row_q8_0` / `q8_1` in
+  ggml-cpu/arch/x86/quants.c, the AVX path: `_mm256_round_ps(..., _MM_ROUND_NEAREST)`).
+- Q8_K (for Q2_K ... Q6_K, IQ4_XS): blocks of 256, `iscale = -127 / max` with max the value of largest magnitude,
+  `q = min(127, nearest_int(iscale * x))`, `d = 1 / iscale` stored in float32 (`quantize_row_q8_K_ref`, which the
+  x86 `quantize_row_q8_K` calls).
+- F16 / BF16 weights: the input rounded to that type; F32: untouched.
+
+The simulated model multiplies the dequantized weights by the dequantized activations in float32; llama.cpp sums
+the integer products block by block and scales them. The two agree up to float32 rounding of the sums (and, for
+Q8_1, llama.cpp's fp16 copy of each block's sum, which only the min term of Q4_1/Q5_1 uses).
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Weight type -> the type llama.cpp's CPU matmul quantizes the activations to (ggml-cpu.c, vec_dot_type).
+VEC_DOT_TYPE = {"Q4_0": "Q8_0", "Q5_0": "Q8_0", "Q8_0": "Q8_0", "IQ4_NL": "Q8_0", "MXFP4": "Q8_0",
+                "Q4_1": "Q8_1", "Q5_1": "Q8_1",
+                "Q2_K": "Q8_K", "Q3_K": "Q8_K", "Q4_K": "Q8_K", "Q5_K": "Q8_K", "Q6_K": "Q8_K", "IQ4_XS": "Q8_K",
+                "F16": "F16", "BF16": "BF16", "F32": "F32"}
+
+
+def quantize_activations(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """`x` (..., n) as llama.cpp's matmul sees it after quantizing it to `kind`, back in x's dtype."""
+    if kind == "F32":
+        return x
+    if kind == "F16":
+        return x.to(torch.float16).to(x.dtype)
+    if kind == "BF16":
+        return x.to(torch.bfloat16).to(x.dtype)
+    block = 256 if kind == "Q8_K" else 32
+    n = x.shape[-1]
+    if n % block:
+        raise ValueError(f"{kind} activations need rows that are a multiple of {block} (got {n})")
+    v = x.float().reshape(*x.shape[:-1], n // block, block)
+    if kind in ("Q8_0", "Q8_1"):
+        amax = v.abs().amax(-1, keepdim=True)
+        d = amax / 127.0
+        # `127.0 / tensor` is computed as 127 * reciprocal(tensor) by PyTorch (two roundings); C divides once
+        inv = torch.where(amax != 0, torch.div(torch.full_like(amax, 127.0), amax), torch.zeros_like(amax))
+        q = torch.round(v * inv)  # half to even, as _mm256_round_ps(_MM_ROUND_NEAREST)
+        out = q * d.to(torch.float16).float()
+    elif kind == "Q8_K":
+        index = v.abs().argmax(-1, keepdim=True)  # the first of equal magnitudes, as the strict `>` in C
+        peak = v.gather(-1, index)
+        nonzero = peak != 0
+        safe = torch.where(nonzero, peak, torch.ones_like(peak))
+        iscale = torch.where(nonzero, torch.div(torch.full_like(peak, -127.0), safe), torch.zeros_like(peak))
+        q = torch.round(iscale * v).clamp(max=127)  # nearest_int: half to even
+        d = torch.where(nonzero, torch.div(torch.ones_like(iscale), torch.where(nonzero, iscale, torch.ones_like(iscale))),
+                        torch.zeros_like(peak))
+        out = q * d
+    else:
+        raise ValueError(f"unknown activation type {kind!r}; known: Q8_0, Q8_1, Q8_K, F16, BF16, F32")
+    return out.reshape(x.shape).to(x.dtype)
+
+
+def add_activation_quantization(model: torch.nn.Module, module_types: dict[str, str]) -> list:
+    """A forward pre-hook on every module in `module_types` (module name -> its weight's GGML type) that quantizes
+    its input as llama.cpp's matmul for that type does. Returns the hooks' handles."""
+    modules = dict(model.named_modules())
+    handles = []
+    for name, weight_type in module_types.items():
+        module = modules.get(name)
+        kind = VEC_DOT_TYPE.get(weight_type)
+        if module is None or kind is None or kind == "F32" or isinstance(module, torch.nn.Embedding):
+            continue  # an embedding is a row lookup (llama.cpp's get_rows), no matmul
+
+        def hook(_module, args, kind=kind):
+            return (quantize_activations(args[0], kind), *args[1:])
+
+        handles.append(module.register_forward_pre_hook(hook))
+    return handles

@@ -1,0 +1,198 @@
+"""GGML block-quantized tensors: the block types quantlib quantizes, the raw-block tensor format (the bytes a .gguf
+file stores) and `quantize_gguf`, which quantizes with the `gguf` package's numpy reference quantizers (legacy
+types) or quantlib's bit-exact ports of llama.cpp's (K-quants, IQ4, the importance-weighted legacy types)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+from quantlib.formats import QuantizedTensor, check_float
+
+
+#: Block types quantlib quantizes: the `gguf` package's numpy quantizers (legacy types) and quantlib's ports of
+#: llama.cpp's K-quant and IQ4 quantizers, widest first.
+GGUF_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "IQ4_XS", "IQ4_NL", "Q3_K", "Q2_K",
+              "MXFP4", "BF16", "F16")
+
+
+def _ported_quantizers() -> dict[str, Any]:
+    """Block type -> quantlib's port of llama.cpp's quantizer, `f(x, imatrix=None) -> bytes (rows, row_bytes)`."""
+    from quantlib.methods._ggml_iq4 import quantize_iq4_nl, quantize_iq4_xs
+    from quantlib.methods._ggml_q3q6 import quantize_q3_K, quantize_q6_K
+    from quantlib.methods._ggml_qk import quantize_q2_K, quantize_q4_K, quantize_q5_K
+
+    return {"Q2_K": quantize_q2_K, "Q3_K": quantize_q3_K, "Q4_K": quantize_q4_K, "Q5_K": quantize_q5_K,
+            "Q6_K": quantize_q6_K, "IQ4_NL": quantize_iq4_nl, "IQ4_XS": quantize_iq4_xs}
+
+
+def _weighted_legacy_quantizers() -> dict[str, Any]:
+    """Q4_0/Q4_1/Q5_0/Q5_1 with an importance matrix: llama.cpp's weighted quantizers (another algorithm than the
+    reference ones the gguf package implements), ported bit-exact in `_ggml_legacy`."""
+    from quantlib.methods._ggml_legacy import (quantize_q4_0_weighted, quantize_q4_1_weighted,
+                                               quantize_q5_0_weighted, quantize_q5_1_weighted)
+
+    return {"Q4_0": quantize_q4_0_weighted, "Q4_1": quantize_q4_1_weighted, "Q5_0": quantize_q5_0_weighted,
+            "Q5_1": quantize_q5_1_weighted}
+
+
+#: Types that take an importance matrix here: every type but MXFP4, whose llama.cpp quantizer has no weighted
+#: path (Q8_0's, F16's and BF16's ignore it, as llama.cpp's do).
+IMATRIX_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+                 "BF16", "F16")
+
+
+
+#: Bits of the integer code per weight in each GGUF type (the rest of a block is scales/mins).
+GGUF_CODE_BITS = {"Q8_0": 8, "Q5_0": 5, "Q5_1": 5, "Q4_0": 4, "Q4_1": 4, "MXFP4": 4, "BF16": 16, "F16": 16,
+                  "Q2_K": 2, "Q3_K": 3, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6, "IQ4_NL": 4, "IQ4_XS": 4,
+                  "F32": 32, "TQ2_0": 2,
+                  # TQ1_0 packs 5 trits per byte in 48 bytes and 4 per byte in 4 more: 52 bytes per 256 weights.
+                  "TQ1_0": 52 * 8 / 256}
+
+
+def gguf_block_geometry(quant_type: str) -> tuple[int, int]:
+    """(weights per block, bytes per block) of a GGUF type, from the gguf package's own table."""
+    import gguf
+
+    return tuple(gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[quant_type]])  # type: ignore[return-value]
+
+
+
+@dataclass
+class GGUFTensor(QuantizedTensor):
+    """A GGML block-quantized tensor: the raw bytes exactly as a .gguf file stores them."""
+
+    data: np.ndarray
+    qtype: "object"  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def storage_bits(self) -> dict[str, int]:
+        return {"blocks": 8 * int(self.data.nbytes)}
+
+    def storage_by_component(self) -> dict[str, float]:
+        """The packed bytes split into codes (code bits x weights: Q5's fifth bits included) and the
+        per-block scales/mins that make up the rest of each block."""
+        total = float(self.data.nbytes)
+        codes = self.numel * GGUF_CODE_BITS[self.qtype.name] / 8
+        return {"codes": codes, "scales": total - codes}
+
+    @property
+    def n_codes(self) -> int:
+        return _GGUF_CODE_LAYOUT[self.qtype.name][0] if self.qtype.name in _GGUF_CODE_LAYOUT else 0
+
+    def codes_unpacked(self) -> torch.Tensor:
+        """Per-element quant indices for the simple block types (Q8_0, Q4_0, Q4_1, MXFP4).
+
+        Q8_0 codes are offset by 128 (int8). The order within a block is element order.
+        """
+        name = self.qtype.name
+        if name not in _GGUF_CODE_LAYOUT:
+            raise NotImplementedError(f"codes_unpacked is not implemented for GGUF type {name}")
+        _, header_bytes, kind = _GGUF_CODE_LAYOUT[name]
+        from gguf import GGML_QUANT_SIZES
+
+        _, block_bytes = GGML_QUANT_SIZES[self.qtype]
+        blocks = self.data.reshape(-1, block_bytes)[:, header_bytes:]
+        if kind == "int8":
+            return torch.from_numpy(blocks.view(np.int8).astype(np.int64) + 128).reshape(-1)
+        low = blocks & 0x0F
+        high = blocks >> 4
+        # ggml nibble layout: low nibbles are elements 0..15, high nibbles 16..31 of the block.
+        return torch.from_numpy(np.concatenate([low, high], axis=1).astype(np.int64)).reshape(-1)
+
+    def dequantize(self) -> torch.Tensor:
+        from gguf import quants
+
+        values = quants.dequantize(self.data, self.qtype)
+        return torch.from_numpy(np.ascontiguousarray(values)).reshape(self.shape).to(self.dtype)
+
+
+# name -> (n_codes, header bytes per block before the codes, code kind)
+_GGUF_CODE_LAYOUT: dict[str, tuple[int, int, str]] = {
+    "Q8_0": (256, 2, "int8"),
+    "Q4_0": (16, 2, "nibble"),
+    "Q4_1": (16, 4, "nibble"),
+    "MXFP4": (16, 1, "nibble"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------------------------
+
+
+
+
+
+def _probe_gguf_types() -> tuple[str, ...]:
+    """Names of the GGML types the installed ``gguf`` package can quantize in numpy.
+
+    Found by trying each on a small tensor: the package raises NotImplementedError for the rest
+    (the k-quants and i-quants need llama.cpp's C code).
+    """
+    try:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+    except ImportError:
+        return ()
+    sample = np.linspace(-1.0, 1.0, 2 * 256, dtype=np.float32).reshape(2, 256)
+    names = []
+    for qtype in GGMLQuantizationType:
+        if qtype not in GGML_QUANT_SIZES:
+            continue
+        try:
+            quants.dequantize(quants.quantize(sample, qtype), qtype)
+        except (NotImplementedError, ValueError, TypeError, AssertionError):
+            continue
+        names.append(qtype.name)
+    return tuple(names)
+
+
+GGUF_QUANTIZABLE_TYPES: tuple[str, ...] = _probe_gguf_types()
+"""GGML type names ``quantize_gguf`` accepts (with gguf 0.19: F32, F16, Q4_0, Q4_1, Q5_0, Q5_1,
+Q8_0, BF16, TQ1_0, TQ2_0, MXFP4)."""
+
+
+def quantize_gguf(w: torch.Tensor, qtype: Union[str, "object"] = "Q8_0",
+                  imatrix: np.ndarray | None = None) -> GGUFTensor:
+    """Quantize with a GGML block type: the ``gguf`` package's numpy implementation for the legacy types, quantlib's
+    port of llama.cpp's quantizer for the K-quants and IQ4 types (with `imatrix`, the importance-weighted path,
+    as `ggml_quantize_chunk` takes it).
+
+    Blocks run along the last dim (as llama.cpp stores rows), so it must be a multiple of the
+    type's block size. Storage is the real byte count: block bytes * 8 / block elements per
+    parameter (e.g. Q8_0: 34 * 8 / 32 = 8.5; Q4_0: 4.5).
+    """
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+
+    check_float(w, "quantize_gguf")
+    name = qtype if isinstance(qtype, str) else qtype.name
+    ported = _ported_quantizers()
+    if name not in GGUF_QUANTIZABLE_TYPES and name not in ported:
+        raise ValueError(f"GGUF type {name!r} cannot be quantized here; choose one of "
+                         f"{(*GGUF_QUANTIZABLE_TYPES, *ported)}")
+    if imatrix is not None and name not in IMATRIX_TYPES:
+        raise ValueError(f"GGUF {name} takes no importance matrix here (llama.cpp's {name} quantizer has no "
+                         f"weighted path); types that take one: {', '.join(IMATRIX_TYPES)}")
+    gtype = GGMLQuantizationType[name]
+    block_elems, _ = GGML_QUANT_SIZES[gtype]
+    last = w.shape[-1] if w.dim() else 1
+    if last % block_elems:
+        raise ValueError(
+            f"GGUF {name} needs the last dimension to be a multiple of its block size {block_elems}; "
+            f"got last dimension {last} (shape {tuple(w.shape)})"
+        )
+    array = w.detach().float().reshape(-1, last).numpy()
+    weights = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32).reshape(last)
+    if name in ported:
+        data = ported[name](array, weights)
+    elif weights is not None and name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):
+        data = _weighted_legacy_quantizers()[name](array, weights)
+    else:
+        data = quants.quantize(array, gtype)
+    return GGUFTensor(data=data, qtype=gtype, shape=tuple(w.shape), dtype=w.dtype)
