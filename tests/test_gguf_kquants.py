@@ -21,9 +21,9 @@ from quantlib.methods._gguf_tensor import GGUF_TYPES, IMATRIX_TYPES, quantize_gg
 from quantlib.models import load_model
 from quantlib.registry import get_quantizer, parse_config, preflight
 from tests.conftest import tiny_llama_config
+from tests.ggml_golden import GOLDEN
 
 KQ = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
-GOLDEN = Path(__file__).parent / "data" / "llamacpp_golden.npz"
 
 
 @pytest.fixture(scope="module")

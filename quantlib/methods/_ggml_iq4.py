@@ -14,7 +14,7 @@ Exactness: the output is byte for byte what llama.cpp writes. ggml-base is compi
 -ffast-math (SSE2 float32, no FMA contraction), so every C float operation is one IEEE float32 operation in
 source order; this port does each of them in np.float32, in the same order, with sequential sums (`seq_sum`),
 and vectorises over blocks only (Python loops run over the element index or the 15 search steps, never over
-blocks or rows). Checked against `ggml_quantize_chunk` in tests/test_ggml_iq4.py.
+blocks or rows). Checked against `ggml_quantize_chunk` in tests/test_ggml_golden.py and tests/test_ggml_iq4.py.
 """
 
 from __future__ import annotations
