@@ -59,8 +59,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--llama-bin", type=Path, default=Path.home() / ".cache/quantlib/llamacpp/build/bin")
     parser.add_argument("--types", nargs="+", default=["Q4_K_M", "Q8_0"],
-                        help="llama-quantize file types; quantlib evaluates the same file: a mixture by its rules, a "
-                             "block type with the output and token embedding quantized too (modules_to_not_convert [])")
+                        help="llama-quantize file types; quantlib evaluates the same file (its rules: `llama_quantize_rules` on)")
     parser.add_argument("--weights-only", action="store_true",
                         help="also evaluate each type with activations in float (quantlib's weights-only figure)")
     parser.add_argument("--ctx", type=int, default=512)
@@ -94,16 +93,20 @@ def main() -> int:
     from quantlib.methods._gguf_file_types import MIXTURE_FILE_TYPES
 
     def config(qtype: str, activations: bool = True) -> dict:
-        skip = {} if qtype in MIXTURE_FILE_TYPES else {"modules_to_not_convert": []}
-        return {"quant_method": "gguf", "quant_type": qtype, "activations": activations, **skip}
+        """The same file llama-quantize writes: its per-tensor rules (output and embedding included, fallbacks)."""
+        return {"quant_method": "gguf", "quant_type": qtype, "activations": activations,
+                "llama_quantize_rules": qtype not in MIXTURE_FILE_TYPES}
 
     configs = [config(q) for q in args.types] + ([config(q, False) for q in args.types] if args.weights_only else [])
     comparison = run_comparison(configs, settings, save=False).table.set_index("scheme")
+    from quantlib.registry import parse_config
+
     for qtype in args.types:
         if args.weights_only:
-            results[qtype]["quantlib weights only"] = {"kl": comparison.loc[f"GGUF {qtype}, weights only", "kl"],
-                                                       "kl_se": comparison.loc[f"GGUF {qtype}, weights only", "kl_se"]}
-        row = comparison.loc[f"GGUF {qtype}"]
+            label = parse_config(config(qtype, False)).label
+            results[qtype]["quantlib weights only"] = {"kl": comparison.loc[label, "kl"],
+                                                       "kl_se": comparison.loc[label, "kl_se"]}
+        row = comparison.loc[parse_config(config(qtype)).label]
         results[qtype]["quantlib"] = {"kl": row["kl"], "kl_se": row["kl_se"], "top1": row["top1_agreement"],
                                       "ln_ratio": row["ln_ppl_ratio"], "ln_ratio_se": row["ln_ppl_ratio_se"],
                                       "corr": row["ln_ppl_corr"], "memory_mib": row["memory_mib"]}

@@ -180,3 +180,26 @@ def test_the_default_model_in_q4_k_m_says_what_fell_back() -> None:
     assert any("Q4_K -> Q5_0 for" in n and "rows fit no 256-block" in n for n in plan.notes)  # on the plan itself
     with pytest.raises(BackendUnavailableError, match="Q2_K_S needs an importance matrix"):
         get_quantizer({"quant_method": "gguf", "quant_type": "Q2_K_S"})
+
+
+def test_any_type_with_rules_is_the_file_llama_quantize_writes() -> None:
+    """`llama_quantize_rules: true` turns a block type into llama-quantize's file type of that name: Q6_K on SmolLM2's widths
+    writes its rows that fit no 256-block as Q8_0, as llama-quantize did (tests/data/llamacpp_ftypes.json.gz)."""
+    import gzip
+    import json
+
+    from quantlib.methods._gguf_file_types import _gguf_names
+    from quantlib.registry import quantizer_class
+    from quantlib.shapes import model_shapes
+
+    golden = json.loads(gzip.decompress((Path(__file__).parent / "data" / "llamacpp_ftypes.json.gz").read_bytes()))
+    shapes = model_shapes(_smollm2_widths())
+    names = _gguf_names(shapes)
+    for qtype in ("Q6_K", "IQ4_XS", "Q4_1"):
+        config = parse_config({"quant_method": "gguf", "quant_type": qtype, "llama_quantize_rules": True})
+        decisions = quantizer_class(config).classify(config, shapes)
+        assert config.label == f"GGUF {qtype} file"
+        from quantlib.methods._gguf_file_types import file_type_plan
+
+        ours = {names[w]: t for w, t in file_type_plan(qtype, shapes).items() if decisions[w] is None}
+        assert ours == golden["types"]["smollm2_h576_gqa3_tied"]["plain"][qtype]

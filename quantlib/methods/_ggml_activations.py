@@ -52,8 +52,8 @@ def quantize_activations(x: torch.Tensor, kind: str) -> torch.Tensor:
         safe = torch.where(nonzero, peak, torch.ones_like(peak))
         iscale = torch.where(nonzero, torch.div(torch.full_like(peak, -127.0), safe), torch.zeros_like(peak))
         q = torch.round(iscale * v).clamp(max=127)  # nearest_int: half to even
-        d = torch.where(nonzero, torch.div(torch.ones_like(iscale), torch.where(nonzero, iscale, torch.ones_like(iscale))),
-                        torch.zeros_like(peak))
+        safe_iscale = torch.where(nonzero, iscale, torch.ones_like(iscale))
+        d = torch.where(nonzero, torch.div(torch.ones_like(iscale), safe_iscale), torch.zeros_like(peak))
         out = q * d
     else:
         raise ValueError(f"unknown activation type {kind!r}; known: Q8_0, Q8_1, Q8_K, F16, BF16, F32")

@@ -64,6 +64,10 @@ class GGUFQuantConfig(QuantConfig):
         FieldSpec("imatrix", bool, False, "Quantize with an importance matrix, as llama-quantize --imatrix does: the "
                   "mean squared input of every column, measured on the built-in calibration text as llama-imatrix "
                   "measures it (chunks of 512 tokens, each starting with BOS).", title="Importance matrix"),
+        FieldSpec("llama_quantize_rules", bool, False, "Apply llama-quantize's per-tensor rules for this type, as "
+                  "`llama-quantize in.gguf out.gguf TYPE` does without --pure: the output and token embedding "
+                  "quantized too, attn_v and ffn_down promoted where its rules say, rows that fit no block falling back to another type. The "
+                  "mixtures (Q4_K_M, …) always apply them.", title="llama-quantize's rules"),
         FieldSpec("activations", bool, True, "Quantize each matmul's input as llama.cpp's CPU matmul does for the "
                   "weight's type (Q8_0, Q8_1 or Q8_K blocks; ggml's vec_dot_type), so the figures are llama.cpp's "
                   "own; off: the weights' share of the loss alone.", title="Activations as llama.cpp computes"),
@@ -78,12 +82,14 @@ class GGUFQuantConfig(QuantConfig):
 
     @property
     def is_file_type(self) -> bool:
-        """A llama-quantize mixture (Q4_K_M, …): the block type of each tensor depends on the model."""
-        return self.quant_type in MIXTURE_FILE_TYPES
+        """A llama-quantize file type (a mixture such as Q4_K_M, or any type with `llama_quantize_rules`): the block
+        type of each tensor depends on the model."""
+        return self.quant_type in MIXTURE_FILE_TYPES or bool(self.llama_quantize_rules)
 
     @property
     def label(self) -> str:
-        label = f"GGUF {self.quant_type}" + (" imatrix" if self.imatrix else "") + \
+        file = self.llama_quantize_rules and self.quant_type not in MIXTURE_FILE_TYPES
+        label = f"GGUF {self.quant_type}" + (" file" if file else "") + (" imatrix" if self.imatrix else "") + \
             ("" if self.activations else ", weights only")
         if self.tensor_types:
             label += f" + {len(self.tensor_types)} overrides"
