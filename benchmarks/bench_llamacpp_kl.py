@@ -65,6 +65,9 @@ def main() -> int:
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--chunks", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--stride", type=int, default=None,
+                        help="quantlib's stride (default: the window); ctx/2 scores every token with at least half a "
+                             "window of context, as llama-perplexity scores the second half of each chunk")
     args = parser.parse_args()
 
     from quantlib.compare import CompareSettings, run_comparison
@@ -89,7 +92,7 @@ def main() -> int:
                    "--kl-divergence-base", str(base), *common])
         results[qtype] = {"llama.cpp": llama_figures(out), "llama_seconds": time.perf_counter() - t0}
     tokens = args.ctx * args.chunks
-    settings = CompareSettings(source=str(f32), max_tokens=tokens, window=args.ctx, device="cpu")
+    settings = CompareSettings(source=str(f32), max_tokens=tokens, window=args.ctx, stride=args.stride, device="cpu")
     from quantlib.methods._gguf_file_types import MIXTURE_FILE_TYPES
 
     def config(qtype: str, activations: bool = True) -> dict:

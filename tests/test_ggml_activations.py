@@ -81,3 +81,57 @@ def test_the_floor_llama_cpp_adds_shows_in_a_comparison(tiny_llama_dir) -> None:
     assert table.loc["GGUF Q8_0", "memory_mib"] == table.loc["GGUF Q8_0, weights only", "memory_mib"]
     paths = result.details["GGUF Q8_0"]["kernel_path"]
     assert any("vec_dot_type" in p for p in paths)
+
+
+def test_a_q4_1_layer_computes_llama_cpp_s_dot_product_with_its_fp16_block_sums() -> None:
+    """vec_dot_q4_1_q8_1: sum over blocks of d_w * d_a * sum(q_w * q_a) + m_w * s_a, where s_a = fp16(d * sum(q_a))
+    with d = amax / 127 unrounded (ggml-cpu's x86 quantize_row_q8_1). Written out per block in float64 here."""
+    from quantlib.methods._ggml_activations import add_activation_quantization
+    from quantlib.methods._gguf_tensor import quantize_gguf
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(8, 64, generator=g) * 0.1 + 0.05
+    packed = quantize_gguf(weight, "Q4_1")
+    layer = torch.nn.Linear(64, 8, bias=False)
+    layer.weight.data = packed.dequantize()
+    x = torch.randn(3, 64, generator=g)
+    handles = add_activation_quantization(torch.nn.Sequential(layer), {"0": packed})
+    with torch.no_grad():
+        ours = layer(x).double()
+    for h in handles:
+        h.remove()
+
+    raw = packed.data.reshape(8, 2, 20)
+    d_w = raw[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float64)
+    m_w = raw[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
+    q_w = np.concatenate([raw[:, :, 4:] & 0x0F, raw[:, :, 4:] >> 4], axis=-1).astype(np.float64)  # (8, 2, 32)
+    expected = np.zeros((3, 8))
+    for t in range(3):
+        for b in range(2):
+            block = x[t, 32 * b:32 * (b + 1)].numpy()
+            amax = np.float32(np.abs(block).max())
+            d = np.float32(amax / np.float32(127))
+            q_a = np.round(block * (np.float32(127) / amax)).astype(np.float64)
+            s = float(np.float16(np.float32(d * np.float32(q_a.sum()))))
+            expected[t] += d_w[:, b] * float(np.float16(d)) * (q_w[:, b] @ q_a) + m_w[:, b] * s
+    assert np.allclose(ours.numpy(), expected, rtol=1e-5, atol=1e-6)
+    plain = (x @ packed.dequantize().T).double().numpy()
+    assert np.abs(plain - expected).max() > 10 * np.abs(ours.numpy() - expected).max()  # the activations matter
+
+
+def test_an_output_head_tied_to_the_quantized_embedding_gets_its_activations_quantized(tiny_tokenizer) -> None:
+    """With tied embeddings llama.cpp's output matmul runs on the quantized token_embd, with its type's activation
+    quantization; the head is not a packed layer of its own here, so the hook must find it by its weight."""
+    from transformers import LlamaForCausalLM
+
+    from quantlib.methods._ggml_activations import add_activation_quantization
+    from quantlib.methods._gguf_tensor import quantize_gguf
+    from tests.conftest import tiny_llama_config
+
+    model = LlamaForCausalLM(tiny_llama_config(len(tiny_tokenizer), tie_word_embeddings=True)).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    packed = quantize_gguf(model.model.embed_tokens.weight.detach(), "Q8_0")
+    handles = add_activation_quantization(model, {"model.embed_tokens": packed})
+    assert len(handles) == 1 and model.lm_head._forward_pre_hooks  # the head, not the lookup
+    for handle in handles:
+        handle.remove()

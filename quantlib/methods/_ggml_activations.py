@@ -10,8 +10,10 @@ its `vec_dot_type` (ggml-cpu.c's `type_traits_cpu`), one row at a time.
 - F16 / BF16 weights: the input rounded to that type; F32: untouched.
 
 The simulated model multiplies the dequantized weights by the dequantized activations in float32; llama.cpp sums
-the integer products block by block and scales them. The two agree up to float32 rounding of the sums (and, for
-Q8_1, llama.cpp's fp16 copy of each block's sum, which only the min term of Q4_1/Q5_1 uses).
+the integer products block by block and scales them. The two agree up to float32 rounding of the sums. One more
+rounding is llama.cpp's own and is simulated: Q4_1 and Q5_1 add their blocks' min `m` times the activation block's
+sum `s`, which Q8_1 stores in fp16 (`s = fp16(d * sum(q))`, with the unrounded d); the simulation adds
+`m * (s - fp16(d) * sum(q))` to each output (`q8_1_sum_error`).
 """
 
 from __future__ import annotations
@@ -60,19 +62,61 @@ def quantize_activations(x: torch.Tensor, kind: str) -> torch.Tensor:
     return out.reshape(x.shape).to(x.dtype)
 
 
-def add_activation_quantization(model: torch.nn.Module, module_types: dict[str, str]) -> list:
-    """A forward pre-hook on every module in `module_types` (module name -> its weight's GGML type) that quantizes
-    its input as llama.cpp's matmul for that type does. Returns the hooks' handles."""
+def q8_1_sum_error(x: torch.Tensor) -> torch.Tensor:
+    """Per block of 32 of `x` (..., n): llama.cpp's fp16 block sum `s = fp16(d * sum(q))` minus the sum of the
+    dequantized block `fp16(d) * sum(q)`, float32 (..., n // 32)."""
+    v = x.float().reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
+    amax = v.abs().amax(-1)
+    d = amax / 127.0
+    inv = torch.where(amax != 0, torch.div(torch.full_like(amax, 127.0), amax), torch.zeros_like(amax))
+    total = torch.round(v * inv.unsqueeze(-1)).sum(-1)
+    return (d * total).to(torch.float16).float() - d.to(torch.float16).float() * total
+
+
+def block_mins(packed) -> torch.Tensor | None:
+    """The fp16 min `m` of every block of a Q4_1 or Q5_1 tensor (out, n_blocks), float32; None for other types."""
+    import numpy as np
+
+    name = packed.qtype.name
+    if name not in ("Q4_1", "Q5_1"):
+        return None
+    block_bytes = {"Q4_1": 20, "Q5_1": 24}[name]
+    rows = packed.shape[0]
+    raw = np.ascontiguousarray(packed.data).reshape(rows, -1, block_bytes)[:, :, 2:4]
+    return torch.from_numpy(np.ascontiguousarray(raw).view(np.float16)[..., 0].astype(np.float32))
+
+
+def add_activation_quantization(model: torch.nn.Module, packed_layers: dict) -> list:
+    """Hooks on every module in `packed_layers` (module name -> its packed GGUF tensor) that quantize its input as
+    llama.cpp's matmul for that weight type does (and, for Q4_1/Q5_1, add the min term's fp16 rounding of the block
+    sums). Returns the hooks' handles."""
     modules = dict(model.named_modules())
+    packed_by_weight = {id(getattr(modules.get(name), "weight", None)): packed for name, packed in packed_layers.items()
+                        if modules.get(name) is not None}
+    # a module whose weight is a quantized layer's (an output head tied to the quantized token embedding) multiplies
+    # by it as llama.cpp's output matmul does
+    tied = {name: packed_by_weight[id(module.weight)] for name, module in modules.items()
+            if name not in packed_layers and isinstance(module, torch.nn.Linear)
+            and id(module.weight) in packed_by_weight}
     handles = []
-    for name, weight_type in module_types.items():
+    for name, packed in {**packed_layers, **tied}.items():
         module = modules.get(name)
-        kind = VEC_DOT_TYPE.get(weight_type)
+        kind = VEC_DOT_TYPE.get(packed.qtype.name)
         if module is None or kind is None or kind == "F32" or isinstance(module, torch.nn.Embedding):
             continue  # an embedding is a row lookup (llama.cpp's get_rows), no matmul
+        mins = block_mins(packed) if kind == "Q8_1" else None
+        state: dict = {}
 
-        def hook(_module, args, kind=kind):
+        def pre_hook(_module, args, kind=kind, mins=mins, state=state):
+            if mins is not None:
+                state["error"] = q8_1_sum_error(args[0])
             return (quantize_activations(args[0], kind), *args[1:])
 
-        handles.append(module.register_forward_pre_hook(hook))
+        handles.append(module.register_forward_pre_hook(pre_hook))
+        if mins is not None:
+            def post_hook(_module, _args, output, mins=mins, state=state):
+                error = state.pop("error")
+                return output + (error @ mins.to(error.device).T).to(output.dtype)
+
+            handles.append(module.register_forward_hook(post_hook))
     return handles

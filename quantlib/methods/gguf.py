@@ -178,8 +178,7 @@ class GGUFQuantizer(Quantizer):
         if self.config.activations:
             from quantlib.methods._ggml_activations import add_activation_quantization
 
-            add_activation_quantization(quantized.model, {name: packed.qtype.name
-                                                          for name, packed in quantized.packed_layers.items()})
+            add_activation_quantization(quantized.model, quantized.packed_layers)
         return quantized
 
     def kernel_paths(self, model: Any) -> list[str]:
