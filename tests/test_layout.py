@@ -194,3 +194,14 @@ def test_import_quantlib_stays_light() -> None:
     seconds, loaded = out.stdout.splitlines()
     print(f"import quantlib: {float(seconds):.3f} s")
     assert loaded == "['quantlib.errors']", loaded
+
+
+def test_every_package_is_installed() -> None:
+    """pyproject.toml lists the packages setuptools installs: a sub-package left out (methods/bitsandbytes/ once it
+    became one) is missing from a non-editable install."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "quantlib").rglob("__init__.py")}
+    assert found == listed, f"in the tree, not listed: {sorted(found - listed)}; listed, not in the tree: " \
+                            f"{sorted(listed - found)}"
