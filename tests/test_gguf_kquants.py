@@ -203,3 +203,23 @@ def test_any_type_with_rules_is_the_file_llama_quantize_writes() -> None:
 
         ours = {names[w]: t for w, t in file_type_plan(qtype, shapes).items() if decisions[w] is None}
         assert ours == golden["types"]["smollm2_h576_gqa3_tied"]["plain"][qtype]
+
+
+def test_file_types_reach_gpt2_and_refuse_what_gguf_cannot_name() -> None:
+    """GPT-2's blocks are `transformer.h.N.` (not `.layers.N.`): every block weight and the tied embedding get a type.
+    A model the gguf package has no llama.cpp names for (Mixtral under its transformers name) is refused with the
+    reason, for the planner and the quantizer alike, never planned by a guess."""
+    from transformers import GPT2Config, MixtralConfig
+
+    from quantlib.methods._gguf_file_types import file_type_plan
+    from quantlib.shapes import model_shapes
+
+    gpt2 = model_shapes(GPT2Config(n_embd=256, n_layer=2, n_head=4, vocab_size=512, bos_token_id=0,
+                                   eos_token_id=0).to_dict())
+    plan = file_type_plan("Q4_K_M", gpt2)
+    blocks = [w.name for w in gpt2.weights if w.is_matmul and ".h." in w.name]
+    assert len(blocks) == 8 and set(blocks) <= set(plan) and plan["transformer.wte.weight"] == "Q6_K"
+    mixtral = MixtralConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_local_experts=4,
+                            num_attention_heads=4, num_key_value_heads=2, vocab_size=512).to_dict()
+    with pytest.raises(ValueError, match="per-tensor rules cannot be applied"):
+        plan_memory(mixtral, parse_config({"quant_method": "gguf", "quant_type": "Q4_K_M"}), "float32")

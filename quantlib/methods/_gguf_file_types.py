@@ -26,7 +26,8 @@ def _gguf_names(shapes: ModelShapes) -> dict[str, str]:
     if arch is None:
         raise ValueError(f"gguf has no architecture named {shapes.model_type!r}: llama.cpp's tensor names for this "
                          "model are unknown, so llama-quantize's per-tensor rules cannot be applied")
-    blocks = [int(m.group(1)) for w in shapes.weights if (m := re.search(r"\.layers\.(\d+)\.", w.name))]
+    # the block index: the first number in a weight's name (model.layers.3., transformer.h.3., ...)
+    blocks = [int(m.group(1)) for w in shapes.weights if (m := re.search(r"\.(\d+)\.", w.name))]
     names = gguf.get_tensor_name_map(arch, max(blocks, default=-1) + 1)
     out = {}
     for w in shapes.weights:
@@ -56,6 +57,9 @@ def _plan(file_type: str, shapes: ModelShapes, has_imatrix: bool) -> tuple[tuple
     from quantlib.methods._ggml_ftypes import fallback_notes, file_type_tensor_types
 
     gguf_names = _gguf_names(shapes)
+    if not any(name.startswith("blk.") for name in gguf_names.values()):
+        raise ValueError(f"the gguf package maps none of this {shapes.model_type} model's block weights to llama.cpp "
+                         "tensor names, so llama-quantize's per-tensor rules cannot be applied")
     by_gguf = {g: name for name, g in gguf_names.items()}
     weights = {w.name: w for w in shapes.weights}
     tensors = [(g, weights[name].in_features if weights[name].is_matmul else weights[name].shape[-1])
