@@ -223,3 +223,16 @@ def test_file_types_reach_gpt2_and_refuse_what_gguf_cannot_name() -> None:
                             num_attention_heads=4, num_key_value_heads=2, vocab_size=512).to_dict()
     with pytest.raises(ValueError, match="per-tensor rules cannot be applied"):
         plan_memory(mixtral, parse_config({"quant_method": "gguf", "quant_type": "Q4_K_M"}), "float32")
+
+
+def test_a_file_type_with_an_importance_matrix_quantizes_the_embedding_without_one(wide_llama) -> None:
+    """llama-imatrix measures matmul inputs; the token embedding is a row lookup, so llama-quantize quantizes it
+    without an importance matrix, and so does the method, while every matmul gets its own."""
+    quantizer = get_quantizer({"quant_method": "gguf", "quant_type": "Q4_K_M", "imatrix": True,
+                               "imatrix_tokens": 512}, device="cpu")
+    qm = quantizer.quantize_model(base=wide_llama)
+    assert quantizer.importance["model.embed_tokens"] is None
+    assert all(v is not None for k, v in quantizer.importance.items() if k != "model.embed_tokens")
+    embedding = wide_llama.model.model.embed_tokens.weight.detach()
+    packed = qm.packed_layers["model.embed_tokens"]
+    assert np.array_equal(packed.data, quantize_gguf(embedding, packed.qtype.name).data)

@@ -108,8 +108,9 @@ class GGUFQuantizer(Quantizer):
     requires = (("gguf", "gguf"),)
     library = "gguf"
 
-    #: layer name -> importance matrix (mean x_j^2 per input column), measured once by `quantize_model`.
-    importance: dict[str, np.ndarray] | None = None
+    #: layer name -> importance matrix (mean x_j^2 per input column), measured once by `quantize_model`; None for
+    #: an embedding table (a row lookup: llama-imatrix measures no input there).
+    importance: dict[str, np.ndarray | None] | None = None
     #: For a file type: module name -> its block type in this model (set by `quantizable_layers`).
     module_types: dict[str, str] | None = None
 
@@ -144,8 +145,6 @@ class GGUFQuantizer(Quantizer):
                 raise QuantlibError(f"{self.config.label}: the importance matrix is measured on the model's "
                                     "activations when the model is quantized (quantize_model); a layer alone, or a "
                                     "checkpoint streamed from disk, has none")
-            if name not in self.importance and weight.dim() == 2 and self._is_lookup(name):
-                return quantize_gguf(weight, qtype=self._type_of(name))  # llama-imatrix measures no embedding
             if name not in self.importance:
                 from quantlib.errors import QuantlibError
 
@@ -167,11 +166,11 @@ class GGUFQuantizer(Quantizer):
                 base = load_model(source, dtype=dtype, device=self.backend.device,
                                   trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=progress)
             modules = dict(base.model.named_modules())
-            names = [ref.name for ref in self.quantizable_layers(base.model)
-                     if not isinstance(modules.get(ref.name), torch.nn.Embedding)]
-            self._lookups = {ref.name for ref in self.quantizable_layers(base.model)} - set(names)
-            self.importance = importance_matrix(base.model, base.tokenizer, names, self.config.imatrix_tokens,
-                                                progress=progress, cancel=cancel)
+            layers = [ref.name for ref in self.quantizable_layers(base.model)]
+            lookups = [name for name in layers if isinstance(modules.get(name), torch.nn.Embedding)]
+            measured = importance_matrix(base.model, base.tokenizer, [n for n in layers if n not in lookups],
+                                         self.config.imatrix_tokens, progress=progress, cancel=cancel)
+            self.importance = {**measured, **dict.fromkeys(lookups)}
         quantized = super().quantize_model(base=base, source=source, dtype=dtype, trust_remote_code=trust_remote_code,
                                            allow_pickle=allow_pickle, progress=progress, cancel=cancel,
                                            calibration=calibration)
@@ -194,12 +193,6 @@ class GGUFQuantizer(Quantizer):
                     "checkpoint of dequantized weights does not carry; set activations to false to evaluate the "
                     "weights offloaded")
         return super().offload_problem(config, dtype)
-
-    _lookups: set[str] = set()
-
-    def _is_lookup(self, name: str) -> bool:
-        """An embedding table (a lookup, no matmul input to measure)."""
-        return name in self._lookups
 
     @classmethod
     def config_problem(cls, config: QuantConfig) -> str | None:
