@@ -41,11 +41,7 @@ def quantize_activations(x: torch.Tensor, kind: str) -> torch.Tensor:
         raise ValueError(f"{kind} activations need rows that are a multiple of {block} (got {n})")
     v = x.float().reshape(*x.shape[:-1], n // block, block)
     if kind in ("Q8_0", "Q8_1"):
-        amax = v.abs().amax(-1, keepdim=True)
-        d = amax / 127.0
-        # `127.0 / tensor` is computed as 127 * reciprocal(tensor) by PyTorch (two roundings); C divides once
-        inv = torch.where(amax != 0, torch.div(torch.full_like(amax, 127.0), amax), torch.zeros_like(amax))
-        q = torch.round(v * inv)  # half to even, as _mm256_round_ps(_MM_ROUND_NEAREST)
+        q, d = _q8_0_codes(v)
         out = q * d.to(torch.float16).float()
     elif kind == "Q8_K":
         index = v.abs().argmax(-1, keepdim=True)  # the first of equal magnitudes, as the strict `>` in C
@@ -62,14 +58,20 @@ def quantize_activations(x: torch.Tensor, kind: str) -> torch.Tensor:
     return out.reshape(x.shape).to(x.dtype)
 
 
+def _q8_0_codes(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8_0/Q8_1 codes and unrounded scales of blocks `v` (..., 32): q = round(x * 127/amax), d = amax/127 (..., 1)."""
+    amax = v.abs().amax(-1, keepdim=True)
+    d = amax / 127.0
+    # `127.0 / tensor` is computed as 127 * reciprocal(tensor) by PyTorch (two roundings); C divides once
+    inv = torch.where(amax != 0, torch.div(torch.full_like(amax, 127.0), amax), torch.zeros_like(amax))
+    return torch.round(v * inv), d  # half to even, as _mm256_round_ps(_MM_ROUND_NEAREST)
+
+
 def q8_1_sum_error(x: torch.Tensor) -> torch.Tensor:
     """Per block of 32 of `x` (..., n): llama.cpp's fp16 block sum `s = fp16(d * sum(q))` minus the sum of the
     dequantized block `fp16(d) * sum(q)`, float32 (..., n // 32)."""
-    v = x.float().reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
-    amax = v.abs().amax(-1)
-    d = amax / 127.0
-    inv = torch.where(amax != 0, torch.div(torch.full_like(amax, 127.0), amax), torch.zeros_like(amax))
-    total = torch.round(v * inv.unsqueeze(-1)).sum(-1)
+    q, d = _q8_0_codes(x.float().reshape(*x.shape[:-1], x.shape[-1] // 32, 32))
+    total, d = q.sum(-1), d.squeeze(-1)
     return (d * total).to(torch.float16).float() - d.to(torch.float16).float() * total
 
 
