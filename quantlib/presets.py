@@ -27,6 +27,9 @@ PRESETS: dict[str, dict] = {
     "hqq-int4-g64": {"quant_method": "hqq", "nbits": 4, "group_size": 64},
     "torchao-int8": {"quant_method": "torchao", "ao_config": "Int8WeightOnlyConfig"},
     "quanto-int4": {"quant_method": "quanto", "weights": "int4"},
+    "ct-fp8-dynamic": {"quant_method": "compressed-tensors", "scheme": "FP8_DYNAMIC"},
+    "ct-nvfp4": {"quant_method": "compressed-tensors", "scheme": "NVFP4"},
+    "ct-mxfp4": {"quant_method": "compressed-tensors", "scheme": "MXFP4"},
     # Calibration-based: valid for planning and export everywhere, runnable only where their library
     # is installed (see `runnable_presets`). g64 because the default model's 576-wide layers do not
     # fit GPTQ's usual g128.
@@ -50,6 +53,9 @@ PRESET_TITLES: dict[str, str] = {
     "hqq-int4-g64": "HQQ int4, group 64 (calibration-free)",
     "torchao-int8": "torchao int8 weight-only, per row",
     "quanto-int4": "optimum-quanto int4 (its group size)",
+    "ct-fp8-dynamic": "compressed-tensors FP8 dynamic (W8A8, vLLM)",
+    "ct-nvfp4": "compressed-tensors NVFP4 (W4A4, vLLM)",
+    "ct-mxfp4": "compressed-tensors MXFP4 (W4A4, vLLM)",
     "gptq-int4-g64": "GPTQ int4, group 64 (needs gptqmodel)",
     "awq-int4-g64": "AWQ int4, group 64 (needs gptqmodel)",
     "aqlm-1x16-g8": "AQLM 1x16, group 8 (planning; needs aqlm)",

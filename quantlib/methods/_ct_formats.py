@@ -148,7 +148,8 @@ class CTTensor(QuantizedTensor):
     def codes_unpacked(self) -> torch.Tensor:
         """The element codes: FP8 bytes, FP4 nibbles, or the integer plus 2^(bits-1)."""
         if "weight" in self.stored:
-            return self.stored["weight"].reshape(-1).view(torch.uint8).long()
+            weight = self.stored["weight"].reshape(-1)
+            return weight.long() + 128 if weight.dtype == torch.int8 else weight.view(torch.uint8).long()
         packed = self.stored["weight_packed"]
         if packed.dtype == torch.uint8:  # two E2M1 codes per byte, low nibble first
             return torch.stack([packed & 0xF, packed >> 4], -1).reshape(-1).long()

@@ -246,8 +246,11 @@ def _groups(groups: Any, errors: list[FieldError]) -> dict[str, Any] | None:
 
 
 def _saved(args: Any) -> Any:
-    """Quantization args as a checkpoint writes them (what a file can say; zp_dtype, for one, is not written)."""
-    return None if args is None else args.model_dump(mode="json")
+    """Quantization args as a checkpoint writes them, less how they were calibrated (the observer): what decides the
+    stored numbers' format. (zp_dtype, for one, is not written.)"""
+    if args is None:
+        return None
+    return {k: v for k, v in args.model_dump(mode="json").items() if k not in ("observer", "observer_kwargs")}
 
 
 @register("compressed-tensors")
@@ -379,13 +382,12 @@ class CompressedTensorsQuantizer(Quantizer):
         return x @ packed.dequantize().to(x.dtype).t()
 
     def kernel_paths(self, model: Any) -> list[str]:
-        paths = super().kernel_paths(model)
-        if self.config.activations:
-            paths.append("inputs quantized by compressed-tensors' forward_quantize (dynamic per token / group, or "
-                         "static scales measured on calibration text), F.linear on the dequantized weights")
-        else:
-            paths.append("activations in 16/32 bits (weights only)")
-        return paths
+        weights = ("quantlib's simulation: F.linear on the weights compressed-tensors decompresses, in the model's "
+                   "dtype")
+        if not self.config.activations:
+            return [weights, "activations in the model's dtype (weights only)"]
+        return [weights, "inputs quantized by compressed-tensors' forward_quantize: dynamic scales per token or group, "
+                "static ones measured on calibration text (vLLM's CUDA kernels take the same scales)"]
 
     @classmethod
     def offload_problem(cls, config: QuantConfig, dtype: str) -> str | None:
