@@ -159,7 +159,7 @@ def test_layer_error_is_below_the_bound_of_its_bits(name: str, tiny_llama_dir: P
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     quantized = _quantized(name, tiny_llama_dir) if getattr(quantizer, "calibrated", False) else None
     errors = layer_errors(base, quantizer, quantized=quantized)
-    bits = type(quantizer).code_bits(config)
+    bits = type(quantizer).error_bits(config)
     # 7 linear layers x 2 decoder layers (llama-quantize's file types quantize the output and embedding too): what
     # the planner's rules name, no more, no less
     planned = type(quantizer).quantized_matrices(config, describe_model(base))

@@ -84,6 +84,16 @@ class CompressedTensorsQuantConfig(QuantConfig):
         object.__setattr__(self, "_values", self._validate(_flatten(dict(values))))
 
     @classmethod
+    def json_schema(cls) -> dict[str, Any]:
+        """The base schema, its saved form requiring only `config_groups` (a checkpoint may carry the other keys or
+        not) and admitting quantlib's evaluation settings."""
+        schema = super().json_schema()
+        saved = schema["anyOf"][1]
+        saved["required"] = ["quant_method", "config_groups"]
+        saved["properties"].update({name: schema["properties"][name] for name in cls.EVALUATION_FIELDS})
+        return schema
+
+    @classmethod
     def check(cls, values: dict[str, Any], failed: set[str]) -> list[FieldError]:
         if {"scheme", "group_size"} & failed:
             return []
@@ -275,6 +285,17 @@ class CompressedTensorsQuantizer(Quantizer):
         from quantlib.methods._ct_formats import scheme_of
 
         return float(min(scheme_of(s).weights.num_bits for s in {config.scheme, *(config.module_schemes or {}).values()}))
+
+    @classmethod
+    def error_bits(cls, config: QuantConfig) -> float:
+        """E4M3 elements (FP8, MXFP8) round like a 6-bit grid; E2M1 and the integers like their bits."""
+        from quantlib.methods._ct_formats import scheme_of
+
+        def bits(name: str) -> int:
+            args = scheme_of(name).weights
+            return 6 if (args.type == "float" and args.num_bits == 8) else args.num_bits
+
+        return float(min(bits(s) for s in {config.scheme, *(config.module_schemes or {}).values()}))
 
     # ----- which layers ---------------------------------------------------------------------
     @classmethod

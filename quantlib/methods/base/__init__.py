@@ -185,6 +185,13 @@ class Quantizer:
         return float(config.bits)
 
     @classmethod
+    def error_bits(cls, config: QuantConfig) -> float:
+        """Bits of the integer grid whose rounding error this format's matches (what the registry test's error bound
+        uses): the code bits for integer and codebook grids; fewer for a float element type, whose relative step is
+        set by its mantissa (E4M3's three mantissa bits round about as coarsely as a 6-bit grid)."""
+        return cls.code_bits(config)
+
+    @classmethod
     def shape_problem(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
         """Why a weight of this shape cannot be quantized by this scheme, or None if it can.
 
