@@ -12,8 +12,7 @@ defaults, and a method overrides only what differs:
 - storage by component (`storage_bytes`, classmethod, from shapes alone; the packed tensors carry
   their own), code levels for histograms, cost estimates, notes and the copyable snippet.
 
-Methods register with `@register("key")`; `quantlib.registry` imports every method module. Nothing
-outside `quantlib/methods/` names a method.
+Methods register with `@register("key")`; `quantlib.registry` imports every method module (none is named outside).
 
 The package's other modules hold what the base class works with: `records` (what a quantizer hands back,
 `QuantizedModel` and `LayerWeight`; the matrices it works on, `MatrixRef`; the per-layer mixes a config can
@@ -186,9 +185,8 @@ class Quantizer:
 
     @classmethod
     def error_bits(cls, config: QuantConfig) -> float:
-        """Bits of the integer grid whose rounding error this format's matches (what the registry test's error bound
-        uses): the code bits for integer and codebook grids; fewer for a float element type, whose relative step is
-        set by its mantissa (E4M3's three mantissa bits round about as coarsely as a 6-bit grid)."""
+        """Bits of the integer grid whose rounding error this format's matches (error bounds use it): the code bits,
+        or fewer for a float element type, whose mantissa sets its step (E4M3 rounds like a 6-bit grid)."""
         return cls.code_bits(config)
 
     @classmethod
