@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from quantlib.configs import FieldSpec, QuantConfig
-from quantlib.errors import ConfigError, FieldError, QuantlibError
+from quantlib.errors import _MISSING, ConfigError, FieldError, QuantlibError
 from quantlib.methods._ct_formats import (FUSED_SUFFIXES, GROUP_SCHEMES, SCHEMES, CTTensor, global_scale_of,
                                           planned_bytes, quantize_ct, quantize_input, static_input, weight_group)
 from quantlib.methods.base import Quantizer, register
@@ -174,8 +174,14 @@ def _saved_form(scheme: str, group_size: int | None, ignore: str, module_schemes
 
 
 def _flatten(raw: dict[str, Any]) -> dict[str, Any]:
-    """A saved `quantization_config` (with `config_groups`) as the form's fields; the form's own keys pass through."""
+    """A saved `quantization_config` (with `config_groups`) as the form's fields; the form's own keys pass through.
+    Neither (a checkpoint's block that names no scheme) is refused rather than read as the default scheme."""
     if "config_groups" not in raw:
+        if "scheme" not in raw:
+            raise ConfigError([FieldError("config_groups", _MISSING, "is missing: a compressed-tensors "
+                                          "quantization_config names its schemes in config_groups",
+                                          "config_groups (a checkpoint's form), or scheme (quantlib's form)")],
+                              method=CompressedTensorsQuantConfig.quant_method)
         return raw
     errors: list[FieldError] = []
     out = {k: v for k, v in raw.items() if k not in _NEUTRAL_KEYS and k != "config_groups"}
