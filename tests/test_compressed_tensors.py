@@ -245,3 +245,15 @@ def test_nvfp4_fused_matrices_share_the_smallest_global_scale(tiny_llama_dir) ->
     assert len({float(v) for v in own}) > 1  # the random matrices really differ
     o_proj = quantize_ct(base.model.layers[0].self_attn.o_proj.weight.data, "NVFP4A16").stored["weight_global_scale"]
     assert torch.equal(scales["model.layers.0.self_attn.o_proj"], o_proj)  # not fused
+
+
+@pytest.mark.parametrize("scheme", ["FP8_DYNAMIC", "W8A8", "MXFP4", "NVFP4"])
+def test_a_row_of_tokens_is_quantized_per_token_as_in_the_model(scheme: str) -> None:
+    """The recommender hands layers (tokens, features): each token keeps its own dynamic scale, as in the model's
+    (batch, seq, features) forward (compressed-tensors alone would read a 2-D input as one tensor)."""
+    torch.manual_seed(2)
+    x = torch.randn(6, 64) * torch.logspace(-2, 2, 6).unsqueeze(1)
+    param = torch.tensor([0.5]) if scheme == "NVFP4" else None
+    flat = quantize_input(x, scheme, param)
+    assert torch.equal(flat, quantize_input(x.unsqueeze(0), scheme, param).squeeze(0))
+    assert torch.equal(flat[0], quantize_input(x[:1].unsqueeze(0), scheme, param)[0, 0])

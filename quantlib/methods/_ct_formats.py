@@ -219,6 +219,8 @@ def quantize_input(x: torch.Tensor, scheme_name: str, input_param: torch.Tensor 
         raise ValueError(f"{scheme_name}: its {kind} is measured on calibration text; none was measured")
     if x.numel() == 0:
         return x
+    if x.dim() == 2:  # (tokens, features): compressed-tensors reads a token as dims 0 and 1 of (batch, seq, features)
+        return quantize_input(x.unsqueeze(0), scheme_name, input_param).squeeze(0)
     global_scale = input_param if kind == "input_global_scale" else None
     if args.dynamic in (True, "local") or str(args.dynamic) == "DynamicType.LOCAL":
         scale, zero = compute_dynamic_scales_and_zp(value=x, args=args, module=None, global_scale=global_scale)

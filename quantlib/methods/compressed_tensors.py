@@ -13,38 +13,23 @@ parses back when each of its groups is one of the modelled presets.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 from typing import Any
 
 import torch
 
 from quantlib.configs import FieldSpec, QuantConfig
-from quantlib.errors import _MISSING, ConfigError, FieldError, QuantlibError
+from quantlib.errors import FieldError, QuantlibError
 from quantlib.methods._ct_formats import (FUSED_SUFFIXES, GROUP_SCHEMES, SCHEMES, CTTensor, global_scale_of,
                                           planned_bytes, quantize_ct, quantize_input, static_input, weight_group)
+from quantlib.methods._ct_config import flatten, module_schemes_rule, saved_form
 from quantlib.methods.base import Quantizer, register
+from quantlib.methods.base.records import MixChoice, MixSpace
+from quantlib.methods.base.rules import natural_key
 from quantlib.methods.base.rules import group_size_problem
 from quantlib.shapes import DTYPE_BYTES, ModelShapes, WeightShape
 
 #: Place in the registry (the builder's method list, the CLI).
 DISPLAY_ORDER = 45
-
-#: Keys of the saved `quantization_config` besides `config_groups`, and the value each must have to be modelled.
-_NEUTRAL_KEYS = {"kv_cache_scheme": (None,), "global_compression_ratio": None, "moe_sparsity_config": (None,),
-                 "sparsity_config": (None, {}), "transform_config": (None, {}), "version": None,
-                 "quantization_status": ("compressed", "frozen"), "format": None}
-
-
-def _module_schemes_rule(value: Any) -> str | None:
-    if not value:
-        return "must name at least one module (or be null)"
-    for module, scheme in value.items():
-        if not isinstance(module, str) or not module:
-            return "every key must be a module name, e.g. model.layers.3.mlp.down_proj"
-        if scheme not in SCHEMES:
-            return f"{module!r}: {scheme!r} is not one of {', '.join(SCHEMES)}"
-    return None
-
 
 class CompressedTensorsQuantConfig(QuantConfig):
     """A compressed-tensors `quantization_config`: one of its preset schemes per Linear layer, as vLLM loads it."""
@@ -68,7 +53,7 @@ class CompressedTensorsQuantConfig(QuantConfig):
                   "as compressed-tensors matches them.", title="Ignore"),
         FieldSpec("module_schemes", dict, None, "A scheme per module (module name -> scheme): one config group per "
                   "scheme, its modules as exact targets; the others take the scheme above.", nullable=True,
-                  validator=_module_schemes_rule, allowed="an object of module name -> scheme name",
+                  validator=module_schemes_rule, allowed="an object of module name -> scheme name",
                   title="Per-layer schemes"),
         FieldSpec("activations", bool, True, "Quantize each layer's input as the scheme says (FP8, NVFP4, MXFP4, MXFP8, "
                   "W8A8), as compressed-tensors' forward pass and vLLM's kernels do; off: the weights' share of the "
@@ -81,7 +66,7 @@ class CompressedTensorsQuantConfig(QuantConfig):
     EVALUATION_FIELDS = ("activations", "calibration_tokens")
 
     def __init__(self, **values: Any):
-        object.__setattr__(self, "_values", self._validate(_flatten(dict(values))))
+        object.__setattr__(self, "_values", self._validate(flatten(dict(values))))
 
     @classmethod
     def json_schema(cls) -> dict[str, Any]:
@@ -112,7 +97,7 @@ class CompressedTensorsQuantConfig(QuantConfig):
     def to_dict(self) -> dict[str, Any]:
         """The `quantization_config` of a compressed-tensors checkpoint, written by compressed-tensors'
         `QuantizationConfig` (plus quantlib's evaluation settings where they differ from their defaults)."""
-        saved = json.loads(_saved_form(self.scheme, self.group_size, json.dumps(self.ignore),
+        saved = json.loads(saved_form(self.scheme, self.group_size, json.dumps(self.ignore),
                                        json.dumps(self.module_schemes, sort_keys=True)))
         for name in self.EVALUATION_FIELDS:
             spec = next(f for f in self.FIELDS if f.name == name)
@@ -147,126 +132,6 @@ def _has_inputs(scheme: str) -> bool:
     from quantlib.methods._ct_formats import scheme_of
 
     return scheme_of(scheme).input_activations is not None
-
-
-@lru_cache(maxsize=64)
-def _saved_form(scheme: str, group_size: int | None, ignore: str, module_schemes: str) -> str:
-    """compressed-tensors' `QuantizationConfig(...).model_dump(mode="json")` with `quant_method`, as JSON text."""
-    from compressed_tensors.quantization import QuantizationConfig
-
-    from quantlib.methods._ct_formats import scheme_of
-
-    per_module = json.loads(module_schemes) or {}
-    groups: dict[str, Any] = {}
-    formats = []
-    for i, name in enumerate([scheme, *sorted(set(per_module.values()) - {scheme})]):
-        group = scheme_of(name, group_size if name in GROUP_SCHEMES else None).model_copy(deep=True)
-        targets = sorted(m for m, s in per_module.items() if s == name)
-        group.targets = ["Linear"] if name == scheme else targets
-        if name == scheme and targets:
-            group.targets = ["Linear", *targets]
-        groups[f"group_{i}"] = group
-        formats.append(group.format)
-    fmt = formats[0] if len(set(formats)) == 1 else "mixed-precision"
-    config = QuantizationConfig(config_groups=groups, ignore=json.loads(ignore), format=fmt,
-                                quantization_status="compressed")
-    return json.dumps({"quant_method": "compressed-tensors", **config.model_dump(mode="json")})
-
-
-def _flatten(raw: dict[str, Any]) -> dict[str, Any]:
-    """A saved `quantization_config` (with `config_groups`) as the form's fields; the form's own keys pass through.
-    Neither (a checkpoint's block that names no scheme) is refused rather than read as the default scheme."""
-    if "config_groups" not in raw:
-        if "scheme" not in raw:
-            raise ConfigError([FieldError("config_groups", _MISSING, "is missing: a compressed-tensors "
-                                          "quantization_config names its schemes in config_groups",
-                                          "config_groups (a checkpoint's form), or scheme (quantlib's form)")],
-                              method=CompressedTensorsQuantConfig.quant_method)
-        return raw
-    errors: list[FieldError] = []
-    out = {k: v for k, v in raw.items() if k not in _NEUTRAL_KEYS and k != "config_groups"}
-    for key, allowed in _NEUTRAL_KEYS.items():
-        if key in raw and allowed is not None and raw[key] not in allowed:
-            errors.append(FieldError(key, raw[key], "is not modelled by quantlib",
-                                     " or ".join(json.dumps(a) for a in allowed)))
-    parsed = _groups(raw["config_groups"], errors)
-    if parsed is not None:
-        out.update(parsed)
-    if errors:
-        raise ConfigError(errors, method=CompressedTensorsQuantConfig.quant_method)
-    return out
-
-
-def _groups(groups: Any, errors: list[FieldError]) -> dict[str, Any] | None:
-    """scheme / group_size / module_schemes of saved config groups, each matched to a modelled preset."""
-    from compressed_tensors.quantization import QuantizationScheme
-
-    from quantlib.methods._ct_formats import scheme_of
-
-    if not isinstance(groups, dict) or not groups:
-        errors.append(FieldError("config_groups", groups, "must be a non-empty object", "group name -> scheme"))
-        return None
-    default: tuple[str, int | None] | None = None
-    per_module: dict[str, str] = {}
-    group_sizes: set[int] = set()
-    for key, group in groups.items():
-        where = f"config_groups.{key}"
-        try:
-            parsed = QuantizationScheme.model_validate(group)
-        except Exception as exc:  # noqa: BLE001 - pydantic's message names the bad key
-            errors.append(FieldError(where, group, f"compressed-tensors refuses it ({str(exc).splitlines()[0]})",
-                                     "a QuantizationScheme"))
-            continue
-        name = None
-        for candidate in SCHEMES:
-            size = parsed.weights.group_size if candidate in GROUP_SCHEMES and parsed.weights else None
-            preset = scheme_of(candidate, size if size != scheme_of(candidate).weights.group_size else None)
-            if (_saved(parsed.weights) == _saved(preset.weights)
-                    and _saved(parsed.input_activations) == _saved(preset.input_activations)
-                    and parsed.output_activations is None):
-                name = candidate
-                if candidate in GROUP_SCHEMES and size != scheme_of(candidate).weights.group_size:
-                    group_sizes.add(size)
-                break
-        if name is None:
-            errors.append(FieldError(where, group, "is not one of compressed-tensors' presets that quantlib models",
-                                     ", ".join(SCHEMES)))
-            continue
-        names = [t for t in parsed.targets if t != "Linear"]
-        bad = [t for t in names if t.startswith("re:") or "." not in t]
-        if bad:
-            errors.append(FieldError(f"{where}.targets", parsed.targets, "names a regex or a class other than Linear",
-                                     "\"Linear\" or exact module names"))
-            continue
-        if "Linear" in parsed.targets:
-            if default is not None:
-                errors.append(FieldError(f"{where}.targets", parsed.targets, "targets Linear, as another group does",
-                                         "one group for \"Linear\""))
-            default = (name, None)
-        per_module.update(dict.fromkeys(names, name))
-    if len(group_sizes) > 1:
-        errors.append(FieldError("config_groups", groups, "uses several group sizes", "one group size"))
-    if errors:
-        return None
-    if default is None:
-        errors.append(FieldError("config_groups", groups, "has no group targeting \"Linear\"",
-                                 "one group whose targets include \"Linear\""))
-        return None
-    out: dict[str, Any] = {"scheme": default[0]}
-    per_module = {m: s for m, s in per_module.items() if s != default[0]}
-    if per_module:
-        out["module_schemes"] = per_module
-    if group_sizes:
-        out["group_size"] = group_sizes.pop()
-    return out
-
-
-def _saved(args: Any) -> Any:
-    """Quantization args as a checkpoint writes them, less how they were calibrated (the observer): what decides the
-    stored numbers' format. (zp_dtype, for one, is not written.)"""
-    if args is None:
-        return None
-    return {k: v for k, v in args.model_dump(mode="json").items() if k not in ("observer", "observer_kwargs")}
 
 
 @register("compressed-tensors")
@@ -376,6 +241,17 @@ class CompressedTensorsQuantizer(Quantizer):
                            global_scale=(self.global_scales or {}).get(name),
                            input_param=(self.input_params or {}).get(name))
 
+    def quantize_layer_calibrated(self, name: str, weight: torch.Tensor, inputs: torch.Tensor) -> CTTensor:
+        """As `quantize_layer`; a static input parameter not yet measured is measured on `inputs` (the static
+        min-max observer on the layer's calibration inputs)."""
+        scheme = self.config.scheme_for(name)
+        if self.config.activations and static_input(scheme) is not None and name not in (self.input_params or {}):
+            from quantlib.methods._ct_formats import input_params_from_range
+
+            param = input_params_from_range(scheme, inputs.amin().float(), inputs.amax().float(), dtype=weight.dtype)
+            self.input_params = {**(self.input_params or {}), name: param}
+        return self.quantize_layer(name, weight)
+
     def quantize_model(self, *, base: Any = None, source: str = "default", dtype: torch.dtype = torch.float32,
                        trust_remote_code: bool = False, allow_pickle: bool = False,
                        progress: Any = None, cancel: Any = None, calibration: Any = None) -> Any:
@@ -415,6 +291,29 @@ class CompressedTensorsQuantizer(Quantizer):
             return [weights, "activations in the model's dtype (weights only)"]
         return [weights, "inputs quantized by compressed-tensors' forward_quantize: dynamic scales per token or group, "
                 "static ones measured on calibration text (vLLM's CUDA kernels take the same scales)"]
+
+    #: The schemes a per-layer mix chooses from (vLLM serves any of them in one checkpoint), with their code bits.
+    MIX_SCHEMES = (("NVFP4", 4.0), ("MXFP4", 4.0), ("FP8_DYNAMIC", 8.0), ("MXFP8", 8.0), ("W8A16", 8.0))
+
+    @classmethod
+    def mix_spaces(cls, shapes: ModelShapes) -> list[MixSpace]:
+        """compressed-tensors targets modules by name: every layer chooses its scheme, or stays in 16 bits (ignore).
+        The exported config names the commonest scheme for "Linear", one more config group per other scheme with its
+        modules as exact targets, and the layers kept in `ignore`."""
+        choices = [MixChoice(s, s, CompressedTensorsQuantConfig(scheme=s), bits) for s, bits in cls.MIX_SCHEMES]
+
+        def build(assignment: dict[str, str]) -> QuantConfig:
+            quantized = {m: s for m, s in assignment.items() if s != "keep"}
+            kept = sorted((m for m, s in assignment.items() if s == "keep"), key=natural_key)
+            counts = {s: list(quantized.values()).count(s) for s in dict.fromkeys(quantized.values())}
+            base = max(counts, key=counts.get) if counts else cls.MIX_SCHEMES[0][0]
+            others = {m: s for m, s in sorted(quantized.items(), key=lambda kv: natural_key(kv[0])) if s != base}
+            return CompressedTensorsQuantConfig(scheme=base, module_schemes=others or None, ignore=["lm_head", *kept])
+
+        return [MixSpace("compressed-tensors, a scheme per layer",
+                         (*choices, MixChoice("keep", "kept in 16 bits", None, 16.0)), "module", lambda module: module,
+                         build, choices[0].config, "one compressed-tensors quantization_config (vLLM loads it): a "
+                         "config group per scheme, its layers as exact targets; kept layers in ignore")]
 
     @classmethod
     def offload_problem(cls, config: QuantConfig, dtype: str) -> str | None:
