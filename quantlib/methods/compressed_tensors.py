@@ -192,14 +192,20 @@ class CompressedTensorsQuantizer(Quantizer):
 
     @classmethod
     def layer_shape_problem(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
+        from quantlib.methods._ct_formats import scheme_of
+
         scheme = config.scheme_for(name)
         group = weight_group(scheme, config.group_for(scheme))
-        if group is None or shape[-1] % group == 0:
-            return None
-        if scheme in GROUP_SCHEMES:
-            return group_size_problem(name, shape[-1], group)
-        return f"{name}: input width {shape[-1]} is not a multiple of {scheme}'s block of {group}"
-
+        if group is not None and shape[-1] % group:
+            if scheme in GROUP_SCHEMES:
+                return group_size_problem(name, shape[-1], group)
+            return f"{name}: input width {shape[-1]} is not a multiple of {scheme}'s block of {group}"
+        inputs = scheme_of(scheme).input_activations
+        if config.activations and inputs is not None and inputs.group_size and shape[-1] % inputs.group_size:
+            return (f"{name}: {scheme} quantizes its inputs in groups of {inputs.group_size}, which input width "
+                    f"{shape[-1]} is not a multiple of (compressed-tensors and vLLM's kernels need whole groups); "
+                    "set activations to false for the weights' share alone")
+        return None
 
     @classmethod
     def shape_problem(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
