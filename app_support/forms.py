@@ -72,8 +72,8 @@ def widget_kind(prop: dict[str, Any]) -> str:
         return "checkbox"
     if main in ("integer", "number"):
         return main
-    if main == "array":
-        return "list"
+    if main == "array":  # a list of names; any other array (FP8's weight_block_size) is edited as JSON
+        return "list" if prop.get("items", {}).get("type") == "string" else "json"
     if main == "object":
         return "json"
     return "text"
@@ -253,7 +253,8 @@ def render_form(ns_prefix: str, schema: dict[str, Any], method: str,
         elif kind == "list":
             st.text_input(label, placeholder="default (comma-separated module names; [] for none)", **common)
         elif kind == "json":
-            st.text_area(label, placeholder="none (a JSON object)", height=80, **common)
+            shape = "a JSON array" if "array" in _types(prop) else "a JSON object"
+            st.text_area(label, placeholder=f"none ({shape})", height=80, **common)
         else:
             st.text_input(label, **common)
         if not visible:

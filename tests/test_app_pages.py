@@ -242,7 +242,7 @@ def test_builder_rtn_group_size_that_does_not_divide_the_model_warns_next_to_fie
 @pytest.mark.parametrize("text, expected", [
     ("{not json", "not valid JSON"),
     ("[1, 2]", "must be a JSON object"),
-    ('{"quant_method": "fp8"}', "not a registered method"),
+    ('{"quant_method": "fp9"}', "not a registered method"),
     ('{"quant_method": "bitsandbytes", "load_in_4bit": true, "bnb_4bit_quant_typ": "nf4"}', "did you mean"),
 ])
 def test_builder_bad_pasted_json_shows_error_not_traceback(text, expected):

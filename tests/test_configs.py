@@ -162,7 +162,7 @@ def test_transformers_spellings_are_normalised() -> None:
 
 def test_unknown_method_lists_registered_ones() -> None:
     with pytest.raises(ConfigError) as info:
-        parse_config({"quant_method": "fp8"})
+        parse_config({"quant_method": "fp9"})
     (error,) = info.value.errors
     assert error.field == "quant_method"
     for method in CONFIG_MAPPING:
