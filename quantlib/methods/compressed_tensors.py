@@ -151,6 +151,29 @@ class CompressedTensorsQuantizer(Quantizer):
     def transformers_class_name(cls) -> str | None:
         return "CompressedTensorsConfig"
 
+    snippet_heading = ("Made with llm-compressor (transformers and vLLM load compressed-tensors checkpoints; transformers "
+                       "does not write them):")
+
+    @classmethod
+    def snippet(cls, config: QuantConfig, model_id: str) -> str | None:
+        """llm-compressor's `oneshot` with this config's groups and ignore list, then `vllm serve`."""
+        from quantlib.methods.base import _py
+
+        saved = config.to_dict()
+        static = any(static_input(s) is not None for s in {config.scheme, *(config.module_schemes or {}).values()})
+        return "\n".join([
+            "from llmcompressor import oneshot",
+            "from llmcompressor.modifiers.quantization import QuantizationModifier",
+            "from transformers import AutoModelForCausalLM",
+            "",
+            f"model_id = {json.dumps(model_id)}",
+            "model = AutoModelForCausalLM.from_pretrained(model_id, dtype=\"auto\")",
+            f"recipe = QuantizationModifier(config_groups={_py(saved['config_groups'])}, ignore={_py(saved['ignore'])})",
+            "oneshot(model=model, recipe=recipe" + (", dataset=..., num_calibration_samples=512)  # static input "
+                                                    "scales need calibration text" if static else ")"),
+            "model.save_pretrained(\"quantized\", save_compressed=True)  # then: vllm serve quantized",
+        ])
+
     @classmethod
     def code_bits(cls, config: QuantConfig) -> float:
         from quantlib.methods._ct_formats import scheme_of
