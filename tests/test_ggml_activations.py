@@ -135,3 +135,26 @@ def test_an_output_head_tied_to_the_quantized_embedding_gets_its_activations_qua
     assert len(handles) == 1 and model.lm_head._forward_pre_hooks  # the head, not the lookup
     for handle in handles:
         handle.remove()
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q4_0", "Q4_K"])
+def test_layer_output_is_what_the_hooked_model_computes(qtype: str) -> None:
+    """The recommender's per-layer figure (`layer_output`) and the quantized model (hooks) compute the same thing."""
+    from quantlib.methods._ggml_activations import add_activation_quantization
+    from quantlib.methods._gguf_tensor import quantize_gguf
+    from quantlib.registry import get_quantizer, parse_config
+
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(8, 256, generator=g) * 0.1
+    packed = quantize_gguf(weight, qtype)
+    layer = torch.nn.Linear(256, 8, bias=False)
+    layer.weight.data = packed.dequantize()
+    x = torch.randn(5, 256, generator=g)
+    add_activation_quantization(torch.nn.Sequential(layer), {"0": packed})
+    with torch.no_grad():
+        hooked = layer(x)
+    quantizer = get_quantizer(parse_config({"quant_method": "gguf", "quant_type": qtype}), device="cpu")
+    assert torch.equal(quantizer.layer_output(x, packed), hooked)
+    weights_only = get_quantizer(parse_config({"quant_method": "gguf", "quant_type": qtype, "activations": False}),
+                                 device="cpu")
+    assert not torch.equal(weights_only.layer_output(x, packed), hooked)

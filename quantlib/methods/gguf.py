@@ -180,6 +180,19 @@ class GGUFQuantizer(Quantizer):
             add_activation_quantization(quantized.model, quantized.packed_layers)
         return quantized
 
+    def layer_output(self, x: torch.Tensor, packed: Any) -> torch.Tensor:
+        """As llama.cpp's CPU matmul computes it (with `activations`): the input quantized to the weight type's
+        vec_dot_type, Q4_1/Q5_1's fp16 block sums included (the same functions as the model's hooks)."""
+        from quantlib.methods._ggml_activations import VEC_DOT_TYPE, block_mins, q8_1_sum_error, quantize_activations
+
+        kind = VEC_DOT_TYPE.get(packed.qtype.name) if self.config.activations else None
+        if kind is None or kind == "F32":
+            return super().layer_output(x, packed)
+        mins = block_mins(packed) if kind == "Q8_1" else None
+        error = q8_1_sum_error(x) if mins is not None else None
+        out = quantize_activations(x, kind) @ packed.dequantize().to(x.dtype).t()
+        return out if error is None else out + (error @ mins.to(error.device).T).to(out.dtype)
+
     def kernel_paths(self, model: Any) -> list[str]:
         if not self.config.activations:
             return super().kernel_paths(model) + ["activations in float (weights only)"]
@@ -281,8 +294,12 @@ class GGUFQuantizer(Quantizer):
         return _type_shape_problem(config.type_of(name.split("[")[0]), name, shape)
 
     #: Block types a per-layer mix chooses from (what the gguf package quantizes; the first is the uniform one).
+    #: The block types a per-layer mix chooses from (a K-quant only for rows of whole 256-blocks: the recommender
+    #: skips it for a layer it does not fit, as llama-quantize would fall back).
     MIX_TYPES: ClassVar[tuple[tuple[str, float], ...]] = (("Q4_0", 4.0), ("Q4_1", 4.0), ("Q5_0", 5.0),
-                                                          ("Q5_1", 5.0), ("Q8_0", 8.0))
+                                                          ("Q5_1", 5.0), ("Q8_0", 8.0), ("Q2_K", 2.0), ("Q3_K", 3.0),
+                                                          ("Q4_K", 4.0), ("Q5_K", 5.0), ("Q6_K", 6.0),
+                                                          ("IQ4_NL", 4.0), ("IQ4_XS", 4.0))
 
     @classmethod
     def mix_spaces(cls, shapes: ModelShapes) -> list[MixSpace]:
