@@ -377,6 +377,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_imatrix(args: argparse.Namespace) -> int:
+    from quantlib.methods._ggml_importance import measure_and_write
+    from quantlib.models import load_model
+
+    loaded = load_model(args.model, progress=_progress(not args.quiet))
+    text = Path(args.text).read_text(encoding="utf-8") if args.text else None
+    measured, n = measure_and_write(loaded.model, loaded.tokenizer, args.out, args.tokens, text=text,
+                                    dataset=args.text or "quantlib built-in calibration text",
+                                    progress=_progress(not args.quiet))
+    print(f"wrote {args.out}: {n} matrices, {measured.chunk_count} chunks of {measured.chunk_size} tokens "
+          f"(llama-quantize --imatrix {args.out} ...)")
+    return EXIT_OK
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     from quantlib.runs import list_runs, runs_dir
 
@@ -509,6 +523,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     common(p)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("imatrix", help="measure the importance matrix as llama-imatrix does and write the GGUF file "
+                                       "llama-quantize --imatrix reads")
+    p.add_argument("--model", default="default", help=model_help)
+    p.add_argument("--out", required=True, metavar="FILE", help="the imatrix file to write (GGUF)")
+    p.add_argument("--tokens", type=int, default=4096, help="calibration tokens (chunks of 512, each from BOS)")
+    p.add_argument("--text", metavar="FILE", help="calibration text (default: the built-in calibration text)")
+    p.add_argument("--quiet", action="store_true")
+    common(p)
+    p.set_defaults(func=cmd_imatrix)
 
     p = sub.add_parser("runs", help="list saved comparison runs (the app lists the same)")
     common(p)

@@ -22,12 +22,24 @@ from quantlib.errors import Cancelled
 CHUNK_TOKENS = 512
 
 
+class ImportanceMatrix(dict):
+    """Layer name -> the mean of x_j^2 per input column (float32), as llama-quantize computes it from an imatrix file
+    (`in_sum2 / counts` in float32); `sums` (float32 in_sum2) and `counts` (tokens seen) are what the file holds, over
+    `chunk_count` chunks of `chunk_size` tokens."""
+
+    sums: dict[str, np.ndarray]
+    counts: dict[str, int]
+    chunk_count: int
+    chunk_size: int
+
+
 @torch.no_grad()
 def importance_matrix(model: torch.nn.Module, tokenizer: Any, layer_names: list[str], n_tokens: int,
                       text: str | None = None, chunk: int = CHUNK_TOKENS, progress: ProgressFn | None = None,
-                      cancel: CancelFn | None = None) -> dict[str, np.ndarray]:
+                      cancel: CancelFn | None = None) -> ImportanceMatrix:
     """Per layer in `layer_names` (modules whose input is the matrix's input): the mean of x_j^2 over `n_tokens`
-    tokens of `text` (default: the built-in calibration text), float32 of length in_features."""
+    tokens of `text` (default: the built-in calibration text), float32 of length in_features, computed from the
+    float32 sums and the counts as llama-quantize computes it from the file `write_imatrix_gguf` writes."""
     from quantlib.corpus import builtin_text
     from quantlib.evaluation import tokenize_for_eval
 
@@ -65,4 +77,63 @@ def importance_matrix(model: torch.nn.Module, tokenizer: Any, layer_names: list[
     finally:
         for handle in handles:
             handle.remove()
-    return {name: (sums[name] / counts[name]).float().numpy() for name in layer_names if name in sums}
+    out = ImportanceMatrix()
+    out.sums = {name: sums[name].float().numpy() for name in layer_names if name in sums}
+    out.counts = {name: int(counts[name]) for name in out.sums}
+    out.chunk_count, out.chunk_size = len(starts), chunk
+    for name, total in out.sums.items():
+        out[name] = total / np.float32(out.counts[name])  # float32 / float32, as llama-quantize divides
+    return out
+
+
+@torch.no_grad()
+def measure_and_write(model: torch.nn.Module, tokenizer: Any, path: Any, n_tokens: int, text: str | None = None,
+                      dataset: str = "quantlib built-in calibration text", progress: ProgressFn | None = None,
+                      cancel: CancelFn | None = None) -> tuple[ImportanceMatrix, int]:
+    """llama-imatrix on this model in PyTorch: measure every matrix llama.cpp multiplies by (its 2-D weights that have
+    a llama.cpp tensor name, embeddings and the output head's lookups aside) and write the file
+    `llama-quantize --imatrix` reads. Returns the measurement and the number of matrices written."""
+    from quantlib.methods._gguf_file_types import _gguf_names
+    from quantlib.shapes import describe_model
+
+    shapes = describe_model(model)
+    names = _gguf_names(shapes)
+    modules = dict(model.named_modules())
+    by_module = {w.module: names[w.name] for w in shapes.weights if w.name in names and w.is_matmul
+                 and not isinstance(modules.get(w.module), torch.nn.Embedding)}
+    measured = importance_matrix(model, tokenizer, list(by_module), n_tokens, text=text, progress=progress,
+                                 cancel=cancel)
+    return measured, write_imatrix_gguf(path, measured, by_module, dataset)
+
+
+def write_imatrix_gguf(path: Any, imatrix: ImportanceMatrix, gguf_names: dict[str, str], dataset: str) -> int:
+    """Write `imatrix` as the GGUF file llama-imatrix writes and `llama-quantize --imatrix` reads: per matrix a float32
+    `<tensor>.in_sum2` (in_features) and `<tensor>.counts` (1), named by llama.cpp's tensor names (`gguf_names`:
+    layer name -> e.g. blk.0.ffn_down.weight), with general.type "imatrix", imatrix.datasets, imatrix.chunk_count and
+    imatrix.chunk_size. Written to a temporary file and renamed. Returns the number of matrices written."""
+    import os
+    from pathlib import Path
+
+    import gguf
+
+    path = Path(path)
+    missing = [name for name in imatrix.sums if name not in gguf_names]
+    if missing:
+        raise ValueError(f"no llama.cpp tensor name for {missing[0]} (and {len(missing) - 1} more); the imatrix file "
+                         "names tensors as llama.cpp does")
+    tmp = path.with_name(path.name + ".tmp")
+    writer = gguf.GGUFWriter(str(tmp), arch="", use_temp_file=False)
+    writer.add_type("imatrix")
+    writer.add_array("imatrix.datasets", [dataset])
+    writer.add_uint32("imatrix.chunk_count", imatrix.chunk_count)
+    writer.add_uint32("imatrix.chunk_size", imatrix.chunk_size)
+    for name in sorted(imatrix.sums, key=lambda n: gguf_names[n]):
+        tensor = gguf_names[name]
+        writer.add_tensor(f"{tensor}.in_sum2", imatrix.sums[name].astype(np.float32).reshape(1, -1))
+        writer.add_tensor(f"{tensor}.counts", np.array([[imatrix.counts[name]]], dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, path)
+    return len(imatrix.sums)
