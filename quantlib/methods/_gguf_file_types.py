@@ -86,7 +86,9 @@ def llama_quantize_command(config: Any, model_config: dict[str, Any], shapes: Mo
 
     float_type = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[dtype]
     convert = f"python convert_hf_to_gguf.py MODEL_DIR --outtype {float_type} --outfile model-{float_type}.gguf"
-    measure = ([f"llama-imatrix -m model-{float_type}.gguf -f calibration.txt -c 512 -o imatrix.gguf"]
+    measure = ([f"quantlib imatrix --model MODEL_DIR --tokens {config.imatrix_tokens} --out imatrix.gguf  # the "
+                "importance matrix quantlib measured; or llama.cpp's own: "
+                f"llama-imatrix -m model-{float_type}.gguf -f calibration.txt -c 512 -o imatrix.gguf"]
                if config.imatrix else [])
     imatrix = " --imatrix imatrix.gguf" if config.imatrix else ""
     if config.is_file_type:
