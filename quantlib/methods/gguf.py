@@ -27,6 +27,12 @@ from quantlib.shapes import ModelShapes, WeightShape
 #: Place in the registry (the builder's method list, the CLI).
 DISPLAY_ORDER = 20
 
+#: Where llama.cpp's CUDA backend computes otherwise than the CPU path simulated here (ggml-cuda's mmq.cu,
+#: `ggml_cuda_should_use_mmq`, and mmvq.cu).
+CUDA_NOTE = ("on CUDA llama.cpp differs: its MMQ / MMVQ kernels quantize the activations to Q8_1 blocks of 32 for every "
+             "weight type (Q8_K is the CPU's), and without tensor cores a large batch dequantizes the weights to F16 "
+             "for cuBLAS, activations unquantized; these figures are the CPU's")
+
 
 def _tensor_types_rule(value: Any) -> str | None:
     if not value:
@@ -197,7 +203,8 @@ class GGUFQuantizer(Quantizer):
         if not self.config.activations:
             return super().kernel_paths(model) + ["activations in float (weights only)"]
         return ["quantlib's simulation of llama.cpp's CPU matmul: F.linear on the dequantized weights, its inputs "
-                "quantized to the weight type's vec_dot_type (Q8_0, Q8_1 or Q8_K blocks) as ggml-cpu does"]
+                "quantized to the weight type's vec_dot_type (Q8_0, Q8_1 or Q8_K blocks) as ggml-cpu does",
+                CUDA_NOTE]
 
     @classmethod
     def offload_problem(cls, config: QuantConfig, dtype: str) -> str | None:
