@@ -185,6 +185,39 @@ def show_unquantized(model_config: dict, names: list[str], configs: list, dtype:
             st.caption(f"Mixture of experts ({shapes.n_experts} experts per block): {plan.experts_policy}.")
 
 
+def show_tensor_plan(names: list[str], configs: list, shapes: ModelShapes) -> None:
+    """For configs that type each tensor by a rule (llama-quantize's file types): every tensor's type and the rule."""
+    from quantlib.registry import quantizer_class
+
+    tables = {}
+    for name, cfg in zip(names, configs):
+        if cfg is None:  # the unquantized model
+            continue
+        try:
+            rows = quantizer_class(cfg).tensor_plan(cfg, shapes)
+        except ValueError as exc:
+            tables[name] = str(exc)
+            continue
+        if rows is not None:
+            tables[name] = rows
+    if not tables:
+        return
+    with st.expander("Per-tensor types, and the llama-quantize rule that chose each", expanded=False):
+        which = st.selectbox("Scheme", list(tables), key=NS.key("tensor_plan_scheme"))
+        rows = tables[which]
+        if isinstance(rows, str):
+            st.info(f"Not planned tensor by tensor: {rows}.", icon=":material/info:")
+            return
+        frame = pd.DataFrame(rows)
+        counts = frame["type"].value_counts()
+        st.caption(f"{len(frame)} tensors in llama-quantize's order: "
+                   + ", ".join(f"{n} {t}" for t, n in counts.items())
+                   + ". \"rule type\" is what the rule asks for; \"type\" what is written after the shape fallback.")
+        st.dataframe(frame[["weight", "tensor", "rule type", "type", "rule", "fallback"]], hide_index=True,
+                     width="stretch", column_config={"rule": st.column_config.TextColumn("rule", width="large"),
+                                                     "fallback": st.column_config.TextColumn("fallback", width="large")})
+
+
 def choose_budget() -> tuple[float | None, str]:
     sources = memory_sources()
     names = [*sources, CUSTOM_MEMORY]
@@ -336,6 +369,7 @@ def main() -> None:
             add_available_line(fig, budget, f"available: {gib(budget)}")
         st.plotly_chart(fig, width="stretch")
         show_unquantized(model_config, names, configs, dtype, shapes)
+        show_tensor_plan(names, configs, shapes)
 
 
 #: The dtype planned when config.json names none (most published checkpoints are bf16).

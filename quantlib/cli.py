@@ -198,7 +198,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
         _print_table(frame, False)
         if plan.experts_policy:
             print(f"experts: {plan.experts_policy}")
+    for config in configs:  # llama-quantize's file types: each tensor's type and the rule that chose it
+        from quantlib.registry import quantizer_class
+
+        try:
+            rows = quantizer_class(config).tensor_plan(config, shapes)
+        except ValueError as exc:
+            print(f"\n{config.label}: not planned tensor by tensor ({exc})")
+            continue
+        if rows:
+            print(f"\n{config.label}: each tensor's type and the rule that chose it")
+            _print_table(pd_frame(rows), False)
     return EXIT_OK
+
+
+def pd_frame(rows: list[dict[str, Any]]) -> Any:
+    import pandas as pd
+
+    return pd.DataFrame(rows)
 
 
 def cmd_compare_offloaded(args: argparse.Namespace, configs: list) -> int:
@@ -439,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive_int, default=1, help="batch size for --context (default 1)")
     p.add_argument("--kv-dtype", default="float16", choices=["float16", "bfloat16", "float32", "float8"],
                    help="KV cache dtype for --context (default float16)")
-    p.add_argument("--why", action="store_true", help="also list what each scheme leaves unquantized, and why")
+    p.add_argument("--why", action="store_true", help="also list what each scheme leaves unquantized, and why, and "
+                                                      "for a llama-quantize file type each tensor's type and rule")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow models whose code lives in their repository (off by default)")
     common(p)

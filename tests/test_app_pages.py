@@ -628,3 +628,17 @@ def test_builder_says_why_the_export_carries_transformers_private_keys():
     assert any("`_load_in_4bit` and `_load_in_8bit` are transformers' own keys" in c.value for c in at.caption)
     transformers_dict = transformers.BitsAndBytesConfig(load_in_4bit=True).to_dict()
     assert "_load_in_4bit" in transformers_dict and "_load_in_8bit" in transformers_dict
+
+
+def test_planner_shows_each_tensor_s_type_and_rule_for_a_llama_quantize_file_type():
+    at = run(PLANNER)
+    preset = next(o for o in at.multiselect(key="planner.configs").options if "Q4_K_M" in o)
+    at.multiselect(key="planner.configs").set_value([preset]).run()
+    assert not at.exception and not errors(at)
+    frames = [d.value for d in at.dataframe if "rule" in d.value.columns]
+    assert len(frames) == 1
+    frame = frames[0]
+    assert len(frame) == 211 and set(frame["type"]) == {"Q5_0", "Q4_K", "Q8_0", "Q6_K"}  # SmolLM2's 576-wide rows
+    down0 = frame[frame["tensor"] == "blk.0.ffn_down.weight"].iloc[0]
+    assert down0["type"] == "Q6_K" and "use_more_bits" in down0["rule"]
+    assert any("not a multiple of 256" in f for f in frame["fallback"])

@@ -160,6 +160,7 @@ class TensorChoice:
     rule_type: str
     type: str
     reason: str = ""  # why ``type`` differs from what the rules ask for a shape-compatible tensor; "" if it does not
+    rule: str = ""  # which of llama_tensor_get_type's rules gave ``rule_type``, in words
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,16 @@ def _c_mod(a: int, b: int) -> int:  # C remainder (sign of the dividend)
 def _use_more_bits(i_layer: int, n_layers: int) -> bool:
     return (i_layer < _c_div(n_layers, 8) or i_layer >= _c_div(7 * n_layers, 8)
             or _c_mod(i_layer - _c_div(n_layers, 8), 3) == 2)
+
+
+def _layer_rule(what: str, i_layer: int, n_layers: int, new_type: str, default: str) -> str:
+    """The rule for a tensor that llama-quantize types by its place among the `n_layers` like it (attn_v, ffn_down)."""
+    if new_type == default:
+        return f"{what} {i_layer} of {n_layers}: the file type's type (no rule raises it here)"
+    more = _use_more_bits(i_layer, n_layers)
+    place = ("a layer use_more_bits picks (the first and last eighth, and every third between)" if more
+             else "its place among the layers")
+    return f"{what} {i_layer} of {n_layers}: raised to {new_type} for {place}"
 
 
 def _fallback(ncols: int, target: str) -> tuple[str, str]:
@@ -272,6 +283,7 @@ def tensor_choices(file_type: str, tensors: Sequence, *, n_layer: int, n_gqa: in
         category = categories[name]
         new_type = default
         shape_reason = ""
+        layer_rule = ""
         # llama_tensor_get_type_impl (the branches of unported file types, archs and n_expert left out)
         if category == "OUTPUT" or (has_tied_embeddings and category == "TOKEN_EMBD"):
             output_type = "Q8_0" if default == "Q8_0" else "Q6_K"
@@ -282,6 +294,8 @@ def tensor_choices(file_type: str, tensors: Sequence, *, n_layer: int, n_gqa: in
                                     f"{default}, so the output rule gives Q8_0, not Q6_K")
             else:
                 new_type = output_type
+            layer_rule = ("the output rule" + (" (the token embedding stands in for a tied output)"
+                                               if category == "TOKEN_EMBD" else ""))
         elif category == "TOKEN_EMBD":
             pass
         elif category_is_attn_v(category):  # attn_v, attn_qkv, attn_kv_b
@@ -299,6 +313,7 @@ def tensor_choices(file_type: str, tensors: Sequence, *, n_layer: int, n_gqa: in
                 new_type = "Q6_K"
             elif ftype == "Q4_K_S" and i_attention_wv < 4:
                 new_type = "Q5_K"
+            layer_rule = _layer_rule("attn_v", i_attention_wv, n_attention_wv, new_type, default)
             i_attention_wv += 1
         elif category in ("ATTENTION_K", "ATTENTION_Q"):
             pass  # only IQ3_XS / IQ3_XXS and n_expert == 8 change these
@@ -324,9 +339,12 @@ def tensor_choices(file_type: str, tensors: Sequence, *, n_layer: int, n_gqa: in
                 new_type = "Q5_K"
             elif ftype in ("Q4_0", "Q5_0") and has_imatrix and i_layer < _c_div(n, 8):
                 new_type = "Q4_1" if ftype == "Q4_0" else "Q5_1"
+            layer_rule = _layer_rule("ffn_down", i_layer, n, new_type, default)
             i_ffn_down += 1
         elif category == "ATTENTION_OUTPUT":
             new_type = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(ftype, new_type)
+            if new_type != default:
+                layer_rule = f"attn_output is raised to {new_type} in {ftype}"
         # (llama.cpp's ATTENTION_QKV branch is unreachable: attn_qkv is attn_v-like and handled above)
         elif category == "FFN_GATE":
             i_ffn_gate += 1  # only IQ3_XS changes ffn_gate
@@ -339,7 +357,8 @@ def tensor_choices(file_type: str, tensors: Sequence, *, n_layer: int, n_gqa: in
             raise ValueError(f"{ftype} needs an importance matrix: llama-quantize refuses to write {name} as Q2_K "
                              "without one (tensor_requires_imatrix)")
         reason = "; ".join(r for r in (shape_reason, fallback_reason) if r)
-        choices.append(TensorChoice(name, ncols, rule_type, final, reason))
+        rule = layer_rule or f"{ftype}'s type for every other tensor"
+        choices.append(TensorChoice(name, ncols, rule_type, final, reason, rule))
     return choices
 
 

@@ -46,6 +46,16 @@ def file_type_plan(file_type: str, shapes: ModelShapes, has_imatrix: bool = Fals
     return dict(_plan(file_type, shapes, has_imatrix)[0])
 
 
+def file_type_table(file_type: str, shapes: ModelShapes, has_imatrix: bool = False) -> list[dict[str, Any]]:
+    """Every tensor llama-quantize writes for a `file_type` file of this model, in its visiting order: the weight,
+    llama.cpp's tensor name, the type the rules ask for, the type written, the rule and any shape fallback."""
+    from quantlib.methods._ggml_ftypes import tensor_choices
+
+    by_gguf, tensors, kwargs = _inputs(shapes, has_imatrix)
+    return [{"weight": by_gguf[c.name], "tensor": c.name, "rule type": c.rule_type, "type": c.type, "rule": c.rule,
+             "fallback": c.reason} for c in tensor_choices(file_type, tensors, **kwargs) if c.name in by_gguf]
+
+
 def file_type_notes(file_type: str, shapes: ModelShapes, has_imatrix: bool = False) -> list[str]:
     """What llama.cpp did other than the file type's name says: the weights whose rows fell back to another type."""
     return list(_plan(file_type, shapes, has_imatrix)[1])
@@ -56,20 +66,7 @@ def _plan(file_type: str, shapes: ModelShapes, has_imatrix: bool) -> tuple[tuple
                                                                              tuple[str, ...]]:
     from quantlib.methods._ggml_ftypes import fallback_notes, file_type_tensor_types
 
-    gguf_names = _gguf_names(shapes)
-    if not any(name.startswith("blk.") for name in gguf_names.values()):
-        raise ValueError(f"the gguf package maps none of this {shapes.model_type} model's block weights to llama.cpp "
-                         "tensor names, so llama-quantize's per-tensor rules cannot be applied")
-    by_gguf = {g: name for name, g in gguf_names.items()}
-    weights = {w.name: w for w in shapes.weights}
-    tensors = [(g, weights[name].in_features if weights[name].is_matmul else weights[name].shape[-1])
-               for name, g in gguf_names.items()]
-    n_layer = len({m.group(1) for name in gguf_names.values() if (m := re.match(r"blk\.(\d+)\.", name))})
-    q = next((weights[by_gguf[g]] for g in by_gguf if g == "blk.0.attn_q.weight"), None)
-    k = next((weights[by_gguf[g]] for g in by_gguf if g == "blk.0.attn_k.weight"), None)
-    n_gqa = q.out_features // k.out_features if q is not None and k is not None and k.out_features else 1
-    kwargs = dict(n_layer=n_layer, n_gqa=n_gqa, n_expert=max(1, shapes.n_experts), has_imatrix=has_imatrix,
-                  arch=shapes.model_type)
+    by_gguf, tensors, kwargs = _inputs(shapes, has_imatrix)
     types = file_type_tensor_types(file_type, tensors, **kwargs)
     notes = [f"{by_gguf.get(n.tensor, n.tensor)} ({n.tensor}): {n}" for n in fallback_notes(file_type, tensors,
                                                                                            **kwargs)]
@@ -119,6 +116,25 @@ def llama_quantize_command(config: Any, model_config: dict[str, Any], shapes: Mo
     if unmapped:
         tail.append(f"# not mapped to a GGUF tensor name (check them by hand): {', '.join(unmapped[:5])}")
     return "\n".join(head + lines + tail)
+
+
+def _inputs(shapes: ModelShapes, has_imatrix: bool) -> tuple[dict[str, str], list[tuple[str, int]], dict[str, Any]]:
+    """llama.cpp tensor name -> weight name, the (tensor, ncols) list and the model settings the rules read."""
+    gguf_names = _gguf_names(shapes)
+    if not any(name.startswith("blk.") for name in gguf_names.values()):
+        raise ValueError(f"the gguf package maps none of this {shapes.model_type} model's block weights to llama.cpp "
+                         "tensor names, so llama-quantize's per-tensor rules cannot be applied")
+    by_gguf = {g: name for name, g in gguf_names.items()}
+    weights = {w.name: w for w in shapes.weights}
+    tensors = [(g, weights[name].in_features if weights[name].is_matmul else weights[name].shape[-1])
+               for name, g in gguf_names.items()]
+    n_layer = len({m.group(1) for name in gguf_names.values() if (m := re.match(r"blk\.(\d+)\.", name))})
+    q = next((weights[by_gguf[g]] for g in by_gguf if g == "blk.0.attn_q.weight"), None)
+    k = next((weights[by_gguf[g]] for g in by_gguf if g == "blk.0.attn_k.weight"), None)
+    n_gqa = q.out_features // k.out_features if q is not None and k is not None and k.out_features else 1
+    kwargs = dict(n_layer=n_layer, n_gqa=n_gqa, n_expert=max(1, shapes.n_experts), has_imatrix=has_imatrix,
+                  arch=shapes.model_type)
+    return by_gguf, tensors, kwargs
 
 
 def _gguf_version() -> str:

@@ -331,6 +331,15 @@ class GGUFQuantizer(Quantizer):
                          "--tensor-type per tensor")]
 
     @classmethod
+    def tensor_plan(cls, config: QuantConfig, shapes: ModelShapes) -> list[dict[str, Any]] | None:
+        """For a llama-quantize file type: every tensor's type and the llama-quantize rule that chose it."""
+        if not config.is_file_type:
+            return None
+        from quantlib.methods._gguf_file_types import file_type_table
+
+        return file_type_table(config.quant_type, shapes, bool(config.imatrix))
+
+    @classmethod
     def tool_commands(cls, config: QuantConfig, model_config: dict[str, Any], shapes: ModelShapes,
                       dtype: str = "float32") -> dict[str, str]:
         """The llama-quantize command that writes this config (`_gguf_file_types.llama_quantize_command`)."""

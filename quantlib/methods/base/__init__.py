@@ -5,9 +5,8 @@ says *what*, a quantizer knows *how* (which library, which device, which modules
 checks the environment before any weights are touched. The base class owns the model-level work with
 defaults, and a method overrides only what differs:
 
-- `quantize_model`: simulate by default (each quantizable matrix replaced by its quantize->dequantize
-  result, memory counted at the packed size); bitsandbytes loads through `from_pretrained`;
-  calibrated methods calibrate with their library.
+- `quantize_model`: simulate by default (each quantizable matrix replaced by its quantize->dequantize result, memory
+  counted at the packed size); bitsandbytes loads through `from_pretrained`; calibrated methods calibrate.
 - `layer_weights`: the original and dequantized weight of every quantized layer, for every metric.
 - storage by component (`storage_bytes`, classmethod, from shapes alone; the packed tensors carry
   their own), code levels for histograms, cost estimates, notes and the copyable snippet.
@@ -61,11 +60,7 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-# --------------------------------------------------------------------------------------------
-# The base class
-# --------------------------------------------------------------------------------------------
-
-
+# ------------------------------------------------------------------------------ the base class
 class Quantizer:
     """Base of all quantizers (the `HfQuantizer` of this project).
 
@@ -231,6 +226,11 @@ class Quantizer:
     def plan_notes(cls, config: QuantConfig, shapes: ModelShapes) -> list[str]:
         """What the plan of this model should say beside its bytes (none by default)."""
         return []
+
+    @classmethod
+    def tensor_plan(cls, config: QuantConfig, shapes: ModelShapes) -> list[dict[str, Any]] | None:
+        """Where a config types each tensor by a rule (llama-quantize's file types): per tensor its type and the rule."""
+        return None
 
     @classmethod
     def model_layer_storage_bytes(cls, config: QuantConfig, shapes: ModelShapes, w: WeightShape,
