@@ -32,7 +32,8 @@ from quantlib.methods._gptqmodel import CalibrationSettings  # noqa: E402
 from quantlib.models import load_model  # noqa: E402
 from quantlib.presets import preset  # noqa: E402
 
-SIMULATED = ("hqq-int4-g64", "rtn-int4-g64-asym", "quanto-int4", "torchao-int8")
+SIMULATED = ("hqq-int4-g64", "rtn-int4-g64-asym", "quanto-int4", "torchao-int8", "gguf-q4_k_m", "ct-nvfp4",
+             "ct-mxfp4", "ct-fp8-dynamic", "fp8-block32")
 
 
 def main() -> None:
@@ -60,7 +61,8 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         results[name] = {"seconds": seconds, "bits_per_param": memory.quantized_bits_per_param,
                          "library": quantizer.backend.library}
-        print(f"{name}: {seconds:.1f} s, {memory.quantized_bits_per_param:.3f} bits/param", flush=True)
+        print(f"{name}: {seconds:.1f} s ({seconds / one_pass:.2f} plain forward passes), "
+              f"{memory.quantized_bits_per_param:.3f} bits/param", flush=True)
         del model
     if not args.skip_gptq:
         settings = CalibrationSettings(n_samples=args.gptq_samples, seq_len=args.gptq_seq_len)
