@@ -77,3 +77,35 @@ def test_static_activations_and_fp8_embeddings_are_refused_with_the_reason() -> 
         with pytest.raises(Exception, match=word):
             plan_memory({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
                          "num_attention_heads": 4, "vocab_size": 100}, parse_config({"quant_method": "fp8", **extra}))
+
+
+@pytest.mark.parametrize("method, settings", [("fp8", {"weight_block_size": [32, 32]}), ("fp8", {}),
+                                              ("fp8", {"weight_block_size": [32, 64], "scale_fmt": "ue8m0"}),
+                                              ("fbgemm_fp8", {})])
+def test_the_planner_counts_what_transformers_own_fp8_layers_hold(method: str, settings: dict) -> None:
+    """transformers' FP8Linear / FbgemmFp8Linear, built on the meta device for a 192 x 576 layer: their parameters and
+    buffers are what the planner counts for that layer."""
+    from transformers.integrations.fbgemm_fp8 import FbgemmFp8Linear
+    from transformers.integrations.finegrained_fp8 import FP8Linear
+
+    from quantlib.registry import quantizer_class
+
+    config = parse_config({"quant_method": method, **settings})
+    with torch.device("meta"):
+        if method == "fbgemm_fp8":
+            layer = FbgemmFp8Linear(576, 192, False)
+        else:
+            hf = config.to_transformers()
+            layer = FP8Linear(576, 192, block_size=hf.weight_block_size, scale_fmt=hf.scale_fmt)
+    held = sum(t.numel() * t.element_size() for t in [*layer.parameters(), *layer.buffers()])
+    planned = quantizer_class(config).storage_bytes(config, 192, 576)
+    assert sum(planned.values()) == held
+
+
+def test_fbgemm_fp8_is_planned_and_refused_on_a_cpu_with_the_reason() -> None:
+    from quantlib.errors import BackendUnavailableError
+
+    config = parse_config({"quant_method": "fbgemm_fp8", "activation_scale_ub": 600.0})
+    assert parse_config(config.to_transformers().to_dict()) == config
+    with pytest.raises(BackendUnavailableError, match="fbgemm|GPU"):
+        get_quantizer(config, device="cpu")
