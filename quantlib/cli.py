@@ -394,18 +394,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_imatrix(args: argparse.Namespace) -> int:
-    from quantlib.methods._ggml_importance import measure_and_write
+def load_model_for(args: argparse.Namespace) -> Any:
+    """The model a method's own command works on (`--model`), loaded with progress unless `--quiet`."""
     from quantlib.models import load_model
 
-    loaded = load_model(args.model, progress=_progress(not args.quiet))
-    text = Path(args.text).read_text(encoding="utf-8") if args.text else None
-    measured, n = measure_and_write(loaded.model, loaded.tokenizer, args.out, args.tokens, text=text,
-                                    dataset=args.text or "quantlib built-in calibration text",
-                                    progress=_progress(not args.quiet))
-    print(f"wrote {args.out}: {n} matrices, {measured.chunk_count} chunks of {measured.chunk_size} tokens "
-          f"(llama-quantize --imatrix {args.out} ...)")
-    return EXIT_OK
+    return load_model(args.model, progress=_progress(not args.quiet))
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -542,15 +535,15 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("imatrix", help="measure the importance matrix as llama-imatrix does and write the GGUF file "
-                                       "llama-quantize --imatrix reads")
-    p.add_argument("--model", default="default", help=model_help)
-    p.add_argument("--out", required=True, metavar="FILE", help="the imatrix file to write (GGUF)")
-    p.add_argument("--tokens", type=int, default=4096, help="calibration tokens (chunks of 512, each from BOS)")
-    p.add_argument("--text", metavar="FILE", help="calibration text (default: the built-in calibration text)")
-    p.add_argument("--quiet", action="store_true")
-    common(p)
-    p.set_defaults(func=cmd_imatrix)
+    from quantlib.registry import QUANTIZER_MAPPING
+
+    for command in {c.name: c for cls in QUANTIZER_MAPPING.values() for c in cls.cli_commands()}.values():
+        p = sub.add_parser(command.name, help=command.help)  # a method's own tool (GGUF's imatrix)
+        p.add_argument("--model", default="default", help=model_help)
+        p.add_argument("--quiet", action="store_true")
+        command.arguments(p)
+        common(p)
+        p.set_defaults(func=lambda args, command=command: command.run(args, load_model_for(args)))
 
     p = sub.add_parser("runs", help="list saved comparison runs (the app lists the same)")
     common(p)

@@ -83,3 +83,13 @@ def test_llama_quantize_reads_the_file_and_writes_quantlib_s_bytes(tmp_path) -> 
         plain = quantize_gguf(weight, "Q4_0")  # and the importance matrix changed them
         assert not np.array_equal(np.ascontiguousarray(plain.data).view(np.uint8).reshape(-1), theirs)
     assert torch.is_tensor(weight)
+
+
+def test_the_command_line_writes_the_file(tmp_path, tiny_llama_dir) -> None:
+    import sys
+
+    out = tmp_path / "imatrix.gguf"
+    done = subprocess.run([sys.executable, "-m", "quantlib", "imatrix", "--model", str(tiny_llama_dir), "--out",
+                           str(out), "--tokens", "600", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert out.exists() and "15 matrices, 2 chunks of 512 tokens" in done.stdout

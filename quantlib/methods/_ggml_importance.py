@@ -137,3 +137,32 @@ def write_imatrix_gguf(path: Any, imatrix: ImportanceMatrix, gguf_names: dict[st
     writer.close()
     os.replace(tmp, path)
     return len(imatrix.sums)
+
+
+class ImatrixCommand:
+    """`quantlib imatrix`: llama-imatrix's measurement on a model, written as the file llama-quantize --imatrix reads."""
+
+    name = "imatrix"
+    help = "measure the importance matrix as llama-imatrix does and write the GGUF file llama-quantize --imatrix reads"
+
+    def arguments(self, parser: Any) -> None:
+        parser.add_argument("--out", required=True, metavar="FILE", help="the imatrix file to write (GGUF)")
+        parser.add_argument("--tokens", type=int, default=4096, help="calibration tokens (chunks of 512, each from BOS)")
+        parser.add_argument("--text", metavar="FILE", help="calibration text (default: the built-in calibration text)")
+
+    def run(self, args: Any, loaded: Any) -> int:
+        from pathlib import Path
+
+        text = Path(args.text).read_text(encoding="utf-8") if args.text else None
+        progress = None if args.quiet else _print_progress
+        measured, n = measure_and_write(loaded.model, loaded.tokenizer, args.out, args.tokens, text=text,
+                                        dataset=args.text or "quantlib built-in calibration text", progress=progress)
+        print(f"wrote {args.out}: {n} matrices, {measured.chunk_count} chunks of {measured.chunk_size} tokens "
+              f"(llama-quantize --imatrix {args.out} ...)")
+        return 0
+
+
+def _print_progress(fraction: float, message: str) -> None:
+    import sys
+
+    print(f"[{100 * fraction:5.1f}%] {message}", file=sys.stderr, flush=True)

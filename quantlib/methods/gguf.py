@@ -331,6 +331,12 @@ class GGUFQuantizer(Quantizer):
                          "--tensor-type per tensor")]
 
     @classmethod
+    def cli_commands(cls) -> list[Any]:
+        from quantlib.methods._ggml_importance import ImatrixCommand
+
+        return [ImatrixCommand()]
+
+    @classmethod
     def tensor_plan(cls, config: QuantConfig, shapes: ModelShapes) -> list[dict[str, Any]] | None:
         """For a llama-quantize file type: every tensor's type and the llama-quantize rule that chose it."""
         if not config.is_file_type:

@@ -186,11 +186,8 @@ class Quantizer:
 
     @classmethod
     def shape_problem(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
-        """Why a weight of this shape cannot be quantized by this scheme, or None if it can.
-
-        A classmethod, like `storage_bytes`: shape rules need the config, not the hardware, so
-        they can run on a `config.json` before anything is loaded.
-        """
+        """Why a weight of this shape cannot be quantized by this scheme, or None if it can (a classmethod: shape rules
+        need the config, not the hardware, so they run on a `config.json` before anything is loaded)."""
         return None
 
     @classmethod
@@ -218,8 +215,7 @@ class Quantizer:
 
     @classmethod
     def layer_storage_bytes(cls, config: QuantConfig, w: WeightShape, dtype: str = "float32") -> dict[str, float]:
-        """`storage_bytes` of one matrix of the weight `w` for a model in `dtype` (methods with per-layer
-        settings, or that store scales in the model dtype, override this)."""
+        """`storage_bytes` of one matrix of `w` in a `dtype` model (per-layer settings, dtype scales override it)."""
         return cls.storage_bytes(config, w.out_features, w.in_features)
 
     @classmethod
@@ -276,8 +272,7 @@ class Quantizer:
 
     @classmethod
     def snippet(cls, config: QuantConfig, model_id: str) -> str | None:
-        """Python that loads `model_id` with this config through transformers, or None where
-        transformers has no config class for the method."""
+        """Python that loads `model_id` with this config through transformers (None: no transformers class)."""
         name = cls.transformers_class_name()
         if name is None:
             return None
@@ -320,9 +315,14 @@ class Quantizer:
     @classmethod
     def tool_commands(cls, config: QuantConfig, model_config: dict[str, Any], shapes: ModelShapes,
                       dtype: str = "float32") -> dict[str, str]:
-        """Commands of the method's own tools that produce this config (tool name -> shell text), where its
-        config is not what the tool reads (llama.cpp's llama-quantize for GGUF); {} where none."""
+        """Commands of the method's own tools that produce this config (tool name -> shell text; llama-quantize's)."""
         return {}
+
+    @classmethod
+    def cli_commands(cls) -> list[Any]:
+        """Subcommands of `quantlib` that are the method's own tools (GGUF's imatrix): objects with `name`, `help`,
+        `arguments(parser)` and `run(args) -> exit status`."""
+        return []
 
     def layer_output(self, x: torch.Tensor, packed: QuantizedTensor) -> torch.Tensor:
         """What the quantized layer computes from inputs `x` (rows x in), bias aside: `x @ W_q.T` by
