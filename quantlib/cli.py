@@ -543,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true")
         command.arguments(p)
         common(p)
-        p.set_defaults(func=lambda args, command=command: command.run(args, load_model_for(args)))
+        p.set_defaults(func=lambda args, command=command: command.run(args, lambda: load_model_for(args)))
 
     p = sub.add_parser("runs", help="list saved comparison runs (the app lists the same)")
     common(p)
@@ -580,9 +580,9 @@ def _silence_library_progress() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m quantlib` and the `quantlib` console script."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    args = build_parser().parse_args(argv)
-    if getattr(args, "quiet", False):
+    if "--quiet" in (sys.argv[1:] if argv is None else argv):  # before the parser imports the methods' libraries
         _silence_library_progress()
+    args = build_parser().parse_args(argv)
     from quantlib.errors import QuantlibError
 
     try:

@@ -73,33 +73,27 @@ def _plan(file_type: str, shapes: ModelShapes, has_imatrix: bool) -> tuple[tuple
     return tuple((by_gguf[g], t) for g, t in types.items() if g in by_gguf), tuple(notes)
 
 
-def llama_quantize_command(config: Any, model_config: dict[str, Any], shapes: ModelShapes,
-                           decisions: dict[str, str | None], dtype: str = "float32") -> str:
-    """The llama.cpp commands that write this config: for a file type, llama-quantize with its name; for a block
-    type, one anchored --tensor-type per quantized tensor (no llama.cpp mixture rule is left to choose; --pure
-    would ignore the overrides), the layers kept unquantized at the model's float type, output and embeddings as
-    the planner counts them. With `imatrix`, llama-imatrix first and --imatrix."""
+def llama_quantize_argv(config: Any, model_config: dict[str, Any], shapes: ModelShapes,
+                        decisions: dict[str, str | None], source: str, target: str, imatrix: str | None = None,
+                        dtype: str = "float32", program: str = "llama-quantize") -> list[str]:
+    """The llama-quantize arguments that write this config from the `source` GGUF (in the model's float type) to
+    `target`: for a file type, its name (llama-quantize's own rules); for a block type, one anchored --tensor-type per
+    quantized tensor (no mixture rule left to choose; --pure would ignore the overrides), the layers kept unquantized
+    at the float type, output and token embedding as the planner counts them. `ValueError` where gguf cannot name
+    the model's tensors."""
     import gguf
 
-    float_type = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[dtype]
-    convert = f"python convert_hf_to_gguf.py MODEL_DIR --outtype {float_type} --outfile model-{float_type}.gguf"
-    measure = ([f"quantlib imatrix --model MODEL_DIR --tokens {config.imatrix_tokens} --out imatrix.gguf  # the "
-                "importance matrix quantlib measured; or llama.cpp's own: "
-                f"llama-imatrix -m model-{float_type}.gguf -f calibration.txt -c 512 -o imatrix.gguf"]
-               if config.imatrix else [])
-    imatrix = " --imatrix imatrix.gguf" if config.imatrix else ""
+    imatrix_args = ["--imatrix", imatrix] if imatrix else []
     if config.is_file_type:
-        return "\n".join(["# llama.cpp: convert, then quantize with llama-quantize's own rules for this file type",
-                          convert, *measure, f"llama-quantize{imatrix} model-{float_type}.gguf "
-                          f"model-{config.quant_type}.gguf {config.quant_type}"])
+        return [program, *imatrix_args, source, target, config.quant_type]
+    float_type = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[dtype]
     model_type = model_config.get("model_type", "")
     arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == model_type), None)
     if arch is None:
-        return (f"# gguf {_gguf_version()} has no architecture named {model_type!r}: the tensor names llama.cpp "
-                "uses for this model are unknown, so no command is written (the JSON config above still holds the "
-                "per-layer types)")
+        raise ValueError(f"gguf {_gguf_version()} has no architecture named {model_type!r}: the tensor names llama.cpp "
+                         "uses for this model are unknown")
     names = gguf.get_tensor_name_map(arch, int(model_config.get("num_hidden_layers", 0)))
-    lines, unmapped = [], []
+    overrides, unmapped = [], []
     for w in shapes.weights:
         if not w.is_matmul or w.role in ("head", "embedding"):
             continue
@@ -108,14 +102,42 @@ def llama_quantize_command(config: Any, model_config: dict[str, Any], shapes: Mo
             unmapped.append(w.name)
             continue
         qtype = config.type_of(w.module).lower() if decisions[w.name] is None else float_type
-        lines.append(f"  --tensor-type '^{gname.replace('.', chr(92) + '.')}$={qtype}' \\")
-    head = [f"# llama.cpp: convert, then quantize with these per-tensor types (gguf {_gguf_version()} names)",
-            convert, *measure, f"llama-quantize{imatrix} \\",
-            f"  --output-tensor-type {float_type} --token-embedding-type {float_type} \\"]
-    tail = [f"  model-{float_type}.gguf model-mix.gguf {config.quant_type}"]
+        overrides += ["--tensor-type", f"^{re.escape(gname)}$={qtype}"]
     if unmapped:
-        tail.append(f"# not mapped to a GGUF tensor name (check them by hand): {', '.join(unmapped[:5])}")
-    return "\n".join(head + lines + tail)
+        raise ValueError(f"not mapped to a GGUF tensor name: {', '.join(unmapped[:5])}")
+    return [program, *imatrix_args, "--output-tensor-type", float_type, "--token-embedding-type", float_type,
+            *overrides, source, target, config.quant_type]
+
+
+def llama_quantize_command(config: Any, model_config: dict[str, Any], shapes: ModelShapes,
+                           decisions: dict[str, str | None], dtype: str = "float32") -> str:
+    """The llama.cpp commands that write this config (`llama_quantize_argv` as shell text), after converting the
+    model; with `imatrix`, the importance matrix measured first."""
+    float_type = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[dtype]
+    convert = f"python convert_hf_to_gguf.py MODEL_DIR --outtype {float_type} --outfile model-{float_type}.gguf"
+    measure = ([f"quantlib imatrix --model MODEL_DIR --tokens {config.imatrix_tokens} --out imatrix.gguf  # the "
+                "importance matrix quantlib measured; or llama.cpp's own: "
+                f"llama-imatrix -m model-{float_type}.gguf -f calibration.txt -c 512 -o imatrix.gguf"]
+               if config.imatrix else [])
+    target = f"model-{config.quant_type}.gguf" if config.is_file_type else "model-mix.gguf"
+    try:
+        argv = llama_quantize_argv(config, model_config, shapes, decisions, f"model-{float_type}.gguf", target,
+                                   "imatrix.gguf" if config.imatrix else None, dtype)
+    except ValueError as exc:
+        return f"# {exc}: no command is written (the JSON config above still holds the per-layer types)"
+    if config.is_file_type:
+        return "\n".join(["# llama.cpp: convert, then quantize with llama-quantize's own rules for this file type",
+                          convert, *measure, " ".join(argv)])
+    head = [f"# llama.cpp: convert, then quantize with these per-tensor types (gguf {_gguf_version()} names)",
+            convert, *measure]
+    lines, i = [argv[0] + (" " + " ".join(argv[1:3]) if argv[1] == "--imatrix" else "") + " \\"], 3 if argv[1] == "--imatrix" else 1
+    lines.append("  " + " ".join(argv[i:i + 4]) + " \\")
+    i += 4
+    while argv[i] == "--tensor-type":
+        lines.append(f"  --tensor-type '{argv[i + 1]}' \\")
+        i += 2
+    lines.append("  " + " ".join(argv[i:]))
+    return "\n".join(head + lines)
 
 
 def _inputs(shapes: ModelShapes, has_imatrix: bool) -> tuple[dict[str, str], list[tuple[str, int]], dict[str, Any]]:

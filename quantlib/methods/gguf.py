@@ -333,8 +333,9 @@ class GGUFQuantizer(Quantizer):
     @classmethod
     def cli_commands(cls) -> list[Any]:
         from quantlib.methods._ggml_importance import ImatrixCommand
+        from quantlib.methods._llamacpp_verify import VerifyCommand
 
-        return [ImatrixCommand()]
+        return [ImatrixCommand(), VerifyCommand()]
 
     @classmethod
     def tensor_plan(cls, config: QuantConfig, shapes: ModelShapes) -> list[dict[str, Any]] | None:

@@ -1,0 +1,155 @@
+"""Verify a GGUF config with llama.cpp itself, where its tools are installed: `quantlib llama-cpp-verify`.
+
+1. The model as an F32 GGUF: a GGUF source (the default model's Q4_1 file, or any .gguf) is widened with
+   `llama-quantize --allow-requantize SRC F32`; another source needs `--f32-gguf FILE` (convert_hf_to_gguf.py makes it).
+2. The config's own llama-quantize command (`llama_quantize_argv`, the one the export prints), with quantlib's
+   importance matrix file when the config uses one (`quantlib imatrix`'s measurement).
+3. `llama-perplexity --kl-divergence` against the F32 model, on the same text and context quantlib evaluates.
+4. quantlib's comparison of the same config on the same F32 file and tokens.
+
+The two KLs are printed side by side with their standard errors and the difference in combined standard errors, and
+llama.cpp's tensor bytes beside quantlib's planned quantized bytes.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+#: llama-perplexity's --kl-divergence summary lines.
+_FIGURES = {"kl": r"Mean\s+KLD:\s+([-\d.]+)\s+±\s+([-\d.]+)", "top1": r"Same top p:\s+([-\d.]+)\s+±\s+([-\d.]+)",
+            "ln_ratio": r"Mean\s+ln\(PPL\(Q\)/PPL\(base\)\)\s*:\s+([-\d.]+)\s+±\s+([-\d.]+)"}
+
+
+def llama_figures(text: str) -> dict[str, float]:
+    """KL, same-top-p (%) and ln PPL ratio with their ± from llama-perplexity's --kl-divergence output."""
+    out: dict[str, float] = {}
+    for key, pattern in _FIGURES.items():
+        match = re.search(pattern, text)
+        if match:
+            out[key], out[key + "_se"] = float(match.group(1)), float(match.group(2))
+    return out
+
+
+def find_tools(directory: str | None) -> dict[str, Path]:
+    """llama-quantize and llama-perplexity in `directory`, else on PATH; `FileNotFoundError` naming what is missing."""
+    found: dict[str, Path] = {}
+    for name in ("llama-quantize", "llama-perplexity"):
+        path = Path(directory) / name if directory else (Path(p) if (p := shutil.which(name)) else None)
+        if path is None or not path.exists():
+            where = f"in {directory}" if directory else "on PATH"
+            raise FileNotFoundError(f"{name} is not {where} (build llama.cpp with scripts/llamacpp_golden.py, or pass "
+                                    "--llama-cpp DIR)")
+        found[name] = path
+    return found
+
+
+def _run(argv: list[str]) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{Path(argv[0]).name} failed ({done.returncode}): {(done.stderr or done.stdout)[-1500:]}")
+    return done.stdout + done.stderr
+
+
+def gguf_tensor_bytes(path: Path) -> int:
+    """The bytes of every tensor a GGUF file holds."""
+    import gguf
+
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors)
+
+
+class VerifyCommand:
+    """`quantlib llama-cpp-verify`: a GGUF config through llama.cpp's own tools beside quantlib's figures."""
+
+    name = "llama-cpp-verify"
+    help = ("run a GGUF config's llama-quantize command and llama-perplexity --kl-divergence, and show llama.cpp's KL "
+            "and size beside quantlib's (where llama.cpp's tools are installed)")
+
+    def arguments(self, parser: Any) -> None:
+        parser.add_argument("--config", required=True, metavar="FILE", help="a GGUF config JSON")
+        parser.add_argument("--llama-cpp", metavar="DIR", help="folder with llama-quantize and llama-perplexity "
+                                                             "(default: PATH)")
+        parser.add_argument("--f32-gguf", metavar="FILE", help="the model as an F32 GGUF (default: widened from a "
+                                                               "GGUF source with llama-quantize)")
+        parser.add_argument("--ctx", type=int, default=512, help="context of each chunk (llama-perplexity's -c)")
+        parser.add_argument("--chunks", type=int, default=8, help="chunks of the built-in evaluation text")
+        parser.add_argument("--threads", type=int, default=2)
+
+    def run(self, args: Any, load: Any) -> int:
+        from quantlib.registry import parse_config
+
+        config = parse_config(Path(args.config).read_text(encoding="utf-8"))
+        if config.quant_method != "gguf":
+            raise ValueError(f"llama-cpp-verify takes a GGUF config; {args.config} is {config.quant_method}")
+        result = verify(config, args.model, find_tools(args.llama_cpp), f32_gguf=args.f32_gguf, ctx=args.ctx,
+                        chunks=args.chunks, threads=args.threads, load=load)
+        print(format_result(result))
+        return 0
+
+
+def verify(config: Any, source: str, tools: dict[str, Path], *, f32_gguf: str | None = None, ctx: int = 512,
+           chunks: int = 8, threads: int = 2, load: Any = None, work: Path | None = None) -> dict[str, Any]:
+    """llama.cpp's figures and quantlib's for `config` on the same F32 GGUF and tokens (see the module docstring)."""
+    from quantlib.compare import CompareSettings, run_comparison
+    from quantlib.corpus import builtin_text
+    from quantlib.methods._gguf_file_types import llama_quantize_argv
+    from quantlib.models import _default_gguf_path, load_model, read_model_config
+    from quantlib.registry import quantizer_class
+    from quantlib.shapes import model_shapes
+
+    work = Path(work or tempfile.mkdtemp(prefix="quantlib_llamacpp_"))
+    f32 = Path(f32_gguf) if f32_gguf else work / "model-f32.gguf"
+    if not f32_gguf:
+        gguf_source = _default_gguf_path() if source == "default" else Path(source)
+        if gguf_source.suffix != ".gguf":
+            raise ValueError(f"{source} is not a GGUF file: convert it with llama.cpp's convert_hf_to_gguf.py "
+                             "(--outtype f32) and pass the result as --f32-gguf")
+        _run([str(tools["llama-quantize"]), "--allow-requantize", str(gguf_source), str(f32), "F32"])
+    model_config = read_model_config(str(f32))
+    shapes = model_shapes(model_config)
+    imatrix = None
+    if config.imatrix:
+        from quantlib.methods._ggml_importance import measure_and_write
+
+        base = load() if load is not None else load_model(str(f32))
+        imatrix = work / "imatrix.gguf"
+        measure_and_write(base.model, base.tokenizer, imatrix, config.imatrix_tokens)
+    target = work / "model-quantized.gguf"
+    decisions = quantizer_class(config).classify(config, shapes)
+    _run(llama_quantize_argv(config, model_config, shapes, decisions, str(f32), str(target),
+                             str(imatrix) if imatrix else None, "float32", str(tools["llama-quantize"])))
+    text = work / "eval.txt"
+    text.write_text(builtin_text("eval"), encoding="utf-8")
+    common = ["-f", str(text), "-c", str(ctx), "--chunks", str(chunks), "-t", str(threads)]
+    base_kld = work / "base.kld"
+    _run([str(tools["llama-perplexity"]), "-m", str(f32), "--kl-divergence-base", str(base_kld), *common])
+    llama = llama_figures(_run([str(tools["llama-perplexity"]), "-m", str(target), "--kl-divergence",
+                                "--kl-divergence-base", str(base_kld), *common]))
+    # llama-perplexity scores the second half of each chunk: a stride of half the context gives every token quantlib
+    # scores at least that much context
+    settings = CompareSettings(source=str(f32), max_tokens=ctx * chunks, window=ctx, stride=ctx // 2, device="cpu")
+    row = run_comparison([config], settings, save=False).table.set_index("scheme").loc[config.label]
+    f32_bytes, quantized_bytes = gguf_tensor_bytes(f32), gguf_tensor_bytes(target)
+    return {"config": config.label, "tokens": ctx * chunks, "ctx": ctx, "llama.cpp": llama,
+            "quantlib": {"kl": float(row["kl"]), "kl_se": float(row["kl_se"]),
+                         "top1": 100 * float(row["top1_agreement"]), "memory_mib": float(row["memory_mib"])},
+            "llama.cpp_mib": quantized_bytes / 2**20, "f32_mib": f32_bytes / 2**20, "work": str(work)}
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """The figures side by side, with the KL difference in combined standard errors."""
+    q, ll = result["quantlib"], result["llama.cpp"]
+    lines = [f"{result['config']}: {result['tokens']} tokens in chunks of {result['ctx']} (files in {result['work']})"]
+    if "kl" not in ll:
+        return "\n".join([*lines, "llama-perplexity printed no KL summary"])
+    se = (q["kl_se"] ** 2 + ll["kl_se"] ** 2) ** 0.5
+    lines += [f"  KL      quantlib {q['kl']:.4f} ± {q['kl_se']:.4f} | llama.cpp {ll['kl']:.4f} ± {ll['kl_se']:.4f}"
+              f"  ({(q['kl'] - ll['kl']) / se:+.1f} combined SE)" if se else "",
+              f"  top-1   quantlib {q['top1']:.2f}% | llama.cpp {ll.get('top1', float('nan')):.2f}%",
+              f"  size    quantlib {q['memory_mib']:.2f} MiB (planned, whole model) | llama.cpp's file "
+              f"{result['llama.cpp_mib']:.2f} MiB of tensors"]
+    return "\n".join(lines)
