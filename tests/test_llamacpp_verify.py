@@ -18,7 +18,7 @@ DATA = Path(__file__).parent / "data"
 def test_llama_perplexity_s_summary_is_read() -> None:
     figures = llama_figures((DATA / "llama_perplexity_kld.txt").read_text())
     assert figures == {"kl": 0.0539, "kl_se": 0.002888, "top1": 85.294, "top1_se": 1.109, "ln_ratio": 0.047517,
-                       "ln_ratio_se": 0.011382}
+                       "ln_ratio_se": 0.011382, "corr": 99.18}
 
 
 def test_missing_tools_are_named_with_what_to_do(tmp_path) -> None:

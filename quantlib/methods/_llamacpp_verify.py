@@ -22,16 +22,20 @@ from typing import Any
 
 #: llama-perplexity's --kl-divergence summary lines.
 _FIGURES = {"kl": r"Mean\s+KLD:\s+([-\d.]+)\s+±\s+([-\d.]+)", "top1": r"Same top p:\s+([-\d.]+)\s+±\s+([-\d.]+)",
-            "ln_ratio": r"Mean\s+ln\(PPL\(Q\)/PPL\(base\)\)\s*:\s+([-\d.]+)\s+±\s+([-\d.]+)"}
+            "ln_ratio": r"Mean\s+ln\(PPL\(Q\)/PPL\(base\)\)\s*:\s+([-\d.]+)\s+±\s+([-\d.]+)",
+            "corr": r"Cor\(ln\(PPL\(Q\)\), ln\(PPL\(base\)\)\):\s+([-\d.]+)"}
 
 
 def llama_figures(text: str) -> dict[str, float]:
-    """KL, same-top-p (%) and ln PPL ratio with their ± from llama-perplexity's --kl-divergence output."""
+    """KL, same-top-p (%) and ln PPL ratio with their ±, and Cor(ln PPL) (%), from llama-perplexity's
+    --kl-divergence output."""
     out: dict[str, float] = {}
     for key, pattern in _FIGURES.items():
         match = re.search(pattern, text)
         if match:
-            out[key], out[key + "_se"] = float(match.group(1)), float(match.group(2))
+            out[key] = float(match.group(1))
+            if match.lastindex and match.lastindex > 1:
+                out[key + "_se"] = float(match.group(2))
     return out
 
 
