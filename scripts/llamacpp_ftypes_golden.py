@@ -7,7 +7,9 @@ What it does:
      (no output.weight);
    - ``mha_h256_16l_scrambled``: hidden 256, ffn 320, 16 layers, 4 heads and 4 KV heads (n_gqa 1) of width 36
      (attn_output rows of 144: not a multiple of 32, F16), tied, a 1-D rope_freqs.weight, and the tensors written
-     in a scrambled order (blocks backwards, shuffled inside), to pin llama-quantize's own visiting order.
+     in a scrambled order (blocks backwards, shuffled inside), to pin llama-quantize's own visiting order;
+   - two other architectures: ``qwen2_h256_gqa2_biases`` (Qwen2, q/k/v biases, GQA 2) and ``phi3_h256_fused_qkv``
+     (Phi-3: attn_qkv and a fused ffn_up), written with their own architecture's keys.
 2. Runs ``llama-quantize [--imatrix FILE] model.gguf out.gguf FTYPE`` for every file type of FILE_TYPES, without
    and with an importance matrix (a GGUF imatrix: ``<name>.in_sum2`` and ``<name>.counts`` per weight, with the
    imatrix.datasets / chunk_count / chunk_size keys that llama-quantize requires).
@@ -52,6 +54,12 @@ MODELS = {
                                    tied=True, scrambled=False, rope_freqs=False),
     "mha_h256_16l_scrambled": dict(hidden=256, ffn=320, n_layer=16, n_head=4, n_head_kv=4, head_dim=36,
                                    tied=True, scrambled=True, rope_freqs=True),
+    # two other architectures: Qwen2 (q/k/v biases, 1-D, never quantized; GQA 2) and Phi-3 (attention fused into
+    # attn_qkv, which llama-quantize types by its attn_v rules; gate and up fused into one ffn_up twice as tall)
+    "qwen2_h256_gqa2_biases": dict(hidden=256, ffn=768, n_layer=8, n_head=4, n_head_kv=2, head_dim=64,
+                                   tied=False, scrambled=False, rope_freqs=False, arch="qwen2"),
+    "phi3_h256_fused_qkv": dict(hidden=256, ffn=512, n_layer=8, n_head=4, n_head_kv=4, head_dim=64,
+                                tied=False, scrambled=False, rope_freqs=False, arch="phi3"),
 }
 VOCAB = 256
 
@@ -61,8 +69,16 @@ def model_tensors(spec: dict) -> list[tuple[str, tuple[int, ...]]]:
     h, f, hd = spec["hidden"], spec["ffn"], spec["head_dim"]
     q, kv = spec["n_head"] * hd, spec["n_head_kv"] * hd
     blocks = []
+    arch = spec.get("arch", "llama")
     for i in range(spec["n_layer"]):
-        blocks.append([(f"blk.{i}.attn_norm.weight", (h,)), (f"blk.{i}.attn_q.weight", (q, h)),
+        if arch == "phi3":
+            blocks.append([(f"blk.{i}.attn_norm.weight", (h,)), (f"blk.{i}.attn_qkv.weight", (q + 2 * kv, h)),
+                           (f"blk.{i}.attn_output.weight", (h, q)), (f"blk.{i}.ffn_norm.weight", (h,)),
+                           (f"blk.{i}.ffn_up.weight", (2 * f, h)), (f"blk.{i}.ffn_down.weight", (h, f))])
+            continue
+        biases = ([(f"blk.{i}.attn_q.bias", (q,)), (f"blk.{i}.attn_k.bias", (kv,)), (f"blk.{i}.attn_v.bias", (kv,))]
+                  if arch == "qwen2" else [])
+        blocks.append([*biases,(f"blk.{i}.attn_norm.weight", (h,)), (f"blk.{i}.attn_q.weight", (q, h)),
                        (f"blk.{i}.attn_k.weight", (kv, h)), (f"blk.{i}.attn_v.weight", (kv, h)),
                        (f"blk.{i}.attn_output.weight", (h, q)), (f"blk.{i}.ffn_norm.weight", (h,)),
                        (f"blk.{i}.ffn_gate.weight", (f, h)), (f"blk.{i}.ffn_up.weight", (f, h)),
@@ -81,7 +97,7 @@ def model_tensors(spec: dict) -> list[tuple[str, tuple[int, ...]]]:
 def write_model(path: Path, spec: dict, seed: int) -> None:
     import gguf
 
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), spec.get("arch", "llama"))
     w.add_context_length(256)
     w.add_embedding_length(spec["hidden"])
     w.add_block_count(spec["n_layer"])
@@ -169,7 +185,7 @@ def main() -> None:
             write_imatrix(imat, spec, seed + 100)
             tensors = [[name, shape[-1], len(shape)] for name, shape in model_tensors(spec)]
             golden["models"][model] = {**spec, "n_gqa": spec["n_head"] // spec["n_head_kv"], "vocab": VOCAB,
-                                       "arch": "llama", "tensors": tensors}
+                                       "arch": spec.get("arch", "llama"), "tensors": tensors}
             golden["types"][model] = {"plain": {}, "imatrix": {}}
             for ftype in FILE_TYPES:
                 for kind, imatrix in (("plain", None), ("imatrix", imat)):

@@ -149,3 +149,33 @@ def test_unported_models_raise(kwargs, match):
 def test_unknown_file_type_raises():
     with pytest.raises(ValueError, match="unknown"):
         file_type_tensor_types("Q7_K", [("blk.0.attn_q.weight", 256)], n_layer=1, n_gqa=1)
+
+
+def _transformers_config(model: str):
+    from transformers import Phi3Config, Qwen2Config
+
+    meta = MODELS[model]
+    common = dict(hidden_size=meta["hidden"], intermediate_size=meta["ffn"], num_hidden_layers=meta["n_layer"],
+                  num_attention_heads=meta["n_head"], num_key_value_heads=meta["n_head_kv"], vocab_size=meta["vocab"],
+                  tie_word_embeddings=meta["tied"], bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return (Qwen2Config if meta["arch"] == "qwen2" else Phi3Config)(**common)
+
+
+@pytest.mark.parametrize("kind", ["plain", "imatrix"])
+@pytest.mark.parametrize("model", ["qwen2_h256_gqa2_biases", "phi3_h256_fused_qkv"])
+def test_the_planner_gives_transformers_models_of_two_other_architectures_llama_quantize_s_types(model, kind):
+    """The same widths as a transformers Qwen2 (q/k/v biases) and Phi-3 (qkv_proj and gate_up_proj fused): the
+    planner's per-tensor types, from transformers' weight names mapped by gguf, are the ones llama-quantize wrote."""
+    from quantlib.methods._gguf_file_types import _gguf_names, file_type_plan
+    from quantlib.shapes import model_shapes
+
+    shapes = model_shapes(_transformers_config(model).to_dict())
+    names = _gguf_names(shapes)
+    for ftype in FILE_TYPES:
+        expected = GOLDEN["types"][model][kind][ftype]
+        if "error" in expected:
+            with pytest.raises(ValueError, match="importance matrix"):
+                file_type_plan(ftype, shapes, kind == "imatrix")
+            continue
+        ours = {names[w]: t for w, t in file_type_plan(ftype, shapes, kind == "imatrix").items()}
+        assert ours == expected, (ftype, {k: (ours.get(k), v) for k, v in expected.items() if ours.get(k) != v})
