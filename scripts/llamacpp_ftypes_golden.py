@@ -9,7 +9,10 @@ What it does:
      (attn_output rows of 144: not a multiple of 32, F16), tied, a 1-D rope_freqs.weight, and the tensors written
      in a scrambled order (blocks backwards, shuffled inside), to pin llama-quantize's own visiting order;
    - two other architectures: ``qwen2_h256_gqa2_biases`` (Qwen2, q/k/v biases, GQA 2) and ``phi3_h256_fused_qkv``
-     (Phi-3: attn_qkv and a fused ffn_up), written with their own architecture's keys.
+     (Phi-3: attn_qkv and a fused ffn_up), written with their own architecture's keys;
+   - two mixtures of experts (llama arch, 3-D ``ffn_*_exps`` tensors and a ``ffn_gate_inp`` router):
+     ``moe8_h256_gqa4`` (8 experts: llama.cpp's n_expert == 8 bumps) and ``moe4_h256_tied`` (4 experts, tied).
+     Their imatrix holds one row of sums and one count per expert.
 2. Runs ``llama-quantize [--imatrix FILE] model.gguf out.gguf FTYPE`` for every file type of FILE_TYPES, without
    and with an importance matrix (a GGUF imatrix: ``<name>.in_sum2`` and ``<name>.counts`` per weight, with the
    imatrix.datasets / chunk_count / chunk_size keys that llama-quantize requires).
@@ -60,6 +63,12 @@ MODELS = {
                                    tied=False, scrambled=False, rope_freqs=False, arch="qwen2"),
     "phi3_h256_fused_qkv": dict(hidden=256, ffn=512, n_layer=8, n_head=4, n_head_kv=4, head_dim=64,
                                 tied=False, scrambled=False, rope_freqs=False, arch="phi3"),
+    # mixtures of experts (llama arch, 3-D expert tensors and a router): 8 experts get llama.cpp's n_expert == 8
+    # bumps, 4 do not; both read each ffn tensor's layer from its name
+    "moe8_h256_gqa4": dict(hidden=256, ffn=512, n_layer=8, n_head=4, n_head_kv=1, head_dim=64, tied=False,
+                           scrambled=False, rope_freqs=False, n_expert=8),
+    "moe4_h256_tied": dict(hidden=256, ffn=256, n_layer=8, n_head=4, n_head_kv=2, head_dim=64, tied=True,
+                           scrambled=False, rope_freqs=False, n_expert=4),
 }
 VOCAB = 256
 
@@ -78,6 +87,14 @@ def model_tensors(spec: dict) -> list[tuple[str, tuple[int, ...]]]:
             continue
         biases = ([(f"blk.{i}.attn_q.bias", (q,)), (f"blk.{i}.attn_k.bias", (kv,)), (f"blk.{i}.attn_v.bias", (kv,))]
                   if arch == "qwen2" else [])
+        e = spec.get("n_expert", 1)
+        if e > 1:
+            blocks.append([(f"blk.{i}.attn_norm.weight", (h,)), (f"blk.{i}.attn_q.weight", (q, h)),
+                           (f"blk.{i}.attn_k.weight", (kv, h)), (f"blk.{i}.attn_v.weight", (kv, h)),
+                           (f"blk.{i}.attn_output.weight", (h, q)), (f"blk.{i}.ffn_norm.weight", (h,)),
+                           (f"blk.{i}.ffn_gate_inp.weight", (e, h)), (f"blk.{i}.ffn_gate_exps.weight", (e, f, h)),
+                           (f"blk.{i}.ffn_up_exps.weight", (e, f, h)), (f"blk.{i}.ffn_down_exps.weight", (e, h, f))])
+            continue
         blocks.append([*biases,(f"blk.{i}.attn_norm.weight", (h,)), (f"blk.{i}.attn_q.weight", (q, h)),
                        (f"blk.{i}.attn_k.weight", (kv, h)), (f"blk.{i}.attn_v.weight", (kv, h)),
                        (f"blk.{i}.attn_output.weight", (h, q)), (f"blk.{i}.ffn_norm.weight", (h,)),
@@ -109,6 +126,9 @@ def write_model(path: Path, spec: dict, seed: int) -> None:
     w.add_rope_dimension_count(spec["head_dim"])
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(VOCAB)
+    if spec.get("n_expert", 1) > 1:
+        w.add_expert_count(spec["n_expert"])
+        w.add_expert_used_count(2)
     w.add_file_type(0)  # LLAMA_FTYPE_ALL_F32
     rng = np.random.default_rng(seed)
     for name, shape in model_tensors(spec):
@@ -132,10 +152,11 @@ def write_imatrix(path: Path, spec: dict, seed: int) -> None:
     w.add_uint32("imatrix.chunk_size", 512)
     rng = np.random.default_rng(seed)
     for name, shape in model_tensors(spec):
-        if len(shape) < 2 or name == "token_embd.weight" or "_norm" in name:
+        if len(shape) < 2 or name == "token_embd.weight" or "_norm" in name or "ffn_gate_inp" in name:
             continue
-        w.add_tensor(f"{name}.in_sum2", (rng.gamma(2.0, 1.0, (1, shape[-1])) * 2048).astype(np.float32))
-        w.add_tensor(f"{name}.counts", np.full((1, 1), 2048, np.float32))
+        rows = shape[0] if len(shape) == 3 else 1  # an expert tensor: one row of sums and one count per expert
+        w.add_tensor(f"{name}.in_sum2", (rng.gamma(2.0, 1.0, (rows, shape[-1])) * 2048).astype(np.float32))
+        w.add_tensor(f"{name}.counts", np.full((rows, 1), 2048, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

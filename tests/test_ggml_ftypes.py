@@ -21,7 +21,8 @@ MODELS = GOLDEN["models"]
 
 def _kwargs(model: str, kind: str) -> dict:
     meta = MODELS[model]
-    return dict(n_layer=meta["n_layer"], n_gqa=meta["n_gqa"], has_imatrix=kind == "imatrix", arch=meta["arch"])
+    return dict(n_layer=meta["n_layer"], n_gqa=meta["n_gqa"], has_imatrix=kind == "imatrix", arch=meta["arch"],
+                n_expert=meta.get("n_expert", 1))
 
 
 def test_golden_is_from_the_ported_commit():
@@ -136,14 +137,20 @@ def test_unported_file_types_raise(ftype):
     (dict(arch="falcon"), "Falcon"),
     (dict(n_layer=80, n_gqa=8), "70B"),
     (dict(n_layer=80, n_gqa=1, arch="qwen2"), "70B"),
-    (dict(n_expert=8), "n_expert"),
-    (dict(n_expert=2), "n_expert"),
     (dict(arch="glm5-next"), "GLM5"),
 ])
 def test_unported_models_raise(kwargs, match):
     kwargs = {"n_layer": 8, "n_gqa": 1, **kwargs}
     with pytest.raises(ValueError, match=match):
         file_type_tensor_types("Q4_K_M", [("blk.0.attn_q.weight", 256)], **kwargs)
+
+
+def test_an_expert_tensor_whose_layer_is_not_in_its_name_is_refused_as_llama_quantize_refuses_it():
+    """With n_expert > 1 llama.cpp reads an ffn tensor's layer from its name (layer_info) and throws otherwise."""
+    tensors = [("blk.0.attn_q.weight", 256), ("blk.9.ffn_down_exps.weight", 256, 3)]
+    with pytest.raises(ValueError, match="Bad layer 9"):
+        file_type_tensor_types("Q4_K_M", tensors, n_layer=8, n_gqa=1, n_expert=8)
+    assert file_type_tensor_types("Q4_K_M", tensors, n_layer=8, n_gqa=1)  # a dense model counts instead
 
 
 def test_unknown_file_type_raises():

@@ -20,9 +20,11 @@ Ported from llama.cpp at commit 0c1e57098bba43ac29e6e3b677cdceebdd22334f (the ll
 The names users type are those of ``QUANT_OPTIONS`` in tools/quantize/quantize.cpp (case-insensitive, with the
 aliases Q3_K, Q4_K, Q5_K). Types are returned as gguf-py's ``GGMLQuantizationType`` names ("Q4_K", "F16").
 
-Ported for the dense case only: ``ValueError`` (with the reason) for Falcon and GLM5-next (their own rules),
-for models llama.cpp types as 70B (attn_v bumped to Q5_K), for n_expert > 1 (Mixtral-style rules, layer from
-the name) and for the file types not in ``FILE_TYPES`` (IQ1/IQ2/IQ3, TQ, MXFP4_MOE, ...). The rules of those
+Mixture-of-experts models (n_expert > 1) follow llama.cpp's own rules: the layer of an ffn_down / ffn_gate / ffn_up
+tensor (expert tensors included) is read from its name (``layer_info``), and with 8 experts attn_v and attn_k are
+written Q8_0 and attn_output Q5_K for the K-quant mixtures. ``ValueError`` (with the reason) for Falcon and GLM5-next
+(their own rules), for models llama.cpp types as 70B (attn_v bumped to Q5_K) and for the file types not in
+``FILE_TYPES`` (IQ1/IQ2/IQ3, TQ, MXFP4_MOE, ...). The rules of those
 file types inside ``llama_tensor_get_type_impl`` are left out; everything else keeps llama.cpp's order.
 Checked against llama-quantize itself: scripts/llamacpp_ftypes_golden.py, tests/test_ggml_ftypes.py.
 """
@@ -200,6 +202,19 @@ def _use_more_bits(i_layer: int, n_layers: int) -> bool:
             or _c_mod(i_layer - _c_div(n_layers, 8), 3) == 2)
 
 
+def _layer_info(i_layer: int, n_layer: int, name: str, n_expert: int) -> tuple[int, int]:
+    """llama.cpp's ``layer_info``: the counter's layer, or for a mixture-of-experts model the layer in the tensor's
+    name (its experts are sprinkled among the layers, so the counter does not say)."""
+    if n_expert > 1:
+        match = re.match(r"blk\.(\d+)\.", name)
+        if match is None:
+            raise ValueError(f"failed to determine layer for tensor {name}")
+        i_layer = int(match.group(1))
+        if not 0 <= i_layer < n_layer:
+            raise ValueError(f"Bad layer {i_layer} for tensor {name}. Must be in [0, {n_layer})")
+    return i_layer, n_layer
+
+
 def _layer_rule(what: str, i_layer: int, n_layers: int, new_type: str, default: str) -> str:
     """The rule for a tensor that llama-quantize types by its place among the `n_layers` like it (attn_v, ffn_down)."""
     if new_type == default:
@@ -235,9 +250,6 @@ def _check_model(n_layer: int, n_gqa: int, n_expert: int, arch: str) -> None:
     if (arch, n_layer) in _TYPE_70B:
         raise ValueError(f"arch {arch!r} with {n_layer} layers is (or, for llama, may be) LLM_TYPE_70B, whose "
                          "attn_v rule (Q3_K/Q4_K -> Q5_K) is not ported")
-    if n_expert > 1:
-        raise ValueError(f"n_expert={n_expert}: the mixture-of-experts rules (layer parsed from the tensor name, "
-                         "n_expert == 8 bumps) are not ported")
     if int(n_layer) != n_layer or n_layer < 1:
         raise ValueError(f"n_layer must be a positive integer, got {n_layer!r}")
     if int(n_gqa) != n_gqa or n_gqa < 0:
@@ -314,11 +326,15 @@ def tensor_choices(file_type: str, tensors: Sequence, *, n_layer: int, n_gqa: in
             elif ftype == "Q4_K_S" and i_attention_wv < 4:
                 new_type = "Q5_K"
             layer_rule = _layer_rule("attn_v", i_attention_wv, n_attention_wv, new_type, default)
+            if n_expert == 8:
+                new_type, layer_rule = "Q8_0", "attn_v of an 8-expert model: Q8_0 (llama.cpp's n_expert == 8 rule)"
             i_attention_wv += 1
+        elif category == "ATTENTION_K" and n_expert == 8:
+            new_type, layer_rule = "Q8_0", "attn_k of an 8-expert model: Q8_0 (llama.cpp's n_expert == 8 rule)"
         elif category in ("ATTENTION_K", "ATTENTION_Q"):
-            pass  # only IQ3_XS / IQ3_XXS and n_expert == 8 change these
+            pass  # only IQ3_XS / IQ3_XXS change these
         elif category == "FFN_DOWN":
-            i_layer, n = i_ffn_down, n_ffn_down
+            i_layer, n = _layer_info(i_ffn_down, n_ffn_down, name, n_expert)
             if ftype == "Q2_K":
                 new_type = "Q3_K"
             elif ftype == "Q2_K_S":
@@ -342,14 +358,21 @@ def tensor_choices(file_type: str, tensors: Sequence, *, n_layer: int, n_gqa: in
             layer_rule = _layer_rule("ffn_down", i_layer, n, new_type, default)
             i_ffn_down += 1
         elif category == "ATTENTION_OUTPUT":
-            new_type = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(ftype, new_type)
+            if n_expert == 8:
+                if ftype in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_NL", "IQ4_XS"):
+                    new_type = "Q5_K"
+            else:
+                new_type = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(ftype, new_type)
             if new_type != default:
-                layer_rule = f"attn_output is raised to {new_type} in {ftype}"
+                layer_rule = f"attn_output is raised to {new_type} in {ftype}" + (
+                    " for an 8-expert model" if n_expert == 8 else "")
         # (llama.cpp's ATTENTION_QKV branch is unreachable: attn_qkv is attn_v-like and handled above)
         elif category == "FFN_GATE":
-            i_ffn_gate += 1  # only IQ3_XS changes ffn_gate
+            _layer_info(i_ffn_gate, n_ffn_down, name, n_expert)  # only IQ3_XS changes ffn_gate; a bad layer throws
+            i_ffn_gate += 1
         elif category == "FFN_UP":
-            i_ffn_up += 1  # only IQ3_XS changes ffn_up
+            _layer_info(i_ffn_up, n_ffn_down, name, n_expert)  # only IQ3_XS changes ffn_up; a bad layer throws
+            i_ffn_up += 1
 
         rule_type = "Q6_K" if shape_reason else new_type  # Q6_K: the output rule for a shape that fits
         final, fallback_reason = _fallback(ncols, new_type)  # tensor_type_fallback
