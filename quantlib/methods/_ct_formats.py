@@ -15,8 +15,9 @@ Each weight goes the way llm-compressor takes it, with compressed-tensors' own f
 Activations are quantized as compressed-tensors' forward pass quantizes them (`forward_quantize`): dynamic scales per
 token or per group from `compute_dynamic_scales_and_zp`, or static ones measured on calibration text (FP8's
 per-tensor `input_scale`, NVFP4's `input_global_scale`), then `fake_quantize`. The CUDA kernels vLLM runs (cutlass
-FP8, the NVFP4 / MXFP4 GEMMs) take the same scales; they round a reciprocal where compressed-tensors divides, which can
-move an element at a rounding tie.
+FP8, the NVFP4 / MXFP4 GEMMs) compute the dynamic scales themselves: by the same formula for FP8 and NVFP4 (rounding a
+reciprocal where compressed-tensors divides, which can move an element at a rounding tie), with their own E8M0 rounding
+for the MX types (not checked here: no GPU).
 """
 
 from __future__ import annotations

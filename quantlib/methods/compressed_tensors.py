@@ -319,7 +319,8 @@ class CompressedTensorsQuantizer(Quantizer):
         if not self.config.activations:
             return [weights, "activations in the model's dtype (weights only)"]
         return [weights, "inputs quantized by compressed-tensors' forward_quantize: dynamic scales per token or group, "
-                "static ones measured on calibration text (vLLM's CUDA kernels take the same scales)"]
+                "static ones measured on calibration text (vLLM's CUDA kernels compute them themselves: the same formula for "
+                "FP8 and NVFP4, their own E8M0 rounding for MX)"]
 
     #: The schemes a per-layer mix chooses from (vLLM serves any of them in one checkpoint), with their code bits.
     MIX_SCHEMES = (("NVFP4", 4.0), ("MXFP4", 4.0), ("FP8_DYNAMIC", 8.0), ("MXFP8", 8.0), ("W8A16", 8.0))
