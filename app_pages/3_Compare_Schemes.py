@@ -50,6 +50,10 @@ def choose_configs() -> tuple[list[dict], list[str]]:
                               help="Presets, plus the Config Builder's current config when you have built one.")
     if not builder_config():
         st.caption("Your own config from the Config Builder page appears here once you have built one.")
+    twins = st.checkbox("Also each config's weights-only share", key=NS.key("weights_only_too"),
+                        help="For configs that quantize the activations too (GGUF as llama.cpp computes, FP8, NVFP4, "
+                             "MXFP4, W8A8): the same config with the activations left alone, evaluated beside it, so "
+                             "the table shows what the weights lose and what the activations add.")
     problems: list[str] = []
     if len(selected) < MIN_CONFIGS:
         problems.append(f"Pick at least {MIN_CONFIGS} configs to compare (you have {len(selected)}).")
@@ -63,6 +67,13 @@ def choose_configs() -> tuple[list[dict], list[str]]:
         except Exception as exc:  # noqa: BLE001
             show_exception(exc, f"use the config {name!r}")
             problems.append(f"{name} is not a valid config.")
+    if twins and not problems:
+        from quantlib.compare import with_weights_only
+
+        configs = [c.to_dict() for c in with_weights_only(configs)]
+        if len(configs) > MAX_CONFIGS:
+            problems.append(f"With their weights-only twins these are {len(configs)} configs; at most {MAX_CONFIGS} "
+                            "run at once: pick fewer.")
     labels = [parse_config(c).label for c in configs]
     dupes = sorted({lab for lab in labels if labels.count(lab) > 1})
     if dupes:

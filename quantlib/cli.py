@@ -249,6 +249,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     configs = _configs(args)
     if not configs:
         raise CliError("compare needs at least one --config FILE or --preset NAME")
+    if args.weights_only_too:
+        from quantlib.compare import with_weights_only
+
+        configs = with_weights_only(configs)
     if args.text and not Path(args.text).is_file():
         raise CliError(f"{args.text}: no such text file")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
@@ -459,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="quantize with several configs and measure them against the baseline")
     model_and_configs(p)
     p.add_argument("--text", metavar="FILE", help="evaluation text (default: built-in news corpus)")
+    p.add_argument("--weights-only-too", action="store_true",
+                   help="also evaluate each config that quantizes activations (GGUF's llama.cpp kernels, FP8, NVFP4, "
+                        "MX) with its activations left alone, so each share of the loss shows")
     p.add_argument("--tokens", type=_positive_int, default=4096, help="tokens to evaluate (default 4096)")
     p.add_argument("--window", type=_positive_int, default=1024, help="window length (default 1024)")
     p.add_argument("--stride", type=_positive_int, default=None, help="stride (default: the window)")

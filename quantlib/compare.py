@@ -108,6 +108,19 @@ def estimate_seconds(n_params: int, n_tokens: int, configs: Sequence[QuantConfig
     return total + 3.0
 
 
+def with_weights_only(configs: Sequence[QuantConfig | dict | str]) -> list[QuantConfig]:
+    """`configs` with each one's "weights only" twin (`QuantConfig.weights_only`) right after it, where it has one."""
+    from quantlib.registry import parse_config
+
+    out: list[QuantConfig] = []
+    for config in map(parse_config, configs):
+        out.append(config)
+        twin = config.weights_only()
+        if twin is not None and twin not in out:
+            out.append(twin)
+    return out
+
+
 def unique_labels(configs: Sequence[QuantConfig]) -> list[str]:
     """Table labels, numbered where two configs would otherwise share one (e.g. the same preset twice)."""
     seen: dict[str, int] = {}

@@ -377,6 +377,11 @@ class QuantConfig:
         """What a reader of the exported JSON may not expect in it, and why it is there (none by default)."""
         return []
 
+    def weights_only(self) -> "QuantConfig | None":
+        """Where this config quantizes the activations too: the same config with them left in the model's dtype (its
+        "weights only" twin, so a comparison shows each share of the loss); None where there is nothing to leave out."""
+        return None
+
     def warnings(self) -> list[str]:
         """Settings that are valid but have no effect with the rest of this config."""
         notes = []

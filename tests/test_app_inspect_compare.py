@@ -189,3 +189,32 @@ def test_compare_bad_text_and_missing_folder(tmp_path):
     use_folder(at, "compare", tmp_path / "nope")
     assert any("does not exist" in e for e in errors(at))
     assert at.button(key="compare.run").disabled
+
+
+def test_compare_shows_each_config_s_weights_only_share_beside_it(tiny_llama_dir, runs_dir):
+    """The checkbox adds the weights-only twin of every config that quantizes activations (here NVFP4's W4A4), right
+    after it; a weights-only method (NF4) gets none."""
+    at = start(COMPARE)
+    use_folder(at, "compare", tiny_llama_dir)
+    nvfp4 = next(o for o in at.multiselect(key="compare.configs").options if o.startswith("CT NVFP4"))
+    at.multiselect(key="compare.configs").set_value(["NF4", nvfp4])
+    at.checkbox(key="compare.weights_only_too").check()
+    at.number_input(key="compare.tokens").set_value(256)
+    at.number_input(key="compare.window").set_value(128)
+    at.run()
+    assert any("for 3 config(s)" in c.value for c in at.caption), [c.value for c in at.caption]
+    at.button(key="compare.run").click().run(timeout=TIMEOUT)
+    no_exception(at)
+    assert not errors(at)
+    assert list(at.table[0].value["scheme"]) == ["baseline float32", "NF4", "CT NVFP4", "CT NVFP4, weights only"]
+
+
+def test_with_weights_only_pairs_every_config_that_quantizes_activations():
+    from quantlib.compare import with_weights_only
+    from quantlib.presets import preset
+
+    labels = [c.label for c in with_weights_only([preset("ct-nvfp4"), preset("nf4"), preset("gguf-q4_0"),
+                                                  preset("fp8-block32"),
+                                                  {"quant_method": "compressed-tensors", "scheme": "NVFP4A16"}])]
+    assert labels == ["CT NVFP4", "CT NVFP4, weights only", "NF4", "GGUF Q4_0", "GGUF Q4_0, weights only",
+                      "FP8 32x32", "FP8 32x32, weights only", "CT NVFP4A16"]

@@ -105,6 +105,10 @@ class CompressedTensorsQuantConfig(QuantConfig):
                 saved[name] = self._values[name]
         return saved
 
+    def weights_only(self) -> QuantConfig | None:
+        schemes = {self.scheme, *(self.module_schemes or {}).values()}
+        return self.replace(activations=False) if self.activations and any(map(_has_inputs, schemes)) else None
+
     def to_transformers(self) -> Any:
         from transformers import CompressedTensorsConfig
 

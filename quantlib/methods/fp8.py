@@ -82,6 +82,9 @@ class FineGrainedFP8QuantConfig(QuantConfig):
             del out["activations"]  # quantlib's evaluation setting, written only when it is not the default
         return out
 
+    def weights_only(self) -> QuantConfig | None:
+        return self.replace(activations=False) if self.activations else None
+
     def to_transformers(self) -> Any:
         from transformers import FineGrainedFP8Config
 

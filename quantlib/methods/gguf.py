@@ -86,6 +86,9 @@ class GGUFQuantConfig(QuantConfig):
         the model, the quantizer's `module_types`."""
         return (self.tensor_types or {}).get(module, self.quant_type)
 
+    def weights_only(self) -> QuantConfig | None:
+        return self.replace(activations=False) if self.activations else None
+
     @property
     def is_file_type(self) -> bool:
         """A llama-quantize file type (a mixture such as Q4_K_M, or any type with `llama_quantize_rules`): the block
