@@ -398,11 +398,25 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def load_model_for(args: argparse.Namespace) -> Any:
-    """The model a method's own command works on (`--model`), loaded with progress unless `--quiet`."""
-    from quantlib.models import load_model
+class MethodContext:
+    """What a method's own command (`Quantizer.cli_commands`) gets from the CLI: the model `--model` names, and
+    quantlib's comparison (which the method modules cannot import: they never reach the registry)."""
 
-    return load_model(args.model, progress=_progress(not args.quiet))
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+
+    def load(self) -> Any:
+        from quantlib.models import load_model
+
+        return load_model(self.args.model, progress=_progress(not self.args.quiet))
+
+    def evaluate(self, config: Any, source: str, tokens: int, window: int, stride: int) -> Any:
+        """quantlib's comparison row of `config` on `source` (the table's columns: kl, kl_se, ...)."""
+        from quantlib.compare import CompareSettings, run_comparison
+
+        settings = CompareSettings(source=source, max_tokens=tokens, window=window, stride=stride, device="cpu")
+        result = run_comparison([config], settings, save=False, progress=_progress(not self.args.quiet))
+        return result.table.set_index("scheme").loc[config.label]
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -550,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true")
         command.arguments(p)
         common(p)
-        p.set_defaults(func=lambda args, command=command: command.run(args, lambda: load_model_for(args)))
+        p.set_defaults(func=lambda args, command=command: command.run(args, MethodContext(args)))
 
     p = sub.add_parser("runs", help="list saved comparison runs (the app lists the same)")
     common(p)

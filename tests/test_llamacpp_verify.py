@@ -53,9 +53,32 @@ def test_llama_cpp_s_kl_and_size_agree_with_quantlib_s(tmp_path) -> None:
         tools = find_tools(str(built) if built.exists() else None)
     except FileNotFoundError as exc:
         pytest.skip(f"llama.cpp is not built here ({exc}); CI does not build it")
+    from quantlib.compare import CompareSettings, run_comparison
+
+    def evaluate(config, source, tokens, window, stride):
+        settings = CompareSettings(source=source, max_tokens=tokens, window=window, stride=stride, device="cpu")
+        return run_comparison([config], settings, save=False).table.set_index("scheme").loc[config.label]
+
     config = parse_config({"quant_method": "gguf", "quant_type": "Q4_0", "llama_quantize_rules": True})
-    result = verify(config, "default", tools, ctx=256, chunks=4, work=tmp_path)
+    result = verify(config, "default", tools, classify=quantizer_class(config).classify, evaluate=evaluate, ctx=256,
+                    chunks=4, work=tmp_path)
     q, ll = result["quantlib"], result["llama.cpp"]
     se = (q["kl_se"] ** 2 + ll["kl_se"] ** 2) ** 0.5
     assert abs(q["kl"] - ll["kl"]) < 3 * se, result
     assert abs(q["memory_mib"] - result["llama.cpp_mib"]) < 0.01, result  # the rotary buffer is 256 bytes
+
+
+def test_the_command_refuses_a_config_of_another_method_and_missing_tools_clearly(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    other = tmp_path / "rtn.json"
+    other.write_text('{"quant_method": "rtn"}')
+    done = subprocess.run([sys.executable, "-m", "quantlib", "llama-cpp-verify", "--config", str(other), "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "takes a gguf config" in done.stderr and "Traceback" not in done.stderr
+    gguf = tmp_path / "q4.json"
+    gguf.write_text('{"quant_method": "gguf", "quant_type": "Q4_0"}')
+    done = subprocess.run([sys.executable, "-m", "quantlib", "llama-cpp-verify", "--config", str(gguf), "--llama-cpp",
+                           str(tmp_path), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "llama-quantize is not in" in done.stderr and "Traceback" not in done.stderr

@@ -150,10 +150,10 @@ class ImatrixCommand:
         parser.add_argument("--tokens", type=int, default=4096, help="calibration tokens (chunks of 512, each from BOS)")
         parser.add_argument("--text", metavar="FILE", help="calibration text (default: the built-in calibration text)")
 
-    def run(self, args: Any, load: Any) -> int:
+    def run(self, args: Any, context: Any) -> int:
         from pathlib import Path
 
-        loaded = load()
+        loaded = context.load()
         text = Path(args.text).read_text(encoding="utf-8") if args.text else None
         progress = None if args.quiet else _print_progress
         measured, n = measure_and_write(loaded.model, loaded.tokenizer, args.out, args.tokens, text=text,

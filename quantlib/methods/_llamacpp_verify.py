@@ -67,11 +67,15 @@ def gguf_tensor_bytes(path: Path) -> int:
 
 
 class VerifyCommand:
-    """`quantlib llama-cpp-verify`: a GGUF config through llama.cpp's own tools beside quantlib's figures."""
+    """`quantlib llama-cpp-verify`: a GGUF config through llama.cpp's own tools beside quantlib's figures. Made by the
+    GGUF quantizer with its config class and its `classify` (this module knows no method)."""
 
     name = "llama-cpp-verify"
     help = ("run a GGUF config's llama-quantize command and llama-perplexity --kl-divergence, and show llama.cpp's KL "
             "and size beside quantlib's (where llama.cpp's tools are installed)")
+
+    def __init__(self, config_class: Any, classify: Any):
+        self.config_class, self.classify = config_class, classify
 
     def arguments(self, parser: Any) -> None:
         parser.add_argument("--config", required=True, metavar="FILE", help="a GGUF config JSON")
@@ -83,26 +87,31 @@ class VerifyCommand:
         parser.add_argument("--chunks", type=int, default=8, help="chunks of the built-in evaluation text")
         parser.add_argument("--threads", type=int, default=2)
 
-    def run(self, args: Any, load: Any) -> int:
-        from quantlib.registry import parse_config
+    def run(self, args: Any, context: Any) -> int:
+        import json
 
-        config = parse_config(Path(args.config).read_text(encoding="utf-8"))
-        if config.quant_method != "gguf":
-            raise ValueError(f"llama-cpp-verify takes a GGUF config; {args.config} is {config.quant_method}")
-        result = verify(config, args.model, find_tools(args.llama_cpp), f32_gguf=args.f32_gguf, ctx=args.ctx,
-                        chunks=args.chunks, threads=args.threads, load=load)
+        raw = json.loads(Path(args.config).read_text(encoding="utf-8"))
+        method = raw.get("quant_method") if isinstance(raw, dict) else None
+        if method != self.config_class.quant_method:
+            raise ValueError(f"llama-cpp-verify takes a {self.config_class.quant_method} config; {args.config} is "
+                             f"{method!r}")
+        config = self.config_class(**raw)
+        result = verify(config, args.model, find_tools(args.llama_cpp), classify=self.classify,
+                        evaluate=context.evaluate, f32_gguf=args.f32_gguf, ctx=args.ctx, chunks=args.chunks,
+                        threads=args.threads, load=context.load)
         print(format_result(result))
         return 0
 
 
-def verify(config: Any, source: str, tools: dict[str, Path], *, f32_gguf: str | None = None, ctx: int = 512,
-           chunks: int = 8, threads: int = 2, load: Any = None, work: Path | None = None) -> dict[str, Any]:
-    """llama.cpp's figures and quantlib's for `config` on the same F32 GGUF and tokens (see the module docstring)."""
-    from quantlib.compare import CompareSettings, run_comparison
+def verify(config: Any, source: str, tools: dict[str, Path], *, classify: Any, evaluate: Any,
+           f32_gguf: str | None = None, ctx: int = 512, chunks: int = 8, threads: int = 2, load: Any = None,
+           work: Path | None = None) -> dict[str, Any]:
+    """llama.cpp's figures and quantlib's for `config` on the same F32 GGUF and tokens (see the module docstring).
+    `classify(config, shapes)`: the quantizer's per-weight decisions; `evaluate(config, source, tokens, window,
+    stride)`: quantlib's comparison row of `config` (kl, kl_se, top1_agreement, memory_mib)."""
     from quantlib.corpus import builtin_text
     from quantlib.methods._gguf_file_types import llama_quantize_argv
     from quantlib.models import _default_gguf_path, load_model, read_model_config
-    from quantlib.registry import quantizer_class
     from quantlib.shapes import model_shapes
 
     work = Path(work or tempfile.mkdtemp(prefix="quantlib_llamacpp_"))
@@ -123,8 +132,7 @@ def verify(config: Any, source: str, tools: dict[str, Path], *, f32_gguf: str | 
         imatrix = work / "imatrix.gguf"
         measure_and_write(base.model, base.tokenizer, imatrix, config.imatrix_tokens)
     target = work / "model-quantized.gguf"
-    decisions = quantizer_class(config).classify(config, shapes)
-    _run(llama_quantize_argv(config, model_config, shapes, decisions, str(f32), str(target),
+    _run(llama_quantize_argv(config, model_config, shapes, classify(config, shapes), str(f32), str(target),
                              str(imatrix) if imatrix else None, "float32", str(tools["llama-quantize"])))
     text = work / "eval.txt"
     text.write_text(builtin_text("eval"), encoding="utf-8")
@@ -135,8 +143,7 @@ def verify(config: Any, source: str, tools: dict[str, Path], *, f32_gguf: str | 
                                 "--kl-divergence-base", str(base_kld), *common]))
     # llama-perplexity scores the second half of each chunk: a stride of half the context gives every token quantlib
     # scores at least that much context
-    settings = CompareSettings(source=str(f32), max_tokens=ctx * chunks, window=ctx, stride=ctx // 2, device="cpu")
-    row = run_comparison([config], settings, save=False).table.set_index("scheme").loc[config.label]
+    row = evaluate(config, str(f32), ctx * chunks, ctx, ctx // 2)
     f32_bytes, quantized_bytes = gguf_tensor_bytes(f32), gguf_tensor_bytes(target)
     return {"config": config.label, "tokens": ctx * chunks, "ctx": ctx, "llama.cpp": llama,
             "quantlib": {"kl": float(row["kl"]), "kl_se": float(row["kl_se"]),

@@ -338,7 +338,7 @@ class GGUFQuantizer(Quantizer):
         from quantlib.methods._ggml_importance import ImatrixCommand
         from quantlib.methods._llamacpp_verify import VerifyCommand
 
-        return [ImatrixCommand(), VerifyCommand()]
+        return [ImatrixCommand(), VerifyCommand(cls.config_class, cls.classify)]
 
     @classmethod
     def tensor_plan(cls, config: QuantConfig, shapes: ModelShapes) -> list[dict[str, Any]] | None:

@@ -321,7 +321,7 @@ class Quantizer:
     @classmethod
     def cli_commands(cls) -> list[Any]:
         """Subcommands of `quantlib` that are the method's own tools (GGUF's imatrix): objects with `name`, `help`,
-        `arguments(parser)` and `run(args, load) -> exit status` (`load()` loads the model `--model` names)."""
+        `arguments(parser)` and `run(args, context) -> exit status` (the CLI's `MethodContext`)."""
         return []
 
     def layer_output(self, x: torch.Tensor, packed: QuantizedTensor) -> torch.Tensor:
