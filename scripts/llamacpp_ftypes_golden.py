@@ -12,7 +12,8 @@ What it does:
      (Phi-3: attn_qkv and a fused ffn_up), written with their own architecture's keys;
    - two mixtures of experts (llama arch, 3-D ``ffn_*_exps`` tensors and a ``ffn_gate_inp`` router):
      ``moe8_h256_gqa4`` (8 experts: llama.cpp's n_expert == 8 bumps) and ``moe4_h256_tied`` (4 experts, tied).
-     Their imatrix holds one row of sums and one count per expert.
+     Their imatrix holds one row of sums and one count per expert;
+   - ``falcon_h256_16l_mqa``: Falcon (its own output, ffn_down and attn_output rules), multi-query, 16 layers.
 2. Runs ``llama-quantize [--imatrix FILE] model.gguf out.gguf FTYPE`` for every file type of FILE_TYPES, without
    and with an importance matrix (a GGUF imatrix: ``<name>.in_sum2`` and ``<name>.counts`` per weight, with the
    imatrix.datasets / chunk_count / chunk_size keys that llama-quantize requires).
@@ -63,6 +64,9 @@ MODELS = {
                                    tied=False, scrambled=False, rope_freqs=False, arch="qwen2"),
     "phi3_h256_fused_qkv": dict(hidden=256, ffn=512, n_layer=8, n_head=4, n_head_kv=4, head_dim=64,
                                 tied=False, scrambled=False, rope_freqs=False, arch="phi3"),
+    # Falcon: its own rules (output Q8_0, ffn_down and attn_output); attention fused into attn_qkv, multi-query
+    "falcon_h256_16l_mqa": dict(hidden=256, ffn=1024, n_layer=16, n_head=4, n_head_kv=1, head_dim=64, tied=False,
+                                scrambled=False, rope_freqs=False, arch="falcon"),
     # mixtures of experts (llama arch, 3-D expert tensors and a router): 8 experts get llama.cpp's n_expert == 8
     # bumps, 4 do not; both read each ffn tensor's layer from its name
     "moe8_h256_gqa4": dict(hidden=256, ffn=512, n_layer=8, n_head=4, n_head_kv=1, head_dim=64, tied=False,
@@ -80,6 +84,11 @@ def model_tensors(spec: dict) -> list[tuple[str, tuple[int, ...]]]:
     blocks = []
     arch = spec.get("arch", "llama")
     for i in range(spec["n_layer"]):
+        if arch == "falcon":
+            blocks.append([(f"blk.{i}.attn_norm.weight", (h,)), (f"blk.{i}.attn_norm.bias", (h,)),
+                           (f"blk.{i}.attn_qkv.weight", (q + 2 * kv, h)), (f"blk.{i}.attn_output.weight", (h, q)),
+                           (f"blk.{i}.ffn_up.weight", (f, h)), (f"blk.{i}.ffn_down.weight", (h, f))])
+            continue
         if arch == "phi3":
             blocks.append([(f"blk.{i}.attn_norm.weight", (h,)), (f"blk.{i}.attn_qkv.weight", (q + 2 * kv, h)),
                            (f"blk.{i}.attn_output.weight", (h, q)), (f"blk.{i}.ffn_norm.weight", (h,)),
@@ -124,7 +133,10 @@ def write_model(path: Path, spec: dict, seed: int) -> None:
     w.add_key_length(spec["head_dim"])
     w.add_value_length(spec["head_dim"])
     w.add_rope_dimension_count(spec["head_dim"])
-    w.add_layer_norm_rms_eps(1e-5)
+    if spec.get("arch") == "falcon":
+        w.add_layer_norm_eps(1e-5)
+    else:
+        w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(VOCAB)
     if spec.get("n_expert", 1) > 1:
         w.add_expert_count(spec["n_expert"])

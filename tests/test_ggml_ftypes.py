@@ -134,7 +134,6 @@ def test_unported_file_types_raise(ftype):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(arch="falcon"), "Falcon"),
     (dict(n_layer=80, n_gqa=8), "70B"),
     (dict(n_layer=80, n_gqa=1, arch="qwen2"), "70B"),
     (dict(arch="glm5-next"), "GLM5"),
@@ -159,9 +158,14 @@ def test_unknown_file_type_raises():
 
 
 def _transformers_config(model: str):
-    from transformers import Phi3Config, Qwen2Config
+    from transformers import FalconConfig, Phi3Config, Qwen2Config
 
     meta = MODELS[model]
+    if meta["arch"] == "falcon":  # multi-query: one KV head, attention fused into query_key_value
+        return FalconConfig(hidden_size=meta["hidden"], num_hidden_layers=meta["n_layer"],
+                            num_attention_heads=meta["n_head"], multi_query=True, new_decoder_architecture=False,
+                            parallel_attn=True, bias=False, vocab_size=meta["vocab"], tie_word_embeddings=meta["tied"],
+                            bos_token_id=1, eos_token_id=2)
     common = dict(hidden_size=meta["hidden"], intermediate_size=meta["ffn"], num_hidden_layers=meta["n_layer"],
                   num_attention_heads=meta["n_head"], num_key_value_heads=meta["n_head_kv"], vocab_size=meta["vocab"],
                   tie_word_embeddings=meta["tied"], bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -169,10 +173,11 @@ def _transformers_config(model: str):
 
 
 @pytest.mark.parametrize("kind", ["plain", "imatrix"])
-@pytest.mark.parametrize("model", ["qwen2_h256_gqa2_biases", "phi3_h256_fused_qkv"])
-def test_the_planner_gives_transformers_models_of_two_other_architectures_llama_quantize_s_types(model, kind):
-    """The same widths as a transformers Qwen2 (q/k/v biases) and Phi-3 (qkv_proj and gate_up_proj fused): the
-    planner's per-tensor types, from transformers' weight names mapped by gguf, are the ones llama-quantize wrote."""
+@pytest.mark.parametrize("model", ["qwen2_h256_gqa2_biases", "phi3_h256_fused_qkv", "falcon_h256_16l_mqa"])
+def test_the_planner_gives_transformers_models_of_other_architectures_llama_quantize_s_types(model, kind):
+    """The same widths as a transformers Qwen2 (q/k/v biases), Phi-3 (qkv_proj and gate_up_proj fused) and Falcon
+    (multi-query, query_key_value fused: its GQA factor read from the fused widths): the planner's per-tensor types,
+    from transformers' weight names mapped by gguf, are the ones llama-quantize wrote."""
     from quantlib.methods._gguf_file_types import _gguf_names, file_type_plan
     from quantlib.shapes import model_shapes
 

@@ -22,8 +22,8 @@ aliases Q3_K, Q4_K, Q5_K). Types are returned as gguf-py's ``GGMLQuantizationTyp
 
 Mixture-of-experts models (n_expert > 1) follow llama.cpp's own rules: the layer of an ffn_down / ffn_gate / ffn_up
 tensor (expert tensors included) is read from its name (``layer_info``), and with 8 experts attn_v and attn_k are
-written Q8_0 and attn_output Q5_K for the K-quant mixtures. ``ValueError`` (with the reason) for Falcon and GLM5-next
-(their own rules), for models llama.cpp types as 70B (attn_v bumped to Q5_K) and for the file types not in
+written Q8_0 and attn_output Q5_K for the K-quant mixtures. Falcon's own rules are ported too (output Q8_0, its
+ffn_down and attn_output choices). ``ValueError`` (with the reason) for GLM5-next (its own rules), for models llama.cpp types as 70B (attn_v bumped to Q5_K) and for the file types not in
 ``FILE_TYPES`` (IQ1/IQ2/IQ3, TQ, MXFP4_MOE, ...). The rules of those
 file types inside ``llama_tensor_get_type_impl`` are left out; everything else keeps llama.cpp's order.
 Checked against llama-quantize itself: scripts/llamacpp_ftypes_golden.py, tests/test_ggml_ftypes.py.
@@ -84,9 +84,7 @@ _FALLBACK = {
 }
 
 #: Architectures whose own rules (LLM_ARCH_FALCON, LLM_ARCH_GLM5_NEXT branches) are not ported.
-_UNPORTED_ARCHS = {"falcon": "Falcon has its own rules in llama_tensor_get_type_impl (output, ffn_down, "
-                             "attn_output)",
-                   "glm5-next": "GLM5-next keeps attn_q_a/attn_q_b/nextn.eh_proj at Q8_0 and skips its own tensors"}
+_UNPORTED_ARCHS = {"glm5-next": "GLM5-next keeps attn_q_a/attn_q_b/nextn.eh_proj at Q8_0 and skips its own tensors"}
 
 #: (arch, n_layer) that llama.cpp's load_arch_hparams types LLM_TYPE_70B (src/models/*.cpp).
 _TYPE_70B = {("llama", 80), ("qwen2", 80), ("deci", 80), ("olmo", 80), ("jais2", 68)}
@@ -288,6 +286,7 @@ def tensor_choices(file_type: str, tensors: Sequence, *, n_layer: int, n_gqa: in
     n_ffn_down = n_layer
     i_attention_wv = i_ffn_down = i_ffn_gate = i_ffn_up = 0
 
+    falcon = str(arch).lower() == "falcon"
     choices = []
     for name, ncols, n_dims in parsed:
         if not tensor_allows_quantization(name, n_dims):
@@ -296,18 +295,20 @@ def tensor_choices(file_type: str, tensors: Sequence, *, n_layer: int, n_gqa: in
         new_type = default
         shape_reason = ""
         layer_rule = ""
-        # llama_tensor_get_type_impl (the branches of unported file types, archs and n_expert left out)
+        # llama_tensor_get_type_impl (the branches of unported file types left out)
         if category == "OUTPUT" or (has_tied_embeddings and category == "TOKEN_EMBD"):
             output_type = "Q8_0" if default == "Q8_0" else "Q6_K"
-            if ncols % BLOCK_SIZE[default] != 0:
+            if falcon:
+                new_type = "Q8_0"
+            elif ncols % BLOCK_SIZE[default] != 0:
                 new_type = "Q8_0"
                 if output_type != "Q8_0":
                     shape_reason = (f"ncols {ncols} not a multiple of {BLOCK_SIZE[default]}, the block size of "
                                     f"{default}, so the output rule gives Q8_0, not Q6_K")
             else:
                 new_type = output_type
-            layer_rule = ("the output rule" + (" (the token embedding stands in for a tied output)"
-                                               if category == "TOKEN_EMBD" else ""))
+            layer_rule = ("the output rule" + (" (Falcon's: Q8_0)" if falcon else "")
+                          + (" (the token embedding stands in for a tied output)" if category == "TOKEN_EMBD" else ""))
         elif category == "TOKEN_EMBD":
             pass
         elif category_is_attn_v(category):  # attn_v, attn_qkv, attn_kv_b
@@ -341,24 +342,30 @@ def tensor_choices(file_type: str, tensors: Sequence, *, n_layer: int, n_gqa: in
                 if i_layer < _c_div(n, 8):
                     new_type = "Q4_K"
             elif ftype == "Q3_K_M":
-                new_type = "Q5_K" if i_layer < _c_div(n, 16) else "Q4_K"  # (Q3_K only for Falcon)
+                new_type = ("Q5_K" if i_layer < _c_div(n, 16)
+                            else "Q4_K" if not falcon or _use_more_bits(i_layer, n) else "Q3_K")
             elif ftype == "Q3_K_L":
-                new_type = "Q5_K"
+                new_type = "Q4_K" if falcon else "Q5_K"
             elif ftype == "Q4_K_M":
-                if _use_more_bits(i_layer, n):
+                if falcon:
+                    new_type = ("Q6_K" if i_layer < _c_div(n, 16) else "Q5_K" if _use_more_bits(i_layer, n)
+                                else "Q4_K")
+                elif _use_more_bits(i_layer, n):
                     new_type = "Q6_K"
             elif i_layer < _c_div(n, 8) and ftype in ("IQ4_NL", "IQ4_XS") and not has_imatrix:
                 new_type = "Q5_K"
             elif ftype == "Q5_K_M" and _use_more_bits(i_layer, n):
                 new_type = "Q6_K"
-            elif ftype == "Q4_K_S" and i_layer < _c_div(n, 8):
+            elif ftype == "Q4_K_S" and not falcon and i_layer < _c_div(n, 8):
                 new_type = "Q5_K"
             elif ftype in ("Q4_0", "Q5_0") and has_imatrix and i_layer < _c_div(n, 8):
                 new_type = "Q4_1" if ftype == "Q4_0" else "Q5_1"
             layer_rule = _layer_rule("ffn_down", i_layer, n, new_type, default)
             i_ffn_down += 1
         elif category == "ATTENTION_OUTPUT":
-            if n_expert == 8:
+            if falcon:
+                new_type = "Q4_K" if ftype == "Q3_K_L" else new_type
+            elif n_expert == 8:
                 if ftype in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_NL", "IQ4_XS"):
                     new_type = "Q5_K"
             else:

@@ -153,7 +153,15 @@ def _inputs(shapes: ModelShapes, has_imatrix: bool) -> tuple[dict[str, str], lis
     n_layer = len({m.group(1) for name in gguf_names.values() if (m := re.match(r"blk\.(\d+)\.", name))})
     q = next((weights[by_gguf[g]] for g in by_gguf if g == "blk.0.attn_q.weight"), None)
     k = next((weights[by_gguf[g]] for g in by_gguf if g == "blk.0.attn_k.weight"), None)
-    n_gqa = q.out_features // k.out_features if q is not None and k is not None and k.out_features else 1
+    qkv = next((weights[by_gguf[g]] for g in by_gguf if g == "blk.0.attn_qkv.weight"), None)
+    out = next((weights[by_gguf[g]] for g in by_gguf if g == "blk.0.attn_output.weight"), None)
+    if q is not None and k is not None and k.out_features:
+        n_gqa = q.out_features // k.out_features
+    elif qkv is not None and out is not None and qkv.out_features > out.in_features:
+        # fused attention (Falcon, Phi-3): q is as wide as attn_output's input, k and v share the rest
+        n_gqa = out.in_features // ((qkv.out_features - out.in_features) // 2)
+    else:
+        n_gqa = 1
     kwargs = dict(n_layer=n_layer, n_gqa=n_gqa, n_expert=max(1, shapes.n_experts), has_imatrix=has_imatrix,
                   arch=shapes.model_type)
     return by_gguf, tensors, kwargs
