@@ -79,10 +79,26 @@ def layer_error_figure(errors: pd.DataFrame, metric: str = "rel_fro_error", sche
         fig.add_trace(go.Scatter(x=list(frame["layer"]), y=list(frame[metric]), mode="lines+markers",
                                  name=str(scheme), marker={"size": 4, "color": color}, line={"color": color},
                                  hovertemplate="%{x}: %{y:.4g}<extra>" + str(scheme) + "</extra>"))
+    order = merged_layer_order([list(frame["layer"]) for _, frame in groups])
     fig.update_layout(title=f"Per-layer weight error ({metric})", xaxis_title="decoder block (hover: the layer)",
-                      yaxis_title=metric, xaxis=layer_ticks(list(dict.fromkeys(errors["layer"]))),
+                      yaxis_title=metric, xaxis={**layer_ticks(order), "categoryorder": "array",
+                                                 "categoryarray": order},
                       hovermode="closest")
     return fig
+
+
+def merged_layer_order(sequences: Sequence[Sequence[str]]) -> list[str]:
+    """One x-axis order for schemes that quantize different layers (a GGUF file type quantizes the embedding, most
+    methods do not): each layer right after the one before it in the first scheme that has it, so every line runs
+    left to right in its own model order."""
+    order: list[str] = []
+    for sequence in sequences:
+        previous = None
+        for name in sequence:
+            if name not in order:
+                order.insert(order.index(previous) + 1 if previous is not None else 0, name)
+            previous = name
+    return order
 
 
 def tradeoff_figure(table: pd.DataFrame, x: str = "memory_mib") -> go.Figure:

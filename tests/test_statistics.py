@@ -135,3 +135,21 @@ def test_one_new_declaration_reaches_the_table_csv_run_store_report_and_text(tin
     assert "kl_p_above_0_01" in next(iter(detail.values()))["kl"]["figures"]
     assert any(line.startswith("share of tokens with KL > 0.01: ")
                for line in stats.statistic_lines(result.details[next(iter(detail))]["kl"]["figures"]))
+
+
+def test_the_layer_error_chart_runs_every_scheme_left_to_right_in_model_order():
+    """A GGUF file type also quantizes the embedding, which other schemes leave alone: the axis puts it first, so no
+    line doubles back across the chart (it did: the embedding was appended after the last block)."""
+    import pandas as pd
+
+    from quantlib.figures import layer_error_figure, merged_layer_order
+
+    blocks = [f"model.layers.{i}.mlp.down_proj" for i in range(3)]
+    errors = pd.DataFrame({"scheme": ["NF4"] * 3 + ["GGUF Q4_K_M"] * 4,
+                           "layer": blocks + ["model.embed_tokens", *blocks],
+                           "rel_fro_error": [0.1, 0.1, 0.1, 0.02, 0.05, 0.05, 0.05]})
+    order = merged_layer_order([blocks, ["model.embed_tokens", *blocks]])
+    assert order == ["model.embed_tokens", *blocks]
+    assert merged_layer_order([["a", "c"], ["a", "b", "c"], ["d"]]) == ["d", "a", "b", "c"]
+    axis = layer_error_figure(errors).layout.xaxis
+    assert list(axis.categoryarray) == order and axis.categoryorder == "array"
