@@ -230,6 +230,16 @@ def quantize_input(x: torch.Tensor, scheme_name: str, input_param: torch.Tensor 
     return fake_quantize(x=x, scale=scale, zero_point=zero, args=args, global_scale=global_scale)
 
 
+def add_input_hooks(model: torch.nn.Module, packed_layers: dict[str, Any],
+                    quantize: Any) -> list:
+    """A forward pre-hook on every module in `packed_layers` (name -> its packed weight) that hands the module
+    `quantize(input, packed)` instead of its input; returns the handles."""
+    modules = dict(model.named_modules())
+    return [modules[name].register_forward_pre_hook(
+                lambda _m, args, packed=packed: (quantize(args[0], packed), *args[1:]))
+            for name, packed in packed_layers.items() if name in modules]
+
+
 def input_params_from_range(scheme_name: str, low: torch.Tensor, high: torch.Tensor,
                             dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
     """The static input parameter of scheme `scheme_name` from the min and max of a layer's calibration inputs
@@ -252,36 +262,18 @@ def input_ranges(model: torch.nn.Module, tokenizer: Any, layer_names: list[str],
                  chunk: int = 512, progress: Any = None, cancel: Any = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Min and max of every input each layer in `layer_names` sees over `n_tokens` of the built-in calibration text
     (chunks of `chunk` tokens), for the static observers."""
-    from quantlib.corpus import builtin_text
-    from quantlib.errors import Cancelled
-    from quantlib.evaluation import tokenize_for_eval
+    from quantlib.methods._calibration import observe_inputs
 
-    ids = tokenize_for_eval(tokenizer, builtin_text("calib"), n_tokens)
-    modules = dict(model.named_modules())
     ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def hook(name: str):
-        def record(_module: Any, args: tuple) -> None:
-            x = args[0].detach()
-            low, high = x.amin().float().cpu(), x.amax().float().cpu()
-            if name in ranges:
-                low, high = torch.minimum(ranges[name][0], low), torch.maximum(ranges[name][1], high)
-            ranges[name] = (low, high)
-        return record
+    def record(name: str, x: torch.Tensor) -> None:
+        low, high = x.amin().float().cpu(), x.amax().float().cpu()
+        if name in ranges:
+            low, high = torch.minimum(ranges[name][0], low), torch.maximum(ranges[name][1], high)
+        ranges[name] = (low, high)
 
-    handles = [modules[name].register_forward_pre_hook(hook(name)) for name in layer_names]
-    device = next(model.parameters()).device
-    starts = list(range(0, int(ids.numel()), chunk))
-    try:
-        for i, start in enumerate(starts):
-            if cancel is not None and cancel():
-                raise Cancelled("calibration of the input scales cancelled")
-            model(input_ids=ids[start:start + chunk].unsqueeze(0).to(device))
-            if progress is not None:
-                progress((i + 1) / len(starts), f"input scales: chunk {i + 1}/{len(starts)}")
-    finally:
-        for handle in handles:
-            handle.remove()
+    observe_inputs(model, tokenizer, layer_names, n_tokens, record, what="input scales", chunk=chunk,
+                   progress=progress, cancel=cancel)
     return ranges
 
 

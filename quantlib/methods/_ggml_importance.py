@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from quantlib.callbacks import CancelFn, ProgressFn
-from quantlib.errors import Cancelled
 
 #: Tokens per calibration chunk, llama-imatrix's default context.
 CHUNK_TOKENS = 512
@@ -40,47 +39,26 @@ def importance_matrix(model: torch.nn.Module, tokenizer: Any, layer_names: list[
     """Per layer in `layer_names` (modules whose input is the matrix's input): the mean of x_j^2 over `n_tokens`
     tokens of `text` (default: the built-in calibration text), float32 of length in_features, computed from the
     float32 sums and the counts as llama-quantize computes it from the file `write_imatrix_gguf` writes."""
-    from quantlib.corpus import builtin_text
-    from quantlib.evaluation import tokenize_for_eval
+    from quantlib.methods._calibration import observe_inputs
 
-    ids = tokenize_for_eval(tokenizer, text if text is not None else builtin_text("calib"), n_tokens)
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
         bos = getattr(getattr(model, "config", None), "bos_token_id", None)
-    modules = dict(model.named_modules())
-    missing = [name for name in layer_names if name not in modules]
-    if missing:
-        raise ValueError(f"no module named {missing[0]!r} in the model")
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
-    def hook(name: str):
-        def record(_module: Any, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            sums[name] = sums.get(name, 0) + x.square().sum(0).cpu()
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        return record
+    def record(name: str, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        sums[name] = sums.get(name, 0) + x.square().sum(0).cpu()
+        counts[name] = counts.get(name, 0) + x.shape[0]
 
-    handles = [modules[name].register_forward_pre_hook(hook(name)) for name in layer_names]
-    device = next(model.parameters()).device
-    starts = list(range(0, int(ids.numel()), chunk))
-    try:
-        for i, start in enumerate(starts):
-            if cancel is not None and cancel():
-                raise Cancelled("importance matrix cancelled")
-            piece = ids[start:start + chunk].clone()
-            if bos is not None:
-                piece[0] = int(bos)  # llama-imatrix: every chunk starts with BOS
-            model(input_ids=piece.unsqueeze(0).to(device))
-            if progress is not None:
-                progress((i + 1) / len(starts), f"importance matrix: chunk {i + 1}/{len(starts)}")
-    finally:
-        for handle in handles:
-            handle.remove()
+    # llama-imatrix: every chunk starts with BOS
+    n_chunks = observe_inputs(model, tokenizer, layer_names, n_tokens, record, what="importance matrix", text=text,
+                              chunk=chunk, bos=bos, progress=progress, cancel=cancel)
     out = ImportanceMatrix()
     out.sums = {name: sums[name].float().numpy() for name in layer_names if name in sums}
     out.counts = {name: int(counts[name]) for name in out.sums}
-    out.chunk_count, out.chunk_size = len(starts), chunk
+    out.chunk_count, out.chunk_size = n_chunks, chunk
     for name, total in out.sums.items():
         out[name] = total / np.float32(out.counts[name])  # float32 / float32, as llama-quantize divides
     return out

@@ -235,10 +235,6 @@ class CompressedTensorsQuantizer(Quantizer):
         return None
 
     @classmethod
-    def shape_problem(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
-        return cls.layer_shape_problem(config, name, shape)
-
-    @classmethod
     def storage_bytes(cls, config: QuantConfig, out_features: int, in_features: int,
                       dtype: str = "float32") -> dict[str, float]:
         return planned_bytes(config.scheme, config.group_size, out_features, in_features, DTYPE_BYTES[dtype])
@@ -375,18 +371,11 @@ def _is_tensor_group(scheme: str) -> bool:
 
 def add_input_quantization(model: torch.nn.Module, packed_layers: dict[str, CTTensor]) -> list:
     """Hooks that quantize each quantized layer's input as its scheme says; returns their handles."""
-    modules = dict(model.named_modules())
-    handles = []
+    from quantlib.methods._ct_formats import add_input_hooks
+
     for name, packed in packed_layers.items():
-        module = modules.get(name)
-        if module is None or not _has_inputs(packed.scheme_name):
-            continue
         if static_input(packed.scheme_name) is not None and packed.input_param is None:
             raise QuantlibError(f"{name}: {packed.scheme_name}'s {static_input(packed.scheme_name)} was not measured")
-
-        def pre_hook(_module: Any, args: tuple, packed: CTTensor = packed) -> tuple:
-            return (quantize_input(args[0], packed.scheme_name, packed.input_param), *args[1:])
-
-        handles.append(module.register_forward_pre_hook(pre_hook))
-    return handles
-
+    with_inputs = {name: packed for name, packed in packed_layers.items() if _has_inputs(packed.scheme_name)}
+    return add_input_hooks(model, with_inputs,
+                           lambda x, packed: quantize_input(x, packed.scheme_name, packed.input_param))

@@ -200,17 +200,13 @@ class FineGrainedFP8Quantizer(LinearReplacingQuantizer):
         return super().unquantized_reason(config, w)
 
     @classmethod
-    def layer_shape_problem(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
+    def shape_problem(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
         block = config.weight_block_size
         if not block or (shape[-2] % block[0] == 0 and shape[-1] % block[1] == 0):
             return None
         return (f"{name}: a {shape[-2]} x {shape[-1]} weight is not a whole number of {block[0]} x {block[1]} blocks "
                 "(transformers' Fp8Quantize leaves it unquantized while FP8Linear expects FP8); pick a "
                 "weight_block_size dividing both")
-
-    @classmethod
-    def shape_problem(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
-        return cls.layer_shape_problem(config, name, shape)
 
     @classmethod
     def storage_bytes(cls, config: QuantConfig, out_features: int, in_features: int,
@@ -227,21 +223,21 @@ class FineGrainedFP8Quantizer(LinearReplacingQuantizer):
 
     def layer_output(self, x: torch.Tensor, packed: FP8BlockTensor) -> torch.Tensor:
         if self.config.activations:
-            group = self.config.weight_block_size[1] if self.config.weight_block_size else x.shape[-1]
-            x = quantize_fp8_activations(x.unsqueeze(0) if x.dim() == 2 else x, group).reshape(x.shape)
+            x = self._quantize_input(x, packed)
         return x @ packed.dequantize().to(x.dtype).t()
 
     def quantize_model(self, **kwargs: Any) -> Any:
         quantized = super().quantize_model(**kwargs)
         if self.config.activations:
-            modules = dict(quantized.model.named_modules())
-            group = self.config.weight_block_size[1] if self.config.weight_block_size else None
-            for name in quantized.packed_layers:
-                if name in modules:
-                    modules[name].register_forward_pre_hook(
-                        lambda _m, args, group=group: (quantize_fp8_activations(
-                            args[0], group or args[0].shape[-1]), *args[1:]))
+            from quantlib.methods._ct_formats import add_input_hooks
+
+            add_input_hooks(quantized.model, quantized.packed_layers, self._quantize_input)
         return quantized
+
+    def _quantize_input(self, x: torch.Tensor, packed: FP8BlockTensor) -> torch.Tensor:
+        """The layer's input as the FP8 kernels quantize it: E4M3 per token and group of the block's width."""
+        group = self.config.weight_block_size[1] if self.config.weight_block_size else x.shape[-1]
+        return quantize_fp8_activations(x.unsqueeze(0) if x.dim() == 2 else x, group).reshape(x.shape)
 
     def kernel_paths(self, model: Any) -> list[str]:
         weights = "quantlib's simulation: F.linear on the weights transformers' Fp8Quantize gives, dequantized"
