@@ -22,6 +22,10 @@ simulation is CPU-only, so `exact` refuses there), timings synchronise the devic
 
 Run:  python3 benchmarks/bench_compare.py [--tokens 8192] [--window 1024] [--device cpu|cuda|auto] [--phases ...]
                                           [--json out.json]
+Each comparison also prints its seconds by phase (the run's `phase_seconds`: load, quantize, crosscheck, errors,
+forwards, output_head, bookkeeping, total; on CUDA each boundary drains the device queue) and issue 29's ratio,
+(total - load) / forwards, whose GPU target is at most 2.
+
 Measures, never asserts; figures go to benchmarks/RESULTS.md by hand with the load average printed here.
 """
 
@@ -150,7 +154,8 @@ def _compare(args, **settings) -> dict:
             "evaluate_seconds": evaluate,
             "other_seconds": seconds - baseline_eval - sum(quantize.values()) - sum(evaluate.values()),
             "n_tokens": int(result.run.settings["n_tokens"]), "partial": bool(result.run.extra["partial"]),
-            "stop_reason": result.run.extra["stop_reason"], "ranking": result.run.tables["ranking"].to_dict("records"),
+            "stop_reason": result.run.extra["stop_reason"], "phases": result.run.extra["phase_seconds"],
+            "ranking": result.run.tables["ranking"].to_dict("records"),
             "ranking_settled": bool(result.run.extra["ranking_settled"]),
             "baseline_source": result.run.extra.get("baseline_source"),
             "crosscheck": {k: v.get("crosscheck") for k, v in details.items()},
@@ -248,6 +253,9 @@ def main() -> None:
                   + f", other {r['other_seconds'] / plain:4.2f}; peak RSS {r['peak_rss_gib']:.2f} GiB; "
                   f"{r['n_tokens']} tokens, settled={r['ranking_settled']}"
                   + (f"; peak GPU {r['peak_gpu_gib']:.2f} GiB" if "peak_gpu_gib" in r else ""))
+            ph = r["phases"]
+            print(f"         by phase (s): " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items())
+                  + f"; (total - load) / forwards = {(ph['total'] - ph['load']) / max(ph['forwards'], 1e-9):.2f}")
         kernels = "kernels" if "kernels" in results else "cached"  # `cached` runs LLM.int8() simulated (auto)
         if kernels in results and "exact" in results:  # the same tokens on the kernels and on the simulation
             kernel_rows = {row["scheme"]: row for row in results[kernels]["table"]}

@@ -18,8 +18,7 @@ import psutil
 import torch
 
 from quantlib.layers import layer_errors
-from quantlib.runtime import release_memory
-from quantlib.runtime import objects_frozen, trim_heap
+from quantlib.runtime import device_clock, objects_frozen, release_memory, trim_heap
 from quantlib.configs import QuantConfig
 from quantlib.registry import parse_config
 from quantlib.corpus import builtin_text, load_text
@@ -254,9 +253,13 @@ def _run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compa
             progress(min(1.0, (step[0] + fraction) / n_steps), message)
 
     started = time.perf_counter()
+    # seconds by phase, for the run's record and the benchmark (`phase_table`); forwards and output head come
+    # from the evaluation, bookkeeping is the rest
+    phases = {"load": 0.0, "quantize": 0.0, "crosscheck": 0.0, "errors": 0.0, "forwards": 0.0, "output_head": 0.0}
     if base is None:
         base = load_model(settings.source, dtype=dtype, device=device, trust_remote_code=settings.trust_remote_code,
                           allow_pickle=settings.allow_pickle, progress=report)
+        phases["load"] = device_clock() - started
     step[0] += 1
     text = load_text(settings.text_path) if settings.text_path else builtin_text("eval")
     ids = tokenize_for_eval(base.tokenizer, text, settings.max_tokens)
@@ -287,7 +290,7 @@ def _run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compa
     def _run_batch(batch: list[int], quantized: dict[str, tuple[Any, ...]]) -> Any:
         for index in batch:
             config, quantizer, label = parsed[index], quantizers[index], labels[index]
-            t0 = time.perf_counter()
+            t0 = device_clock()
             # the quantizer built (and checked) before anything was loaded: one per config per run
             if quantizer.calibrated:  # layers come from the calibrated model
                 qm = quantizer.quantize_model(source=settings.source, dtype=dtype,
@@ -298,6 +301,8 @@ def _run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compa
                                               trust_remote_code=settings.trust_remote_code,
                                               allow_pickle=settings.allow_pickle, progress=report, cancel=cancel)
             exact, crosscheck = False, None
+            t_quantized = device_clock()
+            phases["quantize"] += t_quantized - t0
             wants_exact = settings.kernels == "exact" or (settings.kernels == "auto"
                                                           and quantizer.exact_simulation_by_default)
             if not qm.simulated and wants_exact:
@@ -310,11 +315,14 @@ def _run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compa
                 elif settings.kernels == "exact":
                     notes.append(f"{label} ran on its library's kernels: {problem}")
             qm.kernel_paths = quantizer.kernel_paths(qm.model)  # once, as evaluated (the swap above included)
+            t_errors = device_clock()
+            phases["crosscheck"] += t_errors - t_quantized
             if not qm.simulated and not exact:  # loaded from disk: its embeddings and norms equal the baseline's
                 share_identical_tensors(qm.model, base.model)
             # Every model gives its layers' stored tensors (calibrated checkpoints, bitsandbytes' layers, the packed
             # tensors simulation kept): no weight is quantized twice.
             errors = layer_errors(base.model, quantizer, progress=report, cancel=cancel, quantized=qm)
+            phases["errors"] += device_clock() - t_errors
             qm.release_packed()  # read: the packed copies would otherwise stay resident for the whole run
             trim_heap()  # quantizing and the layer errors free ~1 GB of per-layer copies: give the pages back
             errors.insert(0, "scheme", label)
@@ -352,6 +360,8 @@ def _run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compa
         eval_info.setdefault("baseline_source", evaluation.baseline_source)
         eval_info.setdefault("baseline_cache_note", evaluation.baseline_cache_note)
         eval_info.setdefault("output_head", {}).update(evaluation.output_head)
+        for phase, seconds in evaluation.phase_seconds.items():
+            phases[phase] += seconds
         for label, (config, qm, errors, quant_seconds, exact, crosscheck) in quantized.items():
             done[label] = _entry(label, qm, errors, quant_seconds, exact, crosscheck, evaluation.comparison[label])
         quantized.clear()
@@ -361,6 +371,8 @@ def _run_comparison(configs: Sequence[QuantConfig | dict | str], settings: Compa
             if stop_reason == "cancelled":
                 break
             evaluated_ids = ids[:evaluation.base.n_tokens]  # later batches: the same tokens
+    total = device_clock() - started
+    eval_info["phase_seconds"] = {**phases, "bookkeeping": max(0.0, total - sum(phases.values())), "total": total}
     result = assemble({}, None, bool(stop_reason) or len(done) < len(parsed))
     if save:
         result.path = str(save_run(result.run, runs_folder))

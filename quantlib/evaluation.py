@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import torch
 
 from quantlib.errors import Cancelled, QuantlibError
-from quantlib.runtime import trim_heap
+from quantlib.runtime import device_clock, trim_heap
 from quantlib.statistics import TokenSeries, compute_statistics
 from quantlib.uncertainty import BLOCK_TOKENS, ppl_estimate
 from quantlib.callbacks import CancelFn, ProgressFn
@@ -189,6 +189,10 @@ class EvaluationReport:
     #: final hidden states, slice by slice; ``max_abs_logprob_diff`` against its own forward output on the
     #: checked positions) or "full" (the forward's logits, with ``note`` saying why).
     output_head: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Seconds by phase, every model together: "forwards" (the baseline's and each model's forward passes, or
+    #: the baseline read from its cache) and "output_head" (each model's output head on its final hidden states,
+    #: log-softmax, KL and the other per-token figures), timed with the device's queue drained (`device_clock`)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -202,7 +206,7 @@ class EvaluationReport:
             "windows_done": self.windows_done, "windows_planned": self.windows_planned,
             "complete": self.complete, "stop_reason": self.stop_reason,
             "baseline_source": self.baseline_source, "baseline_cache_note": self.baseline_cache_note,
-            "output_head": self.output_head,
+            "output_head": self.output_head, "phase_seconds": self.phase_seconds,
         }
 
 
@@ -892,6 +896,7 @@ def perplexity_and_kl(
     baseline = _Baseline(base_model, plan, baseline_cache)
     paths = {name: _HeadPath(model) for name, model in models.items()}
     done, reason = 0, ""
+    phases = {"forwards": 0.0, "output_head": 0.0}
 
     def report() -> EvaluationReport:
         base = _ppl_result(base_nll, done, plan.window, plan.stride, base_time, backend_name(base_model))
@@ -907,21 +912,24 @@ def perplexity_and_kl(
                                 windows_planned=len(plan.windows), stop_reason=reason,
                                 baseline_source=baseline.source, baseline_cache_note=baseline.note,
                                 output_head={"baseline": baseline.path.describe(),
-                                             **{name: path.describe() for name, path in paths.items()}})
+                                             **{name: path.describe() for name, path in paths.items()}},
+                                phase_seconds=dict(phases))
 
     try:
         with torch.inference_mode():
             for _, inputs, targets in _run(plan, progress, cancel, "evaluation"):
                 n_scored = targets.shape[1]
-                t0 = time.perf_counter()
+                t_window = device_clock()
                 base_rows = baseline.rows(inputs, n_scored, inputs.shape[0], done)
-                base_time += time.perf_counter() - t0
+                base_time += device_clock() - t_window
                 rows = {}
                 for name, model in models.items():
-                    t0 = time.perf_counter()
+                    t0 = device_clock()
                     rows[name] = paths[name].rows(inputs, n_scored)
                     trim_heap()  # a forward pass leaves up to 0.5 GB of freed pages (LLM.int8() on CPU)
-                    times[name] += time.perf_counter() - t0
+                    times[name] += device_clock() - t0
+                t_head = device_clock()
+                phases["forwards"] += t_head - t_window
                 spent: dict[str, float] = {}
                 (window_nll, window_right), per_model = _window_stats(base_rows, rows, targets, spent)
                 base_nll.add(window_nll)
@@ -930,6 +938,7 @@ def perplexity_and_kl(
                 for name, values in per_model.items():
                     stats[name].add_window(*values, window_nll, window_right)
                     times[name] += spent.get(name, 0.0)
+                phases["output_head"] += device_clock() - t_head
                 del base_rows, rows, per_model
                 trim_heap()  # a window frees hundreds of MB of vocabulary-sized slices; glibc keeps the pages
                 done += inputs.shape[0]

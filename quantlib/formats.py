@@ -112,3 +112,22 @@ def block_absmax(blocks: torch.Tensor) -> torch.Tensor:
     lo, hi = torch.aminmax(blocks, dim=1)
     return torch.maximum(hi, lo.neg_()).add_(0.0)
 
+
+
+_TABLE_COPIES: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def on_device(table: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A format's constant table (code levels, lookup tables) on `device`: itself where it already is, else one
+    copy per device, made once and kept (the tables are a few KiB; the weights they index stay where the model
+    lives, so tensor work runs on the model's device)."""
+    device = torch.device(device)
+    if table.device == device:
+        return table
+    if len(_TABLE_COPIES) > 256:  # tables live for the process; a caller passing fresh tensors must not grow this
+        _TABLE_COPIES.clear()
+    key = (id(table), str(device))
+    kept = _TABLE_COPIES.get(key)
+    if kept is None or kept[0] is not table:  # the original is kept alive with its copy, so its id is not reused
+        kept = _TABLE_COPIES[key] = (table, table.to(device))
+    return kept[1]

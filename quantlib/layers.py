@@ -76,7 +76,7 @@ def layer_detail(base_model: torch.nn.Module, quantizer: Quantizer, layer: str) 
         "shape": list(w.shape),
         "metrics": error_metrics(w, packed.dequantize()),
         "bits_per_param": packed.bits_per_param,
-        "code_counts": [int(c) for c in counts] if counts is not None else None,
+        "code_counts": counts.tolist() if counts is not None else None,
         "code_entropy_bits": entropy,
         "n_codes": packed.n_codes,
         "code_levels": None if (levels := quantizer.code_levels()) is None else [float(v) for v in levels],

@@ -191,7 +191,7 @@ def _capture_inputs(model: torch.nn.Module, names: list[str], ids: torch.Tensor)
         handles.append(modules[name].register_forward_pre_hook(hook(name)))
     try:
         with torch.inference_mode():
-            model(ids.reshape(1, -1))
+            model(ids.reshape(1, -1).to(next(model.parameters()).device))
     finally:
         for h in handles:
             h.remove()
@@ -228,10 +228,11 @@ def _output_scores(model: torch.nn.Module, names: list[str], ids: torch.Tensor, 
         p.requires_grad_(False)
     for name in names:
         handles.append(modules[name].register_forward_hook(hook(name)))
-    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)  # the draws happen where the logits are
     try:
         with torch.inference_mode(False), torch.enable_grad():
-            logits = model(ids.reshape(1, -1)).logits[0].float()
+            logits = model(ids.reshape(1, -1).to(device)).logits[0].float()
             logp = torch.log_softmax(logits, dim=-1)
             probs = logp.detach().exp()
             targets = [t for t in outputs.values()]
@@ -345,7 +346,8 @@ def measure_sensitivity(base: Any, family: str, *, dtype: str = "float32", calib
         except (ValueError, KeyError, TypeError):
             path.unlink(missing_ok=True)  # a damaged entry is a miss
 
-    quantizers = {k: get_quantizer(c.config, device="cpu") for k, c in choices.items()}
+    device = next(model.parameters()).device  # every layer's measurement runs where the model lives
+    quantizers = {k: get_quantizer(c.config, device=device.type) for k, c in choices.items()}
     by_module = {w.module: w for w in shapes.weights if w.is_matmul}
     layer_refs: dict[str, Any] = {}
     quantized_by: dict[str, set[str]] = {}

@@ -70,6 +70,9 @@ class GGUFTensor(QuantizedTensor):
     qtype: "object"  # gguf.GGMLQuantizationType
     shape: tuple[int, ...]
     dtype: torch.dtype
+    #: where the weight came from, and where `dequantize` gives it back: the blocks are numpy on the host (GGUF's
+    #: math runs in numpy, llama.cpp's own), so a weight on a GPU crosses the bus once each way
+    device: str = "cpu"
 
     @property
     def storage_bits(self) -> dict[str, int]:
@@ -110,7 +113,7 @@ class GGUFTensor(QuantizedTensor):
         from gguf import quants
 
         values = quants.dequantize(self.data, self.qtype)
-        return torch.from_numpy(np.ascontiguousarray(values)).reshape(self.shape).to(self.dtype)
+        return torch.from_numpy(np.ascontiguousarray(values)).reshape(self.shape).to(self.device, self.dtype)
 
 
 # name -> (n_codes, header bytes per block before the codes, code kind)
@@ -187,7 +190,7 @@ def quantize_gguf(w: torch.Tensor, qtype: Union[str, "object"] = "Q8_0",
             f"GGUF {name} needs the last dimension to be a multiple of its block size {block_elems}; "
             f"got last dimension {last} (shape {tuple(w.shape)})"
         )
-    array = w.detach().float().reshape(-1, last).numpy()
+    array = w.detach().reshape(-1, last).cpu().float().numpy()  # numpy does the math: the one trip to the host
     weights = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32).reshape(last)
     if name in ported:
         data = ported[name](array, weights)
@@ -195,4 +198,4 @@ def quantize_gguf(w: torch.Tensor, qtype: Union[str, "object"] = "Q8_0",
         data = _weighted_legacy_quantizers()[name](array, weights)
     else:
         data = quants.quantize(array, gtype)
-    return GGUFTensor(data=data, qtype=gtype, shape=tuple(w.shape), dtype=w.dtype)
+    return GGUFTensor(data=data, qtype=gtype, shape=tuple(w.shape), dtype=w.dtype, device=str(w.device))

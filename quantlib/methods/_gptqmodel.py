@@ -176,6 +176,8 @@ class GptqmodelQuantizer(CalibratedQuantizer):
     CPU_CALIBRATION_COST: ClassVar[tuple[float, float]] = (0.0, 0.0)
 
     def environment_notes(self, device: str) -> list[str]:
+        if device == "cuda":
+            return [f"{self.method_name} calibrates with gptqmodel on the GPU and runs with its pure-torch kernel there"]
         return [f"{self.method_name} calibrates with gptqmodel on the CPU (GPTQMODEL_CPU_WORKERS=2) and runs with its "
                 "pure-torch kernel; calibration takes minutes, not seconds"]
 
@@ -299,7 +301,8 @@ def calibrate(quantizer: GptqmodelQuantizer, model_dir: str | Path, *, settings:
 
     say(0.0, f"{method}: loading {model_dir.name} for calibration")
     qconfig = quantizer.gptqmodel_config(QuantizeConfig)
-    model = GPTQModel.load(str(model_dir), qconfig, device="cpu", dtype=calib_dtype,
+    device = quantizer.backend.device  # calibrate where the comparison runs: the GPU when there is one
+    model = GPTQModel.load(str(model_dir), qconfig, device=device, dtype=calib_dtype,
                            trust_remote_code=trust_remote_code)
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None or not callable(tokenizer):
@@ -345,8 +348,8 @@ def calibrate(quantizer: GptqmodelQuantizer, model_dir: str | Path, *, settings:
         raise
     del model
 
-    say(0.96, f"{method}: loading the checkpoint back with gptqmodel's torch CPU kernel")
-    loaded = GPTQModel.load(str(target), device="cpu", backend=load_backend, dtype=dtype,
+    say(0.96, f"{method}: loading the checkpoint back with gptqmodel's torch kernel on {device}")
+    loaded = GPTQModel.load(str(target), device=device, backend=load_backend, dtype=dtype,
                             trust_remote_code=trust_remote_code)
     hf_model = loaded.model
     hf_model.eval()
@@ -354,7 +357,7 @@ def calibrate(quantizer: GptqmodelQuantizer, model_dir: str | Path, *, settings:
     notes = [f"calibrated with gptqmodel on {len(samples)} x {settings.seq_len} tokens of the built-in calibration "
              "text" if settings.text is None else "calibrated on user text",
              f"calibrated in {str(calib_dtype).removeprefix('torch.')}, runs in {str(dtype).removeprefix('torch.')} "
-             f"with gptqmodel's {load_backend.value} CPU kernel", *quantizer.calibration_notes(settings)]
+             f"with gptqmodel's {load_backend.value} kernel on {device}", *quantizer.calibration_notes(settings)]
     return CalibrationResult(hf_model, hf_tokenizer, target, calibration_seconds, time.perf_counter() - started,
                              len(samples) * settings.seq_len, dtype, notes)
 

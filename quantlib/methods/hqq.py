@@ -284,7 +284,7 @@ def quantize_hqq(w: torch.Tensor, nbits: int = 4, group_size: int | None = 64, a
     linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
     linear.weight = torch.nn.Parameter(w.detach(), requires_grad=False)
     layer = HQQLinear(linear, base_quantize_config(nbits, group_size, axis, view_as_float),
-                      compute_dtype=COMPUTE_DTYPE, device="cpu", del_orig=False)
+                      compute_dtype=COMPUTE_DTYPE, device=str(w.device), del_orig=False)
     state = layer.state_dict()
     meta_bytes = sum(t.numel() * t.element_size() for k, t in state.items()
                      if k not in ("W_q", "scale", "zero", "bias") and isinstance(t, torch.Tensor))

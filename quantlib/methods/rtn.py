@@ -121,7 +121,7 @@ def _fp16_scale(needed: torch.Tensor) -> torch.Tensor:
     scale = needed.clamp(max=65504.0).to(torch.float16)
     low = scale.float() < needed
     if low.any():
-        scale[low] = torch.nextafter(scale[low], torch.tensor(float("inf"), dtype=torch.float16))
+        scale[low] = torch.nextafter(scale[low], torch.tensor(float("inf"), dtype=torch.float16, device=scale.device))
     scale[scale == 0] = 1.0
     return scale
 

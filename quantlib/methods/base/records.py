@@ -70,9 +70,10 @@ class MatrixRef:
         return t.t() if self.shape.transposed else t
 
     def read(self) -> torch.Tensor:
-        """The matrix, contiguous, on the CPU where the reference formats compute (a copy when the model is on
-        another device): what quantizing and measuring a layer start from."""
-        return self.get().contiguous().cpu()
+        """The matrix, contiguous, on the model's device, where the reference formats, the simulated methods and
+        the error metrics compute (a format whose math runs in numpy reads it to the host itself, once): what
+        quantizing and measuring a layer start from."""
+        return self.get().contiguous()
 
     def set(self, value: torch.Tensor) -> None:
         dst = self.get()  # a view: writes go into the parameter (`set` copies onto the model's device)

@@ -130,12 +130,12 @@ def stored_4bit(layer: Any, dtype: torch.dtype = torch.float32) -> "Blockwise4bi
                              "its stored tensors are gone")
         return dataclasses.replace(kept, dtype=dtype)
     dq = None
-    absmax = qs.absmax.cpu()  # read to the CPU, where the reference formats compute (the layer may be on CUDA)
+    absmax = qs.absmax  # read where the layer lives: the reference formats compute on its device
     if qs.nested:
-        dq = DoubleQuantState(codes=qs.absmax.cpu(), absmax=qs.state2.absmax.cpu(), offset=qs.offset.cpu(),
+        dq = DoubleQuantState(codes=qs.absmax, absmax=qs.state2.absmax, offset=qs.offset,
                               blocksize=qs.state2.blocksize)
         absmax = None
-    return Blockwise4bitTensor(layer.weight.data.reshape(-1, 1).cpu(), absmax, dq, qs.quant_type, qs.blocksize,
+    return Blockwise4bitTensor(layer.weight.data.reshape(-1, 1), absmax, dq, qs.quant_type, qs.blocksize,
                                tuple(qs.shape), dtype, "torch")
 
 
@@ -201,8 +201,8 @@ def stored_8bit(layer: Any, dtype: torch.dtype) -> "RowwiseInt8Tensor":
     """The int8 codes and per-row SCB a `bnb.nn.Linear8bitLt` (no fp16 weights) stores, as the format
     `Bnb8BitQuantizer.quantize_tensor` gives."""
     codes, scb = _int8_state(layer)
-    codes = codes.contiguous().cpu()  # to the CPU, where the reference formats compute
-    return RowwiseInt8Tensor(codes, scb.cpu(), tuple(codes.shape), dtype)
+    codes = codes.contiguous()  # where the layer lives: the reference formats compute on its device
+    return RowwiseInt8Tensor(codes, scb, tuple(codes.shape), dtype)
 
 
 def stored_layers(model: torch.nn.Module) -> dict[str, Callable[[torch.dtype], QuantizedTensor]]:

@@ -28,12 +28,13 @@ as information.) The fp32 double-quantization offset is counted (32 bits per ten
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import ClassVar, Literal, Optional
 
 import torch
 
 from quantlib.codebooks import dynamic_map
-from quantlib.formats import QuantizedTensor, block_absmax, check_float
+from quantlib.formats import QuantizedTensor, block_absmax, check_float, on_device
 from quantlib.methods.bitsandbytes.rounding import (_dequantize_blockwise_flat, _flat_float, _levels, _pair_table,
                                                     _quantize_4bit_torch, _quantize_blockwise_flat, _unpack_nibbles)
 
@@ -70,7 +71,7 @@ class DoubleQuantState:
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 per-block absmax the 4-bit dequantization uses (bitsandbytes' order of ops)."""
-        absmax = _dequantize_blockwise_flat(self.codes, self.absmax, dynamic_map(), self.blocksize)
+        absmax = _dequantize_blockwise_flat(self.codes, self.absmax, _dynamic_table(), self.blocksize)
         absmax += self.offset
         return absmax
 
@@ -196,14 +197,20 @@ def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = 256) -> Blockwise8
     """
     check_float(x, "quantize_blockwise_8bit")
     _check_blocksize(blocksize, BLOCKSIZES_8BIT)
-    codes, absmax = _quantize_blockwise_flat(_flat_float(x), dynamic_map(), blocksize)
+    codes, absmax = _quantize_blockwise_flat(_flat_float(x), _dynamic_table(), blocksize)
     return Blockwise8bitTensor(codes, absmax, blocksize, tuple(x.shape), x.dtype)
 
 
 def dequantize_blockwise_8bit(q: Blockwise8bitTensor) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise_8bit` (fp32 math, then the original dtype)."""
-    values = _dequantize_blockwise_flat(q.codes, q.absmax, dynamic_map(), q.blocksize)
+    values = _dequantize_blockwise_flat(q.codes, q.absmax, _dynamic_table(), q.blocksize)
     return values.reshape(q.shape).to(q.dtype)
+
+
+@lru_cache(maxsize=1)
+def _dynamic_table() -> torch.Tensor:
+    """The signed dynamic map, made once (read only: `on_device` keeps one copy of it per device)."""
+    return dynamic_map()
 
 
 def _check_blocksize(blocksize: int, allowed: tuple[int, ...]) -> None:
@@ -219,7 +226,7 @@ def _check_blocksize(blocksize: int, allowed: tuple[int, ...]) -> None:
 def _double_quantize(absmax: torch.Tensor) -> DoubleQuantState:
     """bitsandbytes' double quant: centre on the mean absmax, then 8-bit blockwise in 256s."""
     offset = absmax.mean()
-    codes, dq_absmax = _quantize_blockwise_flat(absmax - offset, dynamic_map(), DQ_BLOCKSIZE)
+    codes, dq_absmax = _quantize_blockwise_flat(absmax - offset, _dynamic_table(), DQ_BLOCKSIZE)
     return DoubleQuantState(codes=codes, absmax=dq_absmax, offset=offset)
 
 
@@ -291,7 +298,7 @@ def dequantize_4bit(q: Blockwise4bitTensor, backend: Optional[Backend] = None) -
     n = q.numel
     absmax = q.block_absmax()
     # index_select with int32 indices: about 4x faster than indexing with int64 bytes, the same values
-    values = _pair_table(q.quant_type).index_select(0, q.packed.reshape(-1).int()).view(-1)
+    values = on_device(_pair_table(q.quant_type), q.packed.device).index_select(0, q.packed.reshape(-1).int()).view(-1)
     pad = (-values.numel()) % q.blocksize
     if pad:
         values = torch.nn.functional.pad(values, (0, pad))

@@ -9,7 +9,7 @@ from functools import lru_cache
 import torch
 
 from quantlib.codebooks import FP4_LEVELS, NF4_LEVELS
-from quantlib.formats import block_absmax
+from quantlib.formats import block_absmax, on_device
 
 # bitsandbytes guards 1/absmax with this floor (a zero block would divide by zero).
 _ABSMAX_FLOOR = 1e-38
@@ -142,7 +142,7 @@ def _quantize_blockwise_flat(
     absmax = block_absmax(blocks)
     inv = torch.where(absmax > 0, torch.reciprocal(absmax), torch.zeros_like(absmax))
     scaled = blocks * inv.unsqueeze(1)
-    codes = _nearest_code_lut(tuple(code.tolist()))[_lut_index(scaled)]
+    codes = on_device(_nearest_code_lut(tuple(code.tolist())), flat.device)[_lut_index(scaled)]
     codes[absmax == 0] = 0
     return codes.reshape(-1)[:n], absmax
 
@@ -152,7 +152,7 @@ def _dequantize_blockwise_flat(
 ) -> torch.Tensor:
     """fp32 ``code[codes] * absmax[block]`` over a flat code vector (last block may be partial)."""
     n = codes.numel()
-    values = code.index_select(0, codes.reshape(-1).int())
+    values = on_device(code, codes.device).index_select(0, codes.reshape(-1).int())
     pad = (-n) % blocksize
     if pad:
         values = torch.nn.functional.pad(values, (0, pad))
@@ -196,12 +196,12 @@ def _nearest_codes_fast(
     blocks: torch.Tensor, inv: torch.Tensor, quant_type: str
 ) -> torch.Tensor:
     """Codes of ``blocks * inv`` (per row), equal to bucketize on the exactly scaled values."""
-    midpoints, order = _bucket_table(quant_type)
+    midpoints, order = (on_device(t, blocks.device) for t in _bucket_table(quant_type))
     half = _CELLS / 2
     grid_scale = inv * half
     grid = torch.mul(blocks, grid_scale.unsqueeze(1)).add_(_MAGIC + half)
     cells = grid.view(torch.int32).bitwise_and_(_CELL_MASK).view(-1)
-    codes = _cell_table(quant_type).index_select(0, cells)
+    codes = on_device(_cell_table(quant_type), cells.device).index_select(0, cells)
     del grid, cells
     fix = torch.nonzero(codes == _AMBIGUOUS).view(-1)
     if fix.numel():
@@ -223,7 +223,7 @@ def _quantize_4bit_torch(w: torch.Tensor, quant_type: str, blocksize: int) -> tu
     Full blocks use the table lookup of :func:`_nearest_codes_fast`; the (at most one) partial
     block goes through :func:`_scaled_blocks` and ``bucketize`` exactly like bitsandbytes.
     """
-    midpoints, order = _bucket_table(quant_type)
+    midpoints, order = (on_device(t, w.device) for t in _bucket_table(quant_type))
     flat = _flat_float(w)
     n = flat.numel()
     full = n - n % blocksize
@@ -239,7 +239,7 @@ def _quantize_4bit_torch(w: torch.Tensor, quant_type: str, blocksize: int) -> tu
         parts.append(order[torch.bucketize(scaled, midpoints).long()])
         absmaxes.append(tail_absmax)
     if n % 2:
-        parts.append(order[torch.bucketize(torch.zeros(1), midpoints).long()])  # pad nibble = code of 0.0
+        parts.append(order[torch.bucketize(torch.zeros(1, device=w.device), midpoints).long()])  # pad nibble = code of 0.0
     codes = parts[0] if len(parts) == 1 else torch.cat(parts)
     absmax = absmaxes[0] if len(absmaxes) == 1 else torch.cat(absmaxes)
     return _pack_nibbles(codes), absmax
