@@ -150,6 +150,7 @@ def show_run(run, where: str) -> None:
         (st.success if run.extra.get("ranking_settled") else st.warning)(ranking)
     for line in check_lines(run):
         st.caption(f":material/verified: {line}")
+    tool_checks(run, where)
     if run.extra.get("baseline_source") in ("cache", "cache+forward"):
         st.caption(":material/cached: The baseline's log-probs came from its cached final hidden states "
                    f"({run.extra.get('baseline_cache_note', '')}): one output-head matmul, the same numbers.")
@@ -186,6 +187,31 @@ def show_run(run, where: str) -> None:
                        icon=":material/download:")
     d3.download_button("Report (HTML)", render_html(run), file_name=f"{run.run_id}-report.html", mime="text/html",
                        key=NS.key(where, "html"), icon=":material/download:")
+
+
+def tool_checks(run, where: str) -> None:
+    """A method's own tools on this run's config (GGUF: llama-quantize and llama-perplexity), where they are installed:
+    their figures join the check lines above, the saved run and its report."""
+    from quantlib.tool_checks import available_checks, run_tool_check
+
+    checks = [(label, check, why) for label, check, why in available_checks(run)
+              if label not in run.extra.get("tool_checks", {})]
+    if not checks:
+        return
+    with st.expander("Check with the method's own tools", icon=":material/fact_check:"):
+        for i, (label, check, why) in enumerate(checks):
+            if why:
+                st.caption(f"{label}: {check.check_title} cannot run here: {why}")
+                continue
+            st.caption(f"{label}: runs {check.check_title} on the run's model and the built-in text, then quantlib "
+                       "on the same file and tokens (a few minutes on a CPU).")
+            if st.button(f"Check {label} with {check.check_title.split(' (')[0]}", key=NS.key(where, "tool", i),
+                         icon=":material/fact_check:"):
+                progress = Progress(NS, "Starting…")
+                with guard(f"check {label}"):
+                    run_tool_check(run, label, check, progress)
+                    progress.done("Done: the figures are in the check lines above and in the saved run.")
+                    st.rerun()
 
 
 def earlier_runs() -> None:

@@ -10,6 +10,10 @@ Measures (does not assert), for each family:
   (a comparison run), judged by `quantlib.recommend.judge`.
 
     python3 benchmarks/bench_recommend.py [--families bitsandbytes,gguf,hqq,gptq] [--tokens 2048] [--json FILE]
+                                          [--device cpu|cuda|auto]
+
+On CUDA (issue 29) the model, the per-layer measurement and the verification run on the GPU; the target there is
+a sensitivity measurement of the default model in at most 10 s.
 
 A family that calibrates (GPTQ) calibrates every config of the verification on `rc.VERIFY_CALIB_TOKENS` tokens.
 """
@@ -39,13 +43,15 @@ from quantlib.shapes import describe_model  # noqa: E402
 
 
 def plain_pass_seconds(model: torch.nn.Module, tokens: int = 8192, window: int = 1024) -> float:
-    ids = torch.randint(0, model.config.vocab_size, (1, window))
+    from quantlib.runtime import device_clock
+
+    ids = torch.randint(0, model.config.vocab_size, (1, window), device=next(model.parameters()).device)
     with torch.inference_mode():
         model(ids)
-        started = time.perf_counter()
+        started = device_clock()
         for _ in range(tokens // window):
             model(ids)
-    return time.perf_counter() - started
+    return device_clock() - started
 
 
 def main() -> None:
@@ -54,18 +60,24 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048, help="evaluation tokens of the verification")
     parser.add_argument("--skip-verify", action="store_true")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                        help="where the model lives and the measurement runs (auto: CUDA when visible)")
     args = parser.parse_args()
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    base = load_model("default", device="cpu")
+    base = load_model("default", device=args.device)
     one_pass = plain_pass_seconds(base.model)
     print(f"load average {os.getloadavg()}; one plain fp32 pass over 8 x 1024 tokens: {one_pass:.1f} s", flush=True)
     shapes = describe_model(base.model)
     cfg = base.model.config.to_dict()
     results: dict = {"plain_pass_seconds": one_pass, "load_average": os.getloadavg(), "families": {}}
     for family in args.families.split(","):
-        started = time.perf_counter()
+        from quantlib.runtime import device_clock
+
+        started = device_clock()
         sens = rc.measure_sensitivity(base, family, use_cache=False)
-        measure = time.perf_counter() - started
+        measure = device_clock() - started
         spaces = rc.family_class(family).mix_spaces(shapes)
         lo, hi = rc.reachable_range(sens, spaces)
         timings = []
@@ -99,7 +111,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 # a family that calibrates calibrates every config on the same text, as `rc.verify` does
                 calibration = rc.family_class(family).calibration_settings(rc.VERIFY_CALIB_TOKENS)
-                result = run_comparison(configs, CompareSettings(max_tokens=args.tokens, calibration=calibration),
+                result = run_comparison(configs, CompareSettings(max_tokens=args.tokens, calibration=calibration,
+                                                                 device=args.device),
                                         base=base, save=False, runs_folder=runs)
                 verify = time.perf_counter() - t0
             table = result.table

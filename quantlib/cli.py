@@ -412,11 +412,9 @@ class MethodContext:
 
     def evaluate(self, config: Any, source: str, tokens: int, window: int, stride: int) -> Any:
         """quantlib's comparison row of `config` on `source` (the table's columns: kl, kl_se, ...)."""
-        from quantlib.compare import CompareSettings, run_comparison
+        from quantlib.tool_checks import evaluate
 
-        settings = CompareSettings(source=source, max_tokens=tokens, window=window, stride=stride, device="cpu")
-        result = run_comparison([config], settings, save=False, progress=_progress(not self.args.quiet))
-        return result.table.set_index("scheme").loc[config.label]
+        return evaluate(config, source, tokens, window, stride, progress=_progress(not self.args.quiet))
 
 
 def cmd_runs(args: argparse.Namespace) -> int:

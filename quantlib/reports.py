@@ -136,7 +136,9 @@ def check_lines(run: Run) -> list[str]:
     """What a reader should know about how the run's numbers were made: the CPU and each scheme's kernels,
     cross-checks of exact simulations, models read from full logits, and the run's notes (shown by the CLI, the
     HTML report and the Compare page)."""
-    return (kernel_path_text(run) + crosscheck_text(run) + output_head_text(run)
+    from quantlib.tool_checks import tool_check_text
+
+    return (kernel_path_text(run) + crosscheck_text(run) + output_head_text(run) + tool_check_text(run)
             + [str(n) for n in run.extra.get("notes", [])])
 
 

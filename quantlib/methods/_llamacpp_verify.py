@@ -39,6 +39,19 @@ def llama_figures(text: str) -> dict[str, float]:
     return out
 
 
+def default_tools_dir() -> str | None:
+    """Where llama.cpp's tools are looked for when no folder is given: $QUANTLIB_LLAMA_CPP, else PATH, else the
+    folder scripts/llamacpp_golden.py builds them in ($QUANTLIB_CACHE/llamacpp/build/bin)."""
+    import os
+
+    if os.environ.get("QUANTLIB_LLAMA_CPP"):
+        return os.environ["QUANTLIB_LLAMA_CPP"]
+    if shutil.which("llama-quantize") and shutil.which("llama-perplexity"):
+        return None
+    built = Path(os.environ.get("QUANTLIB_CACHE", Path.home() / ".cache" / "quantlib")) / "llamacpp" / "build" / "bin"
+    return str(built) if built.is_dir() else None
+
+
 def find_tools(directory: str | None) -> dict[str, Path]:
     """llama-quantize and llama-perplexity in `directory`, else on PATH; `FileNotFoundError` naming what is missing."""
     found: dict[str, Path] = {}
@@ -96,16 +109,44 @@ class VerifyCommand:
             raise ValueError(f"llama-cpp-verify takes a {self.config_class.quant_method} config; {args.config} is "
                              f"{method!r}")
         config = self.config_class(**raw)
-        result = verify(config, args.model, find_tools(args.llama_cpp), classify=self.classify,
+        result = verify(config, args.model, find_tools(args.llama_cpp or default_tools_dir()), classify=self.classify,
                         evaluate=context.evaluate, f32_gguf=args.f32_gguf, ctx=args.ctx, chunks=args.chunks,
                         threads=args.threads, load=context.load)
         print(format_result(result))
         return 0
 
+    # ----- the same check on a finished run (quantlib.tool_checks: the Compare page, the report) -----------------
+    check_title = "llama.cpp's own tools (llama-quantize, llama-perplexity --kl-divergence)"
+
+    def applies(self, config: Any) -> bool:
+        return getattr(config, "quant_method", None) == self.config_class.quant_method
+
+    def unavailable(self) -> str | None:
+        try:
+            find_tools(default_tools_dir())
+        except FileNotFoundError as exc:
+            return (f"{exc}. Set QUANTLIB_LLAMA_CPP to the folder that holds them, or build them with "
+                    "scripts/llamacpp_golden.py")
+        return None
+
+    def check(self, config: Any, source: str, evaluate: Any, progress: Any = None) -> dict[str, Any]:
+        """`verify` on the default chunks; `evaluate` takes a `progress` keyword (quantlib's comparison reports
+        into the last third of the bar)."""
+        def evaluate_here(*args: Any) -> Any:
+            return evaluate(*args, progress=None if progress is None else
+                            (lambda f, m: progress(0.65 + 0.35 * f, f"quantlib: {m}")))
+
+        return verify(config, source, find_tools(default_tools_dir()), classify=self.classify,
+                      evaluate=evaluate_here, progress=progress)
+
+    @staticmethod
+    def summary_lines(result: dict[str, Any]) -> list[str]:
+        return format_result(result).splitlines()
+
 
 def verify(config: Any, source: str, tools: dict[str, Path], *, classify: Any, evaluate: Any,
            f32_gguf: str | None = None, ctx: int = 512, chunks: int = 8, threads: int = 2, load: Any = None,
-           work: Path | None = None) -> dict[str, Any]:
+           work: Path | None = None, progress: Any = None) -> dict[str, Any]:
     """llama.cpp's figures and quantlib's for `config` on the same F32 GGUF and tokens (see the module docstring).
     `classify(config, shapes)`: the quantizer's per-weight decisions; `evaluate(config, source, tokens, window,
     stride)`: quantlib's comparison row of `config` (kl, kl_se, top1_agreement, memory_mib)."""
@@ -114,9 +155,14 @@ def verify(config: Any, source: str, tools: dict[str, Path], *, classify: Any, e
     from quantlib.models import _default_gguf_path, load_model, read_model_config
     from quantlib.shapes import model_shapes
 
+    def say(fraction: float, message: str) -> None:
+        if progress is not None:
+            progress(fraction, message)
+
     work = Path(work or tempfile.mkdtemp(prefix="quantlib_llamacpp_"))
     f32 = Path(f32_gguf) if f32_gguf else work / "model-f32.gguf"
     if not f32_gguf:
+        say(0.0, "llama-quantize: the model as an F32 GGUF")
         gguf_source = _default_gguf_path() if source == "default" else Path(source)
         if gguf_source.suffix != ".gguf":
             raise ValueError(f"{source} is not a GGUF file: convert it with llama.cpp's convert_hf_to_gguf.py "
@@ -132,17 +178,21 @@ def verify(config: Any, source: str, tools: dict[str, Path], *, classify: Any, e
         imatrix = work / "imatrix.gguf"
         measure_and_write(base.model, base.tokenizer, imatrix, config.imatrix_tokens)
     target = work / "model-quantized.gguf"
+    say(0.1, f"llama-quantize: {config.label}")
     _run(llama_quantize_argv(config, model_config, shapes, classify(config, shapes), str(f32), str(target),
                              str(imatrix) if imatrix else None, "float32", str(tools["llama-quantize"])))
     text = work / "eval.txt"
     text.write_text(builtin_text("eval"), encoding="utf-8")
     common = ["-f", str(text), "-c", str(ctx), "--chunks", str(chunks), "-t", str(threads)]
     base_kld = work / "base.kld"
+    say(0.25, f"llama-perplexity: the F32 model's logits on {ctx * chunks} tokens")
     _run([str(tools["llama-perplexity"]), "-m", str(f32), "--kl-divergence-base", str(base_kld), *common])
+    say(0.45, f"llama-perplexity --kl-divergence: {config.label}")
     llama = llama_figures(_run([str(tools["llama-perplexity"]), "-m", str(target), "--kl-divergence",
                                 "--kl-divergence-base", str(base_kld), *common]))
     # llama-perplexity scores the second half of each chunk: a stride of half the context gives every token quantlib
     # scores at least that much context
+    say(0.65, "quantlib's comparison on the same F32 file and tokens")
     row = evaluate(config, str(f32), ctx * chunks, ctx, ctx // 2)
     f32_bytes, quantized_bytes = gguf_tensor_bytes(f32), gguf_tensor_bytes(target)
     return {"config": config.label, "tokens": ctx * chunks, "ctx": ctx, "llama.cpp": llama,
