@@ -191,13 +191,15 @@ def show_run(run, where: str) -> None:
 
 def tool_checks(run, where: str) -> None:
     """A method's own tools on this run's config (GGUF: llama-quantize and llama-perplexity), where they are installed:
-    their figures join the check lines above, the saved run and its report."""
+    their figures join the check lines above, the saved run and its report. The button only marks the check; it runs
+    below the expander, so its progress bar stays in view."""
     from quantlib.tool_checks import available_checks, run_tool_check
 
     checks = [(label, check, why) for label, check, why in available_checks(run)
               if label not in run.extra.get("tool_checks", {})]
     if not checks:
         return
+    pending = NS.pop(where, "tool_pending")
     with st.expander("Check with the method's own tools", icon=":material/fact_check:"):
         for i, (label, check, why) in enumerate(checks):
             if why:
@@ -205,13 +207,15 @@ def tool_checks(run, where: str) -> None:
                 continue
             st.caption(f"{label}: runs {check.check_title} on the run's model and the built-in text, then quantlib "
                        "on the same file and tokens (a few minutes on a CPU).")
-            if st.button(f"Check {label} with {check.check_title.split(' (')[0]}", key=NS.key(where, "tool", i),
-                         icon=":material/fact_check:"):
-                progress = Progress(NS, "Starting…")
-                with guard(f"check {label}"):
-                    run_tool_check(run, label, check, progress)
-                    progress.done("Done: the figures are in the check lines above and in the saved run.")
-                    st.rerun()
+            st.button(f"Check {label} with {check.check_title.split(' (')[0]}", key=NS.key(where, "tool", i),
+                      icon=":material/fact_check:", on_click=NS.set, args=(i, where, "tool_pending"))
+    if pending is None or pending >= len(checks) or checks[pending][2]:
+        return
+    label, check, _ = checks[pending]
+    progress = Progress(NS, f"Checking {label} with {check.check_title}…")
+    with guard(f"check {label}"):
+        run_tool_check(run, label, check, progress)
+        st.rerun()  # the check lines above now hold its figures
 
 
 def earlier_runs() -> None:

@@ -76,5 +76,5 @@ def run_tool_check(run: Run, label: str, check: Any, progress: ProgressFn | None
 
 def tool_check_text(run: Run) -> list[str]:
     """One line per stored check: the tool's title, the scheme and its figures beside quantlib's."""
-    return [f"{entry['title']}, {label}: " + "; ".join(line.strip() for line in entry["lines"][1:])
+    return [f"{entry['title']}, {label}: " + "; ".join(line.strip() for line in entry["lines"] if line.strip())
             for label, entry in run.extra.get("tool_checks", {}).items()]

@@ -141,7 +141,9 @@ class VerifyCommand:
 
     @staticmethod
     def summary_lines(result: dict[str, Any]) -> list[str]:
-        return format_result(result).splitlines()
+        """The figures side by side, first saying on what (the work folder is left out: it is temporary)."""
+        lines = format_result(result).splitlines()
+        return [f"{result['tokens']:,} tokens of the built-in text in chunks of {result['ctx']}", *lines[1:]]
 
 
 def verify(config: Any, source: str, tools: dict[str, Path], *, classify: Any, evaluate: Any,
