@@ -18,17 +18,28 @@ from quantlib.shapes import ModelShapes
 MIXTURE_FILE_TYPES = ("Q2_K_S", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M")
 
 
-def _gguf_names(shapes: ModelShapes) -> dict[str, str]:
-    """Weight name (transformers) -> GGUF tensor name, for the weights llama.cpp stores as 2-D matrices."""
+#: transformers model types whose GGUF architecture has another name: convert_hf_to_gguf.py writes a Mixtral as a
+#: llama model with expert tensors, and Qwen3-MoE as qwen3moe. (Qwen2-MoE is left out: whether its 1-row shared
+#: expert gate reaches llama-quantize as a matrix is not checked here.)
+ARCH_ALIASES = {"mixtral": "llama", "qwen3_moe": "qwen3moe"}
+
+
+def _name_map(shapes: ModelShapes) -> Any:
     import gguf
 
-    arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == shapes.model_type), None)
+    wanted = ARCH_ALIASES.get(shapes.model_type, shapes.model_type)
+    arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == wanted), None)
     if arch is None:
         raise ValueError(f"gguf has no architecture named {shapes.model_type!r}: llama.cpp's tensor names for this "
                          "model are unknown, so llama-quantize's per-tensor rules cannot be applied")
     # the block index: the first number in a weight's name (model.layers.3., transformer.h.3., ...)
     blocks = [int(m.group(1)) for w in shapes.weights if (m := re.search(r"\.(\d+)\.", w.name))]
-    names = gguf.get_tensor_name_map(arch, max(blocks, default=-1) + 1)
+    return gguf.get_tensor_name_map(arch, max(blocks, default=-1) + 1)
+
+
+def _gguf_names(shapes: ModelShapes) -> dict[str, str]:
+    """Weight name (transformers) -> GGUF tensor name, for the weights llama.cpp stores as 2-D matrices."""
+    names = _name_map(shapes)
     out = {}
     for w in shapes.weights:
         if not (w.is_matmul or w.role in ("embedding", "head")) or len(w.shape) != 2:
@@ -36,6 +47,23 @@ def _gguf_names(shapes: ModelShapes) -> dict[str, str]:
         gname = names.get_name(w.name, try_suffixes=(".weight", ".bias"))
         if gname is not None:
             out[w.name] = gname
+    return out
+
+
+def _gguf_tensor_names(shapes: ModelShapes) -> list[tuple[str, str]]:
+    """(weight name, GGUF tensor name) in model order, the 3-D expert tensors included. transformers fuses each
+    expert's gate and up projections into one `gate_up_proj` (experts x 2·ffn x hidden) where convert_hf_to_gguf.py
+    writes two tensors, `ffn_gate_exps` and `ffn_up_exps`: that weight gives both names."""
+    names, flat = _name_map(shapes), _gguf_names(shapes)
+    out: list[tuple[str, str]] = []
+    for w in shapes.weights:
+        if w.name in flat:
+            out.append((w.name, flat[w.name]))
+        elif w.kind == "experts":
+            stem = w.name.rsplit(".", 1)[0]
+            parts = ([f"{stem}.gate_proj", f"{stem}.up_proj"] if w.name.endswith("gate_up_proj") else [w.name])
+            mapped = [names.get_name(p, try_suffixes=(".weight",)) for p in parts]
+            out += [(w.name, g if g.endswith(".weight") else f"{g}.weight") for g in mapped if g is not None]
     return out
 
 
@@ -70,7 +98,16 @@ def _plan(file_type: str, shapes: ModelShapes, has_imatrix: bool) -> tuple[tuple
     types = file_type_tensor_types(file_type, tensors, **kwargs)
     notes = [f"{by_gguf.get(n.tensor, n.tensor)} ({n.tensor}): {n}" for n in fallback_notes(file_type, tensors,
                                                                                            **kwargs)]
-    return tuple((by_gguf[g], t) for g, t in types.items() if g in by_gguf), tuple(notes)
+    plan: dict[str, str] = {}
+    for g, t in types.items():
+        if g not in by_gguf:
+            continue
+        weight = by_gguf[g]
+        if plan.setdefault(weight, t) != t:  # a fused gate_up_proj whose two GGUF tensors differ
+            raise ValueError(f"{file_type}: llama-quantize writes the two halves of {weight} ({g} and its twin) as "
+                             f"{plan[weight]} and {t}; transformers stores them as one tensor, which quantlib "
+                             "quantizes with one type")
+    return tuple(plan.items()), tuple(notes)
 
 
 def llama_quantize_argv(config: Any, model_config: dict[str, Any], shapes: ModelShapes,
@@ -142,14 +179,15 @@ def llama_quantize_command(config: Any, model_config: dict[str, Any], shapes: Mo
 
 def _inputs(shapes: ModelShapes, has_imatrix: bool) -> tuple[dict[str, str], list[tuple[str, int]], dict[str, Any]]:
     """llama.cpp tensor name -> weight name, the (tensor, ncols) list and the model settings the rules read."""
-    gguf_names = _gguf_names(shapes)
-    if not any(name.startswith("blk.") for name in gguf_names.values()):
+    pairs = _gguf_tensor_names(shapes)
+    if not any(g.startswith("blk.") for _, g in pairs):
         raise ValueError(f"the gguf package maps none of this {shapes.model_type} model's block weights to llama.cpp "
                          "tensor names, so llama-quantize's per-tensor rules cannot be applied")
-    by_gguf = {g: name for name, g in gguf_names.items()}
+    by_gguf = {g: name for name, g in pairs}
     weights = {w.name: w for w in shapes.weights}
     tensors = [(g, weights[name].in_features if weights[name].is_matmul else weights[name].shape[-1])
-               for name, g in gguf_names.items()]
+               for name, g in pairs]
+    gguf_names = {name: g for name, g in pairs}
     n_layer = len({m.group(1) for name in gguf_names.values() if (m := re.match(r"blk\.(\d+)\.", name))})
     q = next((weights[by_gguf[g]] for g in by_gguf if g == "blk.0.attn_q.weight"), None)
     k = next((weights[by_gguf[g]] for g in by_gguf if g == "blk.0.attn_k.weight"), None)

@@ -167,13 +167,16 @@ class GGUFQuantizer(Quantizer):
                        progress: Any = None, cancel: Any = None, calibration: Any = None) -> Any:
         """As every simulated method; with `imatrix`, the importance matrix is measured first on the unquantized
         model (llama-imatrix's recipe), once per quantizer."""
-        if self.config.imatrix and self.importance is None:
-            from quantlib.methods._ggml_importance import importance_matrix
+        if (self.config.imatrix and self.importance is None) or self.config.activations:
             from quantlib.models import load_model
 
             if base is None:
                 base = load_model(source, dtype=dtype, device=self.backend.device,
                                   trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=progress)
+            self._refuse_fused_experts(base.model)
+        if self.config.imatrix and self.importance is None:
+            from quantlib.methods._ggml_importance import importance_matrix
+
             modules = dict(base.model.named_modules())
             layers = [ref.name for ref in self.quantizable_layers(base.model)]
             lookups = [name for name in layers if isinstance(modules.get(name), torch.nn.Embedding)]
@@ -188,6 +191,23 @@ class GGUFQuantizer(Quantizer):
 
             add_activation_quantization(quantized.model, quantized.packed_layers)
         return quantized
+
+    def _refuse_fused_experts(self, model: torch.nn.Module) -> None:
+        """llama.cpp quantizes each expert matmul's input, and llama-imatrix measures it, per expert. A transformers
+        MoE computes its experts inside one module from fused 3-D tensors (the down projection's input never leaves
+        it), so neither can be simulated there: refused rather than done for some layers only."""
+        fused = sorted({ref.shape.name for ref in self.quantizable_layers(model) if ref.index is not None})
+        if not fused:
+            return
+        from quantlib.errors import QuantlibError
+
+        asks = [what for what, on in (("activations: true (llama.cpp's quantized matmul inputs)",
+                                       self.config.activations),
+                                      ("imatrix: true (the importance matrix)", self.config.imatrix)) if on]
+        raise QuantlibError(f"{self.config.label}: {' and '.join(asks)} cannot be simulated for fused expert tensors "
+                            f"({fused[0]} and {len(fused) - 1} more): their inputs are computed inside one experts "
+                            "module, out of quantlib's reach. Set activations to false (and imatrix to false) to "
+                            "evaluate the weights alone; the planner plans this config as it is")
 
     def layer_output(self, x: torch.Tensor, packed: Any) -> torch.Tensor:
         """As llama.cpp's CPU matmul computes it (with `activations`): the input quantized to the weight type's

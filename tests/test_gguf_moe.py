@@ -1,0 +1,105 @@
+"""GGUF file types on a transformers mixture of experts (issue 27): fused 3-D expert tensors mapped to llama.cpp's
+`ffn_{gate,up,down}_exps` as convert_hf_to_gguf.py names them, typed by llama-quantize's own rules.
+
+The oracle is llama-quantize's per-tensor choices on the two synthetic MoE GGUF files of
+tests/data/llamacpp_ftypes.json.gz (scripts/llamacpp_ftypes_golden.py), for every file type, with and without an
+importance matrix. A transformers Mixtral of the same widths must get the same type on every tensor."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from quantlib import parse_config
+from quantlib.errors import QuantlibError
+from quantlib.memory import plan_memory
+from quantlib.methods._gguf_file_types import _gguf_tensor_names, file_type_plan
+from quantlib.registry import get_quantizer
+from quantlib.shapes import model_shapes
+
+GOLDEN = json.loads(gzip.open(Path(__file__).parent / "data" / "llamacpp_ftypes.json.gz").read())
+#: the golden MoE models as transformers Mixtral configs of the same widths (8 layers, 4 heads of 64, vocab 256)
+MIXTRALS = {"moe8_h256_gqa4": dict(hidden_size=256, intermediate_size=512, num_key_value_heads=1, num_local_experts=8,
+                                   tie_word_embeddings=False),
+            "moe4_h256_tied": dict(hidden_size=256, intermediate_size=256, num_key_value_heads=2, num_local_experts=4,
+                                   tie_word_embeddings=True)}
+
+
+def mixtral(layers: int = 8, **kwargs):
+    from transformers import MixtralConfig
+
+    return MixtralConfig(num_hidden_layers=layers, num_attention_heads=4, head_dim=64, num_experts_per_tok=2,
+                         vocab_size=256, **kwargs)
+
+
+@pytest.mark.parametrize("model", list(MIXTRALS))
+@pytest.mark.parametrize("kind", ["plain", "imatrix"])
+def test_a_transformers_mixtral_gets_llama_quantize_s_type_on_every_tensor(model, kind) -> None:
+    shapes = model_shapes(mixtral(**MIXTRALS[model]).to_dict())
+    pairs = _gguf_tensor_names(shapes)
+    names = [g for _, g in pairs]
+    assert sorted(names) == sorted(n for n, _, dims in GOLDEN["models"][model]["tensors"] if dims >= 2
+                                   and "ffn_gate_inp" not in n)  # the router stays in float, as llama.cpp keeps it
+    assert ("model.layers.0.mlp.experts.gate_up_proj", "blk.0.ffn_gate_exps.weight") in pairs
+    assert ("model.layers.0.mlp.experts.gate_up_proj", "blk.0.ffn_up_exps.weight") in pairs
+    checked = 0
+    for file_type, expected in GOLDEN["types"][model][kind].items():
+        if "error" in expected:
+            with pytest.raises(ValueError):
+                file_type_plan(file_type, shapes, kind == "imatrix")
+            continue
+        plan = file_type_plan(file_type, shapes, kind == "imatrix")
+        for weight, tensor in pairs:
+            assert plan[weight].upper() == expected[tensor].upper(), (file_type, tensor)
+        checked += 1
+    assert checked >= 8
+
+
+def test_the_planned_bytes_of_a_mixtral_equal_what_the_simulation_stores() -> None:
+    from transformers import MixtralForCausalLM
+
+    config = mixtral(2, **MIXTRALS["moe8_h256_gqa4"])
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(config).eval()
+    gguf = parse_config({"quant_method": "gguf", "quant_type": "Q4_K_M", "activations": False})
+    planned = plan_memory(config.to_dict(), gguf, "float32")
+    quantized = copy.deepcopy(model)
+    stored = get_quantizer(gguf, device="cpu").simulate(quantized)
+    assert planned.bytes_by_component == stored.bytes_by_component
+    assert planned.quantized_params == stored.quantized_params > 0
+    ids = torch.arange(3, 40).reshape(1, -1)
+    with torch.no_grad():
+        assert not torch.equal(model(ids).logits, quantized(ids).logits)
+
+
+@pytest.mark.parametrize("changes,what", [({}, "activations: true"), ({"activations": False, "imatrix": True},
+                                                                        "imatrix: true")])
+def test_what_cannot_reach_fused_experts_is_refused(tmp_path, tiny_tokenizer, changes, what) -> None:
+    from transformers import MixtralForCausalLM
+
+    from quantlib.models import load_model
+
+    torch.manual_seed(0)
+    MixtralForCausalLM(mixtral(2, **MIXTRALS["moe4_h256_tied"])).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    config = parse_config({"quant_method": "gguf", "quant_type": "Q4_K_M", **changes})
+    with pytest.raises(QuantlibError, match=f"{what}.*fused expert tensors"):
+        get_quantizer(config, device="cpu").quantize_model(base=load_model(str(tmp_path)))
+
+
+def test_qwen3_moe_is_named_as_convert_hf_to_gguf_names_it() -> None:
+    from transformers import Qwen3MoeConfig
+
+    shapes = model_shapes(Qwen3MoeConfig(hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         num_experts=8, num_experts_per_tok=2, vocab_size=256).to_dict())
+    names = dict((g, w) for w, g in _gguf_tensor_names(shapes))
+    assert names["blk.1.ffn_down_exps.weight"] == "model.layers.1.mlp.experts.down_proj"
+    assert names["blk.1.ffn_up_exps.weight"] == names["blk.1.ffn_gate_exps.weight"]
+    plan = file_type_plan("Q4_K_M", shapes)
+    assert plan["model.layers.0.mlp.experts.gate_up_proj"] == "Q4_K"
