@@ -109,3 +109,37 @@ def test_fbgemm_fp8_is_planned_and_refused_on_a_cpu_with_the_reason() -> None:
     assert parse_config(config.to_transformers().to_dict()) == config
     with pytest.raises(BackendUnavailableError, match="fbgemm|GPU"):
         get_quantizer(config, device="cpu")
+
+
+def test_transformers_nvfp4_is_planned_as_its_layers_hold_it_and_refused_on_a_cpu() -> None:
+    """transformers' NVFP4Linear built on the meta device, its swizzled-scale shape given by the hub kernel's rule
+    (vLLM's computeSwizzledSFShape: 128-row tiles, four E4M3 scales per int32; the kernel is not installable here).
+    Its scale buffers and global scale, plus the packed uint8 weight NVFP4Quantize writes over the bf16 placeholder
+    (out x in/2), are what the planner counts; a layer with a bias, or a width that is not a multiple of 16, stays
+    as it is, as transformers' replace_with_nvfp4_linear leaves it."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from transformers.integrations import nvfp4 as hf_nvfp4
+
+    from quantlib.errors import BackendUnavailableError
+    from quantlib.registry import quantizer_class
+    from quantlib.shapes import model_shapes
+
+    config = parse_config({"quant_method": "nvfp4"})
+    assert parse_config(config.to_transformers().to_dict()) == config
+    kernel = SimpleNamespace(swizzled_sf_shape=lambda m, n: (-(-m // 128) * 128, -(-(n // 16) // 4) * 4 // 4))
+    for out_features, in_features in ((192, 576), (1536, 576), (576, 1536), (64, 48)):
+        with mock.patch.object(hf_nvfp4, "load_nvfp4_kernel", return_value=kernel), torch.device("meta"):
+            layer = hf_nvfp4.NVFP4Linear(in_features, out_features)
+        held = sum(b.numel() * b.element_size() for name, b in layer.named_buffers() if name != "weight")
+        planned = quantizer_class(config).storage_bytes(config, out_features, in_features)
+        assert sum(planned.values()) == held + out_features * in_features // 2
+    shapes = model_shapes({"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 200, "num_hidden_layers": 1,
+                           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100})
+    decisions = quantizer_class(config).classify(config, shapes)
+    assert "has a bias" in decisions["model.layers.0.self_attn.q_proj.weight"]  # Qwen2's q/k/v carry biases
+    assert "multiple of 16" in decisions["model.layers.0.mlp.down_proj.weight"]  # 200 inputs
+    assert decisions["model.layers.0.self_attn.o_proj.weight"] is None
+    with pytest.raises(BackendUnavailableError, match="Blackwell|kernels"):
+        get_quantizer(config, device="cpu")
