@@ -262,22 +262,3 @@ class SinqQuantizer(LinearReplacingQuantizer):
     def environment_notes(self, device: str) -> list[str]:
         return ["SINQ quantizes with the sinq package's own SINQLinear; its fast GemLite kernels are CUDA only, so on "
                 "this machine its PyTorch backend (dequantize, then matmul) is both what runs and what is measured"]
-
-    @classmethod
-    def snippet(cls, config: QuantConfig, model_id: str) -> str | None:
-        import json
-
-        from quantlib.methods.base import _py
-
-        return "\n".join([
-            "import torch",
-            "from transformers import AutoModelForCausalLM, SinqConfig",
-            "",
-            f"quantization_config = SinqConfig.from_dict({_py(config.to_dict())})",
-            "model = AutoModelForCausalLM.from_pretrained(",
-            f"    {json.dumps(model_id)},",
-            "    quantization_config=quantization_config,",
-            "    dtype=torch.bfloat16,",
-            '    device_map="cuda",  # GemLite 4-bit kernels on CUDA; on a CPU SINQ runs dequantize + matmul',
-            ")",
-        ])
