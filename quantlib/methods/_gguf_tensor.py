@@ -4,8 +4,10 @@ types) or quantlib's bit-exact ports of llama.cpp's (K-quants, IQ4, the importan
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Union
+from functools import lru_cache
+from typing import Any, Callable, Union
 
 import numpy as np
 import torch
@@ -17,6 +19,32 @@ from quantlib.formats import QuantizedTensor, check_float
 #: llama.cpp's K-quant and IQ4 quantizers, widest first.
 GGUF_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "IQ4_XS", "IQ4_NL", "Q3_K", "Q2_K",
               "MXFP4", "BF16", "F16")
+
+
+#: Elements per slice of rows that the numpy block code works on at a time (see `by_rows`).
+SLICE_ELEMENTS = 1 << 18
+
+
+@lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    import os
+
+    return ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1)), thread_name_prefix="quantlib-gguf")
+
+
+def by_rows(f: Callable[[np.ndarray], np.ndarray], array: np.ndarray) -> np.ndarray:
+    """`f` (rows of values or of blocks -> one output row each) over slices of about 256K elements of `array`'s rows,
+    two at a time, the outputs stacked in order. Every GGML quantizer and dequantizer works row by row (blocks, and an
+    importance matrix per column), so the bytes are those of one call on the whole array; but numpy's temporaries
+    of a slice stay in the CPU's caches, where those of a whole 576 x 1536 matrix went to memory on every operation
+    of the K-quants' scale searches, and numpy releases the GIL, so two slices run at once. For the searches only:
+    the legacy types' quantizers and every dequantizer do a few operations per element, where slicing and threads
+    cost more than they save (measured)."""
+    rows = max(1, SLICE_ELEMENTS // max(1, array.shape[-1]))
+    if array.ndim != 2 or array.shape[0] <= rows:
+        return f(array)
+    parts = [array[i:i + rows] for i in range(0, array.shape[0], rows)]
+    return np.concatenate(list(_pool().map(f, parts)), axis=0)
 
 
 def _ported_quantizers() -> dict[str, Any]:
@@ -193,9 +221,9 @@ def quantize_gguf(w: torch.Tensor, qtype: Union[str, "object"] = "Q8_0",
     array = w.detach().reshape(-1, last).cpu().float().numpy()  # numpy does the math: the one trip to the host
     weights = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32).reshape(last)
     if name in ported:
-        data = ported[name](array, weights)
+        data = by_rows(lambda rows: ported[name](rows, weights), array)
     elif weights is not None and name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):
-        data = _weighted_legacy_quantizers()[name](array, weights)
+        data = by_rows(lambda rows: _weighted_legacy_quantizers()[name](rows, weights), array)
     else:
-        data = quants.quantize(array, gtype)
+        data = quants.quantize(array, gtype)  # cheap per element: slicing and threads cost more than they save
     return GGUFTensor(data=data, qtype=gtype, shape=tuple(w.shape), dtype=w.dtype, device=str(w.device))
