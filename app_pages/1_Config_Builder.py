@@ -203,9 +203,16 @@ def check_against_model(config: QuantConfig, slots: dict) -> None:
 
 
 def render_output(config: QuantConfig, params: dict[str, str]) -> None:
+    from quantlib.registry import quantizer_class
+
     st.subheader(f"Config: {config.label}")
-    st.success("Valid config. It is also what the Memory Planner offers as “Builder”.",
-               icon=":material/check_circle:")
+    problem = quantizer_class(config).config_problem(config)
+    if problem is None:
+        st.success("Valid config. It is also what the Memory Planner offers as “Builder”.",
+                   icon=":material/check_circle:")
+    else:  # transformers takes it; quantlib refuses to plan, quantize or compare it rather than guess
+        st.warning(f"Valid for transformers, but quantlib can neither plan nor quantize it: {problem}.",
+                   icon=":material/block:")
     for note in config.warnings():
         st.warning(note)
     diff = st.toggle("only non-default keys (diff)", key=NS.key("diff"),

@@ -105,6 +105,16 @@ def test_builder_default_renders_a_valid_config():
     assert at.query_params["method"] == ["bitsandbytes"] or at.query_params["method"] == "bitsandbytes"
 
 
+@pytest.mark.parametrize("cfg,reason", [({"quant_method": "sinq", "tiling_mode": "2D"}, "tiling_mode 2D"),
+                                        ({"quant_method": "fp8", "activation_scheme": "static"}, "activation_scheme static")])
+def test_builder_does_not_call_valid_a_config_quantlib_refuses(cfg, reason):
+    """transformers takes these configs, but quantlib refuses to plan or quantize them: the Builder says so instead
+    of "Valid config"."""
+    at = run(BUILDER, method=cfg["quant_method"], cfg=json.dumps(cfg))
+    assert not [m for m in at.success if "Valid config" in m.value]
+    assert any("quantlib can neither plan nor quantize it" in w.value and reason in w.value for w in at.warning)
+
+
 def test_builder_nf4_double_quant_equals_transformers():
     at = run(BUILDER)
     at.radio(key=BNB + "bits").set_value(4)
