@@ -129,7 +129,8 @@ def show_run(run, where: str) -> None:
     """The summary table, figures and downloads of a run (fresh or reopened)."""
     import pandas as pd
 
-    from quantlib.reports import check_lines, partial_text, ranking_text, readable_summary, render_html, run_figures
+    from quantlib.reports import (check_lines, partial_text, phase_text, ranking_text, readable_summary, render_html,
+                                  run_figures)
 
     summary = run.tables.get("summary", pd.DataFrame())
     settings, model = run.settings, run.model
@@ -137,7 +138,7 @@ def show_run(run, where: str) -> None:
                f"({'default model' if model.get('source') == 'default' else model.get('source', '')}, "
                f"{model.get('n_params', 0) / 1e6:,.1f} M params) · {_num(settings.get('n_tokens'))} tokens, window "
                f"{settings.get('window')} · backend **{settings.get('backend', '?')}** · "
-               f"{settings.get('seconds', 0):.0f} s in all")
+               f"{settings.get('seconds', 0):.0f} s in all" + (f" ({phases})" if (phases := phase_text(run)) else ""))
     for note in model.get("notes", []):
         if "Loaded from the converted cache" not in note:
             st.caption(f":material/info: {note}")

@@ -244,7 +244,8 @@ def cmd_compare_offloaded(args: argparse.Namespace, configs: list) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from quantlib.compare import CompareSettings, run_comparison
-    from quantlib.reports import check_lines, format_summary, partial_text, ranking_text, running_text, write_outputs
+    from quantlib.reports import (check_lines, format_summary, partial_text, phase_text, ranking_text, running_text,
+                                  write_outputs)
 
     configs = _configs(args)
     if not configs:
@@ -280,7 +281,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.out:
         paths = write_outputs(result.run, args.out)
         print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
-    print(f"saved run {result.run.run_id} ({result.path})", file=sys.stderr)
+    phases = phase_text(result.run)
+    print(f"saved run {result.run.run_id} ({result.path})" + (f"; time by phase: {phases}" if phases else ""),
+          file=sys.stderr)
     ranking = ranking_text(result.run)
     if ranking:
         print(ranking, file=sys.stderr)

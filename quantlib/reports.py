@@ -132,6 +132,15 @@ def kernel_path_text(run: Run) -> list[str]:
     return lines
 
 
+def phase_text(run: Run) -> str:
+    """Where the run's time went ("load 2.08 s, quantize 5.59 s, ..."), phases under 5 ms left out; "" for a run
+    saved before phases were recorded."""
+    phases = run.extra.get("phase_seconds") or {}
+    names = {"load": "load", "quantize": "quantize", "crosscheck": "cross-check", "errors": "layer errors",
+             "forwards": "forward passes", "output_head": "output head and KL", "bookkeeping": "the rest"}
+    return ", ".join(f"{label} {phases[key]:.2f} s" for key, label in names.items() if phases.get(key, 0) >= 0.005)
+
+
 def check_lines(run: Run) -> list[str]:
     """What a reader should know about how the run's numbers were made: the CPU and each scheme's kernels,
     cross-checks of exact simulations, models read from full logits, and the run's notes (shown by the CLI, the
@@ -192,6 +201,7 @@ def render_html(run: Run) -> str:
         "Architecture": model.get("architecture", ""), "Parameters": f"{model.get('n_params', 0):,}",
         "Backend": settings.get("backend", ""), "Tokens evaluated": settings.get("n_tokens", ""),
         "Window / stride": f"{settings.get('window')} / {settings.get('stride') or settings.get('window')}",
+        "Time by phase": phase_text(run) or "not recorded",
         "Versions": ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items()),
     }
     notes = "".join(f"<li>{html.escape(str(n))}</li>" for n in model.get("notes", []))

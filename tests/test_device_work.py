@@ -141,3 +141,16 @@ def test_a_comparison_records_its_seconds_by_phase(tiny_llama_dir) -> None:
     # each scheme's own forward time is inside the forwards phase
     details = result.run.extra["details"]
     assert sum(d["kl"]["seconds"] for d in details.values()) <= phases["forwards"] + phases["output_head"] + 1e-6
+
+
+def test_the_time_by_phase_reaches_the_page_caption_the_report_and_the_cli(tiny_llama_dir) -> None:
+    from quantlib.compare import CompareSettings, run_comparison
+    from quantlib.reports import phase_text, render_html
+
+    run = run_comparison([preset("rtn-int4-g64")], CompareSettings(source=str(tiny_llama_dir), max_tokens=128,
+                                                                   window=64, device="cpu"), save=False).run
+    text = phase_text(run)
+    assert text.startswith("load ") and "forward passes" in text  # (the tiny model's head takes under 5 ms)
+    assert "Time by phase" in render_html(run) and text in render_html(run)
+    run.extra.pop("phase_seconds")
+    assert phase_text(run) == ""  # a run saved before phases were recorded says nothing, not zeros
