@@ -202,17 +202,18 @@ def tool_checks(run, where: str) -> None:
         return
     pending = NS.pop(where, "tool_pending")
     with st.expander("Check with the method's own tools", icon=":material/fact_check:"):
-        for i, (label, check, why) in enumerate(checks):
+        for label, check, why in checks:
             if why:
                 st.caption(f"{label}: {check.check_title} cannot run here: {why}")
                 continue
             st.caption(f"{label}: runs {check.check_title} on the run's model and the built-in text, then quantlib "
                        "on the same file and tokens (a few minutes on a CPU).")
-            st.button(f"Check {label} with {check.check_title.split(' (')[0]}", key=NS.key(where, "tool", i),
-                      icon=":material/fact_check:", on_click=NS.set, args=(i, where, "tool_pending"))
-    if pending is None or pending >= len(checks) or checks[pending][2]:
+            st.button(f"Check {label} with {check.check_title.split(' (')[0]}", key=NS.key(where, "tool", label),
+                      icon=":material/fact_check:", on_click=NS.set, args=(label, where, "tool_pending"))
+    chosen = next((c for c in checks if c[0] == pending and not c[2]), None)  # by the scheme's label, not position
+    if chosen is None:
         return
-    label, check, _ = checks[pending]
+    label, check, _ = chosen
     progress = Progress(NS, f"Checking {label} with {check.check_title}…")
     with guard(f"check {label}"):
         run_tool_check(run, label, check, progress)

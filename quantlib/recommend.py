@@ -160,12 +160,16 @@ def _cache_path(key: str) -> Path:
 
 
 def _cache_key(family: str, fingerprint: str, dtype: str, calib_tokens: int, check_layers: int,
-               check_tokens: int, choices: dict[str, MixChoice], proxy: str, samples: int) -> str:
+               check_tokens: int, choices: dict[str, MixChoice], proxy: str, samples: int,
+               device: str = "cpu") -> str:
+    """The measurement's identity. A measurement made off the CPU (its own sampled tokens, its own kernels) has
+    another key; a CPU one keeps the key it always had, so earlier CPU caches stay valid."""
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps({"v": MEASURE_VERSION, "family": family, "model": fingerprint, "dtype": dtype,
                          "calib": calib_tokens, "check": [check_layers, check_tokens],
                          "proxy": proxy, "samples": samples,
-                         "choices": {k: c.config.to_dict() for k, c in sorted(choices.items())}},
+                         "choices": {k: c.config.to_dict() for k, c in sorted(choices.items())},
+                         **({} if device == "cpu" else {"device": device})},
                         sort_keys=True).encode())
     return h.hexdigest()
 
@@ -336,7 +340,9 @@ def measure_sensitivity(base: Any, family: str, *, dtype: str = "float32", calib
     choices = _choices(spaces)
     report(0.0, "fingerprinting the model")
     fingerprint = model_fingerprint(model)
-    key = _cache_key(family, fingerprint, dtype, calib_tokens, check_layers, check_tokens, choices, proxy, samples)
+    device = next(model.parameters()).device  # every layer's measurement runs where the model lives
+    key = _cache_key(family, fingerprint, dtype, calib_tokens, check_layers, check_tokens, choices, proxy, samples,
+                     device.type)
     path = _cache_path(key)
     if use_cache and path.exists():
         try:
@@ -346,7 +352,6 @@ def measure_sensitivity(base: Any, family: str, *, dtype: str = "float32", calib
         except (ValueError, KeyError, TypeError):
             path.unlink(missing_ok=True)  # a damaged entry is a miss
 
-    device = next(model.parameters()).device  # every layer's measurement runs where the model lives
     quantizers = {k: get_quantizer(c.config, device=device.type) for k, c in choices.items()}
     by_module = {w.module: w for w in shapes.weights if w.is_matmul}
     layer_refs: dict[str, Any] = {}

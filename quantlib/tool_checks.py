@@ -1,7 +1,7 @@
 """A finished comparison checked with a method's own tools (GGUF: llama.cpp's llama-quantize and llama-perplexity).
 
 A method offers such a check among its `Quantizer.cli_commands()`: a command object that also has `check_title`,
-`applies(config)`, `unavailable()` (why it cannot run on this machine, or None) and
+`applies(config)`, `unavailable(source)` (why it cannot run here on a run of that model, or None) and
 `check(config, source, evaluate, progress)`, whose result `summary_lines(result)` reads. The CLI runs it as a
 subcommand. The Compare page runs it on a finished run's config (`run_tool_check`), which stores the figures in the
 run (`run.extra["tool_checks"]`) and saves it again, so the page, the report and the CLI (`check_lines`) show them
@@ -37,7 +37,7 @@ def available_checks(run: Run) -> list[tuple[str, Any, str | None]]:
         except QuantlibError:
             continue
         for check in _checks_of(config):
-            out.append((entry.get("label", config.label), check, check.unavailable()))
+            out.append((entry.get("label", config.label), check, check.unavailable(run.model.get("source", "default"))))
     return out
 
 
@@ -62,15 +62,21 @@ def run_tool_check(run: Run, label: str, check: Any, progress: ProgressFn | None
     if entry is None:
         raise QuantlibError(f"run {run.run_id} has no scheme {label!r}; its schemes: "
                             + ", ".join(str(c.get("label")) for c in run.configs))
-    why = check.unavailable()
+    source = run.model.get("source", "default")
+    why = check.unavailable(source)
     if why:
         raise QuantlibError(f"{check.check_title} cannot run here: {why}")
     config = parse_config({k: v for k, v in entry.items() if k != "label"})
-    result = check.check(config, run.model.get("source", "default"), evaluate, progress)
+    result = check.check(config, source, evaluate, progress)
     stored = {"title": check.check_title, "lines": check.summary_lines(result), "result": result}
-    run.extra.setdefault("tool_checks", {})[label] = stored
+    checks = run.extra.setdefault("tool_checks", {})
+    checks[label] = stored
     if save:
-        save_run(run)
+        try:
+            save_run(run)
+        except BaseException:
+            del checks[label]  # not saved: the run shows nothing it could not keep
+            raise
     return stored
 
 

@@ -236,3 +236,31 @@ def test_a_file_type_with_an_importance_matrix_quantizes_the_embedding_without_o
     embedding = wide_llama.model.model.embed_tokens.weight.detach()
     packed = qm.packed_layers["model.embed_tokens"]
     assert np.array_equal(packed.data, quantize_gguf(embedding, packed.qtype.name).data)
+
+
+def _quantize_in_child(queue) -> None:
+    from quantlib.methods._gguf_tensor import quantize_gguf
+
+    w = torch.randn(2048, 256, generator=torch.Generator().manual_seed(1))
+    queue.put(quantize_gguf(w, qtype="Q4_K").data.tobytes())
+
+
+def test_slices_give_the_bytes_of_one_call_and_survive_a_fork() -> None:
+    """`by_rows` quantizes a tall matrix in slices on two threads: the bytes equal one call's on the whole matrix,
+    and a process forked afterwards (whose copy of the pool has no threads) still quantizes."""
+    import multiprocessing
+
+    from quantlib.methods._gguf_tensor import _ported_quantizers, by_rows, quantize_gguf
+
+    w = torch.randn(2048, 256, generator=torch.Generator().manual_seed(1))
+    sliced = quantize_gguf(w, qtype="Q4_K").data
+    whole = _ported_quantizers()["Q4_K"](w.numpy(), None)
+    assert np.array_equal(sliced, whole) and by_rows(lambda rows: rows * 2, w.numpy()[:3]).shape == (3, 256)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_quantize_in_child, args=(queue,))
+    child.start()
+    got = queue.get(timeout=120)  # before join: the child waits until its bytes have gone through the pipe
+    child.join(timeout=30)
+    assert child.exitcode == 0, "the forked child failed"
+    assert got == sliced.tobytes()

@@ -4,6 +4,7 @@ types) or quantlib's bit-exact ports of llama.cpp's (K-quants, IQ4, the importan
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -27,9 +28,15 @@ SLICE_ELEMENTS = 1 << 18
 
 @lru_cache(maxsize=1)
 def _pool() -> ThreadPoolExecutor:
-    import os
-
     return ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1)), thread_name_prefix="quantlib-gguf")
+
+
+def _fresh_pool_after_fork() -> None:
+    """A forked child inherits the pool but not its threads: it would wait on them forever. It makes its own."""
+    _pool.cache_clear()
+
+
+os.register_at_fork(after_in_child=_fresh_pool_after_fork)
 
 
 def by_rows(f: Callable[[np.ndarray], np.ndarray], array: np.ndarray) -> np.ndarray:

@@ -121,7 +121,11 @@ class VerifyCommand:
     def applies(self, config: Any) -> bool:
         return getattr(config, "quant_method", None) == self.config_class.quant_method
 
-    def unavailable(self) -> str | None:
+    def unavailable(self, source: str = "default") -> str | None:
+        """Why the check cannot run on a run of model `source` here, or None."""
+        if source != "default" and not str(source).endswith(".gguf"):
+            return ("the run's model is not a GGUF file, and llama.cpp's tools need one: convert it with llama.cpp's "
+                    "convert_hf_to_gguf.py (--outtype f32), then run `quantlib llama-cpp-verify --f32-gguf FILE`")
         try:
             find_tools(default_tools_dir())
         except FileNotFoundError as exc:
@@ -136,8 +140,11 @@ class VerifyCommand:
             return evaluate(*args, progress=None if progress is None else
                             (lambda f, m: progress(0.65 + 0.35 * f, f"quantlib: {m}")))
 
-        return verify(config, source, find_tools(default_tools_dir()), classify=self.classify,
-                      evaluate=evaluate_here, progress=progress)
+        with tempfile.TemporaryDirectory(prefix="quantlib_llamacpp_") as work:  # the F32 and quantized files go
+            result = verify(config, source, find_tools(default_tools_dir()), classify=self.classify,
+                            evaluate=evaluate_here, progress=progress, work=Path(work))
+        result.pop("work")  # removed with its files: the figures are what the run keeps
+        return result
 
     @staticmethod
     def summary_lines(result: dict[str, Any]) -> list[str]:
@@ -206,7 +213,8 @@ def verify(config: Any, source: str, tools: dict[str, Path], *, classify: Any, e
 def format_result(result: dict[str, Any]) -> str:
     """The figures side by side, with the KL difference in combined standard errors."""
     q, ll = result["quantlib"], result["llama.cpp"]
-    lines = [f"{result['config']}: {result['tokens']} tokens in chunks of {result['ctx']} (files in {result['work']})"]
+    where = f" (files in {result['work']})" if result.get("work") else ""
+    lines = [f"{result['config']}: {result['tokens']} tokens in chunks of {result['ctx']}{where}"]
     if "kl" not in ll:
         return "\n".join([*lines, "llama-perplexity printed no KL summary"])
     se = (q["kl_se"] ** 2 + ll["kl_se"] ** 2) ** 0.5

@@ -75,16 +75,18 @@ class NVFP4Quantizer(LinearReplacingQuantizer):
     experts_policy = "transformers' NVFP4 path converts bias-free nn.Linear modules only; fused experts stay as stored"
 
     def validate_environment(self, device: str) -> BackendReport:
+        """Refused everywhere: quantlib plans this config but does not run it. Off Blackwell transformers cannot run
+        it either; on a Blackwell GPU the hub kernel would, but quantlib has no path through it yet (unchecked)."""
         report = super().validate_environment(device)
         major = torch.cuda.get_device_capability()[0] if report.device == "cuda" else 0
-        if major < 10:
-            where = "this CPU" if report.device != "cuda" else f"this GPU (compute capability {major}.x)"
-            raise BackendUnavailableError(
-                self.config.label, f"transformers runs NVFP4 only on a Blackwell GPU (compute capability 10 or more), "
-                f"through the kernels hub's nvfp4 kernel, not on {where}; quantlib does not imitate its CUDA packing",
-                "Compare compressed-tensors' NVFP4 here (preset ct-nvfp4: the same format, computed by "
-                "compressed-tensors on the CPU); the Memory Planner plans this config as it is.")
-        return report
+        where = ("this CPU" if report.device != "cuda" else f"this GPU (compute capability {major}.x)")
+        reason = (f"transformers runs NVFP4 only on a Blackwell GPU (compute capability 10 or more), through the "
+                  f"kernels hub's nvfp4 kernel, not on {where}; quantlib does not imitate its CUDA packing"
+                  if major < 10 else "quantlib plans transformers' NVFP4 but has no path through the hub's nvfp4 "
+                  "kernel yet, so it is not run here")
+        raise BackendUnavailableError(
+            self.config.label, reason, "Compare compressed-tensors' NVFP4 here (preset ct-nvfp4: the same format, "
+            "computed by compressed-tensors); the Memory Planner plans this config as it is.")
 
     @classmethod
     def code_bits(cls, config: QuantConfig) -> float:
@@ -125,5 +127,5 @@ class NVFP4Quantizer(LinearReplacingQuantizer):
                 "dq_constants": 4.0, "code_tables": 0.0}
 
     def quantize_tensor(self, weight: torch.Tensor) -> Any:
-        raise BackendUnavailableError(self.config.label, "the hub's nvfp4 kernel packs on a Blackwell GPU only",
-                                      "run it on a GPU of compute capability 10 or more")
+        raise BackendUnavailableError(self.config.label, "quantlib plans transformers' NVFP4 but does not run it",
+                                      "compare compressed-tensors' NVFP4 (preset ct-nvfp4) for its numbers")
