@@ -2,8 +2,8 @@
 per token at run time (their scale capped by `activation_scale_ub`), through fbgemm-gpu's CUDA kernels.
 
 Planned here, not run: transformers refuses the method without a GPU, and fbgemm-gpu's `quantize_fp8_per_row` is a
-CUDA kernel whose rounding quantlib cannot check on a CPU, so it is refused there rather than imitated. What its
-`FbgemmFp8Linear` holds is planned to the byte: `weight` (E4M3, one byte each), `weight_scale` (out x 1, fp32) and the
+CUDA kernel whose rounding quantlib cannot check on a CPU, so it is refused rather than imitated (on a GPU too:
+quantlib has no path through those kernels yet). What its `FbgemmFp8Linear` holds is planned to the byte: `weight` (E4M3, one byte each), `weight_scale` (out x 1, fp32) and the
 in-memory `input_scale_ub` (one fp32, a non-persistent buffer). For the same numbers on a CPU, compressed-tensors'
 FP8_DYNAMIC computes per-row E4M3 weights and per-token E4M3 activations (without the cap).
 """
@@ -12,13 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from quantlib.configs import FieldSpec, QuantConfig
-from quantlib.errors import BackendUnavailableError
 from quantlib.methods.base import register
-from quantlib.methods.base.families import LinearReplacingQuantizer
-from quantlib.runtime import BackendReport
+from quantlib.methods.base.families import PlannedOnlyQuantizer
 
 #: Place in the registry (the builder's method list, the CLI).
 DISPLAY_ORDER = 46
@@ -48,25 +44,21 @@ class FbgemmFp8QuantConfig(QuantConfig):
 
 
 @register("fbgemm_fp8")
-class FbgemmFp8Quantizer(LinearReplacingQuantizer):
-    """Planned from shapes; refused wherever fbgemm-gpu's CUDA kernels are not there to run it."""
+class FbgemmFp8Quantizer(PlannedOnlyQuantizer):
+    """Planned from shapes; refused on every device (`PlannedOnlyQuantizer`), with the reason for that device."""
 
     config_class = FbgemmFp8QuantConfig
     requires = (("fbgemm_gpu", "fbgemm-gpu"),)
     library = "fbgemm_gpu"
-    simulated = False
     transformers_path = "transformers' FBGEMM FP8 path replaces"
     experts_policy = "transformers' FBGEMM FP8 path quantizes nn.Linear modules (and Llama-4's fused experts)"
 
-    def validate_environment(self, device: str) -> BackendReport:
-        report = super().validate_environment(device)
-        if report.device != "cuda":
-            raise BackendUnavailableError(
-                self.config.label, "transformers runs FBGEMM FP8 only on a GPU (fbgemm-gpu's quantize_fp8_per_row and "
-                "f8f8bf16_rowwise are CUDA kernels); quantlib does not imitate their rounding on a CPU",
-                "Run it on a CUDA machine (pip install fbgemm-gpu), or compare compressed-tensors' FP8_DYNAMIC here "
-                "(per-row E4M3 weights, per-token E4M3 activations); the Memory Planner plans FBGEMM FP8 as it is.")
-        return report
+    def refusal(self, device: str) -> tuple[str, str]:
+        why = ("transformers runs FBGEMM FP8 only on a GPU (fbgemm-gpu's quantize_fp8_per_row and f8f8bf16_rowwise "
+               "are CUDA kernels); quantlib does not imitate their rounding on a CPU" if device != "cuda" else
+               "quantlib plans FBGEMM FP8 but has no path through fbgemm-gpu's kernels yet, so it is not run here")
+        return why, ("Compare compressed-tensors' FP8_DYNAMIC here (per-row E4M3 weights, per-token E4M3 "
+                     "activations); the Memory Planner plans FBGEMM FP8 as it is.")
 
     @classmethod
     def code_bits(cls, config: QuantConfig) -> float:
@@ -83,5 +75,3 @@ class FbgemmFp8Quantizer(LinearReplacingQuantizer):
         return {"codes": float(out_features * in_features), "scales": 4.0 * out_features, "dq_constants": 4.0,
                 "code_tables": 0.0}
 
-    def quantize_tensor(self, weight: torch.Tensor) -> Any:
-        raise BackendUnavailableError(self.config.label, "fbgemm-gpu quantizes on CUDA only", "run it on a GPU")

@@ -25,10 +25,8 @@ from typing import Any
 import torch
 
 from quantlib.configs import FieldSpec, QuantConfig
-from quantlib.errors import BackendUnavailableError
 from quantlib.methods.base import register
-from quantlib.methods.base.families import LinearReplacingQuantizer
-from quantlib.runtime import BackendReport
+from quantlib.methods.base.families import PlannedOnlyQuantizer
 from quantlib.shapes import ModelShapes, WeightShape
 
 #: Place in the registry (the builder's method list, the CLI).
@@ -64,29 +62,24 @@ class NVFP4QuantConfig(QuantConfig):
 
 
 @register("nvfp4")
-class NVFP4Quantizer(LinearReplacingQuantizer):
+class NVFP4Quantizer(PlannedOnlyQuantizer):
     """Planned from shapes; refused wherever the hub's NVFP4 kernel and a Blackwell GPU are not there to run it."""
 
     config_class = NVFP4QuantConfig
     requires = (("kernels", "kernels"),)
     library = "kernels (the hub's nvfp4 kernel)"
-    simulated = False
     transformers_path = "transformers' NVFP4 path replaces"
     experts_policy = "transformers' NVFP4 path converts bias-free nn.Linear modules only; fused experts stay as stored"
 
-    def validate_environment(self, device: str) -> BackendReport:
-        """Refused everywhere: quantlib plans this config but does not run it. Off Blackwell transformers cannot run
-        it either; on a Blackwell GPU the hub kernel would, but quantlib has no path through it yet (unchecked)."""
-        report = super().validate_environment(device)
-        major = torch.cuda.get_device_capability()[0] if report.device == "cuda" else 0
-        where = ("this CPU" if report.device != "cuda" else f"this GPU (compute capability {major}.x)")
-        reason = (f"transformers runs NVFP4 only on a Blackwell GPU (compute capability 10 or more), through the "
-                  f"kernels hub's nvfp4 kernel, not on {where}; quantlib does not imitate its CUDA packing"
-                  if major < 10 else "quantlib plans transformers' NVFP4 but has no path through the hub's nvfp4 "
-                  "kernel yet, so it is not run here")
-        raise BackendUnavailableError(
-            self.config.label, reason, "Compare compressed-tensors' NVFP4 here (preset ct-nvfp4: the same format, "
-            "computed by compressed-tensors); the Memory Planner plans this config as it is.")
+    def refusal(self, device: str) -> tuple[str, str]:
+        major = torch.cuda.get_device_capability()[0] if device == "cuda" else 0
+        where = "this CPU" if device != "cuda" else f"this GPU (compute capability {major}.x)"
+        why = (f"transformers runs NVFP4 only on a Blackwell GPU (compute capability 10 or more), through the kernels "
+               f"hub's nvfp4 kernel, not on {where}; quantlib does not imitate its CUDA packing" if major < 10 else
+               "quantlib plans transformers' NVFP4 but has no path through the hub's nvfp4 kernel yet, so it is not "
+               "run here")
+        return why, ("Compare compressed-tensors' NVFP4 here (preset ct-nvfp4: the same format, computed by "
+                     "compressed-tensors); the Memory Planner plans this config as it is.")
 
     @classmethod
     def code_bits(cls, config: QuantConfig) -> float:
@@ -125,7 +118,3 @@ class NVFP4Quantizer(LinearReplacingQuantizer):
         swizzled = _round_up(out_features, SF_ROW_TILE) * _round_up(scales, SF_COL_TILE)  # 4 bytes per 4 scales
         return {"codes": out_features * in_features / 2, "scales": float(swizzled + out_features * scales),
                 "dq_constants": 4.0, "code_tables": 0.0}
-
-    def quantize_tensor(self, weight: torch.Tensor) -> Any:
-        raise BackendUnavailableError(self.config.label, "quantlib plans transformers' NVFP4 but does not run it",
-                                      "compare compressed-tensors' NVFP4 (preset ct-nvfp4) for its numbers")

@@ -41,6 +41,25 @@ class LinearReplacingQuantizer(Quantizer):
         return cls.storage_bytes(config, w.out_features, w.in_features, dtype)
 
 
+class PlannedOnlyQuantizer(LinearReplacingQuantizer):
+    """Methods quantlib plans to the byte but does not run (their packing is a GPU kernel it cannot check): refused
+    on every device, before any weight is touched, with the reason and the fix `refusal(device)` gives. A missing
+    library is reported first, with its install command."""
+
+    simulated = False
+
+    def refusal(self, device: str) -> tuple[str, str]:
+        """(why it is not run on `device`, what to do instead)."""
+        raise NotImplementedError
+
+    def validate_environment(self, device: str) -> BackendReport:
+        report = super().validate_environment(device)
+        raise BackendUnavailableError(self.config.label, *self.refusal(report.device))
+
+    def quantize_tensor(self, weight: torch.Tensor) -> Any:
+        raise BackendUnavailableError(self.config.label, *self.refusal(str(weight.device.type)))
+
+
 # --------------------------------------------------------------------------------------------
 # Calibration-based methods: real libraries only, never imitated here
 # --------------------------------------------------------------------------------------------
