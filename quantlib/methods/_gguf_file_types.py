@@ -37,9 +37,10 @@ def _name_map(shapes: ModelShapes) -> Any:
     return gguf.get_tensor_name_map(arch, max(blocks, default=-1) + 1)
 
 
-def _gguf_names(shapes: ModelShapes) -> dict[str, str]:
-    """Weight name (transformers) -> GGUF tensor name, for the weights llama.cpp stores as 2-D matrices."""
-    names = _name_map(shapes)
+def _gguf_names(shapes: ModelShapes, names: Any = None) -> dict[str, str]:
+    """Weight name (transformers) -> GGUF tensor name, for the weights llama.cpp stores as 2-D matrices (`names`:
+    the model's gguf name map, when the caller has it)."""
+    names = names if names is not None else _name_map(shapes)
     out = {}
     for w in shapes.weights:
         if not (w.is_matmul or w.role in ("embedding", "head")) or len(w.shape) != 2:
@@ -54,7 +55,8 @@ def _gguf_tensor_names(shapes: ModelShapes) -> list[tuple[str, str]]:
     """(weight name, GGUF tensor name) in model order, the 3-D expert tensors included. transformers fuses each
     expert's gate and up projections into one `gate_up_proj` (experts x 2·ffn x hidden) where convert_hf_to_gguf.py
     writes two tensors, `ffn_gate_exps` and `ffn_up_exps`: that weight gives both names."""
-    names, flat = _name_map(shapes), _gguf_names(shapes)
+    names = _name_map(shapes)
+    flat = _gguf_names(shapes, names)
     out: list[tuple[str, str]] = []
     for w in shapes.weights:
         if w.name in flat:
