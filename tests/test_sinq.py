@@ -140,3 +140,34 @@ def test_sinq_patches_nothing_in_this_process() -> None:
     quantize_sinq(torch.randn(32, 64), parse_config(SINQ4))
     assert transformers.PreTrainedModel.from_pretrained.__module__.startswith("transformers.")
     assert transformers.PreTrainedModel.save_pretrained.__module__.startswith("transformers.")
+
+
+def test_a_tied_output_head_left_to_sinq_is_refused_as_transformers_fails_on_it(tiny_tokenizer, tmp_path) -> None:
+    """A head tied to the embedding and not skipped: transformers' SINQ builds a SINQLinear for it that never gets a
+    weight, and its forward fails (the subprocess shows it). quantlib refuses it in the preflight and before
+    quantizing, naming the fix; skipping lm_head makes the same model quantize."""
+    from transformers import LlamaForCausalLM
+
+    from quantlib.models import load_model
+    from quantlib.registry import preflight
+    from tests.conftest import tiny_llama_config
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(128, tie_word_embeddings=True)).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    model_config = json.loads((tmp_path / "config.json").read_text())
+    bare = {"quant_method": "sinq", "nbits": 4, "group_size": 64}
+    problems = preflight(bare, model_config)
+    assert len(problems) == 1 and "lm_head is tied to the token embedding" in problems[0]
+    assert "modules_to_not_convert" in problems[0]
+    base = load_model(str(tmp_path))
+    with pytest.raises(QuantlibError, match="lm_head is tied"):
+        get_quantizer(bare, device="cpu").quantize_model(base=base)
+    assert preflight(SINQ4, model_config) == []
+    get_quantizer(SINQ4, device="cpu").quantize_model(base=base)
+    script = (ORACLE.replace("torch.save(", "print('forward ok'); torch.save(")
+              .replace("weights = {name: m.dequantize()", "weights = {name: m.dequantize() if m.ready else None"))
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "warning"}
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path), json.dumps(bare), str(tmp_path / "o.pt")],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode != 0 and "model was not quantized" in proc.stderr, proc.stderr[-2000:]

@@ -41,7 +41,7 @@ from quantlib.errors import _MISSING, FieldError
 from quantlib.formats import QuantizedTensor, check_float
 from quantlib.methods.base import register
 from quantlib.methods.base.families import LinearReplacingQuantizer
-from quantlib.methods.base.rules import transformers_skip_rules
+from quantlib.methods.base.rules import should_convert_module, transformers_skip_rules
 
 #: Place in the registry (the builder's method list, the CLI).
 DISPLAY_ORDER = 32
@@ -226,6 +226,36 @@ class SinqQuantizer(LinearReplacingQuantizer):
         its default skips (the output head, tied weights) never apply: the output head is quantized unless the
         config names it. Only the model's fp32 modules stay, as for every method."""
         return transformers_skip_rules(shapes, list(config.modules_to_not_convert or []), "modules_to_not_convert")
+
+    @classmethod
+    def tied_head_problem(cls, config: QuantConfig, shapes: Any) -> str | None:
+        """An output head tied to the token embedding that the config does not skip: transformers' SINQ replaces it
+        with a SINQLinear that never gets a weight (the checkpoint stores it once, as the embedding), and the model
+        fails in its forward ("model was not quantized"). Refused, rather than planned as the run it never is."""
+        skip = list(config.modules_to_not_convert or [])
+        for alias, _ in shapes.tied:
+            module = alias.removesuffix(".weight")
+            if module in shapes.default_not_convert and should_convert_module(module, skip):
+                return (f"{module} is tied to the token embedding: transformers' SINQ replaces it with a SINQLinear "
+                        "that never receives a weight, and the model fails in its forward (\"model was not "
+                        f"quantized\"); add {module!r} to modules_to_not_convert")
+        return None
+
+    @classmethod
+    def shape_problems(cls, config: QuantConfig, model_config: dict[str, Any]) -> list[str]:
+        from quantlib.shapes import model_shapes
+
+        problem = cls.tied_head_problem(config, model_shapes(model_config))
+        return [*([problem] if problem else []), *super().shape_problems(config, model_config)]
+
+    def check_model_shapes(self, model: torch.nn.Module, refs: list | None = None) -> None:
+        from quantlib.methods.base.records import ShapeError
+        from quantlib.shapes import describe_model
+
+        problem = self.tied_head_problem(self.config, describe_model(model))
+        if problem:
+            raise ShapeError([problem])
+        super().check_model_shapes(model, refs)
 
     @classmethod
     def config_problem(cls, config: QuantConfig) -> str | None:
