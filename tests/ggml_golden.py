@@ -16,6 +16,11 @@ import numpy as np
 
 from quantlib.methods._ggml_iq4 import quantize_iq4_nl
 from quantlib.methods._ggml_iq4 import quantize_iq4_xs
+from quantlib.methods._ggml_iqgrid import quantize_iq2_s
+from quantlib.methods._ggml_iqgrid import quantize_iq2_xs
+from quantlib.methods._ggml_iqgrid import quantize_iq2_xxs
+from quantlib.methods._ggml_iqgrid import quantize_iq3_s
+from quantlib.methods._ggml_iqgrid import quantize_iq3_xxs
 from quantlib.methods._ggml_legacy import quantize_q4_0_weighted
 from quantlib.methods._ggml_legacy import quantize_q4_1_weighted
 from quantlib.methods._ggml_legacy import quantize_q5_0_weighted
@@ -42,6 +47,11 @@ PORTS: dict[str, tuple[Callable[..., np.ndarray], bool]] = {
     "Q6_K": (quantize_q6_K, False),
     "IQ4_NL": (quantize_iq4_nl, False),
     "IQ4_XS": (quantize_iq4_xs, False),
+    "IQ3_S": (quantize_iq3_s, False),
+    "IQ3_XXS": (quantize_iq3_xxs, False),
+    "IQ2_S": (quantize_iq2_s, False),
+    "IQ2_XS": (quantize_iq2_xs, True),
+    "IQ2_XXS": (quantize_iq2_xxs, True),
     "Q4_0": (quantize_q4_0_weighted, True),
     "Q4_1": (quantize_q4_1_weighted, True),
     "Q5_0": (quantize_q5_0_weighted, True),

@@ -31,10 +31,6 @@ import numpy as np
 
 from quantlib.methods._ggml_common import F32, QK_K, f32, nearest_int, seq_sum
 
-#: Off-grid groups whose neighbours are compared at once (bounds the (groups, neighbours, 8) temporaries).
-_CHUNK = 1 << 14
-
-
 @dataclass(frozen=True)
 class _Spec:
     name: str
@@ -70,10 +66,16 @@ BLOCK_BYTES = {"IQ2_XXS": 66, "IQ2_XS": 74, "IQ2_S": 82, "IQ3_XXS": 98, "IQ3_S":
 
 @dataclass(frozen=True)
 class _Tables:
-    levels: np.ndarray      # (grid, group) int: l of each coordinate (the point is 2*l+1)
-    points: np.ndarray      # (grid, group) float32: 2*l+1
-    kmap: np.ndarray        # (kmap_size,) int64: grid index of a lattice point, -1 off the grid
-    neighbours: np.ndarray  # (kmap_size, n) int64: grid indices by (distance, index), -1 padded
+    levels: np.ndarray  # (grid, group) int: l of each coordinate (the point is 2*l+1)
+    points: np.ndarray  # (grid, group) float32: 2*l+1
+    points_t: np.ndarray  # (group, grid) float32: the same, coordinate-major
+    kmap: np.ndarray    # (kmap_size,) int64: grid index of a lattice point, -1 off the grid
+    start: np.ndarray   # (kmap_size,) int64: where a point's neighbour list starts in `flat`
+    count: np.ndarray   # (kmap_size,) int64: its length (0 on the grid)
+    flat: np.ndarray    # every list in turn: grid indices by (distance, index)
+
+    def neighbours(self, u: int) -> np.ndarray:
+        return self.flat[self.start[u]:self.start[u] + self.count[u]]
 
 
 def _grid_levels(name: str) -> np.ndarray:
@@ -113,28 +115,38 @@ def _tables(name: str) -> _Tables:
         d2_sorted = np.take_along_axis(d2, order, axis=1)
         rank = np.concatenate([np.zeros((len(u), 1), np.int64),
                                np.cumsum(d2_sorted[:, 1:] > d2_sorted[:, :-1], axis=1)], axis=1)
-        lists.append(np.where(rank < spec.nwant, order, -1))
-    width = max(int((part >= 0).sum(axis=1).max()) for part in lists)
-    neighbours = np.full((spec.kmap_size, width), -1, dtype=np.int64)
-    neighbours[off] = np.concatenate([part[:, :width] for part in lists])
-    return _Tables(levels, points.astype(np.float32), kmap, neighbours)
+        keep = rank < spec.nwant  # a prefix of each sorted row
+        lists.append((keep.sum(axis=1), order[keep]))
+    count = np.zeros(spec.kmap_size, dtype=np.int64)
+    count[off] = np.concatenate([c for c, _ in lists])
+    start = np.cumsum(count) - count
+    return _Tables(levels, points.astype(np.float32), np.ascontiguousarray(points.T, dtype=np.float32), kmap, start, count, np.concatenate([f for _, f in lists]))
 
 
 def _nearest_on_grid(t: _Tables, u: np.ndarray, xval: np.ndarray, waux: np.ndarray, scale: np.ndarray):
     """`iq*_find_best_neighbour` for K groups off the grid: the neighbour of lattice point u (K,) with the smallest
-    sum of waux*(scale*q - xval)^2 (the first one on a tie). Returns (grid index (K,), levels (K, group))."""
-    out = np.empty(len(u), dtype=np.int64)
-    for s in range(0, len(u), _CHUNK):
-        nb = t.neighbours[u[s:s + _CHUNK]]
-        pg = t.points[np.maximum(nb, 0)]
-        sc = scale[s:s + _CHUNK, None]
-        xv, wa = xval[s:s + _CHUNK], waux[s:s + _CHUNK]
-        d2 = np.zeros(nb.shape, dtype=np.float32)
-        for i in range(pg.shape[2]):
-            diff = sc * pg[:, :, i] - xv[:, None, i]
-            d2 = d2 + wa[:, None, i] * diff * diff
-        d2 = np.where(nb < 0, np.float32(np.inf), d2)
-        out[s:s + _CHUNK] = np.take_along_axis(nb, np.argmin(d2, axis=1)[:, None], axis=1)[:, 0]
+    sum of waux*(scale*q - xval)^2 (the first in the list on a tie, as C's strict `<` keeps). All lists are laid
+    end to end (a few dozen entries on average, hundreds at most), so the work is their total length.
+    Returns (grid index (K,), levels (K, group))."""
+    count = t.count[u]
+    ends = np.cumsum(count)
+    seg = ends - count
+    owner = np.repeat(np.arange(len(u)), count)
+    flat = t.flat[np.repeat(t.start[u] - seg, count) + np.arange(ends[-1])]
+    # coordinate-major: each step below is one contiguous pass over every listed neighbour
+    pg, xv, wa = t.points_t[:, flat], np.ascontiguousarray(xval.T)[:, owner], np.ascontiguousarray(waux.T)[:, owner]
+    sc = scale[owner]
+    d2 = np.zeros(len(flat), dtype=np.float32)
+    diff = np.empty_like(d2)
+    for i in range(pg.shape[0]):
+        np.multiply(sc, pg[i], out=diff)
+        diff -= xv[i]
+        wd = wa[i] * diff
+        wd *= diff
+        d2 += wd
+    lowest = np.minimum.reduceat(d2, seg)
+    position = np.where(d2 == lowest[owner], np.arange(len(flat)), len(flat))
+    out = flat[np.minimum.reduceat(position, seg)]
     return out, t.levels[out]
 
 

@@ -19,8 +19,8 @@ from quantlib.configs import FieldSpec, QuantConfig
 from quantlib.methods.base import Quantizer, register
 from quantlib.methods.base.records import MixChoice, MixSpace
 from quantlib.methods._gguf_file_types import MIXTURE_FILE_TYPES, file_type_notes, file_type_plan
-from quantlib.methods._gguf_tensor import (GGUF_CODE_BITS, GGUF_TYPES, IMATRIX_TYPES, gguf_block_geometry,
-                                           quantize_gguf)
+from quantlib.methods._gguf_tensor import (GGUF_CODE_BITS, GGUF_TYPES, IMATRIX_TYPES, REQUIRES_IMATRIX,
+                                           gguf_block_geometry, quantize_gguf)
 from quantlib.methods.base.rules import default_skip_rules, natural_key, should_convert_module
 from quantlib.shapes import ModelShapes, WeightShape
 
@@ -246,9 +246,13 @@ class GGUFQuantizer(Quantizer):
             if config.quant_type == "Q2_K_S" and not config.imatrix:
                 return "Q2_K_S needs an importance matrix: llama-quantize refuses it without one"
             return None
+        types = {config.quant_type, *(config.tensor_types or {}).values()}
+        need = [t for t in REQUIRES_IMATRIX if t in types]
+        if need and not config.imatrix:
+            return (f"{', '.join(need)} needs an importance matrix: llama-quantize refuses to write it without one "
+                    "(tensor_requires_imatrix); set imatrix to true")
         if config.imatrix:
-            refused = sorted({t for t in {config.quant_type, *(config.tensor_types or {}).values()}
-                              if t not in IMATRIX_TYPES})
+            refused = sorted(t for t in types if t not in IMATRIX_TYPES)
             if refused:
                 return (f"{', '.join(refused)} takes no importance matrix (llama.cpp's quantizer for it has no "
                         "weighted path); choose another type, or quantize without the importance matrix")
