@@ -33,14 +33,36 @@ def test_golden_is_from_the_ported_commit():
             assert set(GOLDEN["types"][model][kind]) == set(FILE_TYPES)
 
 
+#: The file types llama-quantize refuses without an importance matrix on some golden model: those with tensors of a
+#: type that needs one (IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS; Q2_K in Q2_K_S).
+NEED_IMATRIX = ("Q2_K_S", "IQ3_XS", "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS")
+
+
+def test_refusals_are_those_of_llama_quantize():
+    """Every file type without an importance matrix is refused on the models where llama-quantize refused it and
+    accepted where it wrote the file (the IQ3_S and IQ3_M families never need one)."""
+    refused = {(model, ftype) for model in MODELS for ftype, types in GOLDEN["types"][model]["plain"].items()
+               if "error" in types}
+    assert {ftype for _, ftype in refused} == set(NEED_IMATRIX)
+    for model in MODELS:
+        for ftype in FILE_TYPES:
+            try:
+                file_type_tensor_types(ftype, MODELS[model]["tensors"], **_kwargs(model, "plain"))
+                ours = False
+            except ValueError as exc:
+                assert "importance matrix" in str(exc)
+                ours = True
+            assert ours == ((model, ftype) in refused), (model, ftype)
+
+
 @pytest.mark.parametrize("kind", ["plain", "imatrix"])
 @pytest.mark.parametrize("ftype", list(FILE_TYPES))
 @pytest.mark.parametrize("model", list(MODELS))
 def test_types_match_llama_quantize(model, ftype, kind):
     expected = GOLDEN["types"][model][kind][ftype]
     tensors = MODELS[model]["tensors"]  # [name, ncols, n_dims] in the file's order
-    if "error" in expected:
-        assert ftype == "Q2_K_S" and kind == "plain" and "imatrix" in expected["error"]
+    if "error" in expected:  # llama-quantize refused: a tensor needs an importance matrix (tensor_requires_imatrix)
+        assert ftype in NEED_IMATRIX and kind == "plain" and "imatrix" in expected["error"]
         with pytest.raises(ValueError, match="importance matrix"):
             file_type_tensor_types(ftype, tensors, **_kwargs(model, kind))
         return
@@ -126,8 +148,7 @@ def test_attn_qkv_is_attn_v_like():
     assert types["blk.0.attn_qkv.weight"] == "Q6_K" and types["blk.1.attn_qkv.weight"] == "Q4_K"
 
 
-@pytest.mark.parametrize("ftype", ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M", "IQ3_XXS", "IQ3_XS",
-                                   "IQ3_S", "IQ3_M", "TQ1_0", "MXFP4_MOE", "F16", "COPY"])
+@pytest.mark.parametrize("ftype", ["IQ1_S", "IQ1_M", "TQ1_0", "MXFP4_MOE", "F16", "COPY"])
 def test_unported_file_types_raise(ftype):
     with pytest.raises(ValueError, match="not ported"):
         file_type_tensor_types(ftype, [("blk.0.attn_q.weight", 256)], n_layer=1, n_gqa=1)

@@ -24,8 +24,11 @@ Mixture-of-experts models (n_expert > 1) follow llama.cpp's own rules: the layer
 tensor (expert tensors included) is read from its name (``layer_info``), and with 8 experts attn_v and attn_k are
 written Q8_0 and attn_output Q5_K for the K-quant mixtures. Falcon's own rules are ported too (output Q8_0, its
 ffn_down and attn_output choices). ``ValueError`` (with the reason) for GLM5-next (its own rules), for models llama.cpp types as 70B (attn_v bumped to Q5_K) and for the file types not in
-``FILE_TYPES`` (IQ1/IQ2/IQ3, TQ, MXFP4_MOE, ...). The rules of those
-file types inside ``llama_tensor_get_type_impl`` are left out; everything else keeps llama.cpp's order.
+``FILE_TYPES`` (IQ1_S/IQ1_M, whose block types are not ported, TQ, MXFP4_MOE, ...). The rules of those
+file types inside ``llama_tensor_get_type_impl`` are left out, but for the IQ1 types, which share the 2-bit i-quants'
+branch; everything else keeps llama.cpp's order. ``tensor_requires_imatrix`` is ported: a tensor written IQ3_XXS,
+IQ2_S, IQ2_XS or IQ2_XXS (or Q2_K in Q2_K_S), but for the token embedding and the output, needs an importance
+matrix, and ``ValueError`` names the first one when none is given, as llama-quantize refuses.
 Checked against llama-quantize itself: scripts/llamacpp_ftypes_golden.py, tests/test_ggml_ftypes.py.
 """
 
@@ -46,23 +49,29 @@ FILE_TYPES: dict[str, str] = {
     "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K",
     "Q6_K": "Q6_K",
     "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS",
+    "IQ3_XS": "IQ3_S", "IQ3_S": "IQ3_S", "IQ3_M": "IQ3_S", "IQ3_XXS": "IQ3_XXS",
+    "IQ2_M": "IQ2_S", "IQ2_S": "IQ2_XS", "IQ2_XS": "IQ2_XS", "IQ2_XXS": "IQ2_XXS",
 }
 
 #: The ``llama_ftype`` number of each (include/llama.h), as written to ``general.file_type``.
 FILE_TYPE_IDS: dict[str, int] = {
     "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12,
     "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "Q2_K_S": 21,
-    "IQ4_NL": 25, "IQ4_XS": 30,
+    "IQ4_NL": 25, "IQ4_XS": 30, "IQ2_XXS": 19, "IQ2_XS": 20, "IQ3_XS": 22, "IQ3_XXS": 23, "IQ3_S": 26,
+    "IQ3_M": 27, "IQ2_S": 28, "IQ2_M": 29,
 }
 
 #: quantize.cpp's aliases.
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 
+#: The 1- and 2-bit i-quant file types, which llama_tensor_get_type_impl handles in a branch of their own.
+_LOW_IQ = ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M")
+#: Block types llama-quantize writes only with an importance matrix (tensor_requires_imatrix; Q2_K too, in Q2_K_S).
+_NEEDS_IMATRIX = ("IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S")
+
 #: The rest of quantize.cpp's QUANT_OPTIONS, with why they are not ported.
 UNPORTED_FILE_TYPES = {
-    **{name: "i-quant file type whose rules and block types (IQ1/IQ2/IQ3) are not ported"
-       for name in ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S",
-                    "IQ3_M")},
+    **{name: "1-bit i-quant file type: its block types (IQ1_S, IQ1_M) are not ported" for name in ("IQ1_S", "IQ1_M")},
     **{name: "ternary / 1-2 bit file type not ported" for name in ("TQ1_0", "TQ2_0", "Q1_0", "Q2_0")},
     "MXFP4_MOE": "MoE file type (MXFP4 experts) not ported",
     **{name: "not a quantized file type: llama.cpp skips the mixture rules" for name in ("F16", "BF16", "F32",
@@ -213,14 +222,15 @@ def _layer_info(i_layer: int, n_layer: int, name: str, n_expert: int) -> tuple[i
     return i_layer, n_layer
 
 
-def _layer_rule(what: str, i_layer: int, n_layers: int, new_type: str, default: str) -> str:
-    """The rule for a tensor that llama-quantize types by its place among the `n_layers` like it (attn_v, ffn_down)."""
+def _layer_rule(what: str, i_layer: int, n_layers: int, new_type: str, default: str, why: str = "") -> str:
+    """The rule for a tensor that llama-quantize types by its place among the `n_layers` like it (attn_v, ffn_down):
+    `why` the rule's own condition; without one, use_more_bits (the Q4_K_M / Q5_K_M rule)."""
     if new_type == default:
         return f"{what} {i_layer} of {n_layers}: the file type's type (no rule raises it here)"
-    more = _use_more_bits(i_layer, n_layers)
-    place = ("a layer use_more_bits picks (the first and last eighth, and every third between)" if more
-             else "its place among the layers")
-    return f"{what} {i_layer} of {n_layers}: raised to {new_type} for {place}"
+    if not why:
+        why = ("for a layer use_more_bits picks (the first and last eighth, and every third between)"
+               if _use_more_bits(i_layer, n_layers) else "for its place among the layers")
+    return f"{what} {i_layer} of {n_layers}: {new_type} {why}"
 
 
 def _fallback(ncols: int, target: str) -> tuple[str, str]:
@@ -297,94 +307,150 @@ def tensor_choices(file_type: str, tensors: Sequence, *, n_layer: int, n_gqa: in
         layer_rule = ""
         # llama_tensor_get_type_impl (the branches of unported file types left out)
         if category == "OUTPUT" or (has_tied_embeddings and category == "TOKEN_EMBD"):
-            output_type = "Q8_0" if default == "Q8_0" else "Q6_K"
+            output_type = "Q5_K" if ftype in (*_LOW_IQ, "IQ3_XXS") else "Q8_0" if default == "Q8_0" else "Q6_K"
             if falcon:
                 new_type = "Q8_0"
             elif ncols % BLOCK_SIZE[default] != 0:
                 new_type = "Q8_0"
                 if output_type != "Q8_0":
                     shape_reason = (f"ncols {ncols} not a multiple of {BLOCK_SIZE[default]}, the block size of "
-                                    f"{default}, so the output rule gives Q8_0, not Q6_K")
+                                    f"{default}, so the output rule gives Q8_0, not {output_type}")
             else:
                 new_type = output_type
             layer_rule = ("the output rule" + (" (Falcon's: Q8_0)" if falcon else "")
                           + (" (the token embedding stands in for a tied output)" if category == "TOKEN_EMBD" else ""))
         elif category == "TOKEN_EMBD":
-            pass
+            if ftype in ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M"):
+                new_type = "Q2_K"
+            elif ftype in ("IQ2_S", "IQ2_M", "IQ3_XXS"):
+                new_type = "IQ3_S"
+            if new_type != default:
+                layer_rule = f"the token embedding in {ftype}: {new_type}"
+        elif ftype in _LOW_IQ:  # llama.cpp's own branch for the 1- and 2-bit i-quant file types
+            iq2_sm = ftype in ("IQ2_S", "IQ2_M")
+            if category_is_attn_v(category):
+                new_type = ("Q4_K" if n_gqa >= 4 or n_expert >= 4 else "IQ3_S" if iq2_sm else "Q2_K")
+                layer_rule = f"attn_v in {ftype}: {new_type}" + (
+                    " (n_gqa >= 4 or n_expert >= 4)" if new_type == "Q4_K" else "")
+                i_attention_wv += 1
+            elif n_expert == 8 and category == "ATTENTION_K":
+                new_type, layer_rule = "Q4_K", "attn_k of an 8-expert model: Q4_K (llama.cpp's n_expert == 8 rule)"
+            elif category == "FFN_DOWN":  # the counter, not the name's layer, even for experts
+                if i_ffn_down < _c_div(n_ffn_down, 8):
+                    new_type = "IQ3_S" if iq2_sm else "Q2_K"
+                layer_rule = _layer_rule("ffn_down", i_ffn_down, n_ffn_down, new_type, default,
+                                         f"in the first eighth of {ftype}")
+                i_ffn_down += 1
+            elif category == "ATTENTION_OUTPUT":
+                if n_expert == 8:
+                    new_type = "Q5_K"
+                elif ftype in ("IQ1_S", "IQ1_M"):
+                    new_type = "IQ2_XXS"
+                elif iq2_sm:
+                    new_type = "IQ3_S"
+                if new_type != default:
+                    layer_rule = f"attn_output is raised to {new_type} in {ftype}" + (
+                        " for an 8-expert model" if n_expert == 8 else "")
         elif category_is_attn_v(category):  # attn_v, attn_qkv, attn_kv_b
+            why = ""
             if ftype == "Q2_K":
-                new_type = "Q4_K" if n_gqa >= 4 else "Q3_K"
+                new_type, why = ("Q4_K" if n_gqa >= 4 else "Q3_K"), "in Q2_K (Q4_K when n_gqa >= 4, else Q3_K)"
             elif ftype == "Q2_K_S" and n_gqa >= 4:
-                new_type = "Q4_K"
+                new_type, why = "Q4_K", "in Q2_K_S when n_gqa >= 4"
+            elif ftype == "IQ3_XXS":
+                new_type = "Q4_K" if n_gqa >= 4 else "IQ3_S" if not has_imatrix else "IQ3_XXS"
+                why = "in IQ3_XXS (Q4_K when n_gqa >= 4, else IQ3_S without an importance matrix)"
+            elif ftype in ("IQ3_XS", "IQ3_S") and n_gqa >= 4:
+                new_type, why = "Q4_K", f"in {ftype} when n_gqa >= 4"
+            elif ftype == "IQ3_M":
+                new_type, why = "Q4_K", "in IQ3_M"
             elif ftype == "Q3_K_M":
-                new_type = "Q5_K" if i_attention_wv < 2 else "Q4_K"
+                new_type, why = ("Q5_K" if i_attention_wv < 2 else "Q4_K"), "in Q3_K_M (Q5_K for the first two)"
             elif ftype == "Q3_K_L":
-                new_type = "Q5_K"
+                new_type, why = "Q5_K", "in Q3_K_L"
             elif ftype in ("IQ4_NL", "IQ4_XS") and n_gqa >= 4:
-                new_type = "Q5_K"
+                new_type, why = "Q5_K", f"in {ftype} when n_gqa >= 4"
             elif ftype in ("Q4_K_M", "Q5_K_M") and _use_more_bits(i_attention_wv, n_attention_wv):
                 new_type = "Q6_K"
             elif ftype == "Q4_K_S" and i_attention_wv < 4:
-                new_type = "Q5_K"
-            layer_rule = _layer_rule("attn_v", i_attention_wv, n_attention_wv, new_type, default)
+                new_type, why = "Q5_K", "in Q4_K_S for the first four"
+            layer_rule = _layer_rule("attn_v", i_attention_wv, n_attention_wv, new_type, default, why)
             if n_expert == 8:
                 new_type, layer_rule = "Q8_0", "attn_v of an 8-expert model: Q8_0 (llama.cpp's n_expert == 8 rule)"
             i_attention_wv += 1
         elif category == "ATTENTION_K" and n_expert == 8:
             new_type, layer_rule = "Q8_0", "attn_k of an 8-expert model: Q8_0 (llama.cpp's n_expert == 8 rule)"
         elif category in ("ATTENTION_K", "ATTENTION_Q"):
-            pass  # only IQ3_XS / IQ3_XXS change these
+            if ftype in ("IQ3_XS", "IQ3_XXS"):
+                new_type = "IQ3_XXS" if ftype == "IQ3_XS" else "IQ2_S"
+                layer_rule = f"{'attn_k' if category == 'ATTENTION_K' else 'attn_q'} in {ftype}: {new_type}"
         elif category == "FFN_DOWN":
             i_layer, n = _layer_info(i_ffn_down, n_ffn_down, name, n_expert)
+            first8, why = i_layer < _c_div(n, 8), ""
             if ftype == "Q2_K":
-                new_type = "Q3_K"
+                new_type, why = "Q3_K", "in Q2_K"
             elif ftype == "Q2_K_S":
-                if i_layer < _c_div(n, 8):
-                    new_type = "Q4_K"
+                if first8:
+                    new_type, why = "Q4_K", "in the first eighth of Q2_K_S"
+            elif ftype == "IQ3_XXS" and not has_imatrix:
+                new_type = "Q4_K" if first8 else "Q3_K"
+                why = "in IQ3_XXS without an importance matrix (Q4_K in the first eighth, else Q3_K)"
             elif ftype == "Q3_K_M":
                 new_type = ("Q5_K" if i_layer < _c_div(n, 16)
                             else "Q4_K" if not falcon or _use_more_bits(i_layer, n) else "Q3_K")
+                why = "in Q3_K_M (Q5_K in the first sixteenth)" if new_type != "Q3_K" else ""
+            elif ftype == "IQ3_M" and (first8 or (n_expert == 8 and _use_more_bits(i_layer, n))):
+                new_type, why = "Q4_K", ("in the first eighth of IQ3_M" if first8 else "")
             elif ftype == "Q3_K_L":
-                new_type = "Q4_K" if falcon else "Q5_K"
+                new_type, why = ("Q4_K" if falcon else "Q5_K"), "in Q3_K_L"
             elif ftype == "Q4_K_M":
                 if falcon:
                     new_type = ("Q6_K" if i_layer < _c_div(n, 16) else "Q5_K" if _use_more_bits(i_layer, n)
                                 else "Q4_K")
+                    why = "in Falcon's first sixteenth" if i_layer < _c_div(n, 16) else ""
                 elif _use_more_bits(i_layer, n):
                     new_type = "Q6_K"
-            elif i_layer < _c_div(n, 8) and ftype in ("IQ4_NL", "IQ4_XS") and not has_imatrix:
-                new_type = "Q5_K"
+            elif first8 and ftype in ("IQ4_NL", "IQ4_XS") and not has_imatrix:
+                new_type, why = "Q5_K", f"in the first eighth of {ftype} without an importance matrix"
             elif ftype == "Q5_K_M" and _use_more_bits(i_layer, n):
                 new_type = "Q6_K"
-            elif ftype == "Q4_K_S" and not falcon and i_layer < _c_div(n, 8):
-                new_type = "Q5_K"
-            elif ftype in ("Q4_0", "Q5_0") and has_imatrix and i_layer < _c_div(n, 8):
+            elif ftype == "Q4_K_S" and not falcon and first8:
+                new_type, why = "Q5_K", "in the first eighth of Q4_K_S"
+            elif ftype in ("Q4_0", "Q5_0") and has_imatrix and first8:
                 new_type = "Q4_1" if ftype == "Q4_0" else "Q5_1"
-            layer_rule = _layer_rule("ffn_down", i_layer, n, new_type, default)
+                why = f"in the first eighth of {ftype} with an importance matrix"
+            layer_rule = _layer_rule("ffn_down", i_layer, n, new_type, default, why)
             i_ffn_down += 1
         elif category == "ATTENTION_OUTPUT":
             if falcon:
                 new_type = "Q4_K" if ftype == "Q3_K_L" else new_type
             elif n_expert == 8:
-                if ftype in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_NL", "IQ4_XS"):
+                if ftype in ("Q2_K", "IQ3_XS", "IQ3_XXS", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ3_S",
+                             "IQ3_M", "IQ4_XS"):
                     new_type = "Q5_K"
             else:
-                new_type = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(ftype, new_type)
+                new_type = {"Q2_K": "Q3_K", "IQ3_XXS": "IQ3_S", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K",
+                            "IQ3_M": "Q4_K"}.get(ftype, new_type)
             if new_type != default:
                 layer_rule = f"attn_output is raised to {new_type} in {ftype}" + (
                     " for an 8-expert model" if n_expert == 8 else "")
         # (llama.cpp's ATTENTION_QKV branch is unreachable: attn_qkv is attn_v-like and handled above)
-        elif category == "FFN_GATE":
-            _layer_info(i_ffn_gate, n_ffn_down, name, n_expert)  # only IQ3_XS changes ffn_gate; a bad layer throws
-            i_ffn_gate += 1
-        elif category == "FFN_UP":
-            _layer_info(i_ffn_up, n_ffn_down, name, n_expert)  # only IQ3_XS changes ffn_up; a bad layer throws
-            i_ffn_up += 1
+        elif category in ("FFN_GATE", "FFN_UP"):  # a bad layer throws, as layer_info does
+            i_layer, n = _layer_info(i_ffn_gate if category == "FFN_GATE" else i_ffn_up, n_ffn_down, name, n_expert)
+            if ftype == "IQ3_XS" and _c_div(n, 8) <= i_layer < _c_div(7 * n, 8):
+                new_type = "IQ3_XXS"
+                layer_rule = f"{category.lower()} {i_layer} of {n}: IQ3_XXS outside the first and last eighth"
+            if category == "FFN_GATE":
+                i_ffn_gate += 1
+            else:
+                i_ffn_up += 1
 
-        rule_type = "Q6_K" if shape_reason else new_type  # Q6_K: the output rule for a shape that fits
+        rule_type = output_type if shape_reason else new_type  # the output rule for a shape that fits
         final, fallback_reason = _fallback(ncols, new_type)  # tensor_type_fallback
-        if not has_imatrix and ftype == "Q2_K_S" and final == "Q2_K" and category not in ("OUTPUT", "TOKEN_EMBD"):
-            raise ValueError(f"{ftype} needs an importance matrix: llama-quantize refuses to write {name} as Q2_K "
+        needs = final in _NEEDS_IMATRIX or (ftype == "Q2_K_S" and final == "Q2_K")
+        if not has_imatrix and needs and name not in ("token_embd.weight", "per_layer_token_embd.weight",
+                                                      "output.weight"):
+            raise ValueError(f"{ftype} needs an importance matrix: llama-quantize refuses to write {name} as {final} "
                              "without one (tensor_requires_imatrix)")
         reason = "; ".join(r for r in (shape_reason, fallback_reason) if r)
         rule = layer_rule or f"{ftype}'s type for every other tensor"

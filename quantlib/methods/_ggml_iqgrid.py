@@ -68,11 +68,13 @@ BLOCK_BYTES = {"IQ2_XXS": 66, "IQ2_XS": 74, "IQ2_S": 82, "IQ3_XXS": 98, "IQ3_S":
 class _Tables:
     levels: np.ndarray  # (grid, group) int: l of each coordinate (the point is 2*l+1)
     points: np.ndarray  # (grid, group) float32: 2*l+1
-    points_t: np.ndarray  # (group, grid) float32: the same, coordinate-major
     kmap: np.ndarray    # (kmap_size,) int64: grid index of a lattice point, -1 off the grid
     start: np.ndarray   # (kmap_size,) int64: where a point's neighbour list starts in `flat`
     count: np.ndarray   # (kmap_size,) int64: its length (0 on the grid)
     flat: np.ndarray    # every list in turn: grid indices by (distance, index)
+    codes: np.ndarray   # (group, len(flat)) int64: i * n_levels + the level of coordinate i of each listed point
+    n_levels: int       # levels a coordinate takes on the grid
+    level_points: np.ndarray  # (n_levels,) float32: 2*l+1
 
     def neighbours(self, u: int) -> np.ndarray:
         return self.flat[self.start[u]:self.start[u] + self.count[u]]
@@ -120,33 +122,37 @@ def _tables(name: str) -> _Tables:
     count = np.zeros(spec.kmap_size, dtype=np.int64)
     count[off] = np.concatenate([c for c, _ in lists])
     start = np.cumsum(count) - count
-    return _Tables(levels, points.astype(np.float32), np.ascontiguousarray(points.T, dtype=np.float32), kmap, start, count, np.concatenate([f for _, f in lists]))
+    flat = np.concatenate([f for _, f in lists])
+    n_levels = int(levels.max()) + 1
+    codes = np.ascontiguousarray((np.arange(spec.group) * n_levels + levels[flat]).T)
+    return _Tables(levels, points.astype(np.float32), kmap, start, count, flat, codes, n_levels,
+                   (2 * np.arange(n_levels) + 1).astype(np.float32))
 
 
 def _nearest_on_grid(t: _Tables, u: np.ndarray, xval: np.ndarray, waux: np.ndarray, scale: np.ndarray):
     """`iq*_find_best_neighbour` for K groups off the grid: the neighbour of lattice point u (K,) with the smallest
-    sum of waux*(scale*q - xval)^2 (the first in the list on a tie, as C's strict `<` keeps). All lists are laid
-    end to end (a few dozen entries on average, hundreds at most), so the work is their total length.
-    Returns (grid index (K,), levels (K, group))."""
+    d2 = sum over i of waux[i]*(scale*q[i] - xval[i])^2, the first in the list on a tie (C's strict `<`).
+
+    Each term depends on one coordinate's level only, so the terms of every level are computed once per group
+    (the same float operations C does per neighbour), and a neighbour's d2 is its terms added in C's order
+    (0 + the first term is that term, bit for bit). All lists are laid end to end (about a dozen entries on
+    average, hundreds at most), so the work is their total length. Returns (grid index (K,), levels (K, group))."""
+    K, group = xval.shape
+    nlev = t.n_levels
+    diff = scale[:, None, None] * t.level_points[None, None, :] - xval[:, :, None]
+    terms = (waux[:, :, None] * diff * diff).reshape(-1)           # (K * group * nlev,)
     count = t.count[u]
     ends = np.cumsum(count)
     seg = ends - count
-    owner = np.repeat(np.arange(len(u)), count)
-    flat = t.flat[np.repeat(t.start[u] - seg, count) + np.arange(ends[-1])]
-    # coordinate-major: each step below is one contiguous pass over every listed neighbour
-    pg, xv, wa = t.points_t[:, flat], np.ascontiguousarray(xval.T)[:, owner], np.ascontiguousarray(waux.T)[:, owner]
-    sc = scale[owner]
-    d2 = np.zeros(len(flat), dtype=np.float32)
-    diff = np.empty_like(d2)
-    for i in range(pg.shape[0]):
-        np.multiply(sc, pg[i], out=diff)
-        diff -= xv[i]
-        wd = wa[i] * diff
-        wd *= diff
-        d2 += wd
+    base = np.repeat(np.arange(K) * (group * nlev), count)
+    pos = np.repeat(t.start[u] - seg, count) + np.arange(ends[-1])
+    codes = t.codes[:, pos]                                        # (group, entries): i*nlev + level
+    d2 = terms[base + codes[0]]
+    for i in range(1, group):
+        d2 = d2 + terms[base + codes[i]]
     lowest = np.minimum.reduceat(d2, seg)
-    position = np.where(d2 == lowest[owner], np.arange(len(flat)), len(flat))
-    out = flat[np.minimum.reduceat(position, seg)]
+    position = np.where(d2 == np.repeat(lowest, count), np.arange(len(pos)), len(pos))
+    out = t.flat[pos[np.minimum.reduceat(position, seg)]]
     return out, t.levels[out]
 
 

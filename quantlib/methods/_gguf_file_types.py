@@ -15,7 +15,8 @@ from typing import Any
 from quantlib.shapes import ModelShapes
 
 #: llama-quantize file types that are mixtures: no block type has their name.
-MIXTURE_FILE_TYPES = ("Q2_K_S", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M")
+MIXTURE_FILE_TYPES = ("Q2_K_S", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "IQ3_XS",
+                      "IQ3_M", "IQ2_M")
 
 
 #: transformers model types whose GGUF architecture has another name: convert_hf_to_gguf.py writes a Mixtral as a
