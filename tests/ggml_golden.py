@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from quantlib.methods._ggml_iq4 import quantize_iq4_nl
+from quantlib.methods._ggml_iq1 import quantize_iq1
 from quantlib.methods._ggml_iq4 import quantize_iq4_xs
 from quantlib.methods._ggml_iqgrid import quantize_iq2_s
 from quantlib.methods._ggml_iqgrid import quantize_iq2_xs
@@ -52,6 +53,8 @@ PORTS: dict[str, tuple[Callable[..., np.ndarray], bool]] = {
     "IQ2_S": (quantize_iq2_s, False),
     "IQ2_XS": (quantize_iq2_xs, True),
     "IQ2_XXS": (quantize_iq2_xxs, True),
+    "IQ1_M": (lambda x, imatrix=None: quantize_iq1("IQ1_M", x, imatrix), False),
+    "IQ1_S": (lambda x, imatrix=None: quantize_iq1("IQ1_S", x, imatrix), True),
     "Q4_0": (quantize_q4_0_weighted, True),
     "Q4_1": (quantize_q4_1_weighted, True),
     "Q5_0": (quantize_q5_0_weighted, True),

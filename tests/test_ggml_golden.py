@@ -1,4 +1,4 @@
-"""Every ported GGML type (tests/ggml_golden.PORTS: Q2_K to Q6_K, IQ4_NL, IQ4_XS, the lattice types IQ3_S to IQ2_XXS
+"""Every ported GGML type (tests/ggml_golden.PORTS: Q2_K to Q6_K, IQ4_NL, IQ4_XS, the lattice types IQ3_S to IQ1_S
 and the importance-weighted Q4_0, Q4_1, Q5_0, Q5_1) gives llama.cpp's bytes exactly on the stored golden tensors
 (tests/data/llamacpp_golden.npz, made by scripts/llamacpp_golden.py with `ggml_quantize_chunk`), with and without
 an importance matrix, and gguf's own dequantizer reads those bytes back to values near the input."""
@@ -21,6 +21,7 @@ IQ4 = ("IQ4_NL", "IQ4_XS")
 #: Bound on the relative RMS error of gguf's dequantization of our bytes.
 RMS_BOUND = {"Q2_K": 0.45, "Q3_K": 0.2, "Q4_K": 0.12, "Q5_K": 0.06, "Q6_K": 0.03, "IQ4_NL": 0.15, "IQ4_XS": 0.15,
              "IQ3_S": 0.2, "IQ3_XXS": 0.25, "IQ2_S": 0.32, "IQ2_XS": 0.38, "IQ2_XXS": 0.42,
+             "IQ1_M": 0.65, "IQ1_S": 0.6,
              "Q4_0": 0.15, "Q4_1": 0.12, "Q5_0": 0.08, "Q5_1": 0.06}
 
 

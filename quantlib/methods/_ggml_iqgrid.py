@@ -9,8 +9,8 @@ distance among a precomputed list of neighbours.
 Ports, from `ggml/src/ggml-quants.c` of llama.cpp commit 0c1e57098bba43ac29e6e3b677cdceebdd22334f (vendored in the
 llama-cpp-python 0.3.36 sdist):
 - `iq2xs_init_impl` / `iq3xs_init_impl`: the grid, the map from a lattice point to its grid index and the neighbour
-  lists (`_tables`). The grids themselves are read from the `gguf` package's dequantizers (the same tables);
-- `iq2_find_best_neighbour` / `iq3_find_best_neighbour` (`_nearest_on_grid`);
+  lists (`tables`). The grids themselves are read from the `gguf` package's dequantizers (the same tables);
+- `iq2_find_best_neighbour` / `iq3_find_best_neighbour` (`nearest_on_grid`);
 - `quantize_row_iq2_xxs_impl`, `quantize_row_iq2_xs_impl`, `quantize_row_iq2_s_impl`,
   `quantize_row_iq3_xxs_impl` and `quantize_row_iq3_s_impl`: one search (`_search`) with the differences between
   them as data (`_Spec`), and one packer per block layout.
@@ -60,6 +60,10 @@ SPECS = {
     "IQ3_S": _Spec("IQ3_S", 4, 3, 4096, 3, 32, 8, (-9, 9, 0.2), False, None, 2, "x2", "max", "all_if_offgrid",
                    1.033),
 }
+#: The grids and their neighbour tables: (weights per point, bits per coordinate in the map's index, lattice points
+#: the map covers, nwant), as iq2xs_init_impl / iq3xs_init_impl build them. IQ1_S and IQ1_M share one grid.
+GRIDS = {"IQ2_XXS": (8, 2, 43692, 2), "IQ2_XS": (8, 2, 43692, 2), "IQ2_S": (8, 2, 43692, 1),
+         "IQ3_XXS": (4, 3, 4096, 2), "IQ3_S": (4, 3, 4096, 3), "IQ1_S": (8, 2, 43692, 3)}
 #: Bytes per 256-weight block.
 BLOCK_BYTES = {"IQ2_XXS": 66, "IQ2_XS": 74, "IQ2_S": 82, "IQ3_XXS": 98, "IQ3_S": 110}
 
@@ -96,42 +100,44 @@ def _grid_levels(name: str) -> np.ndarray:
 
 
 @lru_cache(maxsize=None)
-def _tables(name: str) -> _Tables:
+def tables(name: str) -> _Tables:
     """`iq2xs_init_impl` / `iq3xs_init_impl`: the map from every lattice point (coordinates l < 2**bits, packed
     `bits` to a coordinate) to its grid index, and for each point off the grid its neighbours: the grid points at
     its `nwant` smallest squared distances, ordered by (distance, index) as the C qsort orders them."""
-    spec = SPECS[name]
+    group, bits, kmap_size, nwant = GRIDS[name]
     levels = _grid_levels(name)
     points = (2 * levels + 1).astype(np.int32)
-    shifts = spec.bits * np.arange(spec.group)
-    kmap = np.full(spec.kmap_size, -1, dtype=np.int64)
+    shifts = bits * np.arange(group)
+    kmap = np.full(kmap_size, -1, dtype=np.int64)
     kmap[(levels << shifts).sum(axis=1)] = np.arange(len(levels))
     off = np.flatnonzero(kmap < 0)
     lists: list[np.ndarray] = []
     n_grid = len(points)
     for start in range(0, len(off), 1024):
         u = off[start:start + 1024]
-        pos = 2 * ((u[:, None] >> shifts) & ((1 << spec.bits) - 1)) + 1
+        pos = 2 * ((u[:, None] >> shifts) & ((1 << bits) - 1)) + 1
         d2 = ((points[None, :, :] - pos[:, None, :]) ** 2).sum(axis=2)
         order = np.argsort(d2 * n_grid + np.arange(n_grid), axis=1)
         d2_sorted = np.take_along_axis(d2, order, axis=1)
         rank = np.concatenate([np.zeros((len(u), 1), np.int64),
                                np.cumsum(d2_sorted[:, 1:] > d2_sorted[:, :-1], axis=1)], axis=1)
-        keep = rank < spec.nwant  # a prefix of each sorted row
+        keep = rank < nwant  # a prefix of each sorted row
         lists.append((keep.sum(axis=1), order[keep]))
-    count = np.zeros(spec.kmap_size, dtype=np.int64)
+    count = np.zeros(kmap_size, dtype=np.int64)
     count[off] = np.concatenate([c for c, _ in lists])
     start = np.cumsum(count) - count
     flat = np.concatenate([f for _, f in lists])
     n_levels = int(levels.max()) + 1
-    codes = np.ascontiguousarray((np.arange(spec.group) * n_levels + levels[flat]).T)
+    codes = np.ascontiguousarray((np.arange(group) * n_levels + levels[flat]).T)
     return _Tables(levels, points.astype(np.float32), kmap, start, count, flat, codes, n_levels,
                    (2 * np.arange(n_levels) + 1).astype(np.float32))
 
 
-def _nearest_on_grid(t: _Tables, u: np.ndarray, xval: np.ndarray, waux: np.ndarray, scale: np.ndarray):
+def nearest_on_grid(t: _Tables, u: np.ndarray, xval: np.ndarray, waux: np.ndarray, scale: np.ndarray,
+                    values: np.ndarray | None = None):
     """`iq*_find_best_neighbour` for K groups off the grid: the neighbour of lattice point u (K,) with the smallest
-    d2 = sum over i of waux[i]*(scale*q[i] - xval[i])^2, the first in the list on a tie (C's strict `<`).
+    d2 = sum over i of waux[i]*(scale*q[i] - xval[i])^2, the first in the list on a tie (C's strict `<`). q[i] is
+    the value of coordinate i's level: 2*l+1, or `values` (K, levels) per group (IQ1's shifted levels).
 
     Each term depends on one coordinate's level only, so the terms of every level are computed once per group
     (the same float operations C does per neighbour), and a neighbour's d2 is its terms added in C's order
@@ -139,7 +145,8 @@ def _nearest_on_grid(t: _Tables, u: np.ndarray, xval: np.ndarray, waux: np.ndarr
     average, hundreds at most), so the work is their total length. Returns (grid index (K,), levels (K, group))."""
     K, group = xval.shape
     nlev = t.n_levels
-    diff = scale[:, None, None] * t.level_points[None, None, :] - xval[:, :, None]
+    q = t.level_points[None, :] if values is None else values
+    diff = scale[:, None, None] * q[:, None, :] - xval[:, :, None]
     terms = (waux[:, :, None] * diff * diff).reshape(-1)           # (K * group * nlev,)
     count = t.count[u]
     ends = np.cumsum(count)
@@ -167,7 +174,7 @@ def _to_grid(spec: _Spec, t: _Tables, L: np.ndarray, xval: np.ndarray, waux: np.
         rows, groups = np.nonzero(off)
         xg = xval.reshape(M, -1, spec.group)
         wg = waux.reshape(M, -1, spec.group)
-        gi[rows, groups], Lg[rows, groups] = _nearest_on_grid(t, u[rows, groups], xg[rows, groups],
+        gi[rows, groups], Lg[rows, groups] = nearest_on_grid(t, u[rows, groups], xg[rows, groups],
                                                               wg[rows, groups], scale[rows])
     return Lg.reshape(M, -1), gi, ~off
 
@@ -206,7 +213,7 @@ def _search(spec: _Spec, x: np.ndarray, qw: np.ndarray | None):
     active (N, sub-blocks))."""
     from quantlib.methods._ggml_qk_search import make_qp_quants
 
-    t = _tables(spec.name)
+    t = tables(spec.name)
     N = x.shape[0]
     nsub = QK_K // spec.block
     sigma2 = F32(spec.sigma) * seq_sum(x * x) / F32(QK_K) if spec.sigma != 1 else seq_sum(x * x) / F32(QK_K)
