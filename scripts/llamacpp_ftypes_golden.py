@@ -13,7 +13,9 @@ What it does:
    - two mixtures of experts (llama arch, 3-D ``ffn_*_exps`` tensors and a ``ffn_gate_inp`` router):
      ``moe8_h256_gqa4`` (8 experts: llama.cpp's n_expert == 8 bumps) and ``moe4_h256_tied`` (4 experts, tied).
      Their imatrix holds one row of sums and one count per expert;
-   - ``falcon_h256_16l_mqa``: Falcon (its own output, ffn_down and attn_output rules), multi-query, 16 layers.
+   - ``falcon_h256_16l_mqa``: Falcon (its own output, ffn_down and attn_output rules), multi-query, 16 layers;
+   - ``qwen2moe_h256_shexp``: Qwen2-MoE, 4 experts plus a shared expert (``ffn_*_shexp``) whose gate
+     ``ffn_gate_inp_shexp`` is one row: 1-D to ggml, so llama-quantize leaves it in F32.
 2. Runs ``llama-quantize [--imatrix FILE] model.gguf out.gguf FTYPE`` for every file type of FILE_TYPES, without
    and with an importance matrix (a GGUF imatrix: ``<name>.in_sum2`` and ``<name>.counts`` per weight, with the
    imatrix.datasets / chunk_count / chunk_size keys that llama-quantize requires).
@@ -73,6 +75,10 @@ MODELS = {
                            scrambled=False, rope_freqs=False, n_expert=8),
     "moe4_h256_tied": dict(hidden=256, ffn=256, n_layer=8, n_head=4, n_head_kv=2, head_dim=64, tied=True,
                            scrambled=False, rope_freqs=False, n_expert=4),
+    # Qwen2-MoE: experts of width ffn, a shared expert (ffn_*_shexp, width 256) and its one-row gate
+    # ffn_gate_inp_shexp (numpy (1, hidden): ne [hidden, 1], a 1-D tensor to ggml, so never quantized)
+    "qwen2moe_h256_shexp": dict(hidden=256, ffn=128, n_layer=8, n_head=4, n_head_kv=2, head_dim=64, tied=False,
+                                scrambled=False, rope_freqs=False, n_expert=4, arch="qwen2moe", shared_ffn=256),
 }
 VOCAB = 256
 
@@ -95,14 +101,19 @@ def model_tensors(spec: dict) -> list[tuple[str, tuple[int, ...]]]:
                            (f"blk.{i}.ffn_up.weight", (2 * f, h)), (f"blk.{i}.ffn_down.weight", (h, f))])
             continue
         biases = ([(f"blk.{i}.attn_q.bias", (q,)), (f"blk.{i}.attn_k.bias", (kv,)), (f"blk.{i}.attn_v.bias", (kv,))]
-                  if arch == "qwen2" else [])
+                  if arch in ("qwen2", "qwen2moe") else [])
+        fs = spec.get("shared_ffn", 0)
+        shared = ([(f"blk.{i}.ffn_gate_inp_shexp.weight", (1, h)), (f"blk.{i}.ffn_gate_shexp.weight", (fs, h)),
+                   (f"blk.{i}.ffn_up_shexp.weight", (fs, h)), (f"blk.{i}.ffn_down_shexp.weight", (h, fs))]
+                  if fs else [])
         e = spec.get("n_expert", 1)
         if e > 1:
-            blocks.append([(f"blk.{i}.attn_norm.weight", (h,)), (f"blk.{i}.attn_q.weight", (q, h)),
+            blocks.append([*biases, (f"blk.{i}.attn_norm.weight", (h,)), (f"blk.{i}.attn_q.weight", (q, h)),
                            (f"blk.{i}.attn_k.weight", (kv, h)), (f"blk.{i}.attn_v.weight", (kv, h)),
                            (f"blk.{i}.attn_output.weight", (h, q)), (f"blk.{i}.ffn_norm.weight", (h,)),
                            (f"blk.{i}.ffn_gate_inp.weight", (e, h)), (f"blk.{i}.ffn_gate_exps.weight", (e, f, h)),
-                           (f"blk.{i}.ffn_up_exps.weight", (e, f, h)), (f"blk.{i}.ffn_down_exps.weight", (e, h, f))])
+                           (f"blk.{i}.ffn_up_exps.weight", (e, f, h)), (f"blk.{i}.ffn_down_exps.weight", (e, h, f)),
+                           *shared])
             continue
         blocks.append([*biases,(f"blk.{i}.attn_norm.weight", (h,)), (f"blk.{i}.attn_q.weight", (q, h)),
                        (f"blk.{i}.attn_k.weight", (kv, h)), (f"blk.{i}.attn_v.weight", (kv, h)),
@@ -118,6 +129,13 @@ def model_tensors(spec: dict) -> list[tuple[str, tuple[int, ...]]]:
         blocks = [[b[j] for j in rng.permutation(len(b))] for b in reversed(blocks)]
         return tail + [t for b in blocks for t in b] + head[::-1]
     return head + [t for b in blocks for t in b] + tail
+
+
+def ggml_n_dims(shape: tuple[int, ...]) -> int:
+    """ggml_n_dims of a tensor of this numpy shape: its ne is the shape reversed, and trailing ne of 1 do not
+    count (a (1, hidden) matrix is 1-D to llama-quantize)."""
+    ne = shape[::-1]
+    return max((i + 1 for i, n in enumerate(ne) if n > 1), default=1)
 
 
 def write_model(path: Path, spec: dict, seed: int) -> None:
@@ -141,6 +159,9 @@ def write_model(path: Path, spec: dict, seed: int) -> None:
     if spec.get("n_expert", 1) > 1:
         w.add_expert_count(spec["n_expert"])
         w.add_expert_used_count(2)
+    if "shared_ffn" in spec:
+        w.add_expert_feed_forward_length(spec["ffn"])
+        w.add_expert_shared_feed_forward_length(spec["shared_ffn"])
     w.add_file_type(0)  # LLAMA_FTYPE_ALL_F32
     rng = np.random.default_rng(seed)
     for name, shape in model_tensors(spec):
@@ -216,7 +237,7 @@ def main() -> None:
             src, imat = Path(tmp) / f"{model}.gguf", Path(tmp) / f"{model}.imatrix.gguf"
             write_model(src, spec, seed)
             write_imatrix(imat, spec, seed + 100)
-            tensors = [[name, shape[-1], len(shape)] for name, shape in model_tensors(spec)]
+            tensors = [[name, shape[-1], ggml_n_dims(shape)] for name, shape in model_tensors(spec)]
             golden["models"][model] = {**spec, "n_gqa": spec["n_head"] // spec["n_head_kv"], "vocab": VOCAB,
                                        "arch": spec.get("arch", "llama"), "tensors": tensors}
             golden["types"][model] = {"plain": {}, "imatrix": {}}

@@ -34,8 +34,8 @@ def test_golden_is_from_the_ported_commit():
 
 
 #: The file types llama-quantize refuses without an importance matrix on some golden model: those with tensors of a
-#: type that needs one (IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS; Q2_K in Q2_K_S).
-NEED_IMATRIX = ("Q2_K_S", "IQ3_XS", "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS")
+#: type that needs one (IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S; Q2_K in Q2_K_S).
+NEED_IMATRIX = ("Q2_K_S", "IQ3_XS", "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
 
 
 def test_refusals_are_those_of_llama_quantize():
@@ -148,7 +148,7 @@ def test_attn_qkv_is_attn_v_like():
     assert types["blk.0.attn_qkv.weight"] == "Q6_K" and types["blk.1.attn_qkv.weight"] == "Q4_K"
 
 
-@pytest.mark.parametrize("ftype", ["IQ1_S", "IQ1_M", "TQ1_0", "MXFP4_MOE", "F16", "COPY"])
+@pytest.mark.parametrize("ftype", ["TQ1_0", "MXFP4_MOE", "F16", "COPY"])
 def test_unported_file_types_raise(ftype):
     with pytest.raises(ValueError, match="not ported"):
         file_type_tensor_types(ftype, [("blk.0.attn_q.weight", 256)], n_layer=1, n_gqa=1)

@@ -207,9 +207,9 @@ def test_any_type_with_rules_is_the_file_llama_quantize_writes() -> None:
 
 def test_file_types_reach_gpt2_and_refuse_what_gguf_cannot_name() -> None:
     """GPT-2's blocks are `transformer.h.N.` (not `.layers.N.`): every block weight and the tied embedding get a type.
-    A model the gguf package has no llama.cpp names for (Qwen2-MoE under its transformers name, not aliased: see
-    ARCH_ALIASES) is refused with the reason, for the planner and the quantizer alike, never planned by a guess."""
-    from transformers import GPT2Config, Qwen2MoeConfig
+    A model the gguf package has no llama.cpp names for (OPT) is refused with the reason, for the planner and the
+    quantizer alike, never planned by a guess."""
+    from transformers import GPT2Config, OPTConfig
 
     from quantlib.methods._gguf_file_types import file_type_plan
     from quantlib.shapes import model_shapes
@@ -219,10 +219,10 @@ def test_file_types_reach_gpt2_and_refuse_what_gguf_cannot_name() -> None:
     plan = file_type_plan("Q4_K_M", gpt2)
     blocks = [w.name for w in gpt2.weights if w.is_matmul and ".h." in w.name]
     assert len(blocks) == 8 and set(blocks) <= set(plan) and plan["transformer.wte.weight"] == "Q6_K"
-    qwen2_moe = Qwen2MoeConfig(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=2,
-                               num_experts=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=512).to_dict()
+    opt = OPTConfig(hidden_size=256, ffn_dim=512, num_hidden_layers=2, num_attention_heads=4, vocab_size=512,
+                    word_embed_proj_dim=256).to_dict()
     with pytest.raises(ValueError, match="per-tensor rules cannot be applied"):
-        plan_memory(qwen2_moe, parse_config({"quant_method": "gguf", "quant_type": "Q4_K_M"}), "float32")
+        plan_memory(opt, parse_config({"quant_method": "gguf", "quant_type": "Q4_K_M"}), "float32")
 
 
 def test_a_file_type_with_an_importance_matrix_quantizes_the_embedding_without_one(wide_llama) -> None:

@@ -103,3 +103,59 @@ def test_qwen3_moe_is_named_as_convert_hf_to_gguf_names_it() -> None:
     assert names["blk.1.ffn_up_exps.weight"] == names["blk.1.ffn_gate_exps.weight"]
     plan = file_type_plan("Q4_K_M", shapes)
     assert plan["model.layers.0.mlp.experts.gate_up_proj"] == "Q4_K"
+
+
+def qwen2_moe(layers: int = 8):
+    """A transformers Qwen2-MoE of the golden qwen2moe model's widths: 4 experts of 128, a shared expert of 256."""
+    from transformers import Qwen2MoeConfig
+
+    return Qwen2MoeConfig(num_hidden_layers=layers, hidden_size=256, intermediate_size=256, moe_intermediate_size=128,
+                          shared_expert_intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=64, num_experts=4, num_experts_per_tok=2, vocab_size=256, tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("kind", ["plain", "imatrix"])
+def test_a_transformers_qwen2_moe_gets_llama_quantize_s_type_on_every_tensor(kind) -> None:
+    """Its shared expert is typed by the ffn rules (ffn_*_shexp); its one-row gate shared_expert_gate, (1, hidden),
+    is 1-D to ggml (ne [hidden, 1]), so llama-quantize leaves it in F32 and so does the plan."""
+    from quantlib.registry import quantizer_class
+
+    model = "qwen2moe_h256_shexp"
+    shapes = model_shapes(qwen2_moe().to_dict())
+    pairs = _gguf_tensor_names(shapes)
+    assert ("model.layers.0.mlp.shared_expert_gate.weight", "blk.0.ffn_gate_inp_shexp.weight") in pairs
+    golden_dims = {n: dims for n, _, dims in GOLDEN["models"][model]["tensors"]}
+    assert golden_dims["blk.0.ffn_gate_inp_shexp.weight"] == 1
+    checked = 0
+    for file_type, expected in GOLDEN["types"][model][kind].items():
+        if "error" in expected:
+            with pytest.raises(ValueError):
+                file_type_plan(file_type, shapes, kind == "imatrix")
+            continue
+        plan = file_type_plan(file_type, shapes, kind == "imatrix")
+        assert {g for w, g in pairs if w in plan} == set(expected), file_type  # F32 tensors are not listed
+        for weight, tensor in pairs:
+            if tensor in expected:
+                assert plan[weight].upper() == expected[tensor].upper(), (file_type, tensor)
+        assert "model.layers.0.mlp.shared_expert_gate.weight" not in plan
+        checked += 1
+    assert checked >= 8
+    config = parse_config({"quant_method": "gguf", "quant_type": "Q4_K_M"})
+    why = quantizer_class(config).classify(config, shapes)["model.layers.3.mlp.shared_expert_gate.weight"]
+    assert why is not None and "left in float by llama-quantize" in why
+
+
+def test_the_planned_bytes_of_a_qwen2_moe_equal_what_the_simulation_stores() -> None:
+    from transformers import Qwen2MoeForCausalLM
+
+    config = qwen2_moe(2)
+    torch.manual_seed(0)
+    model = Qwen2MoeForCausalLM(config).eval()
+    gguf = parse_config({"quant_method": "gguf", "quant_type": "Q4_K_M", "activations": False})
+    planned = plan_memory(config.to_dict(), gguf, "float32")
+    quantized = copy.deepcopy(model)
+    stored = get_quantizer(gguf, device="cpu").simulate(quantized)
+    assert planned.bytes_by_component == stored.bytes_by_component
+    assert planned.quantized_params == stored.quantized_params > 0
+    assert torch.equal(quantized.model.layers[0].mlp.shared_expert_gate.weight,
+                       model.model.layers[0].mlp.shared_expert_gate.weight)

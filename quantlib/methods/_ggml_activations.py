@@ -4,8 +4,8 @@ its `vec_dot_type` (ggml-cpu.c's `type_traits_cpu`), one row at a time.
 - Q8_0 (for Q4_0, Q5_0, Q8_0, IQ4_NL, MXFP4) and Q8_1 (Q4_1, Q5_1): blocks of 32, `d = amax / 127` stored in
   fp16, `q = round(x * (127 / amax))`, rounding half to even (`quantize_row_q8_0` / `q8_1` in
   ggml-cpu/arch/x86/quants.c, the AVX path: `_mm256_round_ps(..., _MM_ROUND_NEAREST)`).
-- Q8_K (for Q2_K ... Q6_K, IQ4_XS and the lattice types IQ3_S ... IQ2_XXS): blocks of 256, `iscale = -127 / max` with max the value of largest magnitude,
-  `q = min(127, nearest_int(iscale * x))`, `d = 1 / iscale` stored in float32 (`quantize_row_q8_K_ref`, which the
+- Q8_K (for Q2_K ... Q6_K, IQ4_XS and the lattice types IQ3_S ... IQ1_S): blocks of 256, `iscale = -127 / max`
+  with max the value of largest magnitude, `q = min(127, nearest_int(iscale * x))`, `d = 1 / iscale` stored in float32 (`quantize_row_q8_K_ref`, which the
   x86 `quantize_row_q8_K` calls).
 - F16 / BF16 weights: the input rounded to that type; F32: untouched.
 
@@ -25,6 +25,7 @@ VEC_DOT_TYPE = {"Q4_0": "Q8_0", "Q5_0": "Q8_0", "Q8_0": "Q8_0", "IQ4_NL": "Q8_0"
                 "Q4_1": "Q8_1", "Q5_1": "Q8_1",
                 "Q2_K": "Q8_K", "Q3_K": "Q8_K", "Q4_K": "Q8_K", "Q5_K": "Q8_K", "Q6_K": "Q8_K", "IQ4_XS": "Q8_K",
                 "IQ3_S": "Q8_K", "IQ3_XXS": "Q8_K", "IQ2_S": "Q8_K", "IQ2_XS": "Q8_K", "IQ2_XXS": "Q8_K",
+                "IQ1_M": "Q8_K", "IQ1_S": "Q8_K",
                 "F16": "F16", "BF16": "BF16", "F32": "F32"}
 
 

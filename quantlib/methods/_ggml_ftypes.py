@@ -23,11 +23,10 @@ aliases Q3_K, Q4_K, Q5_K). Types are returned as gguf-py's ``GGMLQuantizationTyp
 Mixture-of-experts models (n_expert > 1) follow llama.cpp's own rules: the layer of an ffn_down / ffn_gate / ffn_up
 tensor (expert tensors included) is read from its name (``layer_info``), and with 8 experts attn_v and attn_k are
 written Q8_0 and attn_output Q5_K for the K-quant mixtures. Falcon's own rules are ported too (output Q8_0, its
-ffn_down and attn_output choices). ``ValueError`` (with the reason) for GLM5-next (its own rules), for models llama.cpp types as 70B (attn_v bumped to Q5_K) and for the file types not in
-``FILE_TYPES`` (IQ1_S/IQ1_M, whose block types are not ported, TQ, MXFP4_MOE, ...). The rules of those
-file types inside ``llama_tensor_get_type_impl`` are left out, but for the IQ1 types, which share the 2-bit i-quants'
-branch; everything else keeps llama.cpp's order. ``tensor_requires_imatrix`` is ported: a tensor written IQ3_XXS,
-IQ2_S, IQ2_XS or IQ2_XXS (or Q2_K in Q2_K_S), but for the token embedding and the output, needs an importance
+ffn_down and attn_output choices). ``ValueError`` (with the reason) for GLM5-next (its own rules), for models
+llama.cpp types as 70B (attn_v bumped to Q5_K) and for the file types not in ``FILE_TYPES`` (TQ, MXFP4_MOE, ...). The rules of those file types inside ``llama_tensor_get_type_impl`` are left
+out; everything else keeps llama.cpp's order. ``tensor_requires_imatrix`` is ported: a tensor written IQ3_XXS,
+IQ2_S, IQ2_XS, IQ2_XXS, IQ1_M or IQ1_S (or Q2_K in Q2_K_S), but for the token embedding and the output, needs an importance
 matrix, and ``ValueError`` names the first one when none is given, as llama-quantize refuses.
 Checked against llama-quantize itself: scripts/llamacpp_ftypes_golden.py, tests/test_ggml_ftypes.py.
 """
@@ -50,7 +49,7 @@ FILE_TYPES: dict[str, str] = {
     "Q6_K": "Q6_K",
     "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS",
     "IQ3_XS": "IQ3_S", "IQ3_S": "IQ3_S", "IQ3_M": "IQ3_S", "IQ3_XXS": "IQ3_XXS",
-    "IQ2_M": "IQ2_S", "IQ2_S": "IQ2_XS", "IQ2_XS": "IQ2_XS", "IQ2_XXS": "IQ2_XXS",
+    "IQ2_M": "IQ2_S", "IQ2_S": "IQ2_XS", "IQ2_XS": "IQ2_XS", "IQ2_XXS": "IQ2_XXS", "IQ1_M": "IQ1_M", "IQ1_S": "IQ1_S",
 }
 
 #: The ``llama_ftype`` number of each (include/llama.h), as written to ``general.file_type``.
@@ -58,7 +57,7 @@ FILE_TYPE_IDS: dict[str, int] = {
     "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12,
     "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "Q2_K_S": 21,
     "IQ4_NL": 25, "IQ4_XS": 30, "IQ2_XXS": 19, "IQ2_XS": 20, "IQ3_XS": 22, "IQ3_XXS": 23, "IQ3_S": 26,
-    "IQ3_M": 27, "IQ2_S": 28, "IQ2_M": 29,
+    "IQ3_M": 27, "IQ2_S": 28, "IQ2_M": 29, "IQ1_S": 24, "IQ1_M": 31,
 }
 
 #: quantize.cpp's aliases.
@@ -71,7 +70,6 @@ _NEEDS_IMATRIX = ("IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S")
 
 #: The rest of quantize.cpp's QUANT_OPTIONS, with why they are not ported.
 UNPORTED_FILE_TYPES = {
-    **{name: "1-bit i-quant file type: its block types (IQ1_S, IQ1_M) are not ported" for name in ("IQ1_S", "IQ1_M")},
     **{name: "ternary / 1-2 bit file type not ported" for name in ("TQ1_0", "TQ2_0", "Q1_0", "Q2_0")},
     "MXFP4_MOE": "MoE file type (MXFP4 experts) not ported",
     **{name: "not a quantized file type: llama.cpp skips the mixture rules" for name in ("F16", "BF16", "F32",

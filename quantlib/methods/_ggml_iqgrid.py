@@ -257,8 +257,11 @@ def _search(spec: _Spec, x: np.ndarray, qw: np.ndarray | None):
     redo = active & (scale > 0)
     if spec.requant != "all":
         redo &= (~on).any(axis=1)
-    safe = np.where(redo, scale, F32(1))
-    L2, _, _ = _to_grid(spec, t, _round(spec, xval, F32(1) / safe), xval, waux, safe)
+    rows = np.flatnonzero(redo)
+    L2 = L.copy()
+    if len(rows):
+        L2[rows], _, _ = _to_grid(spec, t, _round(spec, xval[rows], F32(1) / scale[rows]), xval[rows], waux[rows],
+                                  scale[rows])
     if spec.requant == "offgrid":
         keep = np.repeat(on, spec.group, axis=1) | ~redo[:, None]
     else:

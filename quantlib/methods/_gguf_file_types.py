@@ -20,9 +20,17 @@ MIXTURE_FILE_TYPES = ("Q2_K_S", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M"
 
 
 #: transformers model types whose GGUF architecture has another name: convert_hf_to_gguf.py writes a Mixtral as a
-#: llama model with expert tensors, and Qwen3-MoE as qwen3moe. (Qwen2-MoE is left out: whether its 1-row shared
-#: expert gate reaches llama-quantize as a matrix is not checked here.)
-ARCH_ALIASES = {"mixtral": "llama", "qwen3_moe": "qwen3moe"}
+#: llama model with expert tensors, Qwen3-MoE as qwen3moe and Qwen2-MoE as qwen2moe (whose one-row shared-expert
+#: gate is 1-D to ggml, so llama-quantize leaves it in F32: `ggml_n_dims`).
+ARCH_ALIASES = {"mixtral": "llama", "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe"}
+
+
+def ggml_n_dims(shape: tuple[int, ...]) -> int:
+    """ggml_n_dims of a weight of this (torch) shape: ggml's ne is the shape reversed and trailing ne of 1 do not
+    count, so a one-row matrix (Qwen2-MoE's shared_expert_gate, (1, hidden)) is 1-D to llama-quantize, which
+    quantizes only tensors of 2 dimensions or more."""
+    ne = tuple(shape)[::-1]
+    return max((i + 1 for i, n in enumerate(ne) if n > 1), default=1)
 
 
 def _name_map(shapes: ModelShapes) -> Any:
@@ -188,8 +196,8 @@ def _inputs(shapes: ModelShapes, has_imatrix: bool) -> tuple[dict[str, str], lis
                          "tensor names, so llama-quantize's per-tensor rules cannot be applied")
     by_gguf = {g: name for name, g in pairs}
     weights = {w.name: w for w in shapes.weights}
-    tensors = [(g, weights[name].in_features if weights[name].is_matmul else weights[name].shape[-1])
-               for name, g in pairs]
+    tensors = [(g, weights[name].in_features if weights[name].is_matmul else weights[name].shape[-1],
+                ggml_n_dims(weights[name].shape)) for name, g in pairs]
     gguf_names = {name: g for name, g in pairs}
     n_layer = len({m.group(1) for name in gguf_names.values() if (m := re.match(r"blk\.(\d+)\.", name))})
     q = next((weights[by_gguf[g]] for g in by_gguf if g == "blk.0.attn_q.weight"), None)

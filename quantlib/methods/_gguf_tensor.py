@@ -17,13 +17,14 @@ from quantlib.formats import QuantizedTensor, check_float
 
 
 #: Block types quantlib quantizes: the `gguf` package's numpy quantizers (legacy types) and quantlib's ports of
-#: llama.cpp's K-quant, IQ4 and lattice (IQ3, IQ2) quantizers, widest first.
+#: llama.cpp's K-quant, IQ4 and lattice (IQ3, IQ2, IQ1) quantizers, widest first.
 GGUF_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "IQ4_XS", "IQ4_NL", "Q3_K", "IQ3_S",
-              "IQ3_XXS", "Q2_K", "IQ2_S", "IQ2_XS", "IQ2_XXS", "MXFP4", "BF16", "F16")
+              "IQ3_XXS", "Q2_K", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S", "MXFP4", "BF16", "F16")
 
 #: Block types llama-quantize writes only with an importance matrix (`tensor_requires_imatrix`; ggml's own
-#: quantizer asserts one for IQ2_XXS and IQ2_XS, and llama-quantize refuses IQ3_XXS and IQ2_S without one too).
-REQUIRES_IMATRIX = ("IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS")
+#: quantizer asserts one for IQ2_XXS, IQ2_XS and IQ1_S, and llama-quantize refuses IQ3_XXS, IQ2_S and IQ1_M without
+#: one too).
+REQUIRES_IMATRIX = ("IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
 
 
 #: Elements per slice of rows that the numpy block code works on at a time (see `by_rows`).
@@ -65,7 +66,11 @@ def _ported_quantizers() -> dict[str, Any]:
     from quantlib.methods._ggml_q3q6 import quantize_q3_K, quantize_q6_K
     from quantlib.methods._ggml_qk import quantize_q2_K, quantize_q4_K, quantize_q5_K
 
+    from quantlib.methods._ggml_iq1 import quantize_iq1
+
     lattice = {name: (lambda x, imatrix=None, _name=name: quantize_iq(_name, x, imatrix)) for name in SPECS}
+    lattice.update({name: (lambda x, imatrix=None, _name=name: quantize_iq1(_name, x, imatrix))
+                    for name in ("IQ1_S", "IQ1_M")})
     return {"Q2_K": quantize_q2_K, "Q3_K": quantize_q3_K, "Q4_K": quantize_q4_K, "Q5_K": quantize_q5_K,
             "Q6_K": quantize_q6_K, "IQ4_NL": quantize_iq4_nl, "IQ4_XS": quantize_iq4_xs, **lattice}
 
@@ -83,7 +88,7 @@ def _weighted_legacy_quantizers() -> dict[str, Any]:
 #: Types that take an importance matrix here: every type but MXFP4, whose llama.cpp quantizer has no weighted
 #: path (Q8_0's, F16's and BF16's ignore it, as llama.cpp's do).
 IMATRIX_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS",
-                 "IQ2_XXS", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "BF16", "F16")
+                 "IQ2_XXS", "IQ1_M", "IQ1_S", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "BF16", "F16")
 
 
 
@@ -95,6 +100,8 @@ GGUF_CODE_BITS = {"Q8_0": 8, "Q5_0": 5, "Q5_1": 5, "Q4_0": 4, "Q4_1": 4, "MXFP4"
                   # IQ3_XXS: 8 bits per 4 + 7 sign bits per 8; IQ2_S: 10 bits per 8 + 8 signs; IQ2_XS: 9 + 7;
                   # IQ2_XXS: 8 + 7)
                   "IQ3_S": 9 / 4 + 1, "IQ3_XXS": 2 + 7 / 8, "IQ2_S": 18 / 8, "IQ2_XS": 16 / 8, "IQ2_XXS": 15 / 8,
+                  # IQ1: an 11-bit grid index per 8 weights (the shift bits count with the scales)
+                  "IQ1_S": 11 / 8, "IQ1_M": 11 / 8,
                   # TQ1_0 packs 5 trits per byte in 48 bytes and 4 per byte in 4 more: 52 bytes per 256 weights.
                   "TQ1_0": 52 * 8 / 256}
 

@@ -327,13 +327,14 @@ class GGUFQuantizer(Quantizer):
             return None
         return _type_shape_problem(config.type_of(name.split("[")[0]), name, shape)
 
-    #: Block types a per-layer mix chooses from (what the gguf package quantizes; the first is the uniform one).
-    #: The block types a per-layer mix chooses from (a K-quant only for rows of whole 256-blocks: the recommender
-    #: skips it for a layer it does not fit, as llama-quantize would fall back).
+    #: The block types a per-layer mix chooses from (the first is the uniform one; a 256-block type only for rows
+    #: of whole 256-blocks: the recommender skips it for a layer it does not fit, as llama-quantize would fall
+    #: back). The mix is measured without an importance matrix, so of the lattice types only IQ3_S, which
+    #: llama-quantize writes without one, is offered (IQ3_XXS and the IQ2/IQ1 types need one).
     MIX_TYPES: ClassVar[tuple[tuple[str, float], ...]] = (("Q4_0", 4.0), ("Q4_1", 4.0), ("Q5_0", 5.0),
                                                           ("Q5_1", 5.0), ("Q8_0", 8.0), ("Q2_K", 2.0), ("Q3_K", 3.0),
                                                           ("Q4_K", 4.0), ("Q5_K", 5.0), ("Q6_K", 6.0),
-                                                          ("IQ4_NL", 4.0), ("IQ4_XS", 4.0))
+                                                          ("IQ4_NL", 4.0), ("IQ4_XS", 4.0), ("IQ3_S", 3.0))
 
     @classmethod
     def mix_spaces(cls, shapes: ModelShapes) -> list[MixSpace]:
