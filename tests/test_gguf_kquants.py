@@ -264,3 +264,50 @@ def test_slices_give_the_bytes_of_one_call_and_survive_a_fork() -> None:
     child.join(timeout=30)
     assert child.exitcode == 0, "the forked child failed"
     assert got == sliced.tobytes()
+
+
+LATTICE = ("IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
+
+
+@pytest.mark.parametrize("qtype", LATTICE)
+def test_a_lattice_type_needs_what_llama_quantize_needs(qtype) -> None:
+    """IQ3_S is written without an importance matrix; the others only with one (llama-quantize's
+    tensor_requires_imatrix), so the config says why instead of quantizing something llama.cpp would not write."""
+    assert qtype in GGUF_TYPES and qtype in IMATRIX_TYPES
+    if qtype == "IQ3_S":
+        get_quantizer({"quant_method": "gguf", "quant_type": qtype})
+    else:
+        with pytest.raises(BackendUnavailableError, match=f"{qtype} needs an importance matrix"):
+            get_quantizer({"quant_method": "gguf", "quant_type": qtype})
+    get_quantizer({"quant_method": "gguf", "quant_type": qtype, "imatrix": True})
+    with pytest.raises(BackendUnavailableError, match="IQ2_XS needs an importance matrix"):
+        get_quantizer({"quant_method": "gguf", "quant_type": "IQ3_S", "tensor_types": {"lm_head": "IQ2_XS"}})
+
+
+@pytest.mark.parametrize("qtype", ["IQ3_S", "IQ2_XXS", "IQ1_M"])
+def test_a_lattice_type_is_planned_quantized_and_stored_to_the_byte(wide_llama, qtype) -> None:
+    """Through the method: every layer (widths multiples of 256) in the type, llama.cpp's bytes for its own
+    importance matrix, and the planner's bytes equal to the stored ones."""
+    quantizer = get_quantizer({"quant_method": "gguf", "quant_type": qtype, "imatrix": True, "imatrix_tokens": 512,
+                               "activations": False}, device="cpu")
+    qm = quantizer.quantize_model(base=wide_llama)
+    planned = plan_memory(wide_llama.model.config.to_dict(), quantizer.config, "float32")
+    assert planned.total_bytes == qm.memory.total_bytes
+    assert {p.qtype.name for p in qm.packed_layers.values()} == {qtype}
+    name = "model.layers.1.mlp.down_proj"
+    weight = dict(wide_llama.model.named_modules())[name].weight.detach()
+    assert np.array_equal(qm.packed_layers[name].data,
+                          quantize_gguf(weight, qtype, imatrix=quantizer.importance[name]).data)
+
+
+def test_an_i_quant_file_type_without_an_importance_matrix_names_the_tensor() -> None:
+    """IQ2_M on the default model: llama-quantize refuses it without an importance matrix because ffn_down (rows of
+    1,536) would be IQ2_S; IQ3_XXS's tensors of that kind fall back or take other rules there, so it plans."""
+    from quantlib.models import read_model_config
+
+    config = read_model_config("default")
+    with pytest.raises(ValueError, match=r"refuses to write blk\.\d+\.ffn_down\.weight as IQ2_S"):
+        plan_memory(config, parse_config({"quant_method": "gguf", "quant_type": "IQ2_M"}), "float32")
+    plan = plan_memory(config, parse_config({"quant_method": "gguf", "quant_type": "IQ3_XXS",
+                                             "llama_quantize_rules": True}), "float32")
+    assert plan.total_bytes > 0

@@ -1,8 +1,9 @@
 """llama.cpp GGUF block types: the config, the quantizer and the raw-block tensor format (simulated: the numbers
 show what the format loses, not how fast llama.cpp runs it).
 
-The legacy types come from the `gguf` package's numpy reference quantizers; the K-quants (Q2_K ... Q6_K) and
-IQ4_NL / IQ4_XS from quantlib's vectorised ports of llama.cpp's own quantizers (`_ggml_*.py`), bit-identical to
+The legacy types come from the `gguf` package's numpy reference quantizers; the K-quants (Q2_K ... Q6_K), IQ4_NL /
+IQ4_XS and the lattice types (IQ3_S, IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S) from quantlib's vectorised ports
+of llama.cpp's own quantizers (`_ggml_*.py`), bit-identical to
 `ggml_quantize_chunk` with and without an importance matrix (tests/data/llamacpp_golden.npz, made by
 scripts/llamacpp_golden.py). Every type is dequantized by the `gguf` package. With `imatrix`, the importance
 matrix is measured as llama-imatrix measures it (`_ggml_importance`) and handed to the quantizers as llama-quantize
@@ -53,8 +54,8 @@ class GGUFQuantConfig(QuantConfig):
     """
 
     quant_method = "gguf"
-    description = ("llama.cpp GGUF: block types (Q8_0, Q6_K … Q2_K, IQ4_XS, Q4_0 …) and llama-quantize's file "
-                   "types (Q4_K_M, Q5_K_S, …), bit-exact to llama.cpp.")
+    description = ("llama.cpp GGUF: block types (Q8_0, Q6_K … Q2_K, IQ4_XS, IQ3_S … IQ1_S, Q4_0 …) and "
+                   "llama-quantize's file types (Q4_K_M, Q5_K_S, IQ3_M, IQ2_M, …), bit-exact to llama.cpp.")
     FIELDS = (
         FieldSpec("quant_type", str, "Q8_0", "GGUF block type for every quantized layer, or a llama-quantize file "
                   "type (Q4_K_M, Q3_K_L, …): each tensor its type by llama-quantize's rules, shapes that do not fit "
