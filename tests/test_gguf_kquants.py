@@ -311,3 +311,23 @@ def test_an_i_quant_file_type_without_an_importance_matrix_names_the_tensor() ->
     plan = plan_memory(config, parse_config({"quant_method": "gguf", "quant_type": "IQ3_XXS",
                                              "llama_quantize_rules": True}), "float32")
     assert plan.total_bytes > 0
+
+
+def test_the_gguf_package_s_block_quantizers_called_whole_give_its_own_bytes() -> None:
+    """quantize_gguf calls the gguf package's block quantizer on slices of rows and its dequantizer on all blocks at
+    once, where `gguf.quants.quantize`/`dequantize` loop over small groups of rows: the same bytes and values."""
+    from gguf import GGMLQuantizationType, quants
+
+    from quantlib.methods._gguf_tensor import GGUF_QUANTIZABLE_TYPES
+
+    x = np.random.default_rng(3).standard_normal((1100, 512)).astype(np.float32)  # several slices of rows
+    checked = 0
+    for name in GGUF_QUANTIZABLE_TYPES:
+        if name == "F32":
+            continue
+        qtype = GGMLQuantizationType[name]
+        ours = quantize_gguf(torch.from_numpy(x), name)
+        assert np.array_equal(ours.data, quants.quantize(x, qtype)), name
+        assert torch.equal(ours.dequantize(), torch.from_numpy(quants.dequantize(ours.data, qtype))), name
+        checked += 1
+    assert checked >= 8
