@@ -26,12 +26,20 @@ def f32(x) -> np.ndarray:
 
 
 def seq_sum(values: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Sum along `axis` in float32, one element after the other from the first (C's `for (...) sum += v[i]`)."""
-    values = np.moveaxis(f32(values), axis, -1)
-    total = np.zeros(values.shape[:-1], dtype=np.float32)
-    for i in range(values.shape[-1]):
-        total = total + values[..., i]
-    return total
+    """Sum along `axis` in float32, one element after the other from the first (C's `for (...) sum += v[i]`).
+
+    numpy sums pairwise only along the fastest axis in memory; along the slowest axis of a C-contiguous array its
+    reduction adds the slices in index order, one float32 addition each, so the axis is moved first (a copy where
+    it is not first already). `+ 0` turns the one result that can differ, a -0.0 total, into C's +0.0 (C starts from
+    +0.0). tests/test_ggml_common.py holds this to an explicit loop."""
+    values = f32(values)
+    if values.ndim == 1:  # one sum: numpy would sum it pairwise
+        total = F32(0)
+        for v in values:
+            total = np.float32(total + v)
+        return np.float32(total)
+    first = np.ascontiguousarray(np.moveaxis(values, axis, 0))
+    return np.add.reduce(first, axis=0) + F32(0)
 
 
 def nearest_int(x: np.ndarray) -> np.ndarray:

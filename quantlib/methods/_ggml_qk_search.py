@@ -28,6 +28,17 @@ def as_u8(values: np.ndarray) -> np.ndarray:
     return (np.asarray(values).astype(np.int64) & 0xFF).astype(np.uint8)
 
 
+def _clipped_nearest(v: np.ndarray, nmax: int) -> np.ndarray:
+    """`MAX(0, MIN(nmax, nearest_int(v)))` as float32. nearest_int rounds half to even like `rint` for
+    |v| < 2^22; outside that (inf, NaN, a scale from a denormal range) C's bit trick gives other integers, which are
+    taken from `nearest_int` itself for those elements only."""
+    lf = np.clip(np.rint(v), 0, nmax)
+    odd = ~(np.abs(v) < F32(4194304))
+    if odd.any():
+        lf[odd] = np.clip(nearest_int(v[odd]), 0, nmax)
+    return lf
+
+
 def make_qkx(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
              use_mad: bool, qkx3: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`make_qkx2_quants` (qkx3=False) or `make_qkx3_quants` with weights (qkx3=True) on x, weights (n, N).
@@ -59,13 +70,13 @@ def make_qkx(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta:
 
         iscale = nmax_f / (mx - mn)
         scale = F32(1) / iscale
-        L = np.clip(nearest_int(iscale * (x - mn)), 0, nmax)
-        best = error(scale, mn, L.astype(np.float32))
+        L = np.clip(nearest_int(iscale * (x - mn)), 0, nmax).astype(np.float32)
+        best = error(scale, mn, L)
         if nstep >= 1:
             for step in range(nstep + 1):
                 iscale = (F32(rmin) + F32(rdelta) * F32(step) + nmax_f) / (mx - mn)
-                laux = np.clip(nearest_int(iscale * (x - mn)), 0, nmax)
-                lf = laux.astype(np.float32)
+                lf = _clipped_nearest(iscale * (x - mn), nmax)
+                laux = lf
                 wl = w * lf
                 sum_l = seq_sum(wl, axis=0)
                 sum_l2 = seq_sum(wl * lf, axis=0)
@@ -84,7 +95,7 @@ def make_qkx(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta:
                 mn = np.where(better, this_min, mn)
         scale = np.where(degenerate, F32(0), scale)
         L = np.where(degenerate, 0, L)
-        return scale.astype(np.float32), (-mn).astype(np.float32), L.astype(np.uint8)
+        return scale.astype(np.float32), (-mn).astype(np.float32), L.astype(np.int64).astype(np.uint8)
 
 
 def make_qp_quants(x: np.ndarray, quant_weights: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
