@@ -652,3 +652,13 @@ def test_planner_shows_each_tensor_s_type_and_rule_for_a_llama_quantize_file_typ
     down0 = frame[frame["tensor"] == "blk.0.ffn_down.weight"].iloc[0]
     assert down0["type"] == "Q6_K" and "use_more_bits" in down0["rule"]
     assert any("not a multiple of 256" in f for f in frame["fallback"])
+
+
+def test_builder_says_which_tensor_needs_an_importance_matrix_for_an_i_quant_file_type():
+    """IQ2_M on the default model: llama-quantize would refuse it without an importance matrix (ffn_down's rows fit
+    IQ2_S), so the model check says so, naming the tensor; with one, nothing to report."""
+    at = run(BUILDER, method="gguf", cfg=json.dumps({"quant_method": "gguf", "quant_type": "IQ2_M"}))
+    assert not at.error
+    assert any("IQ2_M needs an importance matrix" in w.value and "ffn_down" in w.value for w in at.warning)
+    at = run(BUILDER, method="gguf", cfg=json.dumps({"quant_method": "gguf", "quant_type": "IQ2_M", "imatrix": True}))
+    assert not at.error and not any("importance matrix" in w.value for w in at.warning)

@@ -317,6 +317,19 @@ class GGUFQuantizer(Quantizer):
         return _type_storage(config.type_of(w.module), w.out_features, w.in_features)
 
     @classmethod
+    def shape_problems(cls, config: QuantConfig, model_config: dict[str, Any]) -> list[str]:
+        """A file type on this model: what llama-quantize would refuse (a tensor whose type needs an importance
+        matrix, a model it cannot name), as the model's problem rather than an error of the check."""
+        if config.is_file_type:
+            from quantlib.shapes import model_shapes
+
+            try:
+                file_type_plan(config.quant_type, model_shapes(model_config), bool(config.imatrix))
+            except ValueError as exc:
+                return [str(exc)]
+        return super().shape_problems(config, model_config)
+
+    @classmethod
     def shape_problem(cls, config: QuantConfig, name: str, shape: tuple[int, ...]) -> str | None:
         if config.is_file_type:  # llama-quantize falls back to a type that fits (F16 at the last)
             return None
