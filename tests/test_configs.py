@@ -180,7 +180,7 @@ def test_rtn_and_gguf_validation() -> None:
     assert GGUFQuantConfig(quant_type="Q4_1").label == "GGUF Q4_1"
     assert GGUFQuantConfig(quant_type="Q4_K_M").label == "GGUF Q4_K_M"  # a llama-quantize file type
     with pytest.raises(ConfigError) as info:
-        parse_config({"quant_method": "gguf", "quant_type": "IQ2_XXS"})
+        parse_config({"quant_method": "gguf", "quant_type": "TQ1_0"})  # a llama.cpp type quantlib does not offer
     assert info.value.fields() == ["quant_type"]
 
 

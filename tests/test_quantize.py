@@ -346,7 +346,9 @@ def test_gguf_errors():
     with pytest.raises(ValueError, match="multiple of its block size 32"):
         quantize_gguf(torch.randn(4, 100), "Q4_0")
     with pytest.raises(ValueError, match="cannot be quantized"):
-        quantize_gguf(torch.randn(4, 256), "IQ2_XXS")  # an i-quant quantlib has not ported
+        quantize_gguf(torch.randn(4, 256), "Q1_0")  # a GGML type neither the gguf package nor quantlib quantizes
+    with pytest.raises(ValueError, match="IQ2_XXS needs an importance matrix"):
+        quantize_gguf(torch.randn(4, 256), "IQ2_XXS")  # as ggml asserts one
     with pytest.raises(ValueError, match="multiple of its block size 256"):
         quantize_gguf(torch.randn(4, 576), "Q4_K")
     assert quantize_gguf(torch.randn(64).bfloat16(), "Q8_0").dequantize().dtype == torch.bfloat16

@@ -58,38 +58,61 @@ def _clamped(v: np.ndarray, nmax: int) -> np.ndarray:
     return np.clip(nearest_int(v), -nmax, nmax - 1)
 
 
+def _clamped_f(v: np.ndarray, nmax: int) -> np.ndarray:
+    """`_clamped` as float32: nearest_int is `rint` for |v| < 2^22 (the levels here, |v| <= nmax + 1); inf, NaN
+    and larger values (a group whose max is 0 or denormal) take nearest_int's own bit trick."""
+    lf = np.clip(np.rint(v), -nmax, nmax - 1)
+    odd = ~(np.abs(v) < F32(4194304))
+    if odd.any():
+        lf[odd] = _clamped(v[odd], nmax)
+    return lf
+
+
 def _trial(x, w, wx, iscale, nmax):
-    """One trial scale of make_qx_quants: the clamped levels and `sumlx += w*x[i]*l; suml2 += w*l*l`."""
-    lev = _clamped(iscale[..., None] * x, nmax)
-    lf = lev.astype(np.float32)
-    return lev, seq_sum(wx * lf), seq_sum(w * lf * lf)
+    """One trial scale of make_qx_quants: the clamped levels (float32) and `sumlx += w*x[i]*l; suml2 += w*l*l`."""
+    lf = _clamped_f(iscale[..., None] * x, nmax)
+    return lf, seq_sum(wx * lf), seq_sum(w * lf * lf)
 
 
 def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """ggml's `make_qx_quants(n, nmax, x, L, rmse_type=1, qw)` over the last axis of x (..., n), all groups at
     once. Weights are qw (broadcast to x) or x*x when qw is None. Returns (scale (...,), L (..., n) int32 in
-    [0, 2*nmax-1], 0 for all-zero groups)."""
+    [0, 2*nmax-1], 0 for all-zero groups).
+
+    The work runs element-major, (n, groups): each of C's sequential sums is then one reduction along the slow
+    axis (`seq_sum`), with no copy per sum."""
     x = f32(x)
+    shape, n = x.shape, x.shape[-1]
+    xt = np.ascontiguousarray(x.reshape(-1, n).T)
+    wt = xt * xt if qw is None else np.ascontiguousarray(np.broadcast_to(f32(qw), shape).reshape(-1, n).T)
     with np.errstate(all="ignore"):
-        mx, amax = abs_max(x)
-        w = x * x if qw is None else np.broadcast_to(f32(qw), x.shape)
-        wx = w * x
+        mx, amax = abs_max(xt.T)
+        wx = wt * xt
         iscale = F32(-nmax) / mx
-        L, sumlx, suml2 = _trial(x, w, wx, iscale, nmax)
+        L, sumlx, suml2 = _trial_t(xt, wt, wx, iscale, nmax)
+        L = L.astype(np.int32)
         scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
         best = scale * sumlx
         for step in range(-9, 10):
             if step == 0:
                 continue
             iscale = -(F32(nmax) + F32(0.1) * F32(step)) / mx
-            lev, slx, sl2 = _trial(x, w, wx, iscale, nmax)
+            lev, slx, sl2 = _trial_t(xt, wt, wx, iscale, nmax)
             better = (sl2 > 0) & (slx * slx > best * sl2)
-            L = np.where(better[..., None], lev, L)
+            L = np.where(better[None, :], lev.astype(np.int32), L)
             s = slx / sl2
             scale = np.where(better, s, scale)
             best = np.where(better, s * slx, best)
     zero = amax < GROUP_MAX_EPS
-    return np.where(zero, F32(0), scale).astype(np.float32), np.where(zero[..., None], 0, L + nmax)
+    scale = np.where(zero, F32(0), scale).astype(np.float32).reshape(shape[:-1])
+    L = np.where(zero[None, :], 0, L + nmax).T.reshape(shape)
+    return scale, L
+
+
+def _trial_t(xt, wt, wx, iscale, nmax):
+    """`_trial` element-major: xt, wt, wx (n, groups), iscale (groups,)."""
+    lf = _clamped_f(iscale[None, :] * xt, nmax)
+    return lf, seq_sum(wx * lf, axis=0), seq_sum(wt * lf * lf, axis=0)
 
 
 def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
@@ -104,7 +127,7 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
         w = x * x
         wx = w * x
         L, sumlx, suml2 = _trial(x, w, wx, iscale, nmax)
-        L = L.copy()
+        L = L.astype(np.int32)
         for _ in range(5):
             for i in range(x.shape[-1]):
                 li = L[..., i]
