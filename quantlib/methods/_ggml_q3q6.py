@@ -33,6 +33,7 @@ from quantlib.methods._ggml_common import f32
 from quantlib.methods._ggml_common import nearest_int
 from quantlib.methods._ggml_common import seq_sum
 from quantlib.methods._ggml_common import to_fp16
+from quantlib.methods._ggml_qk_search import clipped_nearest
 
 #: GROUP_MAX_EPS (1e-15f): groups whose largest |x| is below it are all zero.
 GROUP_MAX_EPS = F32(1e-15)
@@ -89,7 +90,7 @@ def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None = None) -> tu
         mx, amax = abs_max(xt.T)
         wx = wt * xt
         iscale = F32(-nmax) / mx
-        L, sumlx, suml2 = _trial_t(xt, wt, wx, iscale, nmax)
+        L, sumlx, suml2 = _trial_t(xt, wt, wx, iscale, nmax, amax)
         L = L.astype(np.int32)
         scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
         best = scale * sumlx
@@ -97,7 +98,7 @@ def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None = None) -> tu
             if step == 0:
                 continue
             iscale = -(F32(nmax) + F32(0.1) * F32(step)) / mx
-            lev, slx, sl2 = _trial_t(xt, wt, wx, iscale, nmax)
+            lev, slx, sl2 = _trial_t(xt, wt, wx, iscale, nmax, amax)
             better = (sl2 > 0) & (slx * slx > best * sl2)
             L = np.where(better[None, :], lev.astype(np.int32), L)
             s = slx / sl2
@@ -109,9 +110,10 @@ def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None = None) -> tu
     return scale, L
 
 
-def _trial_t(xt, wt, wx, iscale, nmax):
-    """`_trial` element-major: xt, wt, wx (n, groups), iscale (groups,)."""
-    lf = _clamped_f(iscale[None, :] * xt, nmax)
+def _trial_t(xt, wt, wx, iscale, nmax, amax):
+    """`_trial` element-major: xt, wt, wx (n, groups), iscale and amax (groups,); the levels as float32
+    (`clipped_nearest`: |iscale*x| <= |iscale|*amax per group)."""
+    lf = clipped_nearest(iscale[None, :] * xt, -nmax, nmax - 1, np.abs(iscale) * amax)
     return lf, seq_sum(wx * lf, axis=0), seq_sum(wt * lf * lf, axis=0)
 
 

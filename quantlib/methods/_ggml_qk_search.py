@@ -28,14 +28,18 @@ def as_u8(values: np.ndarray) -> np.ndarray:
     return (np.asarray(values).astype(np.int64) & 0xFF).astype(np.uint8)
 
 
-def _clipped_nearest(v: np.ndarray, nmax: int) -> np.ndarray:
-    """`MAX(0, MIN(nmax, nearest_int(v)))` as float32. nearest_int rounds half to even like `rint` for
+def clipped_nearest(v: np.ndarray, lo: int, hi: int, bound: np.ndarray | None = None) -> np.ndarray:
+    """`MAX(lo, MIN(hi, nearest_int(v)))` as float32. nearest_int rounds half to even like `rint` for
     |v| < 2^22; outside that (inf, NaN, a scale from a denormal range) C's bit trick gives other integers, which are
-    taken from `nearest_int` itself for those elements only."""
-    lf = np.clip(np.rint(v), 0, nmax)
+    taken from `nearest_int` itself for those elements only. `bound`: a per-block bound on |v| from the caller;
+    where every block's is below 2^21 (half the limit: room for its own rounding), the elementwise check is
+    skipped."""
+    lf = np.clip(np.rint(v), lo, hi)
+    if bound is not None and bool(np.all(bound < F32(2097152))):
+        return lf
     odd = ~(np.abs(v) < F32(4194304))
     if odd.any():
-        lf[odd] = np.clip(nearest_int(v[odd]), 0, nmax)
+        lf[odd] = np.clip(nearest_int(v[odd]), lo, hi)
     return lf
 
 
@@ -60,23 +64,35 @@ def make_qkx(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta:
             mx = np.where(x[i] > mx, x[i], mx)
             sum_w = sum_w + w[i]
             sum_x = sum_x + w[i] * x[i]
+        xmin = mn
         mn = np.where(mn > 0, F32(0), mn)
         degenerate = (mx <= mn) if qkx3 else (mx == mn)
 
         def error(scale, the_min, lf):
-            diff = scale * lf + the_min - x
-            diff = np.abs(diff) if use_mad else diff * diff
-            return seq_sum(w * diff, axis=0)
+            diff = scale * lf
+            diff += the_min
+            diff -= x
+            if use_mad:
+                np.abs(diff, out=diff)
+            else:
+                diff *= diff
+            diff *= w
+            return seq_sum(diff, axis=0)
 
         iscale = nmax_f / (mx - mn)
         scale = F32(1) / iscale
         L = np.clip(nearest_int(iscale * (x - mn)), 0, nmax).astype(np.float32)
         best = error(scale, mn, L)
         if nstep >= 1:
+            # the levels of the best step are recomputed once at the end from its (iscale, min), not kept per step
+            best_iscale, best_from = np.full_like(mn, np.nan), mn.copy()
             for step in range(nstep + 1):
                 iscale = (F32(rmin) + F32(rdelta) * F32(step) + nmax_f) / (mx - mn)
-                lf = _clipped_nearest(iscale * (x - mn), nmax)
-                laux = lf
+                # |x - mn| <= max(|max - mn|, |xmin - mn|): the levels' bound per block, without a pass over x
+                bound = np.abs(iscale) * np.maximum(np.abs(mx - mn), np.abs(xmin - mn))
+                v = x - mn
+                v *= iscale
+                lf = clipped_nearest(v, 0, nmax, bound)
                 wl = w * lf
                 sum_l = seq_sum(wl, axis=0)
                 sum_l2 = seq_sum(wl * lf, axis=0)
@@ -89,10 +105,17 @@ def make_qkx(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta:
                 this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
                 cur = error(this_scale, this_min, lf)
                 better = (D > 0) & (cur < best)
-                L = np.where(better, laux, L)
+                best_iscale = np.where(better, iscale, best_iscale)
+                best_from = np.where(better, mn, best_from)
                 best = np.where(better, cur, best)
                 scale = np.where(better, this_scale, scale)
                 mn = np.where(better, this_min, mn)
+            chosen = ~np.isnan(best_iscale)
+            if chosen.any():
+                v = x - best_from
+                v *= best_iscale
+                bound = np.abs(best_iscale) * np.maximum(np.abs(mx - best_from), np.abs(xmin - best_from))
+                L = np.where(chosen, clipped_nearest(v, 0, nmax, np.where(chosen, bound, F32(0))), L)
         scale = np.where(degenerate, F32(0), scale)
         L = np.where(degenerate, 0, L)
         return scale.astype(np.float32), (-mn).astype(np.float32), L.astype(np.int64).astype(np.uint8)
