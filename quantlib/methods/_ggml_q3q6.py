@@ -91,19 +91,21 @@ def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None = None) -> tu
         wx = wt * xt
         iscale = F32(-nmax) / mx
         L, sumlx, suml2 = _trial_t(xt, wt, wx, iscale, nmax, amax)
-        L = L.astype(np.int32)
         scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
         best = scale * sumlx
+        best_iscale = iscale  # the levels of the best trial are recomputed once from its scale
         for step in range(-9, 10):
             if step == 0:
                 continue
             iscale = -(F32(nmax) + F32(0.1) * F32(step)) / mx
             lev, slx, sl2 = _trial_t(xt, wt, wx, iscale, nmax, amax)
             better = (sl2 > 0) & (slx * slx > best * sl2)
-            L = np.where(better[None, :], lev.astype(np.int32), L)
+            best_iscale = np.where(better, iscale, best_iscale)
             s = slx / sl2
             scale = np.where(better, s, scale)
             best = np.where(better, s * slx, best)
+        L = clipped_nearest(best_iscale[None, :] * xt, -nmax, nmax - 1, np.abs(best_iscale) * amax)
+        L = L.astype(np.int32)
     zero = amax < GROUP_MAX_EPS
     scale = np.where(zero, F32(0), scale).astype(np.float32).reshape(shape[:-1])
     L = np.where(zero[None, :], 0, L + nmax).T.reshape(shape)

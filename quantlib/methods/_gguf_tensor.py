@@ -182,8 +182,11 @@ def dequantize_blocks(data: np.ndarray, qtype: Any) -> np.ndarray:
     cls = _block_class(qtype)
     if cls is None:
         return quants.dequantize(data, qtype)
-    _, type_size = GGML_QUANT_SIZES[qtype]
-    return cls.dequantize_blocks(np.ascontiguousarray(data).reshape(-1, type_size))
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    rows = np.ascontiguousarray(data).reshape(-1, type_size)
+    if len(rows) * block_size < 2 * SLICE_ELEMENTS:  # small: one call; larger: slices of rows, two at a time
+        return cls.dequantize_blocks(rows)
+    return by_rows(cls.dequantize_blocks, rows)
 
 
 # name -> (n_codes, header bytes per block before the codes, code kind)
