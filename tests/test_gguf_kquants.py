@@ -331,3 +331,17 @@ def test_the_gguf_package_s_block_quantizers_called_whole_give_its_own_bytes() -
         assert torch.equal(ours.dequantize(), torch.from_numpy(quants.dequantize(ours.data, qtype))), name
         checked += 1
     assert checked >= 8
+
+
+def test_a_lattice_type_dequantizes_in_a_fresh_process() -> None:
+    """The gguf package builds its lattice grids in `dequantize`; quantlib calls its block dequantizer directly, so
+    it must build them itself: in a process where nothing else has, IQ3_S reads back."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from quantlib.methods._gguf_tensor import quantize_gguf; "
+            "t = quantize_gguf(torch.randn(4, 256), 'IQ3_S'); v = t.dequantize(); "
+            "assert v.shape == (4, 256) and torch.isfinite(v).all(); print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -33,12 +33,13 @@ def seq_sum(values: np.ndarray, axis: int = -1) -> np.ndarray:
     it is not first already). `+ 0` turns the one result that can differ, a -0.0 total, into C's +0.0 (C starts from
     +0.0). tests/test_ggml_common.py holds this to an explicit loop."""
     values = f32(values)
-    if values.ndim == 1:  # one sum: numpy would sum it pairwise
-        total = F32(0)
-        for v in values:
-            total = np.float32(total + v)
-        return np.float32(total)
-    first = np.ascontiguousarray(np.moveaxis(values, axis, 0))
+    first = np.ascontiguousarray(np.moveaxis(values, axis, 0)) if values.ndim > 1 else values
+    if first.ndim == 1 or first[0].size == 1:  # one sum per result: numpy would sum each pairwise, so loop
+        flat = first.reshape(first.shape[0], -1)
+        total = np.zeros(flat.shape[1], dtype=np.float32)
+        for i in range(flat.shape[0]):
+            total = total + flat[i]
+        return total.reshape(first.shape[1:]) if first.ndim > 1 else total[0]
     return np.add.reduce(first, axis=0) + F32(0)
 
 

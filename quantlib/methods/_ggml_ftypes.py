@@ -466,8 +466,9 @@ def file_type_tensor_types(file_type: str, tensors: Sequence, *, n_layer: int, n
     rope_freqs.weight). Any order: llama-quantize's own visiting order (:func:`visiting_order`) is applied.
     Norms, biases and 1-D tensors are left out of the result, as llama.cpp leaves them unquantized.
     ``n_layer`` is the block count, ``n_gqa`` n_head // n_head_kv of layer 0, ``has_imatrix`` whether
-    llama-quantize gets ``--imatrix``. ``ValueError`` for what is not ported (see the module docstring) and for
-    Q2_K_S without an imatrix, which llama-quantize refuses.
+    llama-quantize gets ``--imatrix``. ``ValueError`` for what is not ported (see the module docstring) and, without
+    an imatrix, for a file whose tensors llama-quantize refuses to write without one (tensor_requires_imatrix:
+    Q2_K_S, and the i-quant types but IQ3_S, wherever a tensor keeps such a type after the fallbacks).
     """
     return {c.name: c.type for c in tensor_choices(file_type, tensors, n_layer=n_layer, n_gqa=n_gqa,
                                                    n_expert=n_expert, has_imatrix=has_imatrix, arch=arch)}

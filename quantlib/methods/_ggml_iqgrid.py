@@ -18,7 +18,9 @@ llama-cpp-python 0.3.36 sdist):
 Exactness: every C float operation is one numpy float32 operation in source order (ggml-base is built without
 -march and without -ffast-math), sums run element after element (`seq_sum`), and the neighbour search keeps the C
 loop's first strict minimum (`argmin`). The quirks are kept too: IQ3_S writes the grid bytes and signs of its
-non-zero sub-blocks one after the other, so a sub-block of zeros shifts those that follow it. Checked byte for
+non-zero sub-blocks one after the other, so a sub-block of zeros shifts those that follow it. Not followed: inputs
+that are not finite (NaN, or magnitudes near 1e15 without an importance matrix, where every neighbour's distance
+overflows and ggml aborts); llama-quantize would not write such a tensor either. Checked byte for
 byte against `ggml_quantize_chunk` in tests/test_ggml_golden.py.
 """
 

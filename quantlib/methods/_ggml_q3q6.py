@@ -60,10 +60,10 @@ def _clamped(v: np.ndarray, nmax: int) -> np.ndarray:
 
 
 def _clamped_f(v: np.ndarray, nmax: int) -> np.ndarray:
-    """`_clamped` as float32: nearest_int is `rint` for |v| < 2^22 (the levels here, |v| <= nmax + 1); inf, NaN
+    """`_clamped` as float32: nearest_int is `rint` for |v| < 2^22 - 0.5 (the levels here, |v| <= nmax + 1); inf, NaN
     and larger values (a group whose max is 0 or denormal) take nearest_int's own bit trick."""
     lf = np.clip(np.rint(v), -nmax, nmax - 1)
-    odd = ~(np.abs(v) < F32(4194304))
+    odd = ~(np.abs(v) < F32(4194303.5))  # from 4194303.5 on, the bit trick carries into the exponent
     if odd.any():
         lf[odd] = _clamped(v[odd], nmax)
     return lf

@@ -30,14 +30,14 @@ def as_u8(values: np.ndarray) -> np.ndarray:
 
 def clipped_nearest(v: np.ndarray, lo: int, hi: int, bound: np.ndarray | None = None) -> np.ndarray:
     """`MAX(lo, MIN(hi, nearest_int(v)))` as float32. nearest_int rounds half to even like `rint` for
-    |v| < 2^22; outside that (inf, NaN, a scale from a denormal range) C's bit trick gives other integers, which are
+    |v| < 2^22 - 0.5; outside that (inf, NaN, a scale from a denormal range) C's bit trick gives other integers, which are
     taken from `nearest_int` itself for those elements only. `bound`: a per-block bound on |v| from the caller;
     where every block's is below 2^21 (half the limit: room for its own rounding), the elementwise check is
     skipped."""
     lf = np.clip(np.rint(v), lo, hi)
     if bound is not None and bool(np.all(bound < F32(2097152))):
         return lf
-    odd = ~(np.abs(v) < F32(4194304))
+    odd = ~(np.abs(v) < F32(4194303.5))  # from 4194303.5 on, the bit trick carries into the exponent
     if odd.any():
         lf[odd] = np.clip(nearest_int(v[odd]), lo, hi)
     return lf

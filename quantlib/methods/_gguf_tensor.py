@@ -182,6 +182,7 @@ def dequantize_blocks(data: np.ndarray, qtype: Any) -> np.ndarray:
     cls = _block_class(qtype)
     if cls is None:
         return quants.dequantize(data, qtype)
+    cls.init_grid()  # the lattice types' grids: gguf builds them in `dequantize`, not in `dequantize_blocks`
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     rows = np.ascontiguousarray(data).reshape(-1, type_size)
     if len(rows) * block_size < 2 * SLICE_ELEMENTS:  # small: one call; larger: slices of rows, two at a time

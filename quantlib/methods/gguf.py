@@ -250,8 +250,9 @@ class GGUFQuantizer(Quantizer):
         types = {config.quant_type, *(config.tensor_types or {}).values()}
         need = [t for t in REQUIRES_IMATRIX if t in types]
         if need and not config.imatrix:
-            return (f"{', '.join(need)} needs an importance matrix: llama-quantize refuses to write it without one "
-                    "(tensor_requires_imatrix); set imatrix to true")
+            return (f"{', '.join(need)} {'needs' if len(need) == 1 else 'need'} an importance matrix: llama-quantize "
+                    f"refuses to write {'it' if len(need) == 1 else 'them'} without one (tensor_requires_imatrix); set "
+                    "imatrix to true")
         if config.imatrix:
             refused = sorted(t for t in types if t not in IMATRIX_TYPES)
             if refused:
