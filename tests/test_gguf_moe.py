@@ -37,6 +37,40 @@ def mixtral(layers: int = 8, **kwargs):
                          vocab_size=256, **kwargs)
 
 
+def _types_match_the_golden(model: str, kind: str, shapes, pairs) -> list[dict[str, str]]:
+    """For every file type llama-quantize wrote for the golden `model` (`kind`: plain or imatrix): the plan
+    quantizes exactly the tensors it quantized (F32 ones are not listed), each in its type; where it refused, the
+    plan refuses too. Returns the plans (at least 8)."""
+    plans = []
+    for file_type, expected in GOLDEN["types"][model][kind].items():
+        if "error" in expected:
+            with pytest.raises(ValueError):
+                file_type_plan(file_type, shapes, kind == "imatrix")
+            continue
+        plan = file_type_plan(file_type, shapes, kind == "imatrix")
+        assert {g for w, g in pairs if w in plan} == set(expected), file_type
+        for weight, tensor in pairs:
+            if tensor in expected:
+                assert plan[weight].upper() == expected[tensor].upper(), (file_type, tensor)
+        plans.append(plan)
+    assert len(plans) >= 8
+    return plans
+
+
+def _planned_bytes_equal_the_stored(model_class, config):
+    """GGUF Q4_K_M (weights only) on a random model of `config`: the planner's bytes by component and quantized
+    parameters equal what the simulation stores. Returns (the model, its quantized copy)."""
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    gguf = parse_config({"quant_method": "gguf", "quant_type": "Q4_K_M", "activations": False})
+    planned = plan_memory(config.to_dict(), gguf, "float32")
+    quantized = copy.deepcopy(model)
+    stored = get_quantizer(gguf, device="cpu").simulate(quantized)
+    assert planned.bytes_by_component == stored.bytes_by_component
+    assert planned.quantized_params == stored.quantized_params > 0
+    return model, quantized
+
+
 @pytest.mark.parametrize("model", list(MIXTRALS))
 @pytest.mark.parametrize("kind", ["plain", "imatrix"])
 def test_a_transformers_mixtral_gets_llama_quantize_s_type_on_every_tensor(model, kind) -> None:
@@ -47,31 +81,13 @@ def test_a_transformers_mixtral_gets_llama_quantize_s_type_on_every_tensor(model
                                    and "ffn_gate_inp" not in n)  # the router stays in float, as llama.cpp keeps it
     assert ("model.layers.0.mlp.experts.gate_up_proj", "blk.0.ffn_gate_exps.weight") in pairs
     assert ("model.layers.0.mlp.experts.gate_up_proj", "blk.0.ffn_up_exps.weight") in pairs
-    checked = 0
-    for file_type, expected in GOLDEN["types"][model][kind].items():
-        if "error" in expected:
-            with pytest.raises(ValueError):
-                file_type_plan(file_type, shapes, kind == "imatrix")
-            continue
-        plan = file_type_plan(file_type, shapes, kind == "imatrix")
-        for weight, tensor in pairs:
-            assert plan[weight].upper() == expected[tensor].upper(), (file_type, tensor)
-        checked += 1
-    assert checked >= 8
+    _types_match_the_golden(model, kind, shapes, pairs)
 
 
 def test_the_planned_bytes_of_a_mixtral_equal_what_the_simulation_stores() -> None:
     from transformers import MixtralForCausalLM
 
-    config = mixtral(2, **MIXTRALS["moe8_h256_gqa4"])
-    torch.manual_seed(0)
-    model = MixtralForCausalLM(config).eval()
-    gguf = parse_config({"quant_method": "gguf", "quant_type": "Q4_K_M", "activations": False})
-    planned = plan_memory(config.to_dict(), gguf, "float32")
-    quantized = copy.deepcopy(model)
-    stored = get_quantizer(gguf, device="cpu").simulate(quantized)
-    assert planned.bytes_by_component == stored.bytes_by_component
-    assert planned.quantized_params == stored.quantized_params > 0
+    model, quantized = _planned_bytes_equal_the_stored(MixtralForCausalLM, mixtral(2, **MIXTRALS["moe8_h256_gqa4"]))
     ids = torch.arange(3, 40).reshape(1, -1)
     with torch.no_grad():
         assert not torch.equal(model(ids).logits, quantized(ids).logits)
@@ -126,20 +142,8 @@ def test_a_transformers_qwen2_moe_gets_llama_quantize_s_type_on_every_tensor(kin
     assert ("model.layers.0.mlp.shared_expert_gate.weight", "blk.0.ffn_gate_inp_shexp.weight") in pairs
     golden_dims = {n: dims for n, _, dims in GOLDEN["models"][model]["tensors"]}
     assert golden_dims["blk.0.ffn_gate_inp_shexp.weight"] == 1
-    checked = 0
-    for file_type, expected in GOLDEN["types"][model][kind].items():
-        if "error" in expected:
-            with pytest.raises(ValueError):
-                file_type_plan(file_type, shapes, kind == "imatrix")
-            continue
-        plan = file_type_plan(file_type, shapes, kind == "imatrix")
-        assert {g for w, g in pairs if w in plan} == set(expected), file_type  # F32 tensors are not listed
-        for weight, tensor in pairs:
-            if tensor in expected:
-                assert plan[weight].upper() == expected[tensor].upper(), (file_type, tensor)
+    for plan in _types_match_the_golden(model, kind, shapes, pairs):
         assert "model.layers.0.mlp.shared_expert_gate.weight" not in plan
-        checked += 1
-    assert checked >= 8
     config = parse_config({"quant_method": "gguf", "quant_type": "Q4_K_M"})
     why = quantizer_class(config).classify(config, shapes)["model.layers.3.mlp.shared_expert_gate.weight"]
     assert why is not None and "left in float by llama-quantize" in why
@@ -148,14 +152,6 @@ def test_a_transformers_qwen2_moe_gets_llama_quantize_s_type_on_every_tensor(kin
 def test_the_planned_bytes_of_a_qwen2_moe_equal_what_the_simulation_stores() -> None:
     from transformers import Qwen2MoeForCausalLM
 
-    config = qwen2_moe(2)
-    torch.manual_seed(0)
-    model = Qwen2MoeForCausalLM(config).eval()
-    gguf = parse_config({"quant_method": "gguf", "quant_type": "Q4_K_M", "activations": False})
-    planned = plan_memory(config.to_dict(), gguf, "float32")
-    quantized = copy.deepcopy(model)
-    stored = get_quantizer(gguf, device="cpu").simulate(quantized)
-    assert planned.bytes_by_component == stored.bytes_by_component
-    assert planned.quantized_params == stored.quantized_params > 0
+    model, quantized = _planned_bytes_equal_the_stored(Qwen2MoeForCausalLM, qwen2_moe(2))
     assert torch.equal(quantized.model.layers[0].mlp.shared_expert_gate.weight,
                        model.model.layers[0].mlp.shared_expert_gate.weight)

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from quantlib.methods._ggml_common import F32, QK_K, f32, nearest_int, seq_sum
-from quantlib.methods._ggml_iqgrid import nearest_on_grid, tables
+from quantlib.methods._ggml_common import F32, QK_K, nearest_int, seq_sum
+from quantlib.methods._ggml_iqgrid import block_weights, nearest_on_grid, super_blocks, tables
 
 DELTA = F32(0.125)
 #: The levels of a coordinate with the shift up (x_p) and down (x_m).
@@ -102,20 +102,10 @@ def _refit(scale, on_grid, terms):
     return np.where(ok, sqx / np.where(ok, sq2, F32(1)), scale)
 
 
-def _weights(x: np.ndarray, qw: np.ndarray | None, block: int):
-    N = x.shape[0]
-    sigma2 = F32(2) * seq_sum(x * x) / F32(QK_K)
-    xb = x.reshape(-1, block)
-    if qw is None:
-        return xb, xb * xb
-    s2 = np.repeat(sigma2, QK_K // block)[:, None]
-    return xb, f32(qw.reshape(N * (QK_K // block), block) * np.sqrt(s2 + xb * xb))
-
-
 def _iq1_s(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
     t = tables("IQ1_S")
     N = x.shape[0]
-    xb, weight = _weights(x, qw, 32)
+    xb, weight = block_weights(x, qw, 32)
     M = xb.shape[0]
     active = ~(np.abs(xb).max(axis=1) < _EPS["IQ1_S"])
     order, xs, ws = _sorted_prefix(xb, weight)
@@ -163,7 +153,7 @@ def _iq1_s(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
 def _iq1_m(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     t = tables("IQ1_S")
     N = x.shape[0]
-    xb, weight = _weights(x, qw, 16)
+    xb, weight = block_weights(x, qw, 16)
     M = xb.shape[0]
     active = ~(np.abs(xb).max(axis=1) < _EPS["IQ1_M"])
     order, xs, ws = _sorted_prefix(xb, weight)
@@ -236,18 +226,6 @@ def _m_values(k: np.ndarray) -> np.ndarray:
 def quantize_iq1(name: str, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
     """`quantize_iq1_s` / `quantize_iq1_m` on rows of float32 -> (rows, row bytes) uint8, llama.cpp's bytes.
     IQ1_S needs an importance matrix (ggml asserts one); IQ1_M takes one or not."""
-    x = f32(x)
-    if x.ndim != 2 or x.shape[1] % QK_K:
-        raise ValueError(f"{name} quantizes rows whose length is a multiple of {QK_K}; got shape {x.shape}")
-    if imatrix is None and name == "IQ1_S":
-        raise ValueError("IQ1_S needs an importance matrix: llama.cpp refuses to make it without one")
-    rows, cols = x.shape
-    qw = None
-    if imatrix is not None:
-        qw = f32(imatrix).reshape(-1)
-        if qw.shape[0] != cols:
-            raise ValueError(f"importance matrix has {qw.shape[0]} values for rows of {cols}")
-        qw = np.tile(qw.reshape(-1, QK_K), (rows, 1))
-    blocks = x.reshape(-1, QK_K)
+    blocks, qw, rows = super_blocks(name, x, imatrix, name == "IQ1_S")
     out = _iq1_s(blocks, qw) if name == "IQ1_S" else _iq1_m(blocks, qw)
     return out.reshape(rows, -1)

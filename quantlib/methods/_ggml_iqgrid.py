@@ -209,6 +209,45 @@ def _signs(spec: _Spec, xb: np.ndarray, weight: np.ndarray):
     return xval.reshape(M, -1).astype(np.float32), signs & (127 if spec.parity else 255)
 
 
+def block_weights(x: np.ndarray, qw: np.ndarray | None, block: int, sigma: int = 2,
+                  unweighted: str | None = "x2") -> tuple[np.ndarray, np.ndarray]:
+    """Every i-quant's weights: with an importance matrix `qw[i] * sqrtf(sigma2 + x[i]*x[i])`, sigma2 =
+    sigma*sum(x^2)/256 over the super-block; without one `x[i]*x[i]` ("x2") or `0.25f*sigma2 + x[i]*x[i]`
+    ("sigma_x2"). x, qw (N, 256) -> (the blocks (N * 256/block, block), their weights)."""
+    N = x.shape[0]
+    nsub = QK_K // block
+    sigma2 = F32(sigma) * seq_sum(x * x) / F32(QK_K) if sigma != 1 else seq_sum(x * x) / F32(QK_K)
+    xb = x.reshape(N * nsub, block)
+    s2 = np.repeat(sigma2, nsub)[:, None]
+    if qw is not None:
+        weight = qw.reshape(N * nsub, block) * np.sqrt(s2 + xb * xb)
+    elif unweighted == "x2":
+        weight = xb * xb
+    else:
+        weight = F32(0.25) * s2 + xb * xb
+    return xb, f32(weight)
+
+
+def super_blocks(name: str, x: np.ndarray, imatrix: np.ndarray | None,
+                 needs_imatrix: bool) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """The checks and layout every i-quant shares: rows of float32 -> (super-blocks (N, 256), the importance
+    matrix per super-block (N, 256) or None, rows). ValueError, with the reason, for a row length that is no
+    multiple of 256, a missing importance matrix where llama.cpp asserts one, or one of the wrong length."""
+    x = f32(x)
+    if x.ndim != 2 or x.shape[1] % QK_K:
+        raise ValueError(f"{name} quantizes rows whose length is a multiple of {QK_K}; got shape {x.shape}")
+    if imatrix is None and needs_imatrix:
+        raise ValueError(f"{name} needs an importance matrix: llama.cpp refuses to make it without one")
+    rows, cols = x.shape
+    qw = None
+    if imatrix is not None:
+        qw = f32(imatrix).reshape(-1)
+        if qw.shape[0] != cols:
+            raise ValueError(f"importance matrix has {qw.shape[0]} values for rows of {cols}")
+        qw = np.tile(qw.reshape(-1, QK_K), (rows, 1))
+    return x.reshape(-1, QK_K), qw, rows
+
+
 def _search(spec: _Spec, x: np.ndarray, qw: np.ndarray | None):
     """The sub-block search of every `quantize_row_iq*_impl`, on all sub-blocks at once. x (N, 256).
     Returns (scales (N, sub-blocks), grid indices (N, sub-blocks, groups), signs (N, sub-blocks, 8-groups),
@@ -218,16 +257,7 @@ def _search(spec: _Spec, x: np.ndarray, qw: np.ndarray | None):
     t = tables(spec.name)
     N = x.shape[0]
     nsub = QK_K // spec.block
-    sigma2 = F32(spec.sigma) * seq_sum(x * x) / F32(QK_K) if spec.sigma != 1 else seq_sum(x * x) / F32(QK_K)
-    xb = x.reshape(N * nsub, spec.block)
-    s2 = np.repeat(sigma2, nsub)[:, None]
-    if qw is not None:
-        weight = qw.reshape(N * nsub, spec.block) * np.sqrt(s2 + xb * xb)
-    elif spec.unweighted == "x2":
-        weight = xb * xb
-    else:
-        weight = F32(0.25) * s2 + xb * xb
-    weight = f32(weight)
+    xb, weight = block_weights(x, qw, spec.block, spec.sigma, spec.unweighted)
     waux = np.sqrt(weight)
     xval, signs = _signs(spec, xb, weight)
     mx = xval.max(axis=1)
@@ -348,21 +378,8 @@ def quantize_iq(name: str, x: np.ndarray, imatrix: np.ndarray | None = None) -> 
     """`quantize_<name>(x, nrow, n_per_row, imatrix)`: rows of float32 -> (rows, row bytes) uint8, llama.cpp's
     bytes. IQ2_XXS and IQ2_XS need an importance matrix (llama.cpp asserts it); the others take one or not."""
     spec = SPECS[name]
-    x = f32(x)
-    if x.ndim != 2 or x.shape[1] % QK_K:
-        raise ValueError(f"{name} quantizes rows whose length is a multiple of {QK_K}; got shape {x.shape}")
-    if imatrix is None and spec.unweighted is None:
-        raise ValueError(f"{name} needs an importance matrix: llama.cpp refuses to make it without one")
-    rows, cols = x.shape
-    qw = None
-    if imatrix is not None:
-        qw = f32(imatrix).reshape(-1)
-        if qw.shape[0] != cols:
-            raise ValueError(f"importance matrix has {qw.shape[0]} values for rows of {cols}")
-        qw = np.tile(qw.reshape(-1, QK_K), (rows, 1))
-    blocks = x.reshape(-1, QK_K)
-    packed = _pack(spec, *_search(spec, blocks, qw))
-    return packed.reshape(rows, -1)
+    blocks, qw, rows = super_blocks(name, x, imatrix, spec.unweighted is None)
+    return _pack(spec, *_search(spec, blocks, qw)).reshape(rows, -1)
 
 
 def quantize_iq2_xxs(x, imatrix=None):
