@@ -66,7 +66,7 @@ ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 #: The 1- and 2-bit i-quant file types, which llama_tensor_get_type_impl handles in a branch of their own.
 _LOW_IQ = ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M")
 #: Block types llama-quantize writes only with an importance matrix (tensor_requires_imatrix; Q2_K too, in Q2_K_S).
-_NEEDS_IMATRIX = ("IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S")
+NEEDS_IMATRIX = ("IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S")
 
 #: The rest of quantize.cpp's QUANT_OPTIONS, with why they are not ported.
 UNPORTED_FILE_TYPES = {
@@ -445,7 +445,7 @@ def tensor_choices(file_type: str, tensors: Sequence, *, n_layer: int, n_gqa: in
 
         rule_type = output_type if shape_reason else new_type  # the output rule for a shape that fits
         final, fallback_reason = _fallback(ncols, new_type)  # tensor_type_fallback
-        needs = final in _NEEDS_IMATRIX or (ftype == "Q2_K_S" and final == "Q2_K")
+        needs = final in NEEDS_IMATRIX or (ftype == "Q2_K_S" and final == "Q2_K")
         if not has_imatrix and needs and name not in ("token_embd.weight", "per_layer_token_embd.weight",
                                                       "output.weight"):
             raise ValueError(f"{ftype} needs an importance matrix: llama-quantize refuses to write {name} as {final} "

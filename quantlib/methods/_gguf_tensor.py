@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from quantlib.formats import QuantizedTensor, check_float
+from quantlib.methods._ggml_ftypes import NEEDS_IMATRIX
 
 
 #: Block types quantlib quantizes: the `gguf` package's numpy quantizers (legacy types) and quantlib's ports of
@@ -21,10 +22,9 @@ from quantlib.formats import QuantizedTensor, check_float
 GGUF_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "IQ4_XS", "IQ4_NL", "Q3_K", "IQ3_S",
               "IQ3_XXS", "Q2_K", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S", "MXFP4", "BF16", "F16")
 
-#: Block types llama-quantize writes only with an importance matrix (`tensor_requires_imatrix`; ggml's own
-#: quantizer asserts one for IQ2_XXS, IQ2_XS and IQ1_S, and llama-quantize refuses IQ3_XXS, IQ2_S and IQ1_M without
-#: one too).
-REQUIRES_IMATRIX = ("IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
+#: Block types llama-quantize writes only with an importance matrix (`tensor_requires_imatrix`, ported in
+#: `_ggml_ftypes`; ggml's own quantizer asserts one for IQ2_XXS, IQ2_XS and IQ1_S).
+REQUIRES_IMATRIX = NEEDS_IMATRIX
 
 
 #: Elements per slice of rows that the numpy block code works on at a time (see `by_rows`).
@@ -49,9 +49,9 @@ def by_rows(f: Callable[[np.ndarray], np.ndarray], array: np.ndarray) -> np.ndar
     two at a time, the outputs stacked in order. Every GGML quantizer and dequantizer works row by row (blocks, and an
     importance matrix per column), so the bytes are those of one call on the whole array; but numpy's temporaries
     of a slice stay in the CPU's caches, where those of a whole 576 x 1536 matrix went to memory on every operation
-    of the K-quants' scale searches, and numpy releases the GIL, so two slices run at once. For the searches only:
-    the legacy types' quantizers and every dequantizer do a few operations per element, where slicing and threads
-    cost more than they save (measured)."""
+    of the K-quants' scale searches, and numpy releases the GIL, so two slices run at once. The gguf package's
+    legacy quantizers gain too when called on blocks directly (`quantize_gguf`); its dequantizers only for large
+    tensors (`dequantize_blocks`), as measured."""
     rows = max(1, SLICE_ELEMENTS // max(1, array.shape[-1]))
     if array.ndim != 2 or array.shape[0] <= rows:
         return f(array)
@@ -61,12 +61,11 @@ def by_rows(f: Callable[[np.ndarray], np.ndarray], array: np.ndarray) -> np.ndar
 
 def _ported_quantizers() -> dict[str, Any]:
     """Block type -> quantlib's port of llama.cpp's quantizer, `f(x, imatrix=None) -> bytes (rows, row_bytes)`."""
+    from quantlib.methods._ggml_iq1 import quantize_iq1
     from quantlib.methods._ggml_iq4 import quantize_iq4_nl, quantize_iq4_xs
     from quantlib.methods._ggml_iqgrid import SPECS, quantize_iq
     from quantlib.methods._ggml_q3q6 import quantize_q3_K, quantize_q6_K
     from quantlib.methods._ggml_qk import quantize_q2_K, quantize_q4_K, quantize_q5_K
-
-    from quantlib.methods._ggml_iq1 import quantize_iq1
 
     lattice = {name: (lambda x, imatrix=None, _name=name: quantize_iq(_name, x, imatrix)) for name in SPECS}
     lattice.update({name: (lambda x, imatrix=None, _name=name: quantize_iq1(_name, x, imatrix))
@@ -270,8 +269,7 @@ def quantize_gguf(w: torch.Tensor, qtype: Union[str, "object"] = "Q8_0",
         data = by_rows(lambda rows: ported[name](rows, weights), array)
     elif weights is not None and name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):
         data = by_rows(lambda rows: _weighted_legacy_quantizers()[name](rows, weights), array)
-    elif _block_class(gtype) is not None:  # the gguf package's block quantizer, on slices of rows, two at a time
-        cls = _block_class(gtype)
+    elif (cls := _block_class(gtype)) is not None:  # the gguf package's block quantizer, on slices of rows
         data = by_rows(lambda rows: cls.quantize_blocks(rows.reshape(-1, block_elems)).reshape(rows.shape[0], -1),
                        array)
     else:
