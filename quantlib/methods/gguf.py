@@ -117,6 +117,7 @@ class GGUFQuantizer(Quantizer):
     config_class = GGUFQuantConfig
     requires = (("gguf", "gguf"),)
     library = "gguf"
+    quantize_ahead = 2  # numpy quantizers: two layers at once keep both cores busy on small layers too
 
     #: layer name -> importance matrix (mean x_j^2 per input column), measured once by `quantize_model`; None for
     #: an embedding table (a row lookup: llama-imatrix measures no input there).

@@ -32,11 +32,13 @@ import torch
 
 from quantlib.callbacks import CancelFn, ProgressFn
 from quantlib.configs import QuantConfig
-from quantlib.errors import BackendUnavailableError, Cancelled
+from quantlib.errors import BackendUnavailableError
 from quantlib.formats import MEMORY_COMPONENTS, QuantizedTensor
+from quantlib.methods.base.ahead import quantized_in_turn
 from quantlib.methods.base.records import LayerWeight, MatrixRef, MixSpace, QuantizedModel, ShapeError
 from quantlib.methods.base.rules import default_skip_rules, should_convert_module
 from quantlib.methods.base.sharing import _copy_sharing_unquantized
+from quantlib.methods.base.snippet import _py  # noqa: F401 (methods import it from here)
 from quantlib.runtime import BackendReport, device_name, resolve_device
 from quantlib.shapes import ROLE_LABELS, ModelShapes, WeightShape, describe_model, model_shapes
 
@@ -88,6 +90,9 @@ class Quantizer:
     #: CPU evaluation time relative to a plain fp32 pass (measured by benchmarks/bench_compare.py);
     #: 1.0 for methods that evaluate with dequantized weights in the compute dtype.
     cpu_eval_slowdown: ClassVar[float] = 1.0
+    #: Layers quantized ahead on worker threads while the one before is written back (`base.ahead`): for methods
+    #: whose quantizer releases the GIL (numpy); 0 runs one layer at a time in the caller's thread.
+    quantize_ahead: ClassVar[int] = 0
     #: What the method does with mixture-of-experts weights, for the planner's notes.
     experts_policy: ClassVar[str] = ("experts quantized one matrix per expert (fused 3-D tensors included), as "
                                      "llama.cpp and gptqmodel store them; routers kept in full precision")
@@ -429,19 +434,19 @@ class Quantizer:
         parts = {c: 0.0 for c in (*MEMORY_COMPONENTS, "unquantized")}
         quantized_ids: set[int] = set()
         quantized_params = 0
-        for i, ref in enumerate(layers):
-            if cancel is not None and cancel():
-                raise Cancelled(f"quantization cancelled at layer {ref.name}")
-            packed = self.quantize_layer(ref.name, ref.read())
-            ref.set(packed.dequantize())
+        done: dict[str, QuantizedTensor] = {}  # layers finish in any order; `keep` gets them in the layers' order
+        for i, (ref, _, packed, values) in enumerate(self._quantized(layers, cancel, "quantization", ordered=False)):
+            ref.set(values)
             if keep is not None:
-                keep[ref.name] = packed
+                done[ref.name] = packed
             for comp, nbytes in packed.storage_by_component().items():
                 parts[comp] += nbytes
             quantized_ids.add(id(ref.param))
             quantized_params += ref.get().numel()
             if progress and (i % 8 == 0 or i == len(layers) - 1):
                 progress((i + 1) / len(layers), f"{self.config.label}: layer {i + 1}/{len(layers)} {ref.name}")
+        if keep is not None:
+            keep.update((ref.name, done[ref.name]) for ref in layers)
         seen: set[int] = set()
         total = 0
         for p in model.parameters():
@@ -473,28 +478,20 @@ class Quantizer:
         kept = getattr(quantized, "packed_layers", None) or {}
         if any(ref.name not in kept for ref in refs):
             kept = {}
-        for ref in refs:
-            if cancel is not None and cancel():
-                raise Cancelled(f"layer errors cancelled at {ref.name}")
-            w = ref.read()
-            packed = kept[ref.name] if ref.name in kept else self.quantize_layer(ref.name, w)
-            yield LayerWeight(ref.name, w, packed.dequantize(), packed, packed.bits_per_param)
+        for ref, w, packed, values in self._quantized(refs, cancel, "layer errors", kept):
+            yield LayerWeight(ref.name, w, values, packed, packed.bits_per_param)
+
+    def _quantized(self, refs: list[MatrixRef], cancel: CancelFn | None, what: str,
+                   kept: dict[str, QuantizedTensor] | None = None, ordered: bool = True) -> Iterator[tuple]:
+        """(ref, weight, packed, dequantized) of every ref, in order unless not `ordered`, on `quantize_ahead`
+        worker threads (`ahead.quantized_in_turn`); a packed tensor in `kept` is used as it is."""
+        def work(ref: MatrixRef, w: torch.Tensor) -> tuple:
+            packed = kept[ref.name] if kept and ref.name in kept else self.quantize_layer(ref.name, w)
+            return ref, w, packed, packed.dequantize()
+
+        return quantized_in_turn(refs, work, self.quantize_ahead, cancel, what, ordered)
 
     def count_layers(self, base_model: torch.nn.Module, quantized: Any = None) -> int:
         """How many items `layer_weights` yields (for progress)."""
         return len(self.quantizable_layers(base_model))
 
-
-def _py(value: Any) -> str:
-    """A JSON value as Python source (True/False/None, floats with a point)."""
-    if isinstance(value, bool) or value is None:
-        return repr(value)
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_py(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_py(k)}: {_py(v)}" for k, v in value.items()) + "}"
-    return repr(value)
