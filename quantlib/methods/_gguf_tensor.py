@@ -51,14 +51,14 @@ def by_rows(f: Callable[[np.ndarray], np.ndarray], array: np.ndarray) -> np.ndar
     importance matrix per column), so the bytes are those of one call on the whole array; but numpy's temporaries
     of a slice stay in the CPU's caches, where those of a whole 576 x 1536 matrix went to memory on every operation
     of the K-quants' scale searches, and numpy releases the GIL, so two slices run at once (one after the
-    other on a thread that already quantizes one of two layers at once, `base.ahead`). The gguf package's
+    other on a worker thread that quantizes one of several layers at once, `base.ahead`). The gguf package's
     legacy quantizers gain too when called on blocks directly (`quantize_gguf`); its dequantizers only for large
     tensors (`dequantize_blocks`), as measured."""
     rows = max(1, SLICE_ELEMENTS // max(1, array.shape[-1]))
     if array.ndim != 2 or array.shape[0] <= rows:
         return f(array)
     parts = [array[i:i + rows] for i in range(0, array.shape[0], rows)]
-    if in_worker():  # layers already run two at a time (`Quantizer.quantize_ahead`): the slices run here, in order
+    if in_worker():  # layers already run a core each (`Quantizer.quantize_ahead`): the slices run here, in order
         return np.concatenate([f(part) for part in parts], axis=0)
     return np.concatenate(list(_pool().map(f, parts)), axis=0)
 

@@ -11,6 +11,8 @@ does."""
 
 from __future__ import annotations
 
+import os
+
 from typing import Any, ClassVar
 
 import numpy as np
@@ -117,7 +119,7 @@ class GGUFQuantizer(Quantizer):
     config_class = GGUFQuantConfig
     requires = (("gguf", "gguf"),)
     library = "gguf"
-    quantize_ahead = 2  # numpy quantizers: two layers at once keep both cores busy on small layers too
+    quantize_ahead = min(4, os.cpu_count() or 1)  # numpy quantizers: a layer per core keeps each busy on small layers
 
     #: layer name -> importance matrix (mean x_j^2 per input column), measured once by `quantize_model`; None for
     #: an embedding table (a row lookup: llama-imatrix measures no input there).
