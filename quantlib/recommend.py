@@ -695,6 +695,23 @@ def uniform_configs(family: str, shapes: ModelShapes) -> list[QuantConfig]:
     return [c.config for c in _choices(family_class(family).mix_spaces(shapes)).values()]
 
 
+def uniform_problems(family: str, shapes: ModelShapes) -> dict[str, str]:
+    """Label -> why a uniform setting of the family cannot quantize this model as it is (a layer's width that no
+    block of it divides: GGUF Q4_K on SmolLM2's 576-wide rows), for the settings where one can not."""
+    cls = family_class(family)
+    out: dict[str, str] = {}
+    for config in uniform_configs(family, shapes):
+        problems = []
+        for name, w, index in cls.quantized_matrices(config, shapes):
+            shape = tuple(w.shape[1:] if index is not None else w.shape)
+            problem = cls.layer_shape_problem(config, name, shape[::-1] if w.transposed else shape)
+            if problem is not None:
+                problems.append(problem)
+        if problems:
+            out[config.label] = problems[0] + (f" (and {len(problems) - 1} more layers)" if len(problems) > 1 else "")
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Verification: the mix quantized and evaluated like every scheme
 # --------------------------------------------------------------------------------------------
@@ -735,7 +752,8 @@ class Verification:
 def verify(rec: Recommendation, settings: Any = None, *, uniform: Sequence[QuantConfig] | None = None,
            base: Any = None, progress: ProgressFn | None = None, cancel: CancelFn | None = None,
            save: bool = True, runs_folder: Any = None, calib_tokens: int = VERIFY_CALIB_TOKENS) -> Verification:
-    """Quantize with the recommended mix and with every uniform setting of the family, evaluate them as every
+    """Quantize with the recommended mix and with every uniform setting of the family that fits the model (the others
+    are named in `verdict["left_out"]` with the reason), evaluate them as every
     comparison does (`run_comparison`: perplexity, KL, top-1 with standard errors) and judge the mix. A family
     that calibrates (GPTQ) calibrates every config on the same `calib_tokens` of the built-in calibration text,
     unless `settings.calibration` says otherwise."""
@@ -749,9 +767,11 @@ def verify(rec: Recommendation, settings: Any = None, *, uniform: Sequence[Quant
         calibration = family_class(rec.family).calibration_settings(calib_tokens)
         if calibration is not None:
             settings = dataclasses.replace(settings, calibration=calibration)
+    left_out: dict[str, str] = {}
     if uniform is None:
         shapes = describe_model(base.model) if base is not None else model_shapes(_model_config(settings))
-        uniform = uniform_configs(rec.family, shapes)
+        left_out = uniform_problems(rec.family, shapes)
+        uniform = [c for c in uniform_configs(rec.family, shapes) if c.label not in left_out]
     configs = [rec.config, *uniform]
     labels = unique_labels(configs)
     result = run_comparison(configs, settings, progress=progress, cancel=cancel, save=save, base=base,
@@ -759,7 +779,9 @@ def verify(rec: Recommendation, settings: Any = None, *, uniform: Sequence[Quant
     table = result.table[result.table["scheme"] != "baseline"] if "scheme" in result.table else result.table
     table = table[table["scheme"].isin(labels)].reset_index(drop=True)
     table.insert(1, "kind", ["recommended mix" if s == labels[0] else "uniform" for s in table["scheme"]])
-    return Verification(table, labels[0], judge(table, labels[0]), result)
+    verdict = judge(table, labels[0])
+    verdict["left_out"] = left_out
+    return Verification(table, labels[0], verdict, result)
 
 
 def _model_config(settings: Any) -> dict[str, Any]:
@@ -821,4 +843,6 @@ def verdict_lines(verdict: dict[str, Any]) -> list[str]:
         lines.append(("below" if verdict["below_line"] else "NOT below") + " the line joining "
                      f"{verdict['neighbours'][0]} and {verdict['neighbours'][1]} (KL {verdict['line_kl']:.5f} there; "
                      f"{verdict['line_margin_se']:.1f} SE)")
+    for label, why in verdict.get("left_out", {}).items():
+        lines.append(f"not compared: uniform {label}, which cannot quantize this model: {why}")
     return lines

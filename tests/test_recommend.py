@@ -148,8 +148,9 @@ def test_measure_recommend_plan_and_export_on_a_tiny_model(tiny, family, cache_d
             text = next(iter(rec.commands.values()))
             quantized = rec.layers[rec.layers["choice"] != "keep"]
             assert text.count("--tensor-type") == len(rec.layers)
-            for row in quantized.itertuples():
-                assert f"={row.choice.lower()}'" in text
+            for row in quantized.itertuples():  # a key names the setting: GGUF's are the type, "+imatrix" with one
+                assert f"={row.choice.removesuffix('+imatrix').lower()}'" in text
+            assert ("--imatrix imatrix.gguf" in text) == bool(getattr(rec.config, "imatrix", False))
     if family == "bitsandbytes":  # its skip lists repeat transformers' defaults: seen and explained
         assert repeated_defaults > 0
     assert rc.recommend(sens, cfg, budget_gib=hi * 2 / rc.GIB, shapes=shapes).predicted_error == 0.0

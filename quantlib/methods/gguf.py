@@ -353,28 +353,57 @@ class GGUFQuantizer(Quantizer):
                                                           ("Q5_1", 5.0), ("Q8_0", 8.0), ("Q2_K", 2.0), ("Q3_K", 3.0),
                                                           ("Q4_K", 4.0), ("Q5_K", 5.0), ("Q6_K", 6.0),
                                                           ("IQ4_NL", 4.0), ("IQ4_XS", 4.0), ("IQ3_S", 3.0))
+    #: The types llama-quantize writes only with an importance matrix (`NEEDS_IMATRIX`), offered with one.
+    IMATRIX_MIX_TYPES: ClassVar[tuple[tuple[str, float], ...]] = (("IQ3_XXS", 3.0), ("IQ2_S", 2.0), ("IQ2_XS", 2.0),
+                                                                  ("IQ2_XXS", 2.0), ("IQ1_M", 1.0), ("IQ1_S", 1.0))
 
     @classmethod
     def mix_spaces(cls, shapes: ModelShapes) -> list[MixSpace]:
         """llama.cpp sets a block type per tensor (llama-quantize --tensor-type): every layer chooses its own.
         The exported config names the commonest type as `quant_type`, the others in `tensor_types`, the layers
-        kept unquantized in `modules_to_not_convert` (with transformers' default skips, which a list replaces)."""
+        kept unquantized in `modules_to_not_convert` (with transformers' default skips, which a list replaces).
+        Two spaces: without an importance matrix, and with one (`imatrix`, which every type of a file takes from
+        the same matrix, and the only way to the types llama-quantize writes only with one: IQ3_XXS, IQ2_*,
+        IQ1_*). The recommender measures the second with the importance matrix of its calibration inputs
+        (`quantize_layer_calibrated`)."""
         defaults = [p for p, why in default_skip_rules(shapes) if not why.startswith("kept in fp32")]
-        choices = [MixChoice(t, t, GGUFQuantConfig(quant_type=t), bits) for t, bits in cls.MIX_TYPES]
+        keep = MixChoice("keep", "kept unquantized", None, 16.0)
 
-        def build(assignment: dict[str, str]) -> QuantConfig:
-            quantized = {m: t for m, t in assignment.items() if t != "keep"}
-            kept = sorted((m for m, t in assignment.items() if t == "keep"), key=natural_key)
-            counts = {t: list(quantized.values()).count(t) for t in dict.fromkeys(quantized.values())}
-            base = max(counts, key=counts.get) if counts else cls.MIX_TYPES[0][0]
-            overrides = {m: t for m, t in sorted(quantized.items(), key=lambda kv: natural_key(kv[0])) if t != base}
-            return GGUFQuantConfig(quant_type=base, tensor_types=overrides or None,
-                                   modules_to_not_convert=[*defaults, *kept] if kept else None)
+        def space(imatrix: bool) -> MixSpace:
+            types = (*cls.MIX_TYPES, *cls.IMATRIX_MIX_TYPES) if imatrix else cls.MIX_TYPES
+            suffix = "+imatrix" if imatrix else ""
+            choices = [MixChoice(t + suffix, t + (" + imatrix" if imatrix else ""),
+                                 GGUFQuantConfig(quant_type=t, imatrix=imatrix), bits) for t, bits in types]
+            keys = {c.key: t for c, (t, _) in zip(choices, types)}
 
-        return [MixSpace("GGUF, a block type per tensor", (*choices, MixChoice("keep", "kept unquantized", None, 16.0)),
-                         "module", lambda module: module, build, choices[0].config,
-                         "quantlib's GGUF config with tensor_types, and the llama-quantize command with one "
-                         "--tensor-type per tensor")]
+            def build(assignment: dict[str, str]) -> QuantConfig:
+                quantized = {m: keys[k] for m, k in assignment.items() if k != "keep"}
+                kept = sorted((m for m, k in assignment.items() if k == "keep"), key=natural_key)
+                counts = {t: list(quantized.values()).count(t) for t in dict.fromkeys(quantized.values())}
+                base = max(counts, key=counts.get) if counts else types[0][0]
+                overrides = {m: t for m, t in sorted(quantized.items(), key=lambda kv: natural_key(kv[0]))
+                             if t != base}
+                return GGUFQuantConfig(quant_type=base, tensor_types=overrides or None, imatrix=imatrix,
+                                       modules_to_not_convert=[*defaults, *kept] if kept else None)
+
+            name = "GGUF with an importance matrix, a block type per tensor" if imatrix else \
+                "GGUF, a block type per tensor"
+            export = ("quantlib's GGUF config with tensor_types, and the llama-quantize command with one "
+                      "--tensor-type per tensor" + (" and --imatrix imatrix.gguf (the command that measures it "
+                                                   "first)" if imatrix else ""))
+            return MixSpace(name, (*choices, keep), "module", lambda module: module, build, choices[0].config, export)
+
+        return [space(False), space(True)]
+
+    def quantize_layer_calibrated(self, name: str, weight: torch.Tensor, inputs: torch.Tensor) -> Any:
+        """With `imatrix` and no importance matrix measured for the model (the recommender measures one layer at a
+        time): the layer's own calibration inputs give it, as llama-imatrix computes it (the mean of x_j^2 over the
+        tokens, from float32 sums)."""
+        if not self.config.imatrix or (self.importance is not None and name in self.importance):
+            return self.quantize_layer(name, weight)
+        x = inputs.reshape(-1, inputs.shape[-1]).double()
+        importance = x.square().sum(0).float().cpu().numpy() / np.float32(x.shape[0])
+        return quantize_gguf(weight, qtype=self._type_of(name), imatrix=importance)
 
     @classmethod
     def cli_commands(cls) -> list[Any]:
