@@ -93,3 +93,19 @@ def test_the_command_line_writes_the_file(tmp_path, tiny_llama_dir) -> None:
                            str(out), "--tokens", "600", "--quiet"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert out.exists() and "15 matrices, 2 chunks of 512 tokens" in done.stdout
+
+
+def test_quantizing_with_an_importance_matrix_reports_progress_that_never_goes_back(tiny_llama_dir) -> None:
+    """The measurement is the first half of the step and the quantization the second (before, both ran 0 -> 1 on
+    one bar: a comparison's bar went from 50% back to 26%)."""
+    from quantlib.models import load_model
+    from quantlib.registry import get_quantizer
+
+    base = load_model(str(tiny_llama_dir))
+    seen: list[tuple[float, str]] = []
+    quantizer = get_quantizer({"quant_method": "gguf", "quant_type": "Q4_0", "imatrix": True, "imatrix_tokens": 512},
+                              device="cpu")
+    quantizer.quantize_model(base=base, progress=lambda f, m: seen.append((f, m)))
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert any("importance matrix" in m for _, m in seen) and any("layer" in m for f, m in seen if f > 0.5)

@@ -103,3 +103,25 @@ def test_uniform_types_that_cannot_quantize_the_model_are_left_out_with_the_reas
                               "beats_smaller": None, "below_line": None, "left_out": left_out})
     assert any(line.startswith("not compared: uniform GGUF Q4_K, which cannot quantize this model") for line in lines)
     assert rc.uniform_problems("bitsandbytes", shapes) == {}
+
+
+def test_the_verification_compares_the_uniform_settings_that_fit_and_names_the_others(tiny_llama_dir, cache_dir,
+                                                                                       tmp_path) -> None:
+    """A GGUF mix on 64-wide rows: before, the verification quantized uniform Q2_K and failed on its first layer;
+    now it evaluates the mix and the uniform settings whose blocks fit, and the verdict names the rest."""
+    from quantlib.compare import CompareSettings
+    from quantlib.models import load_model
+
+    tiny = load_model(str(tiny_llama_dir))
+    shapes = describe_model(tiny.model)
+    sens = rc.measure_sensitivity(tiny, "gguf", calib_tokens=64, check_layers=0)
+    lo, hi = rc.reachable_range(sens, rc.family_class("gguf").mix_spaces(shapes))
+    rec = rc.recommend(sens, tiny.model.config.to_dict(), budget_gib=(lo + 0.3 * (hi - lo)) / rc.GIB, shapes=shapes)
+    settings = CompareSettings(source=str(tiny_llama_dir), max_tokens=128, window=64)
+    verification = rc.verify(rec, settings, base=tiny, save=False)
+    left_out = verification.verdict["left_out"]
+    compared = set(verification.table["scheme"])
+    assert left_out == rc.uniform_problems("gguf", shapes) and "GGUF Q4_K" in left_out
+    assert not compared & set(left_out) and {"GGUF Q4_0", "GGUF IQ4_NL imatrix"} <= compared
+    assert verification.mix_label in compared
+    assert any("not compared: uniform GGUF IQ1_S imatrix" in line for line in rc.verdict_lines(verification.verdict))

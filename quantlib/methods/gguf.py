@@ -184,9 +184,13 @@ class GGUFQuantizer(Quantizer):
             modules = dict(base.model.named_modules())
             layers = [ref.name for ref in self.quantizable_layers(base.model)]
             lookups = [name for name in layers if isinstance(modules.get(name), torch.nn.Embedding)]
+            # the measurement reports the first half of this step and the quantization the second, so the bar
+            # of a caller that maps this step onto its own range never goes back
+            first = None if progress is None else (lambda f, m: progress(0.5 * f, m))
             measured = importance_matrix(base.model, base.tokenizer, [n for n in layers if n not in lookups],
-                                         self.config.imatrix_tokens, progress=progress, cancel=cancel)
+                                         self.config.imatrix_tokens, progress=first, cancel=cancel)
             self.importance = {**measured, **dict.fromkeys(lookups)}
+            progress = None if progress is None else (lambda f, m, _p=progress: _p(0.5 + 0.5 * f, m))
         quantized = super().quantize_model(base=base, source=source, dtype=dtype, trust_remote_code=trust_remote_code,
                                            allow_pickle=allow_pickle, progress=progress, cancel=cancel,
                                            calibration=calibration)
