@@ -366,9 +366,11 @@ class GGUFQuantizer(Quantizer):
         """llama.cpp sets a block type per tensor (llama-quantize --tensor-type): every layer chooses its own.
         The exported config names the commonest type as `quant_type`, the others in `tensor_types`, the layers
         kept unquantized in `modules_to_not_convert` (with transformers' default skips, which a list replaces).
-        Two spaces: without an importance matrix, and with one (`imatrix`, which every type of a file takes from
-        the same matrix, and the only way to the types llama-quantize writes only with one: IQ3_XXS, IQ2_*,
-        IQ1_*). The recommender measures the second with the importance matrix of its calibration inputs
+        Two spaces: without an importance matrix, and with one (the export then names imatrix.gguf), which also
+        opens the types llama-quantize writes only with one: IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_M and IQ1_S.
+
+        The second space's configs set `imatrix` (one matrix for the whole file, as llama-quantize takes one); the
+        recommender measures each layer with the importance matrix of its calibration inputs
         (`quantize_layer_calibrated`)."""
         defaults = [p for p, why in default_skip_rules(shapes) if not why.startswith("kept in fp32")]
         keep = MixChoice("keep", "kept unquantized", None, 16.0)
