@@ -124,16 +124,21 @@ def test_a_gguf_model_quantized_two_layers_at_a_time_equals_one_at_a_time(monkey
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_set_writes_what_copy_writes_into_a_transposed_or_expert_matrix(dtype) -> None:
+def test_set_writes_what_copy_writes_into_a_transposed_or_expert_matrix(dtype, monkeypatch) -> None:
+    """In slices of rows (here of 8 elements, so every matrix takes several) or in one copy: the same bytes."""
+    import quantlib.methods.base.records as records
     from quantlib.shapes import WeightShape
 
+    monkeypatch.setattr(records, "SERIAL_COPY", 8)
     g = torch.Generator().manual_seed(5)
     for index, transposed, shape in ((None, True, (6, 4)), (1, False, (3, 4, 6)), (None, False, (4, 6))):
         param = torch.nn.Parameter(torch.randn(*shape, generator=g).to(dtype))
-        expected = param.detach().clone()
+        original, expected = param.detach().clone(), param.detach().clone()
         view = expected if index is None else expected[index]
         value = torch.randn(4, 6, generator=g)
         (view.t() if transposed else view).copy_(value.to(dtype))
         ref = MatrixRef("m", param, WeightShape("m", "m", "Linear", "linear", "mlp", shape, transposed=transposed), index)
-        ref.set(value)
-        assert torch.equal(param.detach(), expected) and param.dtype == dtype
+        for in_this_thread in (True, False):
+            param.data.copy_(original)
+            ref.set(value, in_this_thread=in_this_thread)
+            assert torch.equal(param.detach(), expected) and param.dtype == dtype

@@ -436,7 +436,7 @@ class Quantizer:
         quantized_params = 0
         done: dict[str, QuantizedTensor] = {}  # layers finish in any order; `keep` gets them in the layers' order
         for i, (ref, _, packed, values) in enumerate(self._quantized(layers, cancel, "quantization", ordered=False)):
-            ref.set(values)
+            ref.set(values, in_this_thread=self.quantize_ahead > 0)
             if keep is not None:
                 done[ref.name] = packed
             for comp, nbytes in packed.storage_by_component().items():

@@ -75,15 +75,17 @@ class MatrixRef:
         quantizing and measuring a layer start from."""
         return self.get().contiguous()
 
-    def set(self, value: torch.Tensor) -> None:
-        dst = self.get()  # a view: writes go into the parameter (`set` copies onto the model's device)
+    def set(self, value: torch.Tensor, in_this_thread: bool = False) -> None:
+        """Write `value` into the matrix (copied onto the model's device and dtype). `in_this_thread`: on the CPU,
+        copy in slices of rows that torch copies in the calling thread. One copy of a large tensor opens an OpenMP
+        region whose threads then spin for milliseconds, taking the cores from threads working beside it (the
+        numpy quantizers' layers ahead, `Quantizer.quantize_ahead`): GGUF Q4_K_M took about 1.3 times as long."""
+        dst = self.get()  # a view: writes go into the parameter
         value = value.to(dst.device, dst.dtype)
-        if dst.device.type != "cpu" or dst.dim() == 0 or value.shape != dst.shape or dst.numel() <= SERIAL_COPY:
+        if not in_this_thread or dst.device.type != "cpu" or dst.dim() == 0 or value.shape != dst.shape \
+                or dst.numel() <= SERIAL_COPY:
             dst.copy_(value)
             return
-        # On the CPU, in slices of rows that torch copies in this thread: one copy of a large tensor opens an OpenMP
-        # region whose threads then spin for milliseconds, taking the cores from work running beside it (the numpy
-        # quantizers' layers ahead, `Quantizer.quantize_ahead`): GGUF Q4_K_M took about 1.3 times as long.
         rows = max(1, SERIAL_COPY // max(1, dst[0].numel()))
         for i in range(0, dst.shape[0], rows):
             dst[i:i + rows].copy_(value[i:i + rows])
