@@ -695,18 +695,16 @@ def uniform_configs(family: str, shapes: ModelShapes) -> list[QuantConfig]:
     return [c.config for c in _choices(family_class(family).mix_spaces(shapes)).values()]
 
 
-def uniform_problems(family: str, shapes: ModelShapes) -> dict[str, str]:
+def uniform_problems(family: str, model_config: dict[str, Any]) -> dict[str, str]:
     """Label -> why a uniform setting of the family cannot quantize this model as it is (a layer's width that no
-    block of it divides: GGUF Q4_K on SmolLM2's 576-wide rows), for the settings where one can not."""
+    block of it divides: GGUF Q4_K on SmolLM2's 576-wide rows), for the settings where one can not: the planner's
+    preflight (`Quantizer.shape_problems`), its first problem and how many more."""
+    from quantlib.shapes import model_shapes
+
     cls = family_class(family)
     out: dict[str, str] = {}
-    for config in uniform_configs(family, shapes):
-        problems = []
-        for name, w, index in cls.quantized_matrices(config, shapes):
-            shape = tuple(w.shape[1:] if index is not None else w.shape)
-            problem = cls.layer_shape_problem(config, name, shape[::-1] if w.transposed else shape)
-            if problem is not None:
-                problems.append(problem)
+    for config in uniform_configs(family, model_shapes(model_config)):
+        problems = cls.shape_problems(config, model_config)
         if problems:
             out[config.label] = problems[0] + (f" (and {len(problems) - 1} more layers)" if len(problems) > 1 else "")
     return out
@@ -769,8 +767,9 @@ def verify(rec: Recommendation, settings: Any = None, *, uniform: Sequence[Quant
             settings = dataclasses.replace(settings, calibration=calibration)
     left_out: dict[str, str] = {}
     if uniform is None:
-        shapes = describe_model(base.model) if base is not None else model_shapes(_model_config(settings))
-        left_out = uniform_problems(rec.family, shapes)
+        model_config = base.model.config.to_dict() if base is not None else _model_config(settings)
+        shapes = describe_model(base.model) if base is not None else model_shapes(model_config)
+        left_out = uniform_problems(rec.family, model_config)
         uniform = [c for c in uniform_configs(rec.family, shapes) if c.label not in left_out]
     configs = [rec.config, *uniform]
     labels = unique_labels(configs)

@@ -94,15 +94,15 @@ def test_uniform_types_that_cannot_quantize_the_model_are_left_out_with_the_reas
     named with the reason instead of failing the verification; Q4_0 and IQ4_NL (32-element blocks) stay."""
     from quantlib.models import load_model
 
-    shapes = describe_model(load_model(str(tiny_llama_dir)).model)
-    left_out = rc.uniform_problems("gguf", shapes)
+    model_config = load_model(str(tiny_llama_dir)).model.config.to_dict()
+    left_out = rc.uniform_problems("gguf", model_config)
     assert "GGUF Q4_K" in left_out and "GGUF IQ2_XXS imatrix" in left_out
     assert "GGUF Q4_0" not in left_out and "GGUF IQ4_NL imatrix" not in left_out
     assert "input width 64 is not a multiple of the Q4_K block (256)" in left_out["GGUF Q4_K"]
     lines = rc.verdict_lines({"mix": "m", "mix_kl": 0.1, "mix_kl_se": 0.01, "mix_mib": 1.0, "smaller": [],
                               "beats_smaller": None, "below_line": None, "left_out": left_out})
     assert any(line.startswith("not compared: uniform GGUF Q4_K, which cannot quantize this model") for line in lines)
-    assert rc.uniform_problems("bitsandbytes", shapes) == {}
+    assert rc.uniform_problems("bitsandbytes", model_config) == {}
 
 
 def test_the_verification_compares_the_uniform_settings_that_fit_and_names_the_others(tiny_llama_dir, cache_dir,
@@ -121,7 +121,7 @@ def test_the_verification_compares_the_uniform_settings_that_fit_and_names_the_o
     verification = rc.verify(rec, settings, base=tiny, save=False)
     left_out = verification.verdict["left_out"]
     compared = set(verification.table["scheme"])
-    assert left_out == rc.uniform_problems("gguf", shapes) and "GGUF Q4_K" in left_out
+    assert left_out == rc.uniform_problems("gguf", tiny.model.config.to_dict()) and "GGUF Q4_K" in left_out
     assert not compared & set(left_out) and {"GGUF Q4_0", "GGUF IQ4_NL imatrix"} <= compared
     assert verification.mix_label in compared
     assert any("not compared: uniform GGUF IQ1_S imatrix" in line for line in rc.verdict_lines(verification.verdict))
